@@ -1,0 +1,888 @@
+//! The [`Namespace`] replica: an automerge document holding every operation, and the tree
+//! materialised from it.
+//!
+//! The document is a grow-only set: its root map holds one immutable entry per operation, keyed
+//! `<hlc>.<site>`, whose value is the operation's binary encoding. Automerge carries the set
+//! between sites (changes, sync sessions, saves); the tree is a deterministic function of the set
+//! (every operation applied in id order), so two replicas holding the same operations show the
+//! same tree, byte for byte.
+
+use std::collections::BTreeMap;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{
+    ActorId, AutoCommit, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef,
+};
+
+use crate::codec::{self, CreateBody, FileMeta, Op, Reader, TagChange};
+use crate::error::{DecodeError, ExchangeError, OpError, Result};
+use crate::ids::{EntryId, OpId, SiteId, SiteIdx, Sites, parse_op_key};
+use crate::name::{check_symlink_target, check_tag_key, check_tag_value, join, split_path};
+use crate::query::Query;
+use crate::tree::{Data, Entry, Tree};
+use crate::{ContentId, EntryKind, Hlc, TagValue};
+
+/// Largest saved document accepted by [`Namespace::load`]: ample for tens of millions of
+/// entries, and a bound on what a corrupt file can make us allocate.
+pub const LOAD_MAX_BYTES: usize = 4 << 30;
+/// Largest export accepted by [`Namespace::import`].
+pub const IMPORT_MAX_BYTES: usize = 1 << 30;
+/// Largest sync message accepted by [`Namespace::receive_sync_message`]. A first sync of a large
+/// namespace sends the whole document in one message, so this is as large as an import.
+pub const SYNC_MESSAGE_MAX_BYTES: usize = IMPORT_MAX_BYTES;
+/// Above this many entries the tree invariant is no longer checked after every change in debug
+/// builds (the check walks the whole tree).
+const DEBUG_CHECK_ENTRIES_MAX: usize = 2_000;
+/// First bytes of an export made by [`Namespace::export_since`].
+const EXPORT_MAGIC: &[u8; 8] = b"mrdn-ex1";
+
+/// A new file version, as the caller describes it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct NewVersion {
+    /// BLAKE3 hash of the version's manifest.
+    pub content: ContentId,
+    /// Size in bytes.
+    pub size: u64,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// One version of a file, as [`Stat`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// The version's id, `<hlc>.<site>`, the same at every site.
+    pub id: String,
+    /// BLAKE3 hash of the version's manifest.
+    pub content: ContentId,
+    /// Size in bytes.
+    pub size: u64,
+    /// The site that wrote it.
+    pub site: String,
+    /// When it was written.
+    pub hlc: Hlc,
+}
+
+/// What is known of one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// The entry's stable id (32 hexadecimal digits), the same at every site.
+    pub id: String,
+    /// File, directory or symlink.
+    pub kind: EntryKind,
+    /// Size in bytes of a file's current version; 0 otherwise.
+    pub size: u64,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// A file's current version.
+    pub version: Option<VersionInfo>,
+    /// A symlink's target.
+    pub symlink_target: Option<String>,
+    /// The entry's own tags (not inherited ones), sorted by key.
+    pub tags: Vec<(String, TagValue)>,
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Its name in the directory.
+    pub name: String,
+    /// Its stat.
+    pub stat: Stat,
+}
+
+/// One entry of a subtree walk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalkEntry {
+    /// Its absolute path.
+    pub path: String,
+    /// Its stat.
+    pub stat: Stat,
+}
+
+/// One effective tag of an entry and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EffectiveTag {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: String,
+    /// The path of the entry that defines it: the entry itself or the nearest ancestor.
+    pub source: String,
+}
+
+/// One result of [`Namespace::find`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FindHit {
+    /// The entry's path.
+    pub path: String,
+    /// Its effective tags, explaining why it matched.
+    pub tags: Vec<EffectiveTag>,
+}
+
+/// What an import or a sync message brought.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Automerge changes newly applied.
+    pub changes: usize,
+    /// Namespace operations newly applied.
+    pub ops: usize,
+}
+
+/// The state of a sync session with one peer (automerge's sync protocol). Keep one per peer and
+/// persist it with [`SyncSession::encode`] so that a reconnect does not start from nothing.
+#[derive(Debug, Default)]
+pub struct SyncSession {
+    state: sync::State,
+}
+
+impl SyncSession {
+    /// A session with a peer we know nothing about.
+    pub fn new() -> SyncSession {
+        SyncSession::default()
+    }
+
+    /// The part of the session worth keeping across restarts.
+    pub fn encode(&self) -> Vec<u8> {
+        self.state.encode()
+    }
+
+    /// A session restored from [`SyncSession::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<SyncSession, ExchangeError> {
+        let state = sync::State::decode(bytes)
+            .map_err(|e| ExchangeError::Automerge { what: "sync session state", reason: e.to_string() })?;
+        Ok(SyncSession { state })
+    }
+}
+
+/// One site's replica of the namespace.
+pub struct Namespace {
+    doc: AutoCommit,
+    site: SiteId,
+    me: SiteIdx,
+    sites: Sites,
+    tree: Tree,
+    /// The largest HLC of any operation seen from each site, by site number.
+    seen: Vec<Hlc>,
+    /// The largest HLC issued or seen: every local operation gets a larger one.
+    last_hlc: Hlc,
+    /// Local operations not yet committed to an automerge change.
+    uncommitted_ops: usize,
+}
+
+fn actor_of(site: &SiteId) -> ActorId {
+    ActorId::from(site.as_str().as_bytes())
+}
+
+fn automerge_error(what: &'static str) -> impl FnOnce(automerge::AutomergeError) -> ExchangeError {
+    move |e| ExchangeError::Automerge { what, reason: e.to_string() }
+}
+
+fn invalid_change(what: &'static str) -> impl FnOnce(String) -> ExchangeError {
+    move |reason| ExchangeError::InvalidChange { what, reason }
+}
+
+impl Namespace {
+    /// An empty namespace for `site`.
+    pub fn new(site: SiteId) -> Namespace {
+        let mut doc = AutoCommit::new();
+        doc.set_actor(actor_of(&site));
+        Namespace::with_doc(site, doc)
+    }
+
+    fn with_doc(site: SiteId, doc: AutoCommit) -> Namespace {
+        let mut sites = Sites::new();
+        let me = sites.intern(site.as_str());
+        Namespace {
+            doc,
+            site,
+            me,
+            sites,
+            tree: Tree::new(),
+            seen: Vec::new(),
+            last_hlc: Hlc::ZERO,
+            uncommitted_ops: 0,
+        }
+    }
+
+    /// This replica's site.
+    pub fn site(&self) -> &SiteId {
+        &self.site
+    }
+
+    /// The largest HLC issued here or seen from a peer. Drivers feed it to their clock so that
+    /// local readings stay ahead of everything observed.
+    pub fn last_hlc(&self) -> Hlc {
+        self.last_hlc
+    }
+
+    /// Number of live entries, the root excluded.
+    pub fn len(&self) -> usize {
+        self.tree.live_count() - 1
+    }
+
+    /// Whether only the root exists.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of operations applied.
+    pub fn op_count(&self) -> usize {
+        self.tree.log_len()
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Applying operations
+
+    /// Records a local operation: gives it an id, stores it in the document and applies it.
+    fn record(&mut self, hlc: Hlc, op: Op) -> OpId {
+        let hlc = hlc.max(self.last_hlc.successor());
+        let id = OpId { hlc, site: self.me };
+        let bytes = codec::encode(&op, &self.sites);
+        self.doc
+            .put(automerge::ROOT, id.key(&self.sites), ScalarValue::Bytes(bytes))
+            .expect("a put on the root map of an open document cannot fail");
+        self.uncommitted_ops += 1;
+        self.integrate(vec![(id, op)]);
+        id
+    }
+
+    /// Commits the local operations recorded since the last commit as one automerge change.
+    /// Exchanges and saves commit first, so calling this is only needed to bound the size of a
+    /// change (for example after each request a daemon serves).
+    pub fn commit(&mut self) {
+        if self.uncommitted_ops > 0 {
+            let seconds = (self.last_hlc.physical_ms() / 1000) as i64;
+            self.doc.commit_with(CommitOptions::default().with_time(seconds));
+            self.uncommitted_ops = 0;
+        }
+    }
+
+    /// Applies operations from anywhere, in id order, undoing and redoing later ones as needed.
+    fn integrate(&mut self, mut ops: Vec<(OpId, Op)>) {
+        for (id, _) in &ops {
+            let i = id.site.0 as usize;
+            if self.seen.len() <= i {
+                self.seen.resize(i + 1, Hlc::ZERO);
+            }
+            self.seen[i] = self.seen[i].max(id.hlc);
+            self.last_hlc = self.last_hlc.max(id.hlc);
+        }
+        let sites = &self.sites;
+        ops.sort_by(|a, b| a.0.cmp(b.0, sites));
+        ops.dedup_by(|a, b| a.0 == b.0);
+        ops.retain(|(id, _)| self.tree.log_position(*id, sites).is_err());
+        let Some((first, _)) = ops.first() else { return };
+        let position = self.tree.log_position(*first, &self.sites).unwrap_err();
+        let mut redo = Vec::with_capacity(self.tree.log_len() - position);
+        while self.tree.log_len() > position {
+            redo.push(self.tree.undo_last().expect("the log is longer than the position"));
+        }
+        redo.reverse();
+        let redo: Vec<(OpId, Op)> = redo.into_iter().map(|id| (id, self.fetch(id))).collect();
+        let mut later = redo.into_iter().peekable();
+        let mut new = ops.into_iter().peekable();
+        loop {
+            let take_new = match (later.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(a), Some(b)) => b.0.cmp(a.0, &self.sites).is_lt(),
+            };
+            let (id, op) = if take_new { new.next() } else { later.next() }.expect("peeked");
+            self.tree.apply(id, &op, &self.sites);
+        }
+        if cfg!(debug_assertions) && self.tree.log_len() <= DEBUG_CHECK_ENTRIES_MAX {
+            if let Err(broken) = self.tree.check_invariants() {
+                panic!("tree invariant broken at {}: {broken}", self.site);
+            }
+        }
+    }
+
+    /// Reads back an applied operation from the document, to redo it.
+    fn fetch(&mut self, id: OpId) -> Op {
+        let key = id.key(&self.sites);
+        let value = self.doc.get(automerge::ROOT, key.as_str()).expect("reading the root map");
+        match value {
+            Some((Value::Scalar(scalar), _)) => match scalar.as_ref() {
+                ScalarValue::Bytes(bytes) => {
+                    codec::decode(bytes, &mut self.sites).expect("applied operations were valid")
+                }
+                other => panic!("operation {key} holds {other:?}"),
+            },
+            other => panic!("operation {key} is missing from the document: {other:?}"),
+        }
+    }
+
+    /// Applies the changes added to the document since `before`.
+    fn integrate_since(&mut self, before: &[ChangeHash]) -> ImportReport {
+        let changes = self.doc.get_changes(before);
+        let mut ops = Vec::new();
+        for change in &changes {
+            // Changes were validated before they were handed to automerge; one that was queued
+            // for missing dependencies and is somehow invalid is skipped at every site alike.
+            if let Ok(change_ops) = ops_of_change(change, &mut self.sites) {
+                ops.extend(change_ops);
+            }
+        }
+        let report = ImportReport { changes: changes.len(), ops: ops.len() };
+        self.integrate(ops);
+        report
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Local operations
+
+    fn resolve_parent<'p>(&self, path: &'p str) -> Result<(EntryId, &'p str)> {
+        let names = split_path(path)?;
+        let Some((last, dirs)) = names.split_last() else {
+            return Err(OpError::Root { action: "replaced" });
+        };
+        let mut cur = EntryId::ROOT;
+        let mut walked = String::from("");
+        for name in dirs {
+            walked = join(if walked.is_empty() { "/" } else { &walked }, name);
+            cur = self.tree.child(cur, name).ok_or_else(|| OpError::NotFound { path: walked.clone() })?;
+            if self.tree.entry(cur).data != Data::Dir {
+                return Err(OpError::NotADirectory { path: walked });
+            }
+        }
+        Ok((cur, last))
+    }
+
+    /// The entry at `path`.
+    fn resolve_id(&self, path: &str) -> Result<EntryId> {
+        let names = split_path(path)?;
+        let mut cur = EntryId::ROOT;
+        let mut walked = String::new();
+        for name in names {
+            if self.tree.entry(cur).data != Data::Dir {
+                return Err(OpError::NotADirectory {
+                    path: if walked.is_empty() { "/".into() } else { walked },
+                });
+            }
+            walked.push('/');
+            walked.push_str(name);
+            cur = self.tree.child(cur, name).ok_or_else(|| OpError::NotFound { path: walked.clone() })?;
+        }
+        Ok(cur)
+    }
+
+    /// Creates the directory at `path`; with `parents`, also its missing ancestors, and an
+    /// existing directory is not an error.
+    pub fn mkdir(&mut self, path: &str, parents: bool, mode: u32, mtime_ns: i64, hlc: Hlc) -> Result<()> {
+        let names = split_path(path)?;
+        if names.is_empty() {
+            return if parents { Ok(()) } else { Err(OpError::AlreadyExists { path: "/".into() }) };
+        }
+        let mut cur = EntryId::ROOT;
+        let mut walked = String::new();
+        for (i, name) in names.iter().enumerate() {
+            walked.push('/');
+            walked.push_str(name);
+            let last = i + 1 == names.len();
+            match self.tree.child(cur, name) {
+                Some(child) if self.tree.entry(child).data == Data::Dir => {
+                    if last && !parents {
+                        return Err(OpError::AlreadyExists { path: walked });
+                    }
+                    cur = child;
+                }
+                Some(_) if last => return Err(OpError::AlreadyExists { path: walked }),
+                Some(_) => return Err(OpError::NotADirectory { path: walked }),
+                None if !last && !parents => return Err(OpError::NotFound { path: walked }),
+                None => {
+                    let op = Op::Create {
+                        parent: cur,
+                        name: (*name).into(),
+                        body: CreateBody::Dir { mode, mtime_ns },
+                    };
+                    cur = EntryId::created_by(self.record(hlc, op));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a new version of the file at `path`, creating the file if it does not exist (its
+    /// directory must).
+    pub fn write_file(&mut self, path: &str, version: NewVersion, hlc: Hlc) -> Result<()> {
+        let (parent, name) = self.resolve_parent(path)?;
+        let meta = FileMeta {
+            content: version.content,
+            size: version.size,
+            mode: version.mode,
+            mtime_ns: version.mtime_ns,
+        };
+        let op = match self.tree.child(parent, name) {
+            None => Op::Create { parent, name: name.into(), body: CreateBody::File(meta) },
+            Some(id) => match &self.tree.entry(id).data {
+                Data::File(current) => Op::Write { target: id, base: current.op, meta },
+                Data::Dir => return Err(OpError::IsADirectory { path: path.to_owned() }),
+                Data::Symlink(_) => return Err(OpError::IsASymlink { path: path.to_owned() }),
+            },
+        };
+        self.record(hlc, op);
+        Ok(())
+    }
+
+    /// Creates a symlink at `path` pointing at `target` (which is stored, never resolved).
+    pub fn symlink(&mut self, path: &str, target: &str, mtime_ns: i64, hlc: Hlc) -> Result<()> {
+        check_symlink_target(target).map_err(|reason| OpError::InvalidSymlinkTarget { reason })?;
+        let (parent, name) = self.resolve_parent(path)?;
+        if self.tree.child(parent, name).is_some() {
+            return Err(OpError::AlreadyExists { path: path.to_owned() });
+        }
+        let body = CreateBody::Symlink { target: target.into(), mtime_ns };
+        self.record(hlc, Op::Create { parent, name: name.into(), body });
+        Ok(())
+    }
+
+    /// Moves or renames the entry at `from` to `to`, as one operation. `to` must not exist; its
+    /// directory must.
+    pub fn rename(&mut self, from: &str, to: &str, hlc: Hlc) -> Result<()> {
+        let target = self.resolve_id(from)?;
+        if target == EntryId::ROOT {
+            return Err(OpError::Root { action: "moved" });
+        }
+        let (parent, name) = self.resolve_parent(to)?;
+        match self.tree.child(parent, name) {
+            Some(existing) if existing == target => return Ok(()),
+            Some(_) => return Err(OpError::AlreadyExists { path: to.to_owned() }),
+            None => {}
+        }
+        let mut cur = parent;
+        while cur != EntryId::ROOT {
+            if cur == target {
+                return Err(OpError::MoveIntoSelf { from: from.to_owned(), to: to.to_owned() });
+            }
+            cur = self.tree.entry(cur).parent;
+        }
+        self.record(hlc, Op::Move { target, parent, name: name.into() });
+        Ok(())
+    }
+
+    /// Removes the entry at `path`; a directory with entries only if `recursive`.
+    pub fn remove(&mut self, path: &str, recursive: bool, hlc: Hlc) -> Result<()> {
+        let target = self.resolve_id(path)?;
+        if target == EntryId::ROOT {
+            return Err(OpError::Root { action: "removed" });
+        }
+        if !recursive && self.tree.has_children(target) {
+            return Err(OpError::NotEmpty { path: path.to_owned() });
+        }
+        let seen = self
+            .seen
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h > Hlc::ZERO)
+            .map(|(i, h)| (SiteIdx(i as u32), *h))
+            .collect();
+        self.record(hlc, Op::Remove { target, seen });
+        Ok(())
+    }
+
+    fn tag(&mut self, path: &str, key: &str, change: TagChange, hlc: Hlc) -> Result<()> {
+        check_tag_key(key).map_err(|reason| OpError::InvalidTag { reason })?;
+        if let TagChange::Define(TagValue::Set(value)) = &change {
+            check_tag_value(value).map_err(|reason| OpError::InvalidTag { reason })?;
+        }
+        let target = self.resolve_id(path)?;
+        self.record(hlc, Op::SetTag { target, key: key.into(), change });
+        Ok(())
+    }
+
+    /// Sets tag `key` to `value` on the entry at `path`; everything below inherits it.
+    pub fn set_tag(&mut self, path: &str, key: &str, value: &str, hlc: Hlc) -> Result<()> {
+        self.tag(path, key, TagChange::Define(TagValue::Set(value.into())), hlc)
+    }
+
+    /// Explicitly unsets tag `key` on the entry at `path`: the entry and everything below it no
+    /// longer inherit it.
+    pub fn unset_tag(&mut self, path: &str, key: &str, hlc: Hlc) -> Result<()> {
+        self.tag(path, key, TagChange::Define(TagValue::Unset), hlc)
+    }
+
+    /// Forgets the entry's own definition of `key` (set or unset): it inherits the tag again.
+    pub fn clear_tag(&mut self, path: &str, key: &str, hlc: Hlc) -> Result<()> {
+        self.tag(path, key, TagChange::Clear, hlc)
+    }
+
+    /// Sets the mode and/or modification time of the entry at `path`.
+    pub fn set_attr(&mut self, path: &str, mode: Option<u32>, mtime_ns: Option<i64>, hlc: Hlc) -> Result<()> {
+        let target = self.resolve_id(path)?;
+        if target == EntryId::ROOT {
+            return Err(OpError::Root { action: "changed" });
+        }
+        if mode.is_some() || mtime_ns.is_some() {
+            self.record(hlc, Op::SetAttr { target, mode, mtime_ns });
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Reads
+
+    /// Whether something lives at `path`.
+    pub fn exists(&self, path: &str) -> bool {
+        self.resolve_id(path).is_ok()
+    }
+
+    /// The stable id of the entry at `path`.
+    pub fn resolve(&self, path: &str) -> Result<String> {
+        Ok(self.tree.entry(self.resolve_id(path)?).id.hex(&self.sites))
+    }
+
+    fn stat_of(&self, e: &Entry) -> Stat {
+        let version = match &e.data {
+            Data::File(v) => Some(VersionInfo {
+                id: v.op.key(&self.sites),
+                content: v.content,
+                size: v.size,
+                site: self.sites.name(v.op.site).to_owned(),
+                hlc: v.op.hlc,
+            }),
+            _ => None,
+        };
+        Stat {
+            id: e.id.hex(&self.sites),
+            kind: e.kind(),
+            size: version.as_ref().map_or(0, |v| v.size),
+            mode: e.mode,
+            mtime_ns: e.mtime_ns,
+            version,
+            symlink_target: match &e.data {
+                Data::Symlink(t) => Some(t.to_string()),
+                _ => None,
+            },
+            tags: e.tags.iter().flat_map(|t| t.iter()).map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        }
+    }
+
+    /// What is known of the entry at `path`.
+    pub fn stat(&self, path: &str) -> Result<Stat> {
+        Ok(self.stat_of(self.tree.entry(self.resolve_id(path)?)))
+    }
+
+    /// The entries of the directory at `path`, sorted by name.
+    pub fn list(&self, path: &str) -> Result<Vec<DirEntry>> {
+        let dir = self.resolve_id(path)?;
+        if self.tree.entry(dir).data != Data::Dir {
+            return Err(OpError::NotADirectory { path: path.to_owned() });
+        }
+        Ok(self
+            .tree
+            .children(dir)
+            .map(|(name, id)| DirEntry { name: name.to_owned(), stat: self.stat_of(self.tree.entry(id)) })
+            .collect())
+    }
+
+    /// The names in the directory at `path`, sorted, without stats.
+    pub fn list_names(&self, path: &str) -> Result<Vec<String>> {
+        let dir = self.resolve_id(path)?;
+        if self.tree.entry(dir).data != Data::Dir {
+            return Err(OpError::NotADirectory { path: path.to_owned() });
+        }
+        Ok(self.tree.children(dir).map(|(name, _)| name.to_owned()).collect())
+    }
+
+    /// The subtree at `path`, itself first, in depth-first order with names sorted.
+    pub fn walk(&self, path: &str) -> Result<Vec<WalkEntry>> {
+        let start = self.resolve_id(path)?;
+        let mut out = Vec::new();
+        let start_path = self.path_of(start);
+        let mut stack = vec![(start, start_path)];
+        while let Some((id, path)) = stack.pop() {
+            let e = self.tree.entry(id);
+            out.push(WalkEntry { path: path.clone(), stat: self.stat_of(e) });
+            let children: Vec<_> = self.tree.children(id).collect();
+            for (name, child) in children.into_iter().rev() {
+                stack.push((child, join(&path, name)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn path_of(&self, mut id: EntryId) -> String {
+        let mut names = Vec::new();
+        while id != EntryId::ROOT {
+            let e = self.tree.entry(id);
+            names.push(&*e.name);
+            id = e.parent;
+        }
+        if names.is_empty() {
+            return "/".into();
+        }
+        names.iter().rev().fold(String::new(), |mut p, n| {
+            p.push('/');
+            p.push_str(n);
+            p
+        })
+    }
+
+    /// The effective tags of the entry at `path`: its own and its ancestors', the nearest
+    /// definition of each key winning and an explicit unset hiding the key. Sorted by key.
+    pub fn effective_tags(&self, path: &str) -> Result<Vec<EffectiveTag>> {
+        let mut id = self.resolve_id(path)?;
+        let mut decided: BTreeMap<&str, Option<EffectiveTag>> = BTreeMap::new();
+        loop {
+            let e = self.tree.entry(id);
+            for (key, value) in e.tags.iter().flat_map(|t| t.iter()) {
+                decided.entry(key).or_insert_with(|| match value {
+                    TagValue::Set(v) => Some(EffectiveTag {
+                        key: key.to_string(),
+                        value: v.to_string(),
+                        source: self.path_of(id),
+                    }),
+                    TagValue::Unset => None,
+                });
+            }
+            if id == EntryId::ROOT {
+                break;
+            }
+            id = e.parent;
+        }
+        Ok(decided.into_values().flatten().collect())
+    }
+
+    /// The live entries whose effective tags satisfy every predicate of `query` and whose path
+    /// matches its glob, in depth-first order with names sorted.
+    pub fn find(&self, query: &Query) -> Vec<FindHit> {
+        // Effective tags are carried down the walk: (value or unset, defining entry) per key.
+        type Inherited = BTreeMap<Box<str>, (TagValue, EntryId)>;
+        let mut hits = Vec::new();
+        let mut stack: Vec<(EntryId, String, std::rc::Rc<Inherited>)> =
+            vec![(EntryId::ROOT, "/".into(), std::rc::Rc::new(Inherited::new()))];
+        while let Some((id, path, inherited)) = stack.pop() {
+            let e = self.tree.entry(id);
+            let effective = match &e.tags {
+                None => inherited,
+                Some(own) => {
+                    let mut mine = (*inherited).clone();
+                    for (k, v) in own.iter() {
+                        mine.insert(k.clone(), (v.clone(), id));
+                    }
+                    std::rc::Rc::new(mine)
+                }
+            };
+            let value = |key: &str| match effective.get(key) {
+                Some((TagValue::Set(v), _)) => Some(&**v),
+                _ => None,
+            };
+            let tags_hold = query.tags.iter().all(|p| p.holds(value(p.key())));
+            let path_holds = query.path.as_ref().is_none_or(|g| g.matches(&path));
+            if tags_hold && path_holds && id != EntryId::ROOT {
+                let tags = effective
+                    .iter()
+                    .filter_map(|(k, (v, src))| match v {
+                        TagValue::Set(v) => Some(EffectiveTag {
+                            key: k.to_string(),
+                            value: v.to_string(),
+                            source: self.path_of(*src),
+                        }),
+                        TagValue::Unset => None,
+                    })
+                    .collect();
+                hits.push(FindHit { path: path.clone(), tags });
+            }
+            let children: Vec<_> = self.tree.children(id).collect();
+            for (name, child) in children.into_iter().rev() {
+                stack.push((child, join(&path, name), effective.clone()));
+            }
+        }
+        hits
+    }
+
+    /// Checks the tree invariant (each live entry reachable by exactly one path, no cycle, names
+    /// unique in a directory). Tests and the simulator call it; debug builds also check it after
+    /// every change of small namespaces.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.tree.check_invariants()
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Exchange
+
+    /// The heads of the document: the changes nothing else here depends on.
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.commit();
+        self.doc.get_heads()
+    }
+
+    /// The changes a peer whose heads are `their_heads` lacks, framed for [`Namespace::import`].
+    /// With no heads, everything.
+    pub fn export_since(&mut self, their_heads: &[ChangeHash]) -> Vec<u8> {
+        self.commit();
+        let changes = self.doc.get_changes(their_heads);
+        let mut out = EXPORT_MAGIC.to_vec();
+        push_varint(&mut out, changes.len() as u64);
+        for change in changes {
+            let raw = change.raw_bytes();
+            push_varint(&mut out, raw.len() as u64);
+            out.extend_from_slice(raw);
+        }
+        out
+    }
+
+    /// Imports an export from a peer. Every change is checked before any is applied: on error
+    /// the namespace is unchanged.
+    pub fn import(&mut self, bytes: &[u8]) -> Result<ImportReport, ExchangeError> {
+        const WHAT: &str = "import";
+        if bytes.len() > IMPORT_MAX_BYTES {
+            return Err(ExchangeError::TooLarge { what: WHAT, len: bytes.len(), max: IMPORT_MAX_BYTES });
+        }
+        let framing = |source: DecodeError| ExchangeError::Framing { what: WHAT, source };
+        let body = bytes.strip_prefix(EXPORT_MAGIC.as_slice()).ok_or_else(|| {
+            framing(DecodeError::Invalid {
+                what: "export header",
+                reason: "not a meridian namespace export".into(),
+            })
+        })?;
+        let mut reader = Reader::new(body);
+        let count = reader.varint("change count").map_err(framing)?;
+        let mut changes = Vec::new();
+        for _ in 0..count {
+            let raw = reader.bytes("change", IMPORT_MAX_BYTES).map_err(framing)?;
+            let change = Change::from_bytes(raw.to_vec())
+                .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?;
+            ops_of_change(&change, &mut self.sites).map_err(invalid_change(WHAT))?;
+            changes.push(change);
+        }
+        reader.finish("export").map_err(framing)?;
+        self.commit();
+        let before = self.doc.get_heads();
+        self.doc.apply_changes(changes).map_err(automerge_error(WHAT))?;
+        Ok(self.integrate_since(&before))
+    }
+
+    /// The next message of the sync session with one peer, or `None` when there is nothing to
+    /// say. Automerge's sync protocol: sends only what the peer lacks, and ends when both sides
+    /// hold the same changes.
+    pub fn generate_sync_message(&mut self, session: &mut SyncSession) -> Option<Vec<u8>> {
+        self.commit();
+        self.doc.sync().generate_sync_message(&mut session.state).map(sync::Message::encode)
+    }
+
+    /// Takes a sync message from the peer of `session`. The changes it carries are checked
+    /// before any is applied: on error the namespace is unchanged.
+    pub fn receive_sync_message(
+        &mut self,
+        session: &mut SyncSession,
+        bytes: &[u8],
+    ) -> Result<ImportReport, ExchangeError> {
+        const WHAT: &str = "sync message";
+        if bytes.len() > SYNC_MESSAGE_MAX_BYTES {
+            return Err(ExchangeError::TooLarge {
+                what: WHAT,
+                len: bytes.len(),
+                max: SYNC_MESSAGE_MAX_BYTES,
+            });
+        }
+        let message = sync::Message::decode(bytes)
+            .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?;
+        for chunk in message.changes.iter() {
+            self.check_chunk(chunk)?;
+        }
+        self.commit();
+        let before = self.doc.get_heads();
+        self.doc.sync().receive_sync_message(&mut session.state, message).map_err(automerge_error(WHAT))?;
+        Ok(self.integrate_since(&before))
+    }
+
+    /// Checks one chunk of a sync message: a change, or (in a first sync) a whole document.
+    fn check_chunk(&mut self, chunk: &[u8]) -> Result<(), ExchangeError> {
+        const WHAT: &str = "sync message";
+        if let Ok(change) = Change::from_bytes(chunk.to_vec()) {
+            return ops_of_change(&change, &mut self.sites).map(drop).map_err(invalid_change(WHAT));
+        }
+        let doc = Automerge::load(chunk).map_err(automerge_error(WHAT))?;
+        for change in doc.get_changes(&[]) {
+            ops_of_change(&change, &mut self.sites).map_err(invalid_change(WHAT))?;
+        }
+        Ok(())
+    }
+
+    /// The whole namespace, compacted.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.commit();
+        self.doc.save()
+    }
+
+    /// What changed since the last save (whole or incremental). Appending it to the bytes of
+    /// earlier saves gives bytes that [`Namespace::load`] accepts.
+    pub fn save_incremental(&mut self) -> Vec<u8> {
+        self.commit();
+        self.doc.save_incremental()
+    }
+
+    /// Loads a namespace saved by [`Namespace::save`] (followed by any number of
+    /// [`Namespace::save_incremental`] outputs) for `site`. Bad bytes give an error.
+    pub fn load(site: SiteId, bytes: &[u8]) -> Result<Namespace, ExchangeError> {
+        const WHAT: &str = "saved namespace";
+        if bytes.len() > LOAD_MAX_BYTES {
+            return Err(ExchangeError::TooLarge { what: WHAT, len: bytes.len(), max: LOAD_MAX_BYTES });
+        }
+        let mut doc = AutoCommit::load(bytes).map_err(automerge_error(WHAT))?;
+        doc.set_actor(actor_of(&site));
+        let mut ns = Namespace::with_doc(site, doc);
+        let mut ops = Vec::with_capacity(ns.doc.length(automerge::ROOT));
+        for item in ns.doc.map_range(automerge::ROOT, ..) {
+            let (hlc, site) = parse_op_key(&item.key).map_err(invalid_change(WHAT))?;
+            let ValueRef::Scalar(ScalarValueRef::Bytes(bytes)) = &item.value else {
+                return Err(ExchangeError::InvalidChange {
+                    what: WHAT,
+                    reason: format!("operation {} is not bytes", item.key),
+                });
+            };
+            let op = codec::decode(bytes, &mut ns.sites).map_err(|e| ExchangeError::InvalidChange {
+                what: WHAT,
+                reason: format!("operation {}: {e}", item.key),
+            })?;
+            ops.push((OpId { hlc, site: ns.sites.intern(site) }, op));
+        }
+        ns.integrate(ops);
+        Ok(ns)
+    }
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The namespace operations of one automerge change, checked: every op must put a valid
+/// encoded operation under a fresh key `<hlc>.<site>` of the root map, `site` being the
+/// change's author.
+fn ops_of_change(change: &Change, sites: &mut Sites) -> std::result::Result<Vec<(OpId, Op)>, String> {
+    use automerge::legacy::{Key, ObjectId};
+    let actor = std::str::from_utf8(change.actor_id().to_bytes())
+        .map_err(|_| "the change's author is not a site id".to_owned())?;
+    SiteId::new(actor)?;
+    let expanded = change.decode();
+    let mut ops = Vec::with_capacity(expanded.operations.len());
+    for op in &expanded.operations {
+        if op.obj != ObjectId::Root || op.insert || !op.pred.is_empty() {
+            return Err("a change may only add new keys to the root map".into());
+        }
+        let Key::Map(key) = &op.key else {
+            return Err("a change may only add new keys to the root map".into());
+        };
+        let (hlc, site) = parse_op_key(key)?;
+        if site != actor {
+            return Err(format!("operation {key} is signed by {site} but authored by {actor}"));
+        }
+        let automerge::legacy::OpType::Put(ScalarValue::Bytes(bytes)) = &op.action else {
+            return Err(format!("operation {key} is not bytes"));
+        };
+        let decoded = codec::decode(bytes, sites).map_err(|e| format!("operation {key}: {e}"))?;
+        ops.push((OpId { hlc, site: sites.intern(site) }, decoded));
+    }
+    Ok(ops)
+}

@@ -1,0 +1,569 @@
+//! The materialised tree: the result of applying every operation in the total order of their
+//! ids (HLC, then site), maintained incrementally.
+//!
+//! An operation that arrives later than operations ordered after it is put in place by undoing
+//! those, applying it, and redoing them (Kleppmann et al., "A highly-available move operation for
+//! replicated trees", 2021). Every change of state is recorded on an undo stack, so undo is exact.
+//! The tree never reads a clock, never does I/O and never allocates without a bound set by the
+//! operations it is given.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::codec::{CreateBody, FileMeta, Op, TagChange};
+use crate::ids::{EntryId, OpId, SiteIdx, Sites};
+use crate::{ContentId, EntryKind, Hlc, NAME_MAX_BYTES, TagValue};
+
+/// The version a file entry currently shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileVersion {
+    /// The operation that wrote it; for the first version, the create operation.
+    pub(crate) op: OpId,
+    pub(crate) content: ContentId,
+    pub(crate) size: u64,
+}
+
+/// What an entry holds besides its place and attributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Data {
+    Dir,
+    File(FileVersion),
+    Symlink(Box<str>),
+}
+
+pub(crate) type Tags = BTreeMap<Box<str>, TagValue>;
+
+/// One entry, live or deleted (a deleted entry keeps its place so that a concurrent write can
+/// bring it back).
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub(crate) id: EntryId,
+    pub(crate) parent: EntryId,
+    pub(crate) name: Box<str>,
+    pub(crate) alive: bool,
+    pub(crate) mode: u32,
+    pub(crate) mtime_ns: i64,
+    /// The last move applied to the entry, if any.
+    pub(crate) moved: Option<OpId>,
+    pub(crate) data: Data,
+    pub(crate) tags: Option<Box<Tags>>,
+}
+
+impl Entry {
+    pub(crate) fn kind(&self) -> EntryKind {
+        match self.data {
+            Data::Dir => EntryKind::Dir,
+            Data::File(_) => EntryKind::File,
+            Data::Symlink(_) => EntryKind::Symlink,
+        }
+    }
+
+    /// The operation that created the entry (for a conflict copy: the version it preserves).
+    pub(crate) fn created(&self) -> OpId {
+        self.id.op
+    }
+}
+
+enum Undo {
+    /// The entry was created: remove it (it is the last one in `entries`).
+    Created(EntryId),
+    /// The entry was changed: put back its former state.
+    Changed(Box<Entry>),
+    /// A directory was merged into another: forget the alias.
+    Aliased(EntryId),
+}
+
+/// One applied operation in the log, with where its undo records start.
+#[derive(Clone, Copy)]
+struct Applied {
+    hlc: Hlc,
+    site: SiteIdx,
+    undo_start: u32,
+}
+
+impl Applied {
+    fn op(self) -> OpId {
+        OpId { hlc: self.hlc, site: self.site }
+    }
+}
+
+/// The materialised namespace.
+pub(crate) struct Tree {
+    entries: Vec<Entry>,
+    index: HashMap<EntryId, u32>,
+    /// Live children of each directory by name.
+    children: HashMap<EntryId, BTreeMap<Box<str>, EntryId>>,
+    /// Directories created concurrently at the same path, merged into the one applied first.
+    aliases: HashMap<EntryId, EntryId>,
+    log: Vec<Applied>,
+    undo: Vec<Undo>,
+}
+
+impl Tree {
+    pub(crate) fn new() -> Tree {
+        let root = Entry {
+            id: EntryId::ROOT,
+            parent: EntryId::ROOT,
+            name: "".into(),
+            alive: true,
+            mode: 0o755,
+            mtime_ns: 0,
+            moved: None,
+            data: Data::Dir,
+            tags: None,
+        };
+        let mut tree = Tree {
+            entries: vec![root],
+            index: HashMap::new(),
+            children: HashMap::new(),
+            aliases: HashMap::new(),
+            log: Vec::new(),
+            undo: Vec::new(),
+        };
+        tree.index.insert(EntryId::ROOT, 0);
+        tree
+    }
+
+    // ---- reads ----
+
+    pub(crate) fn get(&self, id: EntryId) -> Option<&Entry> {
+        self.index.get(&id).map(|i| &self.entries[*i as usize])
+    }
+
+    pub(crate) fn entry(&self, id: EntryId) -> &Entry {
+        self.get(id).expect("entry ids handed out by the tree exist")
+    }
+
+    pub(crate) fn is_alive(&self, id: EntryId) -> bool {
+        self.get(id).is_some_and(|e| e.alive)
+    }
+
+    pub(crate) fn child(&self, dir: EntryId, name: &str) -> Option<EntryId> {
+        self.children.get(&dir).and_then(|c| c.get(name)).copied()
+    }
+
+    pub(crate) fn children(&self, dir: EntryId) -> impl Iterator<Item = (&str, EntryId)> {
+        self.children.get(&dir).into_iter().flat_map(|c| c.iter().map(|(n, id)| (&**n, *id)))
+    }
+
+    pub(crate) fn has_children(&self, dir: EntryId) -> bool {
+        self.children.get(&dir).is_some_and(|c| !c.is_empty())
+    }
+
+    pub(crate) fn live_count(&self) -> usize {
+        self.entries.iter().filter(|e| e.alive).count()
+    }
+
+    pub(crate) fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Follows the merges of concurrently created directories.
+    pub(crate) fn canonical(&self, mut id: EntryId) -> EntryId {
+        // Each alias points at a directory applied earlier, so chains end; the bound guards
+        // against a bug turning into a hang.
+        for _ in 0..=self.aliases.len() {
+            match self.aliases.get(&id) {
+                Some(target) => id = *target,
+                None => return id,
+            }
+        }
+        panic!("alias cycle at {id:?}");
+    }
+
+    /// Whether `ancestor` is `id` or one of its ancestors, following parents of live and deleted
+    /// entries alike.
+    fn is_ancestor_or_self(&self, ancestor: EntryId, mut id: EntryId) -> bool {
+        for _ in 0..=self.entries.len() {
+            if id == ancestor {
+                return true;
+            }
+            if id == EntryId::ROOT {
+                return false;
+            }
+            id = self.entry(id).parent;
+        }
+        panic!("parent cycle above {id:?}");
+    }
+
+    // ---- the log ----
+
+    /// Where `op` is or would be in the log.
+    pub(crate) fn log_position(&self, op: OpId, sites: &Sites) -> Result<usize, usize> {
+        if let Some(last) = self.log.last() {
+            if last.op().cmp(op, sites).is_lt() {
+                return Err(self.log.len());
+            }
+        }
+        self.log.binary_search_by(|a| a.op().cmp(op, sites))
+    }
+
+    /// Undoes the last applied operation and returns its id.
+    pub(crate) fn undo_last(&mut self) -> Option<OpId> {
+        let applied = self.log.pop()?;
+        while self.undo.len() > applied.undo_start as usize {
+            match self.undo.pop().expect("undo records above the start") {
+                Undo::Created(id) => {
+                    self.unindex(id);
+                    let entry = self.entries.pop().expect("a created entry");
+                    assert_eq!(entry.id, id, "entries are created and undone in stack order");
+                    self.index.remove(&id);
+                }
+                Undo::Changed(prior) => {
+                    let id = prior.id;
+                    self.unindex(id);
+                    let i = self.index[&id] as usize;
+                    self.entries[i] = *prior;
+                    self.reindex(id);
+                }
+                Undo::Aliased(id) => {
+                    self.aliases.remove(&id);
+                }
+            }
+        }
+        Some(applied.op())
+    }
+
+    // ---- changing entries: every change goes through these, so it can be undone ----
+
+    fn unindex(&mut self, id: EntryId) {
+        let e = self.entry(id);
+        if e.alive && id != EntryId::ROOT {
+            let (parent, name) = (e.parent, e.name.clone());
+            let dir = self.children.get_mut(&parent).expect("a live entry's parent has children");
+            let removed = dir.remove(&name);
+            assert_eq!(removed, Some(id), "index of {name:?}");
+            if dir.is_empty() {
+                self.children.remove(&parent);
+            }
+        }
+    }
+
+    fn reindex(&mut self, id: EntryId) {
+        let e = self.entry(id);
+        if e.alive && id != EntryId::ROOT {
+            let (parent, name) = (e.parent, e.name.clone());
+            let previous = self.children.entry(parent).or_default().insert(name, id);
+            assert!(previous.is_none(), "two live entries under one name");
+        }
+    }
+
+    fn create(&mut self, entry: Entry) {
+        let id = entry.id;
+        let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 entries");
+        self.entries.push(entry);
+        self.index.insert(id, i);
+        self.undo.push(Undo::Created(id));
+        self.reindex(id);
+    }
+
+    fn update(&mut self, id: EntryId, change: impl FnOnce(&mut Entry)) {
+        self.unindex(id);
+        let i = self.index[&id] as usize;
+        self.undo.push(Undo::Changed(Box::new(self.entries[i].clone())));
+        change(&mut self.entries[i]);
+        self.reindex(id);
+    }
+
+    // ---- applying operations ----
+
+    /// Applies `op` after every operation already in the log. The caller guarantees that `id`
+    /// orders after the last applied one.
+    pub(crate) fn apply(&mut self, id: OpId, op: &Op, sites: &Sites) {
+        let undo_start = u32::try_from(self.undo.len()).expect("fewer than 2^32 undo records");
+        self.log.push(Applied { hlc: id.hlc, site: id.site, undo_start });
+        match op {
+            Op::Create { parent, name, body } => self.apply_create(id, *parent, name, body, sites),
+            Op::Write { target, base, meta } => self.apply_write(id, *target, *base, meta, sites),
+            Op::Move { target, parent, name } => self.apply_move(id, *target, *parent, name, sites),
+            Op::Remove { target, seen } => self.apply_remove(*target, seen),
+            Op::SetTag { target, key, change } => {
+                let target = self.canonical(*target);
+                if self.get(target).is_some() {
+                    self.update(target, |e| {
+                        let tags = e.tags.get_or_insert_with(Default::default);
+                        match change {
+                            TagChange::Define(value) => {
+                                tags.insert(key.clone(), value.clone());
+                            }
+                            TagChange::Clear => {
+                                tags.remove(key);
+                            }
+                        }
+                        if tags.is_empty() {
+                            e.tags = None;
+                        }
+                    });
+                }
+            }
+            Op::SetAttr { target, mode, mtime_ns } => {
+                let target = self.canonical(*target);
+                if target != EntryId::ROOT && self.get(target).is_some() {
+                    self.update(target, |e| {
+                        if let Some(mode) = mode {
+                            e.mode = *mode;
+                        }
+                        if let Some(mtime) = mtime_ns {
+                            e.mtime_ns = *mtime;
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn is_dir(&self, id: EntryId) -> bool {
+        self.get(id).is_some_and(|e| e.data == Data::Dir)
+    }
+
+    fn apply_create(&mut self, op: OpId, parent: EntryId, name: &str, body: &CreateBody, sites: &Sites) {
+        let id = EntryId::created_by(op);
+        let parent = self.canonical(parent);
+        if self.get(id).is_some() || self.aliases.contains_key(&id) || !self.is_dir(parent) {
+            return;
+        }
+        self.revive_path(parent, sites);
+        if matches!(body, CreateBody::Dir { .. }) {
+            if let Some(existing) = self.child(parent, name).filter(|c| self.is_dir(*c)) {
+                // Both sites made this directory: one directory, the union of both contents.
+                self.aliases.insert(id, existing);
+                self.undo.push(Undo::Aliased(id));
+                return;
+            }
+        }
+        let (data, mode, mtime_ns) = match body {
+            CreateBody::Dir { mode, mtime_ns } => (Data::Dir, *mode, *mtime_ns),
+            CreateBody::File(FileMeta { content, size, mode, mtime_ns }) => {
+                (Data::File(FileVersion { op, content: *content, size: *size }), *mode, *mtime_ns)
+            }
+            CreateBody::Symlink { target, mtime_ns } => (Data::Symlink(target.clone()), 0o777, *mtime_ns),
+        };
+        let is_dir = data == Data::Dir;
+        let name = self.claim_name(parent, name, id, is_dir, sites);
+        self.create(Entry { id, parent, name, alive: true, mode, mtime_ns, moved: None, data, tags: None });
+    }
+
+    fn apply_write(&mut self, op: OpId, target: EntryId, base: OpId, meta: &FileMeta, sites: &Sites) {
+        let target = self.canonical(target);
+        let Some(Data::File(current)) = self.get(target).map(|e| e.data.clone()) else { return };
+        // A write wins over a concurrent delete: bring the file and the path to it back.
+        self.revive_path(target, sites);
+        if current.op != base {
+            // The writer did not see the current version: both are kept, the later (this one)
+            // as the file, the earlier as a sibling conflict copy.
+            let copy = EntryId::copy_of(current.op);
+            if self.get(copy).is_none() {
+                let e = self.entry(target);
+                let (parent, base_name, mode, mtime_ns) = (e.parent, e.name.clone(), e.mode, e.mtime_ns);
+                let name = self.conflict_name(parent, &base_name, copy, sites);
+                self.create(Entry {
+                    id: copy,
+                    parent,
+                    name,
+                    alive: true,
+                    mode,
+                    mtime_ns,
+                    moved: None,
+                    data: Data::File(current),
+                    tags: None,
+                });
+            }
+        }
+        self.update(target, |e| {
+            e.data = Data::File(FileVersion { op, content: meta.content, size: meta.size });
+            e.mode = meta.mode;
+            e.mtime_ns = meta.mtime_ns;
+        });
+    }
+
+    fn apply_move(&mut self, op: OpId, target: EntryId, parent: EntryId, name: &str, sites: &Sites) {
+        let target = self.canonical(target);
+        let parent = self.canonical(parent);
+        if target == EntryId::ROOT || self.get(target).is_none() || !self.is_dir(parent) {
+            return;
+        }
+        if self.is_ancestor_or_self(target, parent) {
+            // The move would make a cycle: it is skipped, at every site alike.
+            return;
+        }
+        self.revive_path(parent, sites);
+        let is_dir = self.is_dir(target);
+        let name = self.claim_name(parent, name, target, is_dir, sites);
+        self.update(target, |e| {
+            e.parent = parent;
+            e.name = name;
+            e.alive = true;
+            e.moved = Some(op);
+        });
+    }
+
+    fn apply_remove(&mut self, target: EntryId, seen: &[(SiteIdx, Hlc)]) {
+        let target = self.canonical(target);
+        if target == EntryId::ROOT || !self.is_alive(target) {
+            return;
+        }
+        let seen: HashMap<SiteIdx, Hlc> = seen.iter().copied().collect();
+        let was_seen = |op: OpId| seen.get(&op.site).is_some_and(|h| op.hlc <= *h);
+        // Post-order over the live subtree: an entry survives if the remover had not seen its
+        // creation, its current version or its last move, or if something below it survives.
+        let mut stack: Vec<(EntryId, bool)> = vec![(target, false)];
+        let mut survivors: HashMap<EntryId, bool> = HashMap::new();
+        while let Some((id, expanded)) = stack.pop() {
+            if !expanded {
+                stack.push((id, true));
+                stack.extend(self.children(id).map(|(_, c)| (c, false)));
+                continue;
+            }
+            let e = self.entry(id);
+            let mut survives = !was_seen(e.created())
+                || e.moved.is_some_and(|m| !was_seen(m))
+                || matches!(&e.data, Data::File(v) if !was_seen(v.op));
+            survives |= self.children(id).any(|(_, c)| survivors.get(&c).copied().unwrap_or(false));
+            survivors.insert(id, survives);
+        }
+        // Mark the dead children-first, so that every live entry keeps a live parent.
+        let mut order: Vec<EntryId> = Vec::new();
+        let mut stack = vec![target];
+        while let Some(id) = stack.pop() {
+            order.push(id);
+            stack.extend(self.children(id).map(|(_, c)| c));
+        }
+        for id in order.into_iter().rev() {
+            if !survivors[&id] {
+                self.update(id, |e| e.alive = false);
+            }
+        }
+    }
+
+    /// Brings `id` and its deleted ancestors back, each under its former name (or a conflict
+    /// name, if that was taken meanwhile).
+    fn revive_path(&mut self, id: EntryId, sites: &Sites) {
+        let mut dead = Vec::new();
+        let mut cur = id;
+        while !self.entry(cur).alive {
+            dead.push(cur);
+            cur = self.entry(cur).parent;
+            assert!(dead.len() <= self.entries.len(), "parent cycle above {id:?}");
+        }
+        for id in dead.into_iter().rev() {
+            let e = self.entry(id);
+            let (parent, name, is_dir) = (e.parent, e.name.clone(), e.data == Data::Dir);
+            let name = self.claim_name(parent, &name, id, is_dir, sites);
+            self.update(id, |e| {
+                e.alive = true;
+                e.name = name;
+            });
+        }
+    }
+
+    /// The name `incoming` gets in `parent` when it asks for `wanted`. A directory takes the name
+    /// from a file or symlink (which moves to its conflict name); otherwise the entry already
+    /// there keeps it and `incoming` gets its conflict name.
+    fn claim_name(
+        &mut self,
+        parent: EntryId,
+        wanted: &str,
+        incoming: EntryId,
+        incoming_is_dir: bool,
+        sites: &Sites,
+    ) -> Box<str> {
+        let Some(other) = self.child(parent, wanted).filter(|o| *o != incoming) else {
+            return wanted.into();
+        };
+        if incoming_is_dir && !self.is_dir(other) {
+            let aside = self.conflict_name(parent, wanted, other, sites);
+            self.update(other, |e| e.name = aside);
+            wanted.into()
+        } else {
+            self.conflict_name(parent, wanted, incoming, sites)
+        }
+    }
+
+    /// `<stem>.conflict-<site>-<id8><.ext>`, free in `parent`. If taken, longer ids are tried,
+    /// then a counter.
+    fn conflict_name(&self, parent: EntryId, name: &str, id: EntryId, sites: &Sites) -> Box<str> {
+        let hex = id.hex(sites);
+        let site = sites.name(id.op.site);
+        let (stem, ext) = split_extension(name);
+        let candidates = [8, 16, 32].into_iter().map(|n| format!("conflict-{site}-{}", &hex[..n]));
+        let counted = (2u64..).map(|n| format!("conflict-{site}-{hex}-{n}"));
+        for tag in candidates.chain(counted) {
+            let room = NAME_MAX_BYTES.saturating_sub(tag.len() + 1 + ext.len());
+            let stem = truncate(stem, room);
+            let candidate = format!("{stem}.{tag}{ext}");
+            if self.child(parent, &candidate).is_none() {
+                return candidate.into();
+            }
+        }
+        unreachable!("the counter runs until a name is free")
+    }
+
+    /// Checks the tree invariant: every live entry has a live directory as parent, is indexed
+    /// under its name there, and reaches the root without a cycle; the index holds only those.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let mut indexed = 0usize;
+        for (parent, dir) in &self.children {
+            if !self.is_alive(*parent) || !self.is_dir(*parent) {
+                return Err(format!("{parent:?} has children but is not a live directory"));
+            }
+            for (name, id) in dir {
+                let e = self.get(*id).ok_or_else(|| format!("{id:?} indexed but unknown"))?;
+                if !e.alive || e.parent != *parent || &e.name != name {
+                    return Err(format!("{id:?} indexed as {name:?} under {parent:?} but is {e:?}"));
+                }
+                indexed += 1;
+            }
+        }
+        for e in self.entries.iter().filter(|e| e.alive && e.id != EntryId::ROOT) {
+            if self.child(e.parent, &e.name) != Some(e.id) {
+                return Err(format!("{:?} is live but not indexed", e.id));
+            }
+            let mut cur = e.parent;
+            let mut steps = 0;
+            while cur != EntryId::ROOT {
+                cur = self.entry(cur).parent;
+                steps += 1;
+                if steps > self.entries.len() {
+                    return Err(format!("cycle above {:?}", e.id));
+                }
+            }
+        }
+        let live = self.entries.iter().filter(|e| e.alive && e.id != EntryId::ROOT).count();
+        if live != indexed {
+            return Err(format!("{live} live entries but {indexed} indexed"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `shot010.clip` into `shot010` and `.clip`; a leading dot is part of the stem.
+fn split_extension(name: &str) -> (&str, &str) {
+    match name.rfind('.') {
+        Some(i) if i > 0 => name.split_at(i),
+        _ => (name, ""),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_split_like_the_contract_says() {
+        assert_eq!(split_extension("shot010.clip"), ("shot010", ".clip"));
+        assert_eq!(split_extension("archive.tar.gz"), ("archive.tar", ".gz"));
+        assert_eq!(split_extension(".bashrc"), (".bashrc", ""));
+        assert_eq!(split_extension("README"), ("README", ""));
+        assert_eq!(truncate("ééé", 3), "é");
+    }
+}
