@@ -296,10 +296,11 @@ impl Namespace {
             let (id, op) = if take_new { new.next() } else { later.next() }.expect("peeked");
             self.tree.apply(id, &op, &self.sites);
         }
-        if cfg!(debug_assertions) && self.tree.log_len() <= DEBUG_CHECK_ENTRIES_MAX {
-            if let Err(broken) = self.tree.check_invariants() {
-                panic!("tree invariant broken at {}: {broken}", self.site);
-            }
+        if cfg!(debug_assertions)
+            && self.tree.log_len() <= DEBUG_CHECK_ENTRIES_MAX
+            && let Err(broken) = self.tree.check_invariants()
+        {
+            panic!("tree invariant broken at {}: {broken}", self.site);
         }
     }
 
@@ -793,15 +794,28 @@ impl Namespace {
         Ok(self.integrate_since(&before))
     }
 
-    /// Checks one chunk of a sync message: a change, or (in a first sync) a whole document.
-    fn check_chunk(&mut self, chunk: &[u8]) -> Result<(), ExchangeError> {
+    /// Checks one element of a sync message's change list: automerge storage chunks (changes,
+    /// bundles of changes, or in a first sync a whole document), concatenated.
+    fn check_chunk(&mut self, bytes: &[u8]) -> Result<(), ExchangeError> {
         const WHAT: &str = "sync message";
-        if let Ok(change) = Change::from_bytes(chunk.to_vec()) {
-            return ops_of_change(&change, &mut self.sites).map(drop).map_err(invalid_change(WHAT));
-        }
-        let doc = Automerge::load(chunk).map_err(automerge_error(WHAT))?;
-        for change in doc.get_changes(&[]) {
-            ops_of_change(&change, &mut self.sites).map_err(invalid_change(WHAT))?;
+        for (kind, chunk) in split_chunks(bytes).map_err(invalid_change(WHAT))? {
+            let changes = match kind {
+                CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => vec![
+                    Change::from_bytes(chunk.to_vec())
+                        .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?,
+                ],
+                CHUNK_BUNDLE => automerge::Bundle::try_from(chunk)
+                    .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?
+                    .to_changes()
+                    .map_err(automerge_error(WHAT))?,
+                _ => {
+                    debug_assert_eq!(kind, CHUNK_DOCUMENT, "split_chunks checks the type");
+                    Automerge::load(chunk).map_err(automerge_error(WHAT))?.get_changes(&[])
+                }
+            };
+            for change in &changes {
+                ops_of_change(change, &mut self.sites).map_err(invalid_change(WHAT))?;
+            }
         }
         Ok(())
     }
@@ -847,6 +861,39 @@ impl Namespace {
         ns.integrate(ops);
         Ok(ns)
     }
+}
+
+/// First bytes of every automerge storage chunk.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+const CHUNK_BUNDLE: u8 = 3;
+
+/// Splits concatenated automerge storage chunks (magic, checksum, type, length, data) into
+/// their types and bytes, without trusting any length beyond the input.
+fn split_chunks(mut bytes: &[u8]) -> std::result::Result<Vec<(u8, &[u8])>, String> {
+    let mut chunks = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return Err("not an automerge chunk".into());
+        }
+        let kind = bytes[8];
+        if kind > CHUNK_BUNDLE {
+            return Err(format!("unknown automerge chunk type {kind}"));
+        }
+        let mut reader = Reader::new(&bytes[9..]);
+        let len = reader.varint("chunk length").map_err(|e| e.to_string())?;
+        let header = bytes.len() - reader.remaining();
+        let total = usize::try_from(len).ok().and_then(|l| l.checked_add(header));
+        let Some(total) = total.filter(|t| *t <= bytes.len()) else {
+            return Err("truncated automerge chunk".into());
+        };
+        let (chunk, rest) = bytes.split_at(total);
+        chunks.push((kind, chunk));
+        bytes = rest;
+    }
+    Ok(chunks)
 }
 
 fn push_varint(out: &mut Vec<u8>, mut v: u64) {

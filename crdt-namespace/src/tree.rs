@@ -189,10 +189,10 @@ impl Tree {
 
     /// Where `op` is or would be in the log.
     pub(crate) fn log_position(&self, op: OpId, sites: &Sites) -> Result<usize, usize> {
-        if let Some(last) = self.log.last() {
-            if last.op().cmp(op, sites).is_lt() {
-                return Err(self.log.len());
-            }
+        if let Some(last) = self.log.last()
+            && last.op().cmp(op, sites).is_lt()
+        {
+            return Err(self.log.len());
         }
         self.log.binary_search_by(|a| a.op().cmp(op, sites))
     }
@@ -322,13 +322,13 @@ impl Tree {
             return;
         }
         self.revive_path(parent, sites);
-        if matches!(body, CreateBody::Dir { .. }) {
-            if let Some(existing) = self.child(parent, name).filter(|c| self.is_dir(*c)) {
-                // Both sites made this directory: one directory, the union of both contents.
-                self.aliases.insert(id, existing);
-                self.undo.push(Undo::Aliased(id));
-                return;
-            }
+        if matches!(body, CreateBody::Dir { .. })
+            && let Some(existing) = self.child(parent, name).filter(|c| self.is_dir(*c))
+        {
+            // Both sites made this directory: one directory, the union of both contents.
+            self.aliases.insert(id, existing);
+            self.undo.push(Undo::Aliased(id));
+            return;
         }
         let (data, mode, mtime_ns) = match body {
             CreateBody::Dir { mode, mtime_ns } => (Data::Dir, *mode, *mtime_ns),
@@ -403,34 +403,36 @@ impl Tree {
         }
         let seen: HashMap<SiteIdx, Hlc> = seen.iter().copied().collect();
         let was_seen = |op: OpId| seen.get(&op.site).is_some_and(|h| op.hlc <= *h);
-        // Post-order over the live subtree: an entry survives if the remover had not seen its
-        // creation, its current version or its last move, or if something below it survives.
-        let mut stack: Vec<(EntryId, bool)> = vec![(target, false)];
-        let mut survivors: HashMap<EntryId, bool> = HashMap::new();
-        while let Some((id, expanded)) = stack.pop() {
-            if !expanded {
-                stack.push((id, true));
-                stack.extend(self.children(id).map(|(_, c)| (c, false)));
-                continue;
-            }
+        // The remover meant to delete what it saw below the target. An entry it had not seen
+        // placed there — created, or moved in, by an operation it had not seen — survives with
+        // everything below it, and so does a file with a version it had not seen; the path to
+        // a survivor survives too. The target's own unseen move protects only the target.
+        struct Visit {
+            id: EntryId,
+            parent: Option<usize>,
+            survives: bool,
+        }
+        let mut visits: Vec<Visit> = Vec::new();
+        let mut stack: Vec<(EntryId, Option<usize>, bool)> = vec![(target, None, false)];
+        while let Some((id, parent, inherited)) = stack.pop() {
             let e = self.entry(id);
-            let mut survives = !was_seen(e.created())
-                || e.moved.is_some_and(|m| !was_seen(m))
-                || matches!(&e.data, Data::File(v) if !was_seen(v.op));
-            survives |= self.children(id).any(|(_, c)| survivors.get(&c).copied().unwrap_or(false));
-            survivors.insert(id, survives);
+            let placed_unseen = !was_seen(e.created()) || e.moved.is_some_and(|m| !was_seen(m));
+            let written_unseen = matches!(&e.data, Data::File(v) if !was_seen(v.op));
+            let protected = inherited || (placed_unseen && parent.is_some());
+            let index = visits.len();
+            visits.push(Visit { id, parent, survives: protected || placed_unseen || written_unseen });
+            stack.extend(self.children(id).map(|(_, c)| (c, Some(index), protected)));
         }
-        // Mark the dead children-first, so that every live entry keeps a live parent.
-        let mut order: Vec<EntryId> = Vec::new();
-        let mut stack = vec![target];
-        while let Some(id) = stack.pop() {
-            order.push(id);
-            stack.extend(self.children(id).map(|(_, c)| c));
-        }
-        for id in order.into_iter().rev() {
-            if !survivors[&id] {
-                self.update(id, |e| e.alive = false);
+        // Children come after their parents: walking backwards settles children first.
+        for i in (0..visits.len()).rev() {
+            if visits[i].survives
+                && let Some(parent) = visits[i].parent
+            {
+                visits[parent].survives = true;
             }
+        }
+        for visit in visits.iter().rev().filter(|v| !v.survives) {
+            self.update(visit.id, |e| e.alive = false);
         }
     }
 

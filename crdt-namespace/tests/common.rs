@@ -38,7 +38,9 @@ pub fn render(dump: &[WalkEntry]) -> Vec<String> {
     dump.iter()
         .map(|e| match e.stat.kind {
             EntryKind::Dir => format!("d {}", e.path),
-            EntryKind::Symlink => format!("l {} -> {}", e.path, e.stat.symlink_target.as_deref().unwrap_or("")),
+            EntryKind::Symlink => {
+                format!("l {} -> {}", e.path, e.stat.symlink_target.as_deref().unwrap_or(""))
+            }
             EntryKind::File => format!("f {} #{}", e.path, e.stat.version.as_ref().unwrap().content.0[0]),
         })
         .collect()
@@ -94,11 +96,7 @@ pub fn converge(replicas: &mut [Namespace]) -> Vec<WalkEntry> {
     }
     let (first_name, first) = &results[0];
     for (name, result) in &results[1..] {
-        assert_eq!(
-            render(result),
-            render(first),
-            "{name} differs from {first_name}"
-        );
+        assert_eq!(render(result), render(first), "{name} differs from {first_name}");
         assert_eq!(result, first, "{name} differs from {first_name} in a stat");
     }
     share(replicas);

@@ -130,11 +130,8 @@ fn two_writes_to_the_same_file(n: usize) {
     let copies: Vec<_> = dump.iter().filter(|e| e.path.contains(".conflict-")).collect();
     assert_eq!(copies.len(), n - 1, "every earlier concurrent version is kept");
     for (i, copy) in copies.iter().enumerate() {
-        let writer = dump
-            .iter()
-            .find(|e| e.path == copy.path)
-            .map(|e| e.stat.version.clone().unwrap().site)
-            .unwrap();
+        let writer =
+            dump.iter().find(|e| e.path == copy.path).map(|e| e.stat.version.clone().unwrap().site).unwrap();
         assert_eq!(copy.path, format!("/shots/{}", conflict_name("shot010.clip", &writer, &copy.stat)));
         assert!(copy.stat.size >= 10 && copy.stat.size < 10 + n as u64 - 1, "copy {i}");
     }
@@ -208,8 +205,13 @@ fn recursive_delete_vs_create_inside(n: usize, create_later: bool) {
         rs[2].mkdir("/d/sub/made", false, DIR, 0, hlc(create_at + 1)).unwrap();
     }
     let result = render(&converge(&mut rs));
-    let mut expected: Vec<String> =
-        vec!["d /".into(), "d /d".into(), "d /d/sub".into(), "d /d/sub/deep".into(), "f /d/sub/deep/new #9".into()];
+    let mut expected: Vec<String> = vec![
+        "d /".into(),
+        "d /d".into(),
+        "d /d/sub".into(),
+        "d /d/sub/deep".into(),
+        "f /d/sub/deep/new #9".into(),
+    ];
     if n == 3 {
         expected.push("d /d/sub/made".into());
     }
@@ -316,4 +318,42 @@ fn two_sets_of_the_same_tag_later_wins_2() {
 #[test]
 fn two_sets_of_the_same_tag_later_wins_3() {
     two_sets_of_the_same_tag(3);
+}
+
+/// Found by the convergence property: a site removes `/b` while another moves `/a` into it and
+/// the first writes inside `/a`. The remover never saw its write below `/b`, so it survives.
+fn recursive_delete_vs_move_into_it(n: usize) {
+    let mut rs = with_base(n, |r| {
+        r.mkdir("/a/a", true, DIR, 0, hlc(1)).unwrap();
+        r.mkdir("/b/b", true, DIR, 0, hlc(1)).unwrap();
+        r.write_file("/b/b/old", version(1), hlc(2)).unwrap();
+    });
+    rs[1].rename("/a", "/b/b/moved", hlc(10)).unwrap();
+    rs[0].write_file("/a/a/new", version(9), hlc(10)).unwrap();
+    rs[0].remove("/b", true, hlc(11)).unwrap();
+    if n == 3 {
+        rs[2].write_file("/b/b/third", version(3), hlc(12)).unwrap();
+    }
+    let result = render(&converge(&mut rs));
+    let mut expected: Vec<String> = vec![
+        "d /".into(),
+        "d /b".into(),
+        "d /b/b".into(),
+        "d /b/b/moved".into(),
+        "d /b/b/moved/a".into(),
+        "f /b/b/moved/a/new #9".into(),
+    ];
+    if n == 3 {
+        expected.push("f /b/b/third #3".into());
+    }
+    assert_eq!(result, expected);
+}
+
+#[test]
+fn recursive_delete_vs_move_into_it_keeps_what_the_remover_never_saw_there_2() {
+    recursive_delete_vs_move_into_it(2);
+}
+#[test]
+fn recursive_delete_vs_move_into_it_keeps_what_the_remover_never_saw_there_3() {
+    recursive_delete_vs_move_into_it(3);
 }
