@@ -92,19 +92,22 @@ impl OpId {
         self.hlc.cmp(&other.hlc).then_with(|| sites.name(self.site).cmp(sites.name(other.site)))
     }
 
-    /// The key of the operation in the automerge document: `<hlc in hex>.<site>`.
+    /// The key of the operation in the automerge document: `<!hlc in 16 hex digits>.<site>`,
+    /// the HLC's bits inverted so that newer operations sort first. Automerge applies a change
+    /// to a map by walking the map's keys in order up to the first key the change touches, so
+    /// keys of fresh operations at the front keep that walk short however large the map.
     pub(crate) fn key(self, sites: &Sites) -> String {
-        format!("{:x}.{}", self.hlc.raw(), sites.name(self.site))
+        format!("{:016x}.{}", !self.hlc.raw(), sites.name(self.site))
     }
 }
 
 /// Parses an operation key into its HLC and site, checking both.
 pub(crate) fn parse_op_key(key: &str) -> Result<(Hlc, &str), String> {
     let (hlc, site) = key.split_once('.').ok_or_else(|| format!("operation key {key:?} has no `.`"))?;
-    if hlc.is_empty() || hlc.len() > 16 || !hlc.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("operation key {key:?} does not start with a hexadecimal HLC"));
+    if hlc.len() != 16 || !hlc.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("operation key {key:?} does not start with 16 lowercase hexadecimal digits"));
     }
-    let raw = u64::from_str_radix(hlc, 16).map_err(|e| format!("operation key {key:?}: {e}"))?;
+    let raw = !u64::from_str_radix(hlc, 16).map_err(|e| format!("operation key {key:?}: {e}"))?;
     if raw == 0 {
         return Err(format!("operation key {key:?} has the zero HLC"));
     }
@@ -184,7 +187,17 @@ mod tests {
         let id = OpId { hlc: Hlc::new(1_700_000_000_000, 3), site: west };
         let key = id.key(&sites);
         assert_eq!(parse_op_key(&key).unwrap(), (id.hlc, "west"));
-        for junk in ["", ".", "x.west", "0.west", "1.", "1.we/st", "11111111111111111.a"] {
+        for junk in [
+            "",
+            ".",
+            "x.west",
+            "ffffffffffffffff.west",
+            "fffffffffffffffe.",
+            "1.west",
+            "1111111111111111.we/st",
+            "11111111111111111.a",
+            "FFFFFFFFFFFFFFFE.west",
+        ] {
             assert!(parse_op_key(junk).is_err(), "{junk:?}");
         }
     }

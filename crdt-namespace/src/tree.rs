@@ -96,6 +96,8 @@ pub(crate) struct Tree {
     aliases: HashMap<EntryId, EntryId>,
     log: Vec<Applied>,
     undo: Vec<Undo>,
+    /// Number of live entries, the root included.
+    live: usize,
 }
 
 impl Tree {
@@ -118,6 +120,7 @@ impl Tree {
             aliases: HashMap::new(),
             log: Vec::new(),
             undo: Vec::new(),
+            live: 1,
         };
         tree.index.insert(EntryId::ROOT, 0);
         tree
@@ -150,7 +153,7 @@ impl Tree {
     }
 
     pub(crate) fn live_count(&self) -> usize {
-        self.entries.iter().filter(|e| e.alive).count()
+        self.live
     }
 
     pub(crate) fn log_len(&self) -> usize {
@@ -232,6 +235,7 @@ impl Tree {
             let dir = self.children.get_mut(&parent).expect("a live entry's parent has children");
             let removed = dir.remove(&name);
             assert_eq!(removed, Some(id), "index of {name:?}");
+            self.live -= 1;
             if dir.is_empty() {
                 self.children.remove(&parent);
             }
@@ -244,6 +248,7 @@ impl Tree {
             let (parent, name) = (e.parent, e.name.clone());
             let previous = self.children.entry(parent).or_default().insert(name, id);
             assert!(previous.is_none(), "two live entries under one name");
+            self.live += 1;
         }
     }
 
@@ -530,8 +535,8 @@ impl Tree {
             }
         }
         let live = self.entries.iter().filter(|e| e.alive && e.id != EntryId::ROOT).count();
-        if live != indexed {
-            return Err(format!("{live} live entries but {indexed} indexed"));
+        if live != indexed || live + 1 != self.live {
+            return Err(format!("{live} live entries, {indexed} indexed, {} counted", self.live));
         }
         Ok(())
     }

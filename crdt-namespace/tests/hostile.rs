@@ -162,10 +162,10 @@ fn assert_refused(name: &str, edit: impl FnOnce(&mut AutoCommit)) {
 #[test]
 fn well_formed_but_hostile_changes_are_refused() {
     assert_refused("a string value", |d| {
-        d.put(automerge::ROOT, "ff.east", "hello").unwrap();
+        d.put(automerge::ROOT, "ffffffffffff0000.east", "hello").unwrap();
     });
     assert_refused("junk bytes", |d| {
-        d.put(automerge::ROOT, "ff.east", ScalarValue::Bytes(vec![1, 99, 3])).unwrap();
+        d.put(automerge::ROOT, "ffffffffffff0000.east", ScalarValue::Bytes(vec![1, 99, 3])).unwrap();
     });
     assert_refused("a key that is no operation id", |d| {
         let op = a_valid_op(d);
@@ -173,7 +173,7 @@ fn well_formed_but_hostile_changes_are_refused() {
     });
     assert_refused("an operation signed by another site", |d| {
         let op = a_valid_op(d);
-        d.put(automerge::ROOT, "ff.west", ScalarValue::Bytes(op)).unwrap();
+        d.put(automerge::ROOT, "ffffffffffff0000.west", ScalarValue::Bytes(op)).unwrap();
     });
     assert_refused("an overwrite of an existing operation", |d| {
         let key = d.keys(automerge::ROOT).next().unwrap();
@@ -185,7 +185,7 @@ fn well_formed_but_hostile_changes_are_refused() {
         d.delete(automerge::ROOT, key.as_str()).unwrap();
     });
     assert_refused("a nested object", |d| {
-        d.put_object(automerge::ROOT, "ff.east", ObjType::Map).unwrap();
+        d.put_object(automerge::ROOT, "ffffffffffff0000.east", ObjType::Map).unwrap();
     });
 }
 
@@ -193,7 +193,7 @@ fn well_formed_but_hostile_changes_are_refused() {
 fn hostile_documents_on_disk_are_refused() {
     let mut doc = AutoCommit::new();
     doc.set_actor(ActorId::from(b"east".as_slice()));
-    doc.put(automerge::ROOT, "ff.east", "not an operation").unwrap();
+    doc.put(automerge::ROOT, "ffffffffffff0000.east", "not an operation").unwrap();
     let err = Namespace::load(site("west"), &doc.save()).err().unwrap();
     assert!(err.to_string().contains("is not bytes"), "{err}");
 }
@@ -203,7 +203,7 @@ fn hostile_sync_messages_are_refused() {
     let mut ns = victim();
     let mut evil = AutoCommit::load(&ns.save()).unwrap();
     evil.set_actor(ActorId::from(b"east".as_slice()));
-    evil.put(automerge::ROOT, "ff.east", ScalarValue::Bytes(vec![1, 2, 3])).unwrap();
+    evil.put(automerge::ROOT, "ffffffffffff0000.east", ScalarValue::Bytes(vec![1, 2, 3])).unwrap();
     evil.commit();
     let (mut s_evil, mut s_ns) = (automerge::sync::State::new(), SyncSession::new());
     let before = snapshot(&mut ns);
