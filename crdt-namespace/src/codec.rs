@@ -62,12 +62,8 @@ impl Writer<'_> {
     fn u8(&mut self, v: u8) {
         self.buf.push(v);
     }
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        push_varint(&mut self.buf, v);
     }
     fn signed(&mut self, v: i64) {
         self.varint(((v << 1) ^ (v >> 63)) as u64);
@@ -90,6 +86,15 @@ impl Writer<'_> {
         self.varint(u64::from(meta.mode));
         self.signed(meta.mtime_ns);
     }
+}
+
+/// Appends `v` as a LEB128 variable-length integer.
+pub(crate) fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 /// Encodes an operation.

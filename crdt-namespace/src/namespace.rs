@@ -15,7 +15,7 @@ use automerge::{
     ActorId, AutoCommit, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef,
 };
 
-use crate::codec::{self, CreateBody, FileMeta, Op, Reader, TagChange};
+use crate::codec::{self, CreateBody, FileMeta, Op, Reader, TagChange, push_varint};
 use crate::error::{DecodeError, ExchangeError, OpError, Result};
 use crate::ids::{EntryId, OpId, SiteId, SiteIdx, Sites, parse_op_key};
 use crate::name::{check_symlink_target, check_tag_key, check_tag_value, join, split_path};
@@ -894,14 +894,6 @@ fn split_chunks(mut bytes: &[u8]) -> std::result::Result<Vec<(u8, &[u8])>, Strin
         bytes = rest;
     }
     Ok(chunks)
-}
-
-fn push_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 /// The namespace operations of one automerge change, checked: every op must put a valid
