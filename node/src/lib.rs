@@ -1,9 +1,14 @@
 //! Node: one meridian site.
 //!
-//! This crate will hold `core` (the sans-IO `Site` state machine that makes every decision),
-//! `store` (one redb database and a content-addressed chunk directory), the tokio runtime that
-//! drives the core, the local control API, and the `meridian` command-line tool.
+//! - [`content`]: FastCDC chunking, BLAKE3 hashing and manifests.
+//! - [`store`]: the durable store — a redb database and a content-addressed chunk directory —
+//!   and the put path that streams a file into it.
 //!
-//! Today it holds the namespace a site owns; the rest arrives with issue 3.
+//! To come: `core` (the sans-IO `Site` state machine that makes every decision), the tokio
+//! runtime that drives it, the local control API and the `meridian` command-line tool.
+
+pub mod content;
+pub mod store;
+mod varint;
 
 pub use crdt_namespace::{Hlc, Namespace, SiteId};

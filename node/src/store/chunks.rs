@@ -1,0 +1,212 @@
+//! The chunk store: one file per chunk, named by its BLAKE3 hash, in fan-out directories.
+//!
+//! A chunk is written to a temporary file, synced, renamed into place and its directory synced,
+//! so after a crash a chunk file is either whole or absent. Every read is verified against the
+//! hash: a corrupt chunk is reported and never served. It must never be handed data whose hash
+//! it has not checked.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::content::ChunkHash;
+
+/// Errors of the chunk store.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// The chunk is not in the store.
+    #[error("chunk {0} is not stored here")]
+    Missing(ChunkHash),
+    /// The chunk's bytes do not match its hash.
+    #[error("chunk {hash} at {path} is corrupt: its bytes hash to {actual}")]
+    Corrupt {
+        /// The hash it is stored under.
+        hash: ChunkHash,
+        /// Its file.
+        path: PathBuf,
+        /// What its bytes hash to.
+        actual: ChunkHash,
+    },
+    /// Data offered for storage does not match the hash it was offered under.
+    #[error("refusing chunk offered as {expected}: its bytes hash to {actual}")]
+    Mismatch {
+        /// The hash claimed.
+        expected: ChunkHash,
+        /// The hash of the bytes.
+        actual: ChunkHash,
+    },
+    /// The file system failed.
+    #[error("chunk store {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ChunkError + '_ {
+    move |source| ChunkError::Io { path: path.to_owned(), source }
+}
+
+/// Chunk files under one directory.
+#[derive(Debug)]
+pub struct ChunkStore {
+    chunks: PathBuf,
+    tmp: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+impl ChunkStore {
+    /// Opens (creating) the store under `dir`, removing temporary files a crash left behind.
+    pub fn open(dir: &Path) -> Result<ChunkStore, ChunkError> {
+        let chunks = dir.join("chunks");
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&chunks).map_err(io_at(&chunks))?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        Ok(ChunkStore { chunks, tmp, next_tmp: AtomicU64::new(0) })
+    }
+
+    /// Where chunk `hash` lives: `chunks/ab/cd/abcd…`.
+    pub fn path(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.chunks.join(&hex[..2]).join(&hex[2..4]).join(hex)
+    }
+
+    /// Whether the chunk's file exists (its content is checked when read).
+    pub fn has(&self, hash: &ChunkHash) -> bool {
+        self.path(hash).exists()
+    }
+
+    /// Stores `data` as chunk `hash`, durably. Returns whether it was new. Refuses data that does
+    /// not hash to `hash`.
+    pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<bool, ChunkError> {
+        let actual = ChunkHash::of(data);
+        if actual != *hash {
+            return Err(ChunkError::Mismatch { expected: *hash, actual });
+        }
+        self.put_verified(hash, data)
+    }
+
+    /// Stores `data`, whose hash the caller has just computed as `hash`.
+    pub(crate) fn put_verified(&self, hash: &ChunkHash, data: &[u8]) -> Result<bool, ChunkError> {
+        let path = self.path(hash);
+        if path.exists() {
+            return Ok(false);
+        }
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()));
+        let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
+        file.write_all(data).map_err(io_at(&tmp))?;
+        file.sync_all().map_err(io_at(&tmp))?;
+        drop(file);
+        let dir = path.parent().expect("chunk paths have a directory");
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(io_at(dir))?;
+            sync_dir(dir.parent().expect("fan-out has two levels"))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        sync_dir(dir)?;
+        Ok(true)
+    }
+
+    /// Reads chunk `hash`, verified.
+    pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        let path = self.path(hash);
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ChunkError::Missing(*hash)),
+            Err(e) => return Err(ChunkError::Io { path, source: e }),
+        };
+        let actual = ChunkHash::of(&data);
+        if actual != *hash {
+            return Err(ChunkError::Corrupt { hash: *hash, path, actual });
+        }
+        Ok(data)
+    }
+
+    /// Removes chunk `hash`, if stored.
+    pub fn remove(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
+        let path = self.path(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ChunkError::Io { path, source: e }),
+        }
+    }
+
+    /// Every chunk file present, by hash; files whose names are not hashes are skipped.
+    pub fn list(&self) -> Result<Vec<ChunkHash>, ChunkError> {
+        let mut out = Vec::new();
+        for level1 in read_dir(&self.chunks)? {
+            for level2 in read_dir(&level1)? {
+                for file in read_dir(&level2)? {
+                    if let Some(hash) = file.file_name().and_then(|n| n.to_str()).and_then(parse_hex32) {
+                        out.push(ChunkHash(hash));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, ChunkError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_at(dir))? {
+        out.push(entry.map_err(io_at(dir))?.path());
+    }
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ChunkError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
+}
+
+/// Parses 64 lowercase hexadecimal digits.
+pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_stored_once_and_verified_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data = b"some chunk".to_vec();
+        let hash = ChunkHash::of(&data);
+        assert!(store.put(&hash, &data).unwrap());
+        assert!(!store.put(&hash, &data).unwrap());
+        assert_eq!(store.get(&hash).unwrap(), data);
+        assert_eq!(store.list().unwrap(), vec![hash]);
+        assert!(matches!(store.put(&hash, b"other"), Err(ChunkError::Mismatch { .. })));
+        // Corrupt it on disk: it is reported, never served.
+        fs::write(store.path(&hash), b"rotten").unwrap();
+        assert!(matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })));
+        store.remove(&hash).unwrap();
+        assert!(matches!(store.get(&hash), Err(ChunkError::Missing(_))));
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(ChunkStore::open(dir.path()).unwrap());
+        fs::write(dir.path().join("tmp").join("half-written"), b"x").unwrap();
+        ChunkStore::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,146 @@
+//! The put path: read, chunk, hash and store a file's bytes as a pipeline across cores, with
+//! memory bounded whatever the file size.
+//!
+//! The calling thread reads and cuts chunks (FastCDC) and hashes the whole file; worker threads
+//! hash each chunk and write new ones to the chunk store. A bounded channel between them holds at
+//! most [`PUT_QUEUE_CHUNKS_PER_WORKER`] chunks per worker, so at most about
+//! `(2 × workers + 1) × max chunk size` bytes are in memory at once.
+
+use std::io::Read;
+use std::sync::Mutex;
+
+use crate::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
+use crate::store::chunks::{ChunkError, ChunkStore};
+
+/// Chunks queued per worker: enough to keep every worker busy while the reader cuts the next.
+pub const PUT_QUEUE_CHUNKS_PER_WORKER: usize = 2;
+
+/// What a put produced.
+#[derive(Debug, Clone)]
+pub struct PutOutcome {
+    /// The version's manifest.
+    pub manifest: Manifest,
+    /// Chunks that were not stored before.
+    pub new_chunks: usize,
+    /// Bytes of those chunks.
+    pub new_bytes: u64,
+}
+
+/// Errors of the put path.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    /// Reading the source failed.
+    #[error("reading the source: {0}")]
+    Read(std::io::Error),
+    /// Storing a chunk failed.
+    #[error(transparent)]
+    Store(#[from] ChunkError),
+}
+
+/// Reads `source` to its end and stores it as chunks; `progress` is called with the bytes read so
+/// far after each chunk. The manifest is returned only when every chunk is durable.
+pub fn put_stream<R: Read>(
+    source: R,
+    config: ChunkerConfig,
+    store: &ChunkStore,
+    workers: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<PutOutcome, PutError> {
+    let workers = workers.max(1);
+    let (chunk_tx, chunk_rx) =
+        crossbeam_channel::bounded::<(usize, Vec<u8>)>(workers * PUT_QUEUE_CHUNKS_PER_WORKER);
+    let results: Mutex<Vec<(usize, ChunkRef, bool)>> = Mutex::new(Vec::new());
+    let failure: Mutex<Option<ChunkError>> = Mutex::new(None);
+    let mut file_hasher = blake3::Hasher::new();
+    let chunker = fastcdc::v2020::StreamCDC::new(
+        source,
+        config.min_bytes as usize,
+        config.avg_bytes as usize,
+        config.max_bytes as usize,
+    );
+    let read_result = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let chunk_rx = chunk_rx.clone();
+            let (results, failure) = (&results, &failure);
+            scope.spawn(move || {
+                for (index, data) in chunk_rx {
+                    let hash = ChunkHash::of(&data);
+                    match store.put_verified(&hash, &data) {
+                        Ok(new) => results.lock().expect("results lock").push((
+                            index,
+                            ChunkRef { hash, len: data.len() as u32 },
+                            new,
+                        )),
+                        Err(e) => {
+                            failure.lock().expect("failure lock").get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+        drop(chunk_rx);
+        let mut read = 0u64;
+        for (index, chunk) in chunker.enumerate() {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(fastcdc::v2020::Error::IoError(e)) => return Err(PutError::Read(e)),
+                Err(e) => return Err(PutError::Read(std::io::Error::other(e.to_string()))),
+            };
+            file_hasher.update(&chunk.data);
+            read += chunk.length as u64;
+            if chunk_tx.send((index, chunk.data)).is_err() {
+                break;
+            }
+            progress(read);
+            if failure.lock().expect("failure lock").is_some() {
+                break;
+            }
+        }
+        drop(chunk_tx);
+        Ok(())
+    });
+    read_result?;
+    if let Some(e) = failure.into_inner().expect("failure lock") {
+        return Err(e.into());
+    }
+    let mut results = results.into_inner().expect("results lock");
+    results.sort_by_key(|(i, _, _)| *i);
+    let new_chunks = results.iter().filter(|(_, _, new)| *new).count();
+    let new_bytes = results.iter().filter(|(_, _, new)| *new).map(|(_, c, _)| u64::from(c.len)).sum();
+    let manifest =
+        Manifest::new(*file_hasher.finalize().as_bytes(), results.into_iter().map(|(_, c, _)| c).collect());
+    Ok(PutOutcome { manifest, new_chunks, new_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_put_matches_the_in_memory_manifest_and_dedupes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let mut x = 1u64;
+        let data: Vec<u8> = (0..300_000)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        let mut last = 0;
+        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n).unwrap();
+        assert_eq!(last, data.len() as u64);
+        assert_eq!(first.manifest, Manifest::of_bytes(&data, config));
+        assert_eq!(first.new_chunks, first.manifest.chunks.len());
+        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}).unwrap();
+        assert_eq!(again.new_chunks, 0);
+        for (i, c) in first.manifest.chunks.iter().enumerate() {
+            let r = first.manifest.chunk_range(i);
+            assert_eq!(store.get(&c.hash).unwrap(), &data[r.start as usize..r.end as usize]);
+        }
+        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}).unwrap();
+        assert_eq!(empty.manifest.size, 0);
+        assert!(empty.manifest.chunks.is_empty());
+    }
+}
