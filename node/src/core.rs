@@ -1,0 +1,902 @@
+//! The sans-IO site: a pure, deterministic state machine that makes every decision of a site.
+//!
+//! Inputs enter through `handle_*` methods — local requests, messages from peers, peers coming
+//! and going, timeouts with the current time, results of chunk loads — and effects leave through
+//! [`Site::poll_output`]: messages to send, data to store, chunks to load, replies. The driver
+//! (the tokio runtime, or a test or simulator) executes outputs **in order**: a `Store` is
+//! durable before the `Send` or `Reply` that follows it is acted on.
+//!
+//! The site never does I/O, never reads a clock and never draws randomness: time comes in as
+//! milliseconds with every input.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Range;
+
+use crdt_namespace::{
+    ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Namespace, OpError, Query, SiteId, Stat,
+    SyncSession,
+};
+use transport::proto::{Message, Priority};
+
+use crate::content::{ChunkHash, ChunkRef, Manifest};
+
+/// The id a driver gives a local request; replies carry it.
+pub type RequestId = u64;
+
+/// Tuning of a site.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    /// This site.
+    pub site: SiteId,
+    /// Chunk requests in flight at once, over all reads: enough to fill a fast link with 1 MiB
+    /// chunks (16 MiB in flight), small enough to bound the memory of chunks held for
+    /// reordering.
+    pub fetches_in_flight_max: usize,
+    /// Chunks one read keeps in flight or waiting to be delivered in order.
+    pub read_window_chunks: usize,
+    /// A chunk request unanswered this long is sent to another holder.
+    pub fetch_timeout_ms: u64,
+    /// A read whose version no reachable site holds fails after this long.
+    pub who_has_timeout_ms: u64,
+    /// Anti-entropy: a sync round with every connected peer this often, so a lost push is only a
+    /// delay.
+    pub sync_interval_ms: u64,
+}
+
+impl SiteConfig {
+    /// Defaults for `site`.
+    pub fn new(site: SiteId) -> SiteConfig {
+        SiteConfig {
+            site,
+            fetches_in_flight_max: 16,
+            read_window_chunks: 8,
+            fetch_timeout_ms: 10_000,
+            who_has_timeout_ms: 5_000,
+            sync_interval_ms: 5_000,
+        }
+    }
+}
+
+/// A request from a local client.
+#[derive(Clone, Debug)]
+pub enum Request {
+    /// Make a directory (and its parents).
+    Mkdir {
+        /// Where.
+        path: String,
+        /// Also make missing parents; an existing directory is fine.
+        parents: bool,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Record a new file version whose chunks the driver has already stored durably.
+    CommitVersion {
+        /// Where.
+        path: String,
+        /// The version.
+        manifest: Manifest,
+        /// Permission bits.
+        mode: u32,
+        /// Modification time, nanoseconds since the epoch.
+        mtime_ns: i64,
+    },
+    /// Move or rename.
+    Rename {
+        /// From.
+        from: String,
+        /// To.
+        to: String,
+    },
+    /// Remove an entry.
+    Remove {
+        /// What.
+        path: String,
+        /// A directory with entries too.
+        recursive: bool,
+    },
+    /// Set a tag.
+    SetTag {
+        /// On what.
+        path: String,
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+    },
+    /// Unset a tag explicitly (blocks inheritance).
+    UnsetTag {
+        /// On what.
+        path: String,
+        /// Key.
+        key: String,
+    },
+    /// What is known of an entry.
+    Stat {
+        /// Which.
+        path: String,
+    },
+    /// A directory's entries.
+    List {
+        /// Which.
+        path: String,
+    },
+    /// An entry's effective tags.
+    Tags {
+        /// Which.
+        path: String,
+    },
+    /// Entries matching tag predicates and a glob.
+    Find {
+        /// The query.
+        query: Query,
+    },
+    /// Read a file's current version, or a byte range of it. Data follows as
+    /// [`Output::ReadData`], in order, then [`Output::ReadDone`].
+    Read {
+        /// Which file.
+        path: String,
+        /// Which bytes; all if `None`.
+        range: Option<Range<u64>>,
+    },
+    /// The site's state.
+    Status,
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The change is recorded (and durable: the `Store` before this reply was executed).
+    Done,
+    /// A stat.
+    Stat(Stat),
+    /// A listing.
+    List(Vec<DirEntry>),
+    /// Effective tags.
+    Tags(Vec<EffectiveTag>),
+    /// Find results.
+    Found(Vec<FindHit>),
+    /// A read begins: these bytes of a file of this size will follow.
+    ReadStarted {
+        /// The file's size.
+        size: u64,
+        /// The bytes that will follow.
+        range: Range<u64>,
+    },
+    /// The site's state.
+    Status(Status),
+}
+
+/// What a site reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// This site.
+    pub site: String,
+    /// Connected peers.
+    pub peers: Vec<String>,
+    /// Live namespace entries.
+    pub entries: usize,
+    /// Versions held here.
+    pub versions_held: usize,
+    /// Chunks held here.
+    pub chunks_held: usize,
+    /// Reads in progress.
+    pub reads: usize,
+    /// Chunk requests in flight.
+    pub fetches: usize,
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SiteError {
+    /// The namespace refused it.
+    #[error(transparent)]
+    Namespace(#[from] OpError),
+    /// A read of something that is not a file.
+    #[error("not a file: {path}")]
+    NotAFile {
+        /// The path.
+        path: String,
+    },
+    /// No reachable site holds the version.
+    #[error("no reachable site holds {path} (version {content})")]
+    NoHolder {
+        /// The path.
+        path: String,
+        /// The version.
+        content: ContentId,
+    },
+    /// A chunk could not be read here.
+    #[error("chunk {chunk} of {path} is unreadable here: {reason}")]
+    Chunk {
+        /// The path.
+        path: String,
+        /// The chunk.
+        chunk: ChunkHash,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why the driver loads a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadPurpose {
+    /// To answer a peer's request.
+    Peer {
+        /// The peer.
+        to: SiteId,
+        /// Its request id.
+        request: u64,
+    },
+    /// For a local read.
+    Read {
+        /// The read.
+        id: RequestId,
+        /// The chunk's index in the version.
+        index: usize,
+    },
+}
+
+/// An effect for the driver to carry out.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Send a message to a peer.
+    Send {
+        /// The peer.
+        to: SiteId,
+        /// The message.
+        message: Message,
+    },
+    /// Make durable, in this order: chunk files (synced), then in one transaction the chunk
+    /// index, the versions now held and the namespace change.
+    Store {
+        /// Chunks to write (each verified against its hash by the site).
+        chunks: Vec<(ChunkHash, Vec<u8>)>,
+        /// Chunks already written to index.
+        index: Vec<ChunkRef>,
+        /// Versions now held in full.
+        versions: Vec<Manifest>,
+        /// An incremental namespace save (may be empty).
+        namespace: Vec<u8>,
+    },
+    /// Read a chunk from the store and hand it to [`Site::handle_chunk_loaded`].
+    LoadChunk {
+        /// The chunk.
+        hash: ChunkHash,
+        /// What for.
+        purpose: LoadPurpose,
+    },
+    /// The answer to a local request.
+    Reply {
+        /// The request.
+        id: RequestId,
+        /// The answer.
+        reply: Result<Reply, SiteError>,
+    },
+    /// Bytes of a read, in order.
+    ReadData {
+        /// The read.
+        id: RequestId,
+        /// Offset of `data` in the file.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A read is over.
+    ReadDone {
+        /// The read.
+        id: RequestId,
+        /// Whether it delivered every byte.
+        result: Result<(), SiteError>,
+    },
+    /// Drop the connection to a peer that misbehaved.
+    Disconnect {
+        /// The peer.
+        peer: SiteId,
+        /// What it did.
+        reason: String,
+    },
+}
+
+struct Read {
+    path: String,
+    content: ContentId,
+    range: Range<u64>,
+    manifest: Option<Manifest>,
+    asked_at_ms: u64,
+    /// Next chunk index to deliver.
+    next: usize,
+    /// Next chunk index to load or fetch.
+    requested: usize,
+    /// One past the last chunk index to deliver.
+    end: usize,
+    /// Chunks arrived ahead of `next`.
+    ready: BTreeMap<usize, Vec<u8>>,
+}
+
+struct Fetch {
+    request: u64,
+    from: SiteId,
+    content: ContentId,
+    len: u32,
+    priority: Priority,
+    tried: BTreeSet<SiteId>,
+    sent_ms: u64,
+    waiters: Vec<(RequestId, usize)>,
+}
+
+struct Peer {
+    session: SyncSession,
+}
+
+/// One site.
+pub struct Site {
+    config: SiteConfig,
+    ns: Namespace,
+    clock: HlcClock,
+    now_ms: u64,
+    peers: BTreeMap<SiteId, Peer>,
+    /// Versions held in full, with their manifests.
+    held: HashMap<ContentId, Manifest>,
+    /// Manifests learned from peers for versions not held.
+    manifests: HashMap<ContentId, Manifest>,
+    chunks: HashSet<ChunkHash>,
+    holders: HashMap<ContentId, BTreeSet<SiteId>>,
+    reads: BTreeMap<RequestId, Read>,
+    fetches: BTreeMap<ChunkHash, Fetch>,
+    next_request: u64,
+    last_sync_ms: u64,
+    pushed_heads: Vec<crdt_namespace::ChangeHash>,
+    outputs: VecDeque<Output>,
+}
+
+impl Site {
+    /// A site with the namespace, versions and chunks its store holds.
+    pub fn new(
+        config: SiteConfig,
+        mut ns: Namespace,
+        versions: Vec<Manifest>,
+        chunks: HashSet<ChunkHash>,
+    ) -> Site {
+        let mut clock = HlcClock::new();
+        clock.observe(ns.last_hlc());
+        let pushed_heads = ns.heads();
+        Site {
+            config,
+            ns,
+            clock,
+            now_ms: 0,
+            peers: BTreeMap::new(),
+            held: versions.into_iter().map(|m| (m.content_id(), m)).collect(),
+            manifests: HashMap::new(),
+            chunks,
+            holders: HashMap::new(),
+            reads: BTreeMap::new(),
+            fetches: BTreeMap::new(),
+            next_request: 1,
+            last_sync_ms: 0,
+            pushed_heads,
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// The site's namespace replica, for reads that need no request.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// The site's namespace replica, mutably: for drivers that save or compact it.
+    pub fn namespace_mut(&mut self) -> &mut Namespace {
+        &mut self.ns
+    }
+
+    /// Whether every chunk of version `content` is held here.
+    pub fn holds(&self, content: &ContentId) -> bool {
+        self.held.contains_key(content)
+    }
+
+    /// The next effect to carry out.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    fn emit(&mut self, output: Output) {
+        self.outputs.push_back(output);
+    }
+
+    fn reply(&mut self, id: RequestId, reply: Result<Reply, SiteError>) {
+        self.emit(Output::Reply { id, reply });
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Local requests
+
+    /// A request from a local client.
+    pub fn handle_local(&mut self, now_ms: u64, id: RequestId, request: Request) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let hlc = self.clock.tick(now_ms);
+        let changed: Result<Option<Manifest>, OpError> = match request {
+            Request::Mkdir { path, parents, mode } => {
+                self.ns.mkdir(&path, parents, mode, now_ms as i64 * 1_000_000, hlc).map(|()| None)
+            }
+            Request::CommitVersion { path, manifest, mode, mtime_ns } => {
+                let version = crdt_namespace::NewVersion {
+                    content: manifest.content_id(),
+                    size: manifest.size,
+                    mode,
+                    mtime_ns,
+                };
+                self.ns.write_file(&path, version, hlc).map(|()| Some(manifest))
+            }
+            Request::Rename { from, to } => self.ns.rename(&from, &to, hlc).map(|()| None),
+            Request::Remove { path, recursive } => self.ns.remove(&path, recursive, hlc).map(|()| None),
+            Request::SetTag { path, key, value } => self.ns.set_tag(&path, &key, &value, hlc).map(|()| None),
+            Request::UnsetTag { path, key } => self.ns.unset_tag(&path, &key, hlc).map(|()| None),
+            Request::Stat { path } => return self.answer(id, self.ns.stat(&path).map(Reply::Stat)),
+            Request::List { path } => return self.answer(id, self.ns.list(&path).map(Reply::List)),
+            Request::Tags { path } => return self.answer(id, self.ns.effective_tags(&path).map(Reply::Tags)),
+            Request::Find { query } => return self.reply(id, Ok(Reply::Found(self.ns.find(&query)))),
+            Request::Status => {
+                let status = self.status();
+                return self.reply(id, Ok(Reply::Status(status)));
+            }
+            Request::Read { path, range } => return self.start_read(id, path, range),
+        };
+        match changed {
+            Err(e) => self.reply(id, Err(e.into())),
+            Ok(version) => {
+                let mut versions = Vec::new();
+                let mut index = Vec::new();
+                if let Some(manifest) = version {
+                    self.chunks.extend(manifest.chunks.iter().map(|c| c.hash));
+                    index.extend(manifest.chunks.iter().copied());
+                    self.held.insert(manifest.content_id(), manifest.clone());
+                    versions.push(manifest);
+                }
+                self.ns.commit();
+                let namespace = self.ns.save_incremental();
+                self.emit(Output::Store { chunks: Vec::new(), index, versions, namespace });
+                self.push_changes();
+                self.reply(id, Ok(Reply::Done));
+            }
+        }
+    }
+
+    fn answer<T>(&mut self, id: RequestId, result: Result<Reply, T>)
+    where
+        SiteError: From<T>,
+    {
+        self.reply(id, result.map_err(SiteError::from));
+    }
+
+    /// The state of the site.
+    pub fn status(&self) -> Status {
+        Status {
+            site: self.config.site.to_string(),
+            peers: self.peers.keys().map(|p| p.to_string()).collect(),
+            entries: self.ns.len(),
+            versions_held: self.held.len(),
+            chunks_held: self.chunks.len(),
+            reads: self.reads.len(),
+            fetches: self.fetches.len(),
+        }
+    }
+
+    /// Sends the namespace changes made since the last push to every connected peer.
+    fn push_changes(&mut self) {
+        let changes = self.ns.export_since(&self.pushed_heads);
+        self.pushed_heads = self.ns.heads();
+        let peers: Vec<SiteId> = self.peers.keys().cloned().collect();
+        for to in peers {
+            self.emit(Output::Send { to, message: Message::Push { changes: changes.clone() } });
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Reads
+
+    fn start_read(&mut self, id: RequestId, path: String, range: Option<Range<u64>>) {
+        let stat = match self.ns.stat(&path) {
+            Ok(stat) => stat,
+            Err(e) => return self.reply(id, Err(e.into())),
+        };
+        let Some(version) = stat.version.filter(|_| stat.kind == EntryKind::File) else {
+            return self.reply(id, Err(SiteError::NotAFile { path }));
+        };
+        let size = version.size;
+        let range = range.map_or(0..size, |r| r.start.min(size)..r.end.min(size).max(r.start.min(size)));
+        self.reply(id, Ok(Reply::ReadStarted { size, range: range.clone() }));
+        if range.is_empty() {
+            return self.emit(Output::ReadDone { id, result: Ok(()) });
+        }
+        let manifest =
+            self.held.get(&version.content).or_else(|| self.manifests.get(&version.content)).cloned();
+        let read = Read {
+            path,
+            content: version.content,
+            range,
+            manifest: None,
+            asked_at_ms: self.now_ms,
+            next: 0,
+            requested: 0,
+            end: 0,
+            ready: BTreeMap::new(),
+        };
+        self.reads.insert(id, read);
+        match manifest {
+            Some(m) => self.set_manifest(id, m),
+            None => self.ask_who_has(version.content),
+        }
+    }
+
+    fn ask_who_has(&mut self, content: ContentId) {
+        let peers: Vec<SiteId> = self.peers.keys().cloned().collect();
+        for to in peers {
+            self.emit(Output::Send { to, message: Message::WhoHas { content } });
+        }
+    }
+
+    fn set_manifest(&mut self, id: RequestId, manifest: Manifest) {
+        let Some(read) = self.reads.get_mut(&id) else { return };
+        let chunks = manifest.chunks_covering(read.range.clone());
+        read.next = chunks.start;
+        read.requested = chunks.start;
+        read.end = chunks.end;
+        read.manifest = Some(manifest);
+        self.advance_read(id);
+    }
+
+    /// Starts loads and fetches for a read, within its window and the site's fetch bound.
+    fn advance_read(&mut self, id: RequestId) {
+        loop {
+            let Some(read) = self.reads.get(&id) else { return };
+            let Some(manifest) = &read.manifest else { return };
+            let index = read.requested;
+            if index >= read.end || index >= read.next + self.config.read_window_chunks {
+                return;
+            }
+            let chunk = manifest.chunks[index];
+            let content = read.content;
+            if self.chunks.contains(&chunk.hash) {
+                self.emit(Output::LoadChunk { hash: chunk.hash, purpose: LoadPurpose::Read { id, index } });
+            } else if let Some(fetch) = self.fetches.get_mut(&chunk.hash) {
+                // Concurrent readers of one chunk share one fetch.
+                fetch.waiters.push((id, index));
+            } else if self.fetches.len() < self.config.fetches_in_flight_max {
+                self.start_fetch(chunk, content, id, index);
+                if !self.reads.contains_key(&id) {
+                    return;
+                }
+            } else {
+                return;
+            }
+            self.reads.get_mut(&id).expect("the read exists").requested += 1;
+        }
+    }
+
+    fn start_fetch(&mut self, chunk: ChunkRef, content: ContentId, id: RequestId, index: usize) {
+        let fetch = Fetch {
+            request: 0,
+            from: self.config.site.clone(),
+            content,
+            len: chunk.len,
+            priority: Priority::Urgent,
+            tried: BTreeSet::new(),
+            sent_ms: self.now_ms,
+            waiters: vec![(id, index)],
+        };
+        self.fetches.insert(chunk.hash, fetch);
+        self.send_fetch(chunk.hash);
+    }
+
+    /// Sends (or re-sends) a fetch to a connected holder it has not tried; fails its readers if
+    /// there is none.
+    fn send_fetch(&mut self, hash: ChunkHash) {
+        let Some(fetch) = self.fetches.get(&hash) else { return };
+        let holder = self
+            .holders
+            .get(&fetch.content)
+            .into_iter()
+            .flatten()
+            .find(|h| self.peers.contains_key(*h) && !fetch.tried.contains(*h))
+            .cloned();
+        let Some(holder) = holder else {
+            let fetch = self.fetches.remove(&hash).expect("checked above");
+            for (id, _) in fetch.waiters {
+                if let Some(read) = self.reads.get(&id) {
+                    let error = SiteError::NoHolder { path: read.path.clone(), content: read.content };
+                    self.fail_read(id, error);
+                }
+            }
+            return;
+        };
+        let request = self.next_request;
+        self.next_request += 1;
+        let fetch = self.fetches.get_mut(&hash).expect("checked above");
+        fetch.request = request;
+        fetch.from = holder.clone();
+        fetch.tried.insert(holder.clone());
+        fetch.sent_ms = self.now_ms;
+        let priority = fetch.priority;
+        self.emit(Output::Send {
+            to: holder,
+            message: Message::GetChunk { request, chunk: hash.0, priority },
+        });
+    }
+
+    fn fail_read(&mut self, id: RequestId, error: SiteError) {
+        if self.reads.remove(&id).is_some() {
+            self.emit(Output::ReadDone { id, result: Err(error) });
+        }
+    }
+
+    /// Hands a chunk to a read and delivers what is now in order.
+    fn deliver(&mut self, id: RequestId, index: usize, data: Vec<u8>) {
+        let Some(read) = self.reads.get_mut(&id) else { return };
+        read.ready.insert(index, data);
+        let manifest = read.manifest.as_ref().expect("chunks arrive only for planned reads");
+        while let Some(data) = read.ready.remove(&read.next) {
+            let span = manifest.chunk_range(read.next);
+            let start = read.range.start.max(span.start);
+            let end = read.range.end.min(span.end);
+            let slice = data[(start - span.start) as usize..(end - span.start) as usize].to_vec();
+            read.next += 1;
+            self.outputs.push_back(Output::ReadData { id, offset: start, data: slice });
+        }
+        if read.next >= read.end {
+            let content = read.content;
+            let manifest = read.manifest.clone().expect("planned");
+            self.reads.remove(&id);
+            self.emit(Output::ReadDone { id, result: Ok(()) });
+            self.note_if_held(content, manifest);
+        } else {
+            self.advance_read(id);
+        }
+    }
+
+    /// Records a version as held once every chunk of it is here.
+    fn note_if_held(&mut self, content: ContentId, manifest: Manifest) {
+        if !self.held.contains_key(&content) && manifest.chunks.iter().all(|c| self.chunks.contains(&c.hash))
+        {
+            self.held.insert(content, manifest.clone());
+            self.manifests.remove(&content);
+            self.emit(Output::Store {
+                chunks: Vec::new(),
+                index: Vec::new(),
+                versions: vec![manifest],
+                namespace: Vec::new(),
+            });
+        }
+    }
+
+    /// The result of an [`Output::LoadChunk`].
+    pub fn handle_chunk_loaded(
+        &mut self,
+        hash: ChunkHash,
+        purpose: LoadPurpose,
+        loaded: Result<Vec<u8>, String>,
+    ) {
+        match (purpose, loaded) {
+            (LoadPurpose::Peer { to, request }, Ok(data)) => {
+                self.emit(Output::Send { to, message: Message::Chunk { request, chunk: hash.0, data } })
+            }
+            (LoadPurpose::Peer { to, request }, Err(_)) => {
+                self.forget_chunk(hash);
+                self.emit(Output::Send { to, message: Message::NoChunk { request, chunk: hash.0 } });
+            }
+            (LoadPurpose::Read { id, index }, Ok(data)) => self.deliver(id, index, data),
+            (LoadPurpose::Read { id, index }, Err(reason)) => {
+                // The local copy is gone or corrupt: forget it and fetch the chunk from a peer.
+                self.forget_chunk(hash);
+                let Some(read) = self.reads.get(&id) else { return };
+                let (content, path) = (read.content, read.path.clone());
+                let chunk = read.manifest.as_ref().expect("planned").chunks[index];
+                if self.fetches.contains_key(&hash) {
+                    self.fetches.get_mut(&hash).expect("checked").waiters.push((id, index));
+                } else if self.peers.is_empty() {
+                    self.fail_read(id, SiteError::Chunk { path, chunk: hash, reason });
+                } else {
+                    if !self.holders.contains_key(&content) {
+                        self.ask_who_has(content);
+                    }
+                    self.start_fetch(chunk, content, id, index);
+                }
+            }
+        }
+    }
+
+    fn forget_chunk(&mut self, hash: ChunkHash) {
+        self.chunks.remove(&hash);
+        self.held.retain(|_, m| m.chunks.iter().all(|c| c.hash != hash));
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Peers
+
+    /// A connection to `peer` is up: start a sync session and ask about pending reads.
+    pub fn handle_peer_up(&mut self, now_ms: u64, peer: SiteId) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.peers.insert(peer.clone(), Peer { session: SyncSession::new() });
+        self.sync_with(&peer);
+        let pending: BTreeSet<ContentId> =
+            self.reads.values().filter(|r| r.manifest.is_none()).map(|r| r.content).collect();
+        for content in pending {
+            self.emit(Output::Send { to: peer.clone(), message: Message::WhoHas { content } });
+        }
+    }
+
+    /// The connection to `peer` is gone: its fetches go to other holders.
+    pub fn handle_peer_down(&mut self, now_ms: u64, peer: &SiteId) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.peers.remove(peer);
+        let orphaned: Vec<ChunkHash> =
+            self.fetches.iter().filter(|(_, f)| &f.from == peer).map(|(h, _)| *h).collect();
+        for hash in orphaned {
+            self.send_fetch(hash);
+        }
+    }
+
+    fn sync_with(&mut self, peer: &SiteId) {
+        let Some(state) = self.peers.get_mut(peer) else { return };
+        if let Some(payload) = self.ns.generate_sync_message(&mut state.session) {
+            self.emit(Output::Send { to: peer.clone(), message: Message::Sync { payload } });
+        }
+    }
+
+    fn disconnect(&mut self, peer: &SiteId, reason: String) {
+        self.emit(Output::Disconnect { peer: peer.clone(), reason });
+        self.handle_peer_down(self.now_ms, peer);
+    }
+
+    fn store_namespace(&mut self) {
+        let namespace = self.ns.save_incremental();
+        self.clock.observe(self.ns.last_hlc());
+        self.emit(Output::Store { chunks: Vec::new(), index: Vec::new(), versions: Vec::new(), namespace });
+    }
+
+    /// A message from a connected peer.
+    pub fn handle_message(&mut self, now_ms: u64, from: &SiteId, message: Message) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.peers.contains_key(from) {
+            return;
+        }
+        match message {
+            Message::Sync { payload } => {
+                let state = self.peers.get_mut(from).expect("checked above");
+                match self.ns.receive_sync_message(&mut state.session, &payload) {
+                    Ok(report) => {
+                        if report.ops > 0 {
+                            self.store_namespace();
+                        }
+                        self.sync_with(from);
+                    }
+                    Err(e) => self.disconnect(from, format!("bad sync message: {e}")),
+                }
+            }
+            Message::Push { changes } => match self.ns.import(&changes) {
+                Ok(report) => {
+                    if report.ops > 0 {
+                        self.store_namespace();
+                    }
+                }
+                Err(e) => self.disconnect(from, format!("bad push: {e}")),
+            },
+            Message::WhoHas { content } => {
+                let manifest = self.held.get(&content).map(Manifest::encode);
+                self.emit(Output::Send { to: from.clone(), message: Message::Holds { content, manifest } });
+            }
+            Message::Holds { content, manifest: None } => {
+                if let Some(holders) = self.holders.get_mut(&content) {
+                    holders.remove(from);
+                }
+            }
+            Message::Holds { content, manifest: Some(bytes) } => {
+                let manifest = match Manifest::decode(&bytes) {
+                    Ok(m) if m.content_id() == content => m,
+                    Ok(_) => {
+                        return self.disconnect(from, format!("manifest does not match version {content}"));
+                    }
+                    Err(e) => return self.disconnect(from, format!("bad manifest: {e}")),
+                };
+                self.holders.entry(content).or_default().insert(from.clone());
+                if !self.held.contains_key(&content) {
+                    self.manifests.insert(content, manifest.clone());
+                }
+                let waiting: Vec<RequestId> = self
+                    .reads
+                    .iter()
+                    .filter(|(_, r)| r.content == content && r.manifest.is_none())
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiting {
+                    self.set_manifest(id, manifest.clone());
+                }
+            }
+            Message::GetChunk { request, chunk, .. } => {
+                let hash = ChunkHash(chunk);
+                if self.chunks.contains(&hash) {
+                    self.emit(Output::LoadChunk {
+                        hash,
+                        purpose: LoadPurpose::Peer { to: from.clone(), request },
+                    });
+                } else {
+                    self.emit(Output::Send {
+                        to: from.clone(),
+                        message: Message::NoChunk { request, chunk },
+                    });
+                }
+            }
+            Message::Chunk { request, chunk, data } => {
+                self.receive_chunk(from, request, ChunkHash(chunk), data)
+            }
+            Message::NoChunk { request, chunk } => {
+                let hash = ChunkHash(chunk);
+                if self.fetches.get(&hash).is_some_and(|f| f.request == request && &f.from == from) {
+                    let content = self.fetches[&hash].content;
+                    if let Some(holders) = self.holders.get_mut(&content) {
+                        holders.remove(from);
+                    }
+                    self.send_fetch(hash);
+                }
+            }
+        }
+    }
+
+    fn receive_chunk(&mut self, from: &SiteId, request: u64, hash: ChunkHash, data: Vec<u8>) {
+        let Some(fetch) = self.fetches.get(&hash) else { return };
+        if fetch.request != request || &fetch.from != from {
+            return;
+        }
+        if ChunkHash::of(&data) != hash || data.len() != fetch.len as usize {
+            // A peer that sends content whose hash does not match is disconnected; its data is
+            // dropped and the chunk is asked of another holder.
+            return self.disconnect(from, format!("chunk {hash} does not match its hash"));
+        }
+        let fetch = self.fetches.remove(&hash).expect("checked above");
+        self.chunks.insert(hash);
+        self.emit(Output::Store {
+            chunks: vec![(hash, data.clone())],
+            index: Vec::new(),
+            versions: Vec::new(),
+            namespace: Vec::new(),
+        });
+        for (id, index) in fetch.waiters {
+            self.deliver(id, index, data.clone());
+        }
+        let waiting: Vec<RequestId> = self.reads.keys().copied().collect();
+        for id in waiting {
+            self.advance_read(id);
+        }
+    }
+
+    /// Time passes: re-send late fetches, fail reads nobody can serve, run anti-entropy.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let late: Vec<ChunkHash> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| now_ms.saturating_sub(f.sent_ms) >= self.config.fetch_timeout_ms)
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in late {
+            self.send_fetch(hash);
+        }
+        let unanswered: Vec<(RequestId, SiteError)> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| {
+                r.manifest.is_none() && now_ms.saturating_sub(r.asked_at_ms) >= self.config.who_has_timeout_ms
+            })
+            .map(|(id, r)| (*id, SiteError::NoHolder { path: r.path.clone(), content: r.content }))
+            .collect();
+        for (id, error) in unanswered {
+            self.fail_read(id, error);
+        }
+        if now_ms.saturating_sub(self.last_sync_ms) >= self.config.sync_interval_ms {
+            self.last_sync_ms = now_ms;
+            let peers: Vec<SiteId> = self.peers.keys().cloned().collect();
+            for peer in peers {
+                self.sync_with(&peer);
+            }
+        }
+    }
+}

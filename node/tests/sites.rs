@@ -1,0 +1,441 @@
+//! Several `Site` cores wired in memory, messages passed by the test: propagation, lazy
+//! chunk-by-chunk pulls, range-first reads, delta transfer, collisions, holders that vanish, and
+//! peers that lie.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use crdt_namespace::{EntryKind, Namespace, SiteId};
+use node::content::{ChunkHash, ChunkerConfig, Manifest};
+use node::core::{Output, Reply, Request, Site, SiteConfig};
+use transport::proto::Message;
+
+const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct ReadResult {
+    /// Offset the next bytes must start at.
+    next: u64,
+    data: Vec<u8>,
+    done: Option<Result<(), String>>,
+}
+
+struct Mesh {
+    names: Vec<SiteId>,
+    sites: Vec<Site>,
+    stores: Vec<HashMap<ChunkHash, Vec<u8>>>,
+    inbox: VecDeque<(usize, usize, Vec<u8>)>,
+    now: u64,
+    next_id: u64,
+    replies: HashMap<u64, Result<Reply, String>>,
+    reads: HashMap<u64, ReadResult>,
+    /// Links that drop everything, both ways.
+    cut: HashSet<(usize, usize)>,
+    /// Every message sent, decoded, with its sender and receiver.
+    log: Vec<(usize, usize, Message)>,
+    disconnects: Vec<(usize, SiteId, String)>,
+    /// If set, chunks this site sends are corrupted.
+    liar: Option<usize>,
+}
+
+impl Mesh {
+    fn new(names: &[&str]) -> Mesh {
+        let names: Vec<SiteId> = names.iter().map(|n| SiteId::new(n).unwrap()).collect();
+        let sites = names
+            .iter()
+            .map(|n| {
+                Site::new(SiteConfig::new(n.clone()), Namespace::new(n.clone()), Vec::new(), HashSet::new())
+            })
+            .collect();
+        let mut mesh = Mesh {
+            stores: vec![HashMap::new(); names.len()],
+            names,
+            sites,
+            inbox: VecDeque::new(),
+            now: 1_700_000_000_000,
+            next_id: 1,
+            replies: HashMap::new(),
+            reads: HashMap::new(),
+            cut: HashSet::new(),
+            log: Vec::new(),
+            disconnects: Vec::new(),
+            liar: None,
+        };
+        for a in 0..mesh.names.len() {
+            for b in 0..mesh.names.len() {
+                if a != b {
+                    let peer = mesh.names[b].clone();
+                    mesh.sites[a].handle_peer_up(mesh.now, peer);
+                }
+            }
+        }
+        mesh.run();
+        mesh
+    }
+
+    fn index(&self, name: &SiteId) -> usize {
+        self.names.iter().position(|n| n == name).unwrap()
+    }
+
+    fn request(&mut self, at: usize, request: Request) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.now += 1;
+        self.sites[at].handle_local(self.now, id, request);
+        self.run();
+        id
+    }
+
+    fn ok(&mut self, at: usize, request: Request) -> Reply {
+        let id = self.request(at, request);
+        self.replies.remove(&id).unwrap().unwrap()
+    }
+
+    /// Stores the chunks of `data` at `at` (as the put path would) and commits the version.
+    fn put(&mut self, at: usize, path: &str, data: &[u8]) -> Manifest {
+        let manifest = Manifest::of_bytes(data, CHUNKS);
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            let r = manifest.chunk_range(i);
+            self.stores[at].insert(c.hash, data[r.start as usize..r.end as usize].to_vec());
+        }
+        let request = Request::CommitVersion {
+            path: path.into(),
+            manifest: manifest.clone(),
+            mode: 0o644,
+            mtime_ns: 0,
+        };
+        assert_eq!(self.ok(at, request), Reply::Done);
+        manifest
+    }
+
+    fn read(
+        &mut self,
+        at: usize,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Vec<u8>, String> {
+        let id = self.request(at, Request::Read { path: path.into(), range });
+        self.replies.remove(&id).unwrap()?;
+        let result = self.reads.remove(&id).unwrap_or_default();
+        result.done.expect("the read finished")?;
+        Ok(result.data)
+    }
+
+    fn send(&mut self, from: usize, to: usize, message: Message) {
+        self.log.push((from, to, message.clone()));
+        if self.cut.contains(&(from, to)) || self.cut.contains(&(to, from)) {
+            return;
+        }
+        let message = match (self.liar, message) {
+            (Some(liar), Message::Chunk { request, chunk, mut data }) if liar == from => {
+                data[0] ^= 1;
+                Message::Chunk { request, chunk, data }
+            }
+            (_, m) => m,
+        };
+        self.inbox.push_back((from, to, message.encode()));
+    }
+
+    /// Carries out outputs and delivers messages until nothing moves.
+    fn run(&mut self) {
+        for _round in 0..100_000 {
+            let mut moved = false;
+            for s in 0..self.sites.len() {
+                while let Some(output) = self.sites[s].poll_output() {
+                    moved = true;
+                    self.execute(s, output);
+                }
+            }
+            if let Some((from, to, bytes)) = self.inbox.pop_front() {
+                moved = true;
+                let message = Message::decode(&bytes).unwrap();
+                let from_name = self.names[from].clone();
+                self.now += 1;
+                self.sites[to].handle_message(self.now, &from_name, message);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the mesh did not settle");
+    }
+
+    fn execute(&mut self, s: usize, output: Output) {
+        match output {
+            Output::Send { to, message } => {
+                let to = self.index(&to);
+                self.send(s, to, message);
+            }
+            Output::Store { chunks, .. } => {
+                for (hash, data) in chunks {
+                    assert_eq!(ChunkHash::of(&data), hash, "a site stored an unverified chunk");
+                    self.stores[s].insert(hash, data);
+                }
+            }
+            Output::LoadChunk { hash, purpose } => {
+                let loaded = self.stores[s].get(&hash).cloned().ok_or_else(|| "missing".to_string());
+                self.sites[s].handle_chunk_loaded(hash, purpose, loaded);
+            }
+            Output::Reply { id, reply } => {
+                if let Ok(Reply::ReadStarted { range, .. }) = &reply {
+                    self.reads.entry(id).or_default().next = range.start;
+                }
+                self.replies.insert(id, reply.map_err(|e| e.to_string()));
+            }
+            Output::ReadData { id, offset, data } => {
+                let read = self.reads.get_mut(&id).expect("data follows the start of a read");
+                assert_eq!(offset, read.next, "read data arrives in order");
+                read.next += data.len() as u64;
+                read.data.extend_from_slice(&data);
+            }
+            Output::ReadDone { id, result } => {
+                self.reads.entry(id).or_default().done = Some(result.map_err(|e| e.to_string()));
+            }
+            Output::Disconnect { peer, reason } => {
+                let p = self.index(&peer);
+                self.disconnects.push((s, peer, reason));
+                let me = self.names[s].clone();
+                self.now += 1;
+                self.sites[p].handle_peer_down(self.now, &me);
+            }
+        }
+    }
+
+    /// Chunk requests sent by `site` since log position `since`.
+    fn chunk_requests(&self, site: usize, since: usize) -> Vec<(usize, ChunkHash)> {
+        self.log[since..]
+            .iter()
+            .filter_map(|(from, to, m)| match m {
+                Message::GetChunk { chunk, .. } if *from == site => Some((*to, ChunkHash(*chunk))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Chunk bytes that crossed the network since log position `since`.
+    fn chunk_bytes(&self, since: usize) -> usize {
+        self.log[since..]
+            .iter()
+            .map(|(_, _, m)| match m {
+                Message::Chunk { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn dump(&self, s: usize) -> Vec<String> {
+        self.sites[s]
+            .namespace()
+            .walk("/")
+            .unwrap()
+            .into_iter()
+            .map(|e| format!("{:?} {} {:?}", e.stat.kind, e.path, e.stat.version.map(|v| v.content)))
+            .collect()
+    }
+}
+
+#[test]
+fn a_file_put_at_one_site_is_listed_and_readable_at_the_others_pulled_chunk_by_chunk() {
+    let mut mesh = Mesh::new(&["west", "east", "north"]);
+    mesh.ok(0, Request::Mkdir { path: "/shots".into(), parents: true, mode: 0o755 });
+    let data = random_bytes(300_000, 1);
+    let manifest = mesh.put(0, "/shots/a.bin", &data);
+    assert!(manifest.chunks.len() > 20);
+    for s in 1..3 {
+        let Reply::List(entries) = mesh.ok(s, Request::List { path: "/shots".into() }) else { panic!() };
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            (entries[0].name.as_str(), entries[0].stat.kind, entries[0].stat.size),
+            ("a.bin", EntryKind::File, 300_000)
+        );
+        // Nothing moved yet: the bytes stay where they were written.
+        assert!(mesh.stores[s].is_empty());
+    }
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/shots/a.bin", None).unwrap(), data);
+    let requests = mesh.chunk_requests(1, since);
+    assert_eq!(requests.len(), manifest.chunks.len(), "one request per chunk");
+    assert!(requests.iter().all(|(to, _)| *to == 0));
+    assert!(mesh.sites[1].holds(&manifest.content_id()));
+    // A second read is served locally.
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/shots/a.bin", Some(1000..2000)).unwrap(), &data[1000..2000]);
+    assert!(mesh.chunk_requests(1, since).is_empty());
+}
+
+#[test]
+fn a_range_read_fetches_the_covering_chunks_first_and_only_those() {
+    let mut mesh = Mesh::new(&["west", "east"]);
+    let data = random_bytes(2_000_000, 2);
+    let manifest = mesh.put(0, "/big.bin", &data);
+    let range = 1_000_000..1_050_000;
+    let covering = manifest.chunks_covering(range.clone());
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/big.bin", Some(range.clone())).unwrap(), &data[1_000_000..1_050_000]);
+    let requested: Vec<ChunkHash> = mesh.chunk_requests(1, since).into_iter().map(|(_, h)| h).collect();
+    let expected: Vec<ChunkHash> = manifest.chunks[covering].iter().map(|c| c.hash).collect();
+    assert_eq!(requested, expected, "exactly the covering chunks, in file order");
+    assert!(!mesh.sites[1].holds(&manifest.content_id()));
+}
+
+#[test]
+fn editing_inside_a_large_file_moves_only_the_changed_chunks() {
+    let mut mesh = Mesh::new(&["west", "east"]);
+    let mut data = random_bytes(4_000_000, 3);
+    mesh.put(0, "/clip.mov", &data);
+    assert_eq!(mesh.read(1, "/clip.mov", None).unwrap(), data);
+    data[2_000_000..2_065_536].copy_from_slice(&random_bytes(65_536, 4));
+    mesh.put(0, "/clip.mov", &data);
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/clip.mov", None).unwrap(), data);
+    let moved = mesh.chunk_bytes(since);
+    assert!(moved > 0 && moved < 65_536 + 4 * 16_384, "{moved} bytes moved for a 64 KiB edit of 4 MB");
+}
+
+#[test]
+fn a_collision_made_at_two_sites_during_a_partition_resolves_identically() {
+    let mut mesh = Mesh::new(&["west", "east"]);
+    mesh.ok(0, Request::Mkdir { path: "/shots".into(), parents: false, mode: 0o755 });
+    mesh.cut.insert((0, 1));
+    mesh.put(0, "/shots/shot010.clip", b"west version");
+    mesh.put(1, "/shots/shot010.clip", b"east version");
+    mesh.ok(1, Request::Mkdir { path: "/shots/sq".into(), parents: false, mode: 0o755 });
+    mesh.put(0, "/shots/sq", b"a file where east made a directory");
+    assert_ne!(mesh.dump(0), mesh.dump(1));
+    mesh.cut.clear();
+    // Anti-entropy after the partition heals.
+    mesh.now += 60_000;
+    for s in 0..2 {
+        mesh.sites[s].handle_timeout(mesh.now);
+    }
+    mesh.run();
+    assert_eq!(mesh.dump(0), mesh.dump(1));
+    let names: Vec<String> = match mesh.ok(1, Request::List { path: "/shots".into() }) {
+        Reply::List(entries) => entries.into_iter().map(|e| e.name).collect(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.contains(&"shot010.clip".to_string()) && names.contains(&"sq".to_string()));
+    assert!(names.iter().filter(|n| n.contains(".conflict-")).count() == 2, "{names:?}");
+    // Both versions are readable at both sites.
+    for s in 0..2 {
+        let mut contents: Vec<Vec<u8>> = names
+            .iter()
+            .filter(|n| n.starts_with("shot010"))
+            .map(|n| mesh.read(s, &format!("/shots/{n}"), None).unwrap())
+            .collect();
+        contents.sort();
+        assert_eq!(contents, vec![b"east version".to_vec(), b"west version".to_vec()]);
+    }
+}
+
+#[test]
+fn a_read_continues_from_another_holder_when_one_disappears() {
+    // "a" is asked first (holders are tried in site order), and vanishes mid-read.
+    let mut mesh = Mesh::new(&["a", "b", "reader"]);
+    let data = random_bytes(500_000, 5);
+    let manifest = mesh.put(0, "/f", &data);
+    assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
+    assert!(mesh.sites[1].holds(&manifest.content_id()));
+    // Drop a's link after a few chunks: deliver until 3 chunks came from a, then cut it.
+    let id = mesh.next_id;
+    mesh.next_id += 1;
+    mesh.sites[2].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
+    let since = mesh.log.len();
+    for _ in 0..10_000 {
+        let from_a = mesh.log[since..]
+            .iter()
+            .filter(|(f, t, m)| *f == 0 && *t == 2 && matches!(m, Message::Chunk { .. }))
+            .count();
+        if from_a >= 3 {
+            break;
+        }
+        for s in 0..3 {
+            while let Some(o) = mesh.sites[s].poll_output() {
+                mesh.execute(s, o);
+            }
+        }
+        if let Some((from, to, bytes)) = mesh.inbox.pop_front() {
+            let name = mesh.names[from].clone();
+            mesh.sites[to].handle_message(mesh.now, &name, Message::decode(&bytes).unwrap());
+        }
+    }
+    mesh.cut.insert((0, 2));
+    mesh.inbox.retain(|(f, t, _)| !((*f == 0 && *t == 2) || (*f == 2 && *t == 0)));
+    let a = mesh.names[0].clone();
+    mesh.sites[2].handle_peer_down(mesh.now, &a);
+    mesh.run();
+    let result = mesh.reads.remove(&id).unwrap();
+    assert_eq!(result.done, Some(Ok(())));
+    assert_eq!(result.data, data);
+    let from_b = mesh.chunk_requests(2, since).iter().filter(|(to, _)| *to == 1).count();
+    assert!(from_b > 0, "the rest came from b");
+}
+
+#[test]
+fn a_peer_sending_a_chunk_that_does_not_match_its_hash_is_disconnected_and_the_read_goes_on() {
+    let mut mesh = Mesh::new(&["a", "b", "reader"]);
+    let data = random_bytes(100_000, 6);
+    mesh.put(0, "/f", &data);
+    assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
+    mesh.liar = Some(0);
+    assert_eq!(mesh.read(2, "/f", None).unwrap(), data, "served by b after a lied");
+    assert!(
+        mesh.disconnects.iter().any(|(s, p, r)| *s == 2 && p.as_str() == "a" && r.contains("does not match"))
+    );
+    assert!(mesh.stores[2].values().all(|d| mesh.stores[1].values().any(|e| e == d)), "no bad data stored");
+}
+
+#[test]
+fn a_read_of_a_version_no_reachable_site_holds_fails_clearly() {
+    let mut mesh = Mesh::new(&["west", "east"]);
+    mesh.put(0, "/f", b"only at west");
+    mesh.cut.insert((0, 1));
+    let id = mesh.request(1, Request::Read { path: "/f".into(), range: None });
+    mesh.replies.remove(&id).unwrap().unwrap();
+    mesh.now += 10_000;
+    mesh.sites[1].handle_timeout(mesh.now);
+    mesh.run();
+    let error = mesh.reads.remove(&id).unwrap().done.unwrap().unwrap_err();
+    assert!(error.starts_with("no reachable site holds /f"), "{error}");
+    let missing = mesh.request(1, Request::Read { path: "/nope".into(), range: None });
+    assert_eq!(mesh.replies.remove(&missing).unwrap().unwrap_err(), "no such file or directory: /nope");
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_share_one_fetch() {
+    let mut mesh = Mesh::new(&["west", "east"]);
+    let data = random_bytes(50_000, 7);
+    let manifest = mesh.put(0, "/f", &data);
+    let since = mesh.log.len();
+    let ids: Vec<u64> = (0..3)
+        .map(|_| {
+            let id = mesh.next_id;
+            mesh.next_id += 1;
+            mesh.sites[1].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
+            id
+        })
+        .collect();
+    mesh.run();
+    for id in ids {
+        assert_eq!(mesh.reads.remove(&id).unwrap().data, data);
+    }
+    let requests = mesh.chunk_requests(1, since);
+    let distinct: BTreeMap<ChunkHash, usize> = requests.iter().fold(BTreeMap::new(), |mut m, (_, h)| {
+        *m.entry(*h).or_default() += 1;
+        m
+    });
+    assert_eq!(distinct.len(), manifest.chunks.len());
+    assert!(distinct.values().all(|n| *n == 1), "each chunk fetched once");
+}

@@ -1,0 +1,311 @@
+//! The site-to-site protocol: messages and their binary encoding. Pure.
+//!
+//! Every message starts with the protocol version (u16, little-endian) and a tag byte. Every
+//! length is bounded by [`MESSAGE_MAX_BYTES`] and by the input: decoding hostile bytes returns an
+//! error, never panics, and never allocates more than the input's length.
+
+use crdt_namespace::ContentId;
+
+use crate::PROTOCOL_VERSION;
+
+/// Largest encoded message. A chunk is at most 16 MiB; a first sync of a large namespace sends
+/// the document in one message (about 18 MB per million entries), so the bound leaves room for
+/// tens of millions of entries.
+pub const MESSAGE_MAX_BYTES: usize = 512 << 20;
+
+/// Largest chunk carried by a [`Message::Chunk`].
+pub const CHUNK_MAX_BYTES: usize = 16 << 20;
+
+/// How urgent a chunk request is. Chunks covering the bytes a reader asked for come first.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Covers the byte range a reader is waiting for.
+    Urgent = 0,
+    /// The rest of a version being pulled.
+    Background = 1,
+}
+
+/// One message between sites.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A message of the namespace sync session between the two sites.
+    Sync {
+        /// Automerge sync protocol bytes.
+        payload: Vec<u8>,
+    },
+    /// Fresh namespace changes, pushed the moment they commit.
+    Push {
+        /// A namespace export (`Namespace::export_since`).
+        changes: Vec<u8>,
+    },
+    /// Which sites hold version `content`?
+    WhoHas {
+        /// The version's content id.
+        content: ContentId,
+    },
+    /// The answer to [`Message::WhoHas`].
+    Holds {
+        /// The version's content id.
+        content: ContentId,
+        /// The version's manifest if the sender holds every chunk of it; `None` if it does not.
+        manifest: Option<Vec<u8>>,
+    },
+    /// A request for one chunk.
+    GetChunk {
+        /// The requester's id for the request, echoed in the answer.
+        request: u64,
+        /// The chunk's BLAKE3 hash.
+        chunk: [u8; 32],
+        /// How urgent it is.
+        priority: Priority,
+    },
+    /// A chunk, in answer to [`Message::GetChunk`].
+    Chunk {
+        /// The request answered.
+        request: u64,
+        /// The chunk's hash, as requested (the receiver checks the bytes against it).
+        chunk: [u8; 32],
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The sender does not hold the chunk asked for.
+    NoChunk {
+        /// The request answered.
+        request: u64,
+        /// The chunk asked for.
+        chunk: [u8; 32],
+    },
+}
+
+/// Why bytes are not a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// The message is larger than [`MESSAGE_MAX_BYTES`].
+    #[error("message of {0} bytes is larger than the bound of {MESSAGE_MAX_BYTES}")]
+    TooLarge(usize),
+    /// The peer speaks another version of the protocol.
+    #[error("protocol version {0} is not supported (this site speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    /// The message is malformed.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+}
+
+const TAG_SYNC: u8 = 0;
+const TAG_PUSH: u8 = 1;
+const TAG_WHO_HAS: u8 = 2;
+const TAG_HOLDS: u8 = 3;
+const TAG_GET_CHUNK: u8 = 4;
+const TAG_CHUNK: u8 = 5;
+const TAG_NO_CHUNK: u8 = 6;
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn push_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    push_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+impl Message {
+    /// The binary encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = PROTOCOL_VERSION.to_le_bytes().to_vec();
+        match self {
+            Message::Sync { payload } => {
+                out.push(TAG_SYNC);
+                push_bytes(&mut out, payload);
+            }
+            Message::Push { changes } => {
+                out.push(TAG_PUSH);
+                push_bytes(&mut out, changes);
+            }
+            Message::WhoHas { content } => {
+                out.push(TAG_WHO_HAS);
+                out.extend_from_slice(&content.0);
+            }
+            Message::Holds { content, manifest } => {
+                out.push(TAG_HOLDS);
+                out.extend_from_slice(&content.0);
+                match manifest {
+                    None => out.push(0),
+                    Some(m) => {
+                        out.push(1);
+                        push_bytes(&mut out, m);
+                    }
+                }
+            }
+            Message::GetChunk { request, chunk, priority } => {
+                out.push(TAG_GET_CHUNK);
+                push_varint(&mut out, *request);
+                out.extend_from_slice(chunk);
+                out.push(*priority as u8);
+            }
+            Message::Chunk { request, chunk, data } => {
+                out.push(TAG_CHUNK);
+                push_varint(&mut out, *request);
+                out.extend_from_slice(chunk);
+                push_bytes(&mut out, data);
+            }
+            Message::NoChunk { request, chunk } => {
+                out.push(TAG_NO_CHUNK);
+                push_varint(&mut out, *request);
+                out.extend_from_slice(chunk);
+            }
+        }
+        out
+    }
+
+    /// Decodes a message, checking every bound.
+    pub fn decode(bytes: &[u8]) -> Result<Message, ProtoError> {
+        if bytes.len() > MESSAGE_MAX_BYTES {
+            return Err(ProtoError::TooLarge(bytes.len()));
+        }
+        let mut r = Reader(bytes);
+        let version = u16::from_le_bytes(r.array::<2>("version")?);
+        if version != PROTOCOL_VERSION {
+            return Err(ProtoError::Version(version));
+        }
+        let message = match r.u8("tag")? {
+            TAG_SYNC => Message::Sync { payload: r.bytes("sync payload", MESSAGE_MAX_BYTES)?.to_vec() },
+            TAG_PUSH => Message::Push { changes: r.bytes("push changes", MESSAGE_MAX_BYTES)?.to_vec() },
+            TAG_WHO_HAS => Message::WhoHas { content: ContentId(r.array("content id")?) },
+            TAG_HOLDS => {
+                let content = ContentId(r.array("content id")?);
+                let manifest = match r.u8("manifest flag")? {
+                    0 => None,
+                    1 => Some(r.bytes("manifest", MESSAGE_MAX_BYTES)?.to_vec()),
+                    _ => return Err(ProtoError::Malformed("manifest flag is neither 0 nor 1")),
+                };
+                Message::Holds { content, manifest }
+            }
+            TAG_GET_CHUNK => {
+                let request = r.varint("request id")?;
+                let chunk = r.array("chunk hash")?;
+                let priority = match r.u8("priority")? {
+                    0 => Priority::Urgent,
+                    1 => Priority::Background,
+                    _ => return Err(ProtoError::Malformed("unknown priority")),
+                };
+                Message::GetChunk { request, chunk, priority }
+            }
+            TAG_CHUNK => {
+                let request = r.varint("request id")?;
+                let chunk = r.array("chunk hash")?;
+                let data = r.bytes("chunk data", CHUNK_MAX_BYTES)?.to_vec();
+                Message::Chunk { request, chunk, data }
+            }
+            TAG_NO_CHUNK => {
+                Message::NoChunk { request: r.varint("request id")?, chunk: r.array("chunk hash")? }
+            }
+            _ => return Err(ProtoError::Malformed("unknown message tag")),
+        };
+        if !r.0.is_empty() {
+            return Err(ProtoError::Malformed("trailing bytes after the message"));
+        }
+        Ok(message)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
+        let (b, rest) = self.0.split_first().ok_or(ProtoError::Malformed(what))?;
+        self.0 = rest;
+        Ok(*b)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ProtoError> {
+        if self.0.len() < N {
+            return Err(ProtoError::Malformed(what));
+        }
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        Ok(head.try_into().expect("split at N"))
+    }
+
+    fn varint(&mut self, what: &'static str) -> Result<u64, ProtoError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8(what)?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(ProtoError::Malformed(what));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(ProtoError::Malformed(what))
+    }
+
+    fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], ProtoError> {
+        let len = self.varint(what)?;
+        if len > max as u64 || len > self.0.len() as u64 {
+            return Err(ProtoError::Malformed(what));
+        }
+        let (head, rest) = self.0.split_at(len as usize);
+        self.0 = rest;
+        Ok(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Sync { payload: vec![1, 2, 3] },
+            Message::Push { changes: vec![9; 300] },
+            Message::WhoHas { content: ContentId([4; 32]) },
+            Message::Holds { content: ContentId([5; 32]), manifest: None },
+            Message::Holds { content: ContentId([5; 32]), manifest: Some(vec![7; 40]) },
+            Message::GetChunk { request: 1 << 40, chunk: [6; 32], priority: Priority::Background },
+            Message::Chunk { request: 3, chunk: [6; 32], data: vec![0; 1000] },
+            Message::NoChunk { request: 3, chunk: [6; 32] },
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip_and_refuse_truncation() {
+        for m in samples() {
+            let bytes = m.encode();
+            assert_eq!(Message::decode(&bytes).unwrap(), m);
+            for cut in 0..bytes.len() {
+                assert!(Message::decode(&bytes[..cut]).is_err());
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(Message::decode(&longer).is_err());
+        }
+        let mut other_version = samples()[0].encode();
+        other_version[0] = 99;
+        assert_eq!(Message::decode(&other_version), Err(ProtoError::Version(99)));
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_bytes_never_panic(index in 0usize..8, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+            let mut bytes = samples()[index].encode();
+            for (at, v) in flips {
+                let at = at % bytes.len();
+                bytes[at] = v;
+            }
+            let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let _ = Message::decode(&bytes);
+        }
+    }
+}
