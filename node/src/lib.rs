@@ -6,11 +6,17 @@
 //!
 //! - [`core`]: the sans-IO [`core::Site`], the state machine that makes every decision.
 //!
-//! To come: the tokio runtime that drives the core, the local control API and the `meridian`
-//! command-line tool.
+//! - [`runtime`]: the daemon — opens the store, drives the core on its own thread, serves the
+//!   local control API ([`api`]) on a Unix socket. [`config`] is `meridian.toml`.
+//! - `src/main.rs`: the `meridian` binary, daemon and CLI.
+//!
+//! To come: the network binding (libp2p), so that sites meet.
 
+pub mod api;
+pub mod config;
 pub mod content;
 pub mod core;
+pub mod runtime;
 pub mod store;
 mod varint;
 

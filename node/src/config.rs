@@ -1,0 +1,166 @@
+//! The site's configuration file (`meridian.toml`) and the files next to it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use crdt_namespace::SiteId;
+use serde::{Deserialize, Serialize};
+
+use crate::content::ChunkerConfig;
+
+/// Name of the configuration file `meridian init` writes.
+pub const CONFIG_FILE: &str = "meridian.toml";
+
+/// FastCDC sizes, as written in the configuration.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Chunking {
+    /// Smallest chunk, in bytes.
+    pub min_bytes: u32,
+    /// Average chunk, in bytes.
+    pub avg_bytes: u32,
+    /// Largest chunk, in bytes.
+    pub max_bytes: u32,
+}
+
+impl Default for Chunking {
+    fn default() -> Chunking {
+        let c = ChunkerConfig::default();
+        Chunking { min_bytes: c.min_bytes, avg_bytes: c.avg_bytes, max_bytes: c.max_bytes }
+    }
+}
+
+/// `meridian.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This site's id.
+    pub site: String,
+    /// The region this site belongs to.
+    pub region: String,
+    /// Data directory, relative to the configuration file's directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The site's Ed25519 key (libp2p protobuf encoding), relative to the configuration file's
+    /// directory.
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
+    /// Content chunking.
+    #[serde(default)]
+    pub chunking: Chunking,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+fn default_key_file() -> PathBuf {
+    PathBuf::from("node.key")
+}
+
+/// A configuration with the directory it was read from.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// The configuration file.
+    pub path: PathBuf,
+    /// Its directory, against which relative paths resolve.
+    pub dir: PathBuf,
+}
+
+impl Config {
+    /// A configuration with defaults for `site` in `region`.
+    pub fn new(site: &str, region: &str) -> Config {
+        Config {
+            site: site.to_owned(),
+            region: region.to_owned(),
+            data_dir: default_data_dir(),
+            key_file: default_key_file(),
+            chunking: Chunking::default(),
+        }
+    }
+
+    /// Checks what serde cannot.
+    pub fn check(&self) -> anyhow::Result<()> {
+        SiteId::new(&self.site).map_err(anyhow::Error::msg)?;
+        check_region(&self.region)?;
+        self.chunker().check().map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
+
+    /// The site id.
+    pub fn site_id(&self) -> SiteId {
+        SiteId::new(&self.site).expect("checked when loaded")
+    }
+
+    /// The chunker configuration.
+    pub fn chunker(&self) -> ChunkerConfig {
+        let c = self.chunking;
+        ChunkerConfig { min_bytes: c.min_bytes, avg_bytes: c.avg_bytes, max_bytes: c.max_bytes }
+    }
+
+    /// Reads and checks the configuration at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Loaded> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let config: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        config.check().with_context(|| format!("checking config {}", path.display()))?;
+        let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        Ok(Loaded { config, path, dir })
+    }
+}
+
+/// Checks a region name: like a site id.
+pub fn check_region(region: &str) -> anyhow::Result<()> {
+    if SiteId::new(region).is_err() {
+        bail!("region {region:?} must be 1 to 32 ASCII letters, digits, `-` or `_`");
+    }
+    Ok(())
+}
+
+impl Loaded {
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(&self.config.data_dir)
+    }
+
+    /// The key file.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join(&self.config.key_file)
+    }
+
+    /// The control socket the daemon listens on, next to the configuration file.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_round_trip_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, toml::to_string(&Config::new("west", "eu")).unwrap()).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded.config, Config::new("west", "eu"));
+        assert_eq!(loaded.data_dir(), dir.path().join("data"));
+        std::fs::write(&path, "site = \"we st\"\nregion = \"eu\"\n").unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("may hold only ASCII letters"), "{err}");
+        std::fs::write(&path, "site = \"west\"\nregion = \"eu\"\ncolour = 1\n").unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        std::fs::write(
+            &path,
+            "site = \"west\"\nregion = \"eu\"\n[chunking]\nmin_bytes = 10\navg_bytes = 20\nmax_bytes = 30\n",
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err());
+    }
+}

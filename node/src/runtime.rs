@@ -1,0 +1,499 @@
+//! The daemon: opens the store, drives the [`Site`] core on its own thread, and serves the
+//! local control API on a Unix socket.
+//!
+//! The core runs on one thread that owns it and the database and executes its outputs in order
+//! (so a namespace change is durable before its reply). Connections are tokio tasks; the put
+//! path runs on blocking threads and writes chunks straight into the chunk store before asking
+//! the core to commit the version.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use crdt_namespace::{Glob, Namespace, Query, Stat, TagPredicate};
+use serde_json::{Value, json};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::api::{self, ApiRequest};
+use crate::config::Loaded;
+use crate::content::{ChunkRef, ChunkerConfig};
+use crate::core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
+use crate::store::{ChunkStore, Db, put_stream};
+
+/// How often the core gets a timeout input: fetch retries and anti-entropy are timed in seconds,
+/// so a fifth of a second is fine-grained enough.
+const TICK: Duration = Duration::from_millis(200);
+/// Commands queued for the core before connections wait.
+const COMMAND_QUEUE: usize = 256;
+/// Events (read data) queued per request before the core waits for the client.
+const EVENT_QUEUE: usize = 16;
+/// Incremental namespace saves kept before they are compacted into one.
+const NAMESPACE_SAVES_MAX: u64 = 1_000;
+
+/// What the core tells a connection.
+#[derive(Debug)]
+pub enum Event {
+    /// The answer to the request.
+    Reply(Result<Reply, SiteError>),
+    /// Bytes of a read.
+    Data(Vec<u8>),
+    /// The read is over.
+    Done(Result<(), SiteError>),
+}
+
+enum Command {
+    Local { request: Request, events: mpsc::Sender<Event> },
+    Stop,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The opened store of a site.
+pub struct Opened {
+    /// The core.
+    pub site: Site,
+    /// The database.
+    pub db: Db,
+    /// The chunk files.
+    pub chunks: Arc<ChunkStore>,
+}
+
+/// Opens the site's store (recovering from a crash) and builds its core.
+pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
+    let data = loaded.data_dir();
+    std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
+    let chunks = Arc::new(
+        ChunkStore::open(&data).with_context(|| format!("opening chunk store in {}", data.display()))?,
+    );
+    let db_path = data.join("meridian.redb");
+    let db = Db::open(&db_path).map_err(|e| {
+        if e.to_string().contains("already open") {
+            anyhow::anyhow!(
+                "{} is in use: is another meridian node running for {}?",
+                db_path.display(),
+                loaded.path.display()
+            )
+        } else {
+            anyhow::anyhow!("opening {}: {e}", db_path.display())
+        }
+    })?;
+    let recovery = db.recover(&chunks)?;
+    if recovery.leftover_chunks_removed > 0 || recovery.missing_chunks > 0 {
+        tracing::warn!(
+            leftover_chunks_removed = recovery.leftover_chunks_removed,
+            missing_chunks = recovery.missing_chunks,
+            "recovered the store after an unclean stop"
+        );
+    }
+    let site_id = loaded.config.site_id();
+    let saved = db.namespace_bytes()?;
+    let ns = if saved.is_empty() {
+        Namespace::new(site_id.clone())
+    } else {
+        Namespace::load(site_id.clone(), &saved)
+            .with_context(|| format!("loading the namespace from {}", db_path.display()))?
+    };
+    let versions = db.versions()?;
+    let index = db.chunk_index()?;
+    let site = Site::new(SiteConfig::new(site_id), ns, versions, index);
+    Ok(Opened { site, db, chunks })
+}
+
+/// The core's thread: runs commands, timeouts and outputs until told to stop.
+struct CoreThread {
+    site: Site,
+    db: Db,
+    chunks: Arc<ChunkStore>,
+    next_id: RequestId,
+    pending: HashMap<RequestId, mpsc::Sender<Event>>,
+}
+
+impl CoreThread {
+    fn run(mut self, commands: std_mpsc::Receiver<Command>) -> anyhow::Result<()> {
+        loop {
+            match commands.recv_timeout(TICK) {
+                Ok(Command::Local { request, events }) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.pending.insert(id, events);
+                    self.site.handle_local(now_ms(), id, request);
+                }
+                Ok(Command::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    self.site.handle_timeout(now_ms());
+                    self.compact_if_needed()?;
+                }
+            }
+            self.drain()?;
+        }
+        self.drain()?;
+        Ok(())
+    }
+
+    fn compact_if_needed(&mut self) -> anyhow::Result<()> {
+        if self.db.namespace_saves()? > NAMESPACE_SAVES_MAX {
+            let whole = self.site.namespace_mut().save();
+            self.db.compact_namespace(&whole)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, id: RequestId, event: Event, last: bool) {
+        let sender = if last { self.pending.remove(&id) } else { self.pending.get(&id).cloned() };
+        if let Some(sender) = sender {
+            // A client that went away no longer wants its events.
+            let _ = sender.blocking_send(event);
+        }
+    }
+
+    fn drain(&mut self) -> anyhow::Result<()> {
+        while let Some(output) = self.site.poll_output() {
+            match output {
+                Output::Store { chunks, index, versions, namespace } => {
+                    let mut refs: Vec<ChunkRef> = index;
+                    for (hash, data) in chunks {
+                        self.chunks.put(&hash, &data)?;
+                        refs.push(ChunkRef { hash, len: data.len() as u32 });
+                    }
+                    let versions: Vec<_> = versions.iter().collect();
+                    self.db.commit(&namespace, &versions, &refs).context("committing to the database")?;
+                }
+                Output::LoadChunk { hash, purpose } => {
+                    let loaded = self.chunks.get(&hash).map_err(|e| {
+                        tracing::error!("{e}");
+                        e.to_string()
+                    });
+                    self.site.handle_chunk_loaded(hash, purpose, loaded);
+                }
+                Output::Reply { id, reply } => {
+                    let read_follows = matches!(reply, Ok(Reply::ReadStarted { .. }));
+                    self.send(id, Event::Reply(reply), !read_follows);
+                }
+                Output::ReadData { id, data, .. } => self.send(id, Event::Data(data), false),
+                Output::ReadDone { id, result } => self.send(id, Event::Done(result), true),
+                Output::Send { to, .. } => tracing::debug!(%to, "no transport yet: message dropped"),
+                Output::Disconnect { peer, reason } => tracing::warn!(%peer, %reason, "disconnecting peer"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A handle on the running core.
+#[derive(Clone)]
+pub struct Handle {
+    commands: std_mpsc::SyncSender<Command>,
+    chunks: Arc<ChunkStore>,
+    chunker: ChunkerConfig,
+}
+
+impl Handle {
+    /// Sends a request; events come back on the returned channel.
+    fn submit(&self, request: Request) -> anyhow::Result<mpsc::Receiver<Event>> {
+        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+        self.commands
+            .send(Command::Local { request, events })
+            .map_err(|_| anyhow::anyhow!("the node is stopping"))?;
+        Ok(rx)
+    }
+
+    /// Sends a request and waits for its answer.
+    async fn call(&self, request: Request) -> anyhow::Result<Result<Reply, SiteError>> {
+        let mut rx = self.submit(request)?;
+        match rx.recv().await {
+            Some(Event::Reply(reply)) => Ok(reply),
+            _ => bail!("the node stopped before answering"),
+        }
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
+    let socket = loaded.socket();
+    if UnixStream::connect(&socket).await.is_ok() {
+        bail!("a meridian node is already running for {}", loaded.path.display());
+    }
+    let _ = std::fs::remove_file(&socket);
+    let opened = tokio::task::block_in_place(|| open(&loaded))?;
+    let status = opened.site.status();
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+    tracing::info!(
+        site = %loaded.config.site,
+        region = %loaded.config.region,
+        entries = status.entries,
+        versions_held = status.versions_held,
+        socket = %socket.display(),
+        "meridian node running"
+    );
+    let (commands, command_rx) = std_mpsc::sync_channel(COMMAND_QUEUE);
+    let handle = Handle {
+        commands: commands.clone(),
+        chunks: opened.chunks.clone(),
+        chunker: loaded.config.chunker(),
+    };
+    let core = CoreThread {
+        site: opened.site,
+        db: opened.db,
+        chunks: opened.chunks,
+        next_id: 1,
+        pending: HashMap::new(),
+    };
+    let core_thread =
+        std::thread::Builder::new().name("meridian-core".into()).spawn(move || core.run(command_rx))?;
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            biased;
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream, handle).await {
+                            tracing::debug!("control connection ended: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("accepting a control connection: {e}"),
+            },
+        }
+    }
+    tracing::info!("stopping");
+    let _ = commands.send(Command::Stop);
+    let result = tokio::task::spawn_blocking(move || core_thread.join()).await?;
+    let _ = std::fs::remove_file(&socket);
+    match result {
+        Ok(result) => result,
+        Err(_) => bail!("the core thread panicked"),
+    }
+}
+
+fn reply_json(reply: Result<Reply, SiteError>) -> Value {
+    match reply {
+        Ok(reply) => api::ok(reply_value(reply)),
+        Err(e) => api::error(e),
+    }
+}
+
+/// A reply as JSON.
+pub fn reply_value(reply: Reply) -> Value {
+    match reply {
+        Reply::Done => Value::Null,
+        Reply::Stat(stat) => stat_value(&stat),
+        Reply::List(entries) => Value::Array(
+            entries.iter().map(|e| json!({ "name": e.name, "stat": stat_value(&e.stat) })).collect(),
+        ),
+        Reply::Tags(tags) => {
+            Value::Array(tags.iter().map(|t| json!({ "key": t.key, "value": t.value, "source": t.source })).collect())
+        }
+        Reply::Found(hits) => Value::Array(
+            hits.iter()
+                .map(|h| {
+                    json!({
+                        "path": h.path,
+                        "tags": h.tags.iter().map(|t| json!({ "key": t.key, "value": t.value, "source": t.source })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        ),
+        Reply::ReadStarted { size, range } => json!({ "size": size, "start": range.start, "end": range.end }),
+        Reply::Status(s) => json!({
+            "site": s.site, "peers": s.peers, "entries": s.entries, "versions_held": s.versions_held,
+            "chunks_held": s.chunks_held, "reads": s.reads, "fetches": s.fetches,
+        }),
+    }
+}
+
+fn stat_value(stat: &Stat) -> Value {
+    json!({
+        "id": stat.id,
+        "kind": format!("{:?}", stat.kind).to_lowercase(),
+        "size": stat.size,
+        "mode": stat.mode,
+        "mtime_ns": stat.mtime_ns,
+        "version": stat.version.as_ref().map(|v| json!({
+            "id": v.id, "content": v.content.to_string(), "size": v.size, "site": v.site, "hlc": v.hlc.to_string(),
+        })),
+        "symlink_target": stat.symlink_target,
+        "tags": stat.tags.iter().map(|(k, v)| match v {
+            crdt_namespace::TagValue::Set(v) => json!({ "key": k, "value": &**v }),
+            crdt_namespace::TagValue::Unset => json!({ "key": k, "unset": true }),
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// Serves one control connection.
+async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
+    let Some(frame) = api::read_frame(&mut stream).await? else { return Ok(()) };
+    let request: ApiRequest = match serde_json::from_slice(&frame) {
+        Ok(r) => r,
+        Err(e) => return Ok(api::write_json(&mut stream, &api::error(format!("bad request: {e}"))).await?),
+    };
+    let simple = |r: Request| Some(r);
+    let request = match request {
+        ApiRequest::Put { path, mode } => return serve_put(stream, handle, path, mode).await,
+        ApiRequest::Read { path, start, end } => {
+            let range = match (start, end) {
+                (None, None) => None,
+                (s, e) => Some(s.unwrap_or(0)..e.unwrap_or(u64::MAX)),
+            };
+            return serve_read(stream, handle, Request::Read { path, range }).await;
+        }
+        ApiRequest::Mkdir { path, parents } => simple(Request::Mkdir { path, parents, mode: 0o755 }),
+        ApiRequest::Mv { from, to } => simple(Request::Rename { from, to }),
+        ApiRequest::Rm { path, recursive } => simple(Request::Remove { path, recursive }),
+        ApiRequest::Ls { path } => simple(Request::List { path }),
+        ApiRequest::Stat { path } => simple(Request::Stat { path }),
+        ApiRequest::TagSet { path, key, value } => simple(Request::SetTag { path, key, value }),
+        ApiRequest::TagUnset { path, key } => simple(Request::UnsetTag { path, key }),
+        ApiRequest::TagGet { path } => simple(Request::Tags { path }),
+        ApiRequest::Find { tags, path } => {
+            let query = (|| -> Result<Query, crdt_namespace::OpError> {
+                Ok(Query {
+                    tags: tags.iter().map(|t| TagPredicate::parse(t)).collect::<Result<_, _>>()?,
+                    path: path.as_deref().map(Glob::new).transpose()?,
+                })
+            })();
+            match query {
+                Ok(query) => simple(Request::Find { query }),
+                Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
+            }
+        }
+        ApiRequest::Status => simple(Request::Status),
+    };
+    let reply = handle.call(request.expect("every simple request")).await?;
+    api::write_json(&mut stream, &reply_json(reply)).await?;
+    Ok(())
+}
+
+/// Reads data frames from a channel, for the blocking put pipeline.
+struct FrameReader {
+    frames: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for FrameReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.frames.blocking_recv() {
+                Some(frame) => {
+                    self.current = frame;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u32) -> anyhow::Result<()> {
+    // Fail before any byte moves if the path cannot take a file.
+    let parent = match path.rfind('/') {
+        Some(0) => "/".to_owned(),
+        Some(i) => path[..i].to_owned(),
+        None => path.clone(),
+    };
+    match handle.call(Request::Stat { path: parent.clone() }).await? {
+        Ok(Reply::Stat(stat)) if stat.kind == crdt_namespace::EntryKind::Dir => {}
+        Ok(_) => {
+            return Ok(api::write_json(&mut stream, &api::error(format!("not a directory: {parent}"))).await?);
+        }
+        Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
+    }
+    if let Ok(Reply::Stat(stat)) = handle.call(Request::Stat { path: path.clone() }).await?
+        && stat.kind != crdt_namespace::EntryKind::File
+    {
+        let what =
+            if stat.kind == crdt_namespace::EntryKind::Dir { "is a directory" } else { "is a symlink" };
+        return Ok(api::write_json(&mut stream, &api::error(format!("{what}: {path}"))).await?);
+    }
+    api::write_json(&mut stream, &api::ok(json!("ready"))).await?;
+    let (frames, frame_rx) = mpsc::channel::<Vec<u8>>(8);
+    let chunks = handle.chunks.clone();
+    let chunker = handle.chunker;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let put = tokio::task::spawn_blocking(move || {
+        let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
+        put_stream(reader, chunker, &chunks, workers, &mut |_| {})
+    });
+    let mut complete = false;
+    while let Some(frame) = api::read_frame(&mut stream).await? {
+        if frame.is_empty() {
+            complete = true;
+            break;
+        }
+        if frames.send(frame).await.is_err() {
+            break;
+        }
+    }
+    drop(frames);
+    let outcome = put.await?;
+    if !complete {
+        bail!("the client went away before the end of the data; nothing was recorded");
+    }
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
+    };
+    let mtime_ns = (now_ms() as i64).saturating_mul(1_000_000);
+    let size = outcome.manifest.size;
+    let request = Request::CommitVersion { path: path.clone(), manifest: outcome.manifest, mode, mtime_ns };
+    let answer = match handle.call(request).await? {
+        Ok(_) => api::ok(
+            json!({ "path": path, "size": size, "new_chunks": outcome.new_chunks, "new_bytes": outcome.new_bytes }),
+        ),
+        Err(e) => api::error(e),
+    };
+    api::write_json(&mut stream, &answer).await?;
+    Ok(())
+}
+
+async fn serve_read(mut stream: UnixStream, handle: Handle, request: Request) -> anyhow::Result<()> {
+    let mut events = handle.submit(request)?;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Reply(reply) => {
+                let failed = reply.is_err();
+                api::write_json(&mut stream, &reply_json(reply)).await?;
+                if failed {
+                    return Ok(());
+                }
+            }
+            Event::Data(data) => {
+                for piece in data.chunks(api::DATA_FRAME_BYTES) {
+                    api::write_frame(&mut stream, piece).await?;
+                }
+            }
+            Event::Done(result) => {
+                api::write_frame(&mut stream, &[]).await?;
+                let status = match result {
+                    Ok(()) => api::ok(Value::Null),
+                    Err(e) => api::error(e),
+                };
+                api::write_json(&mut stream, &status).await?;
+                return Ok(());
+            }
+        }
+    }
+    bail!("the node stopped during the read")
+}
+
+/// Where the daemon for a configuration listens.
+pub fn socket_of(loaded: &Loaded) -> PathBuf {
+    loaded.socket()
+}

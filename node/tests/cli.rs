@@ -1,0 +1,223 @@
+//! The `meridian` binary as a user runs it: init, node, and the CLI against it; and crash safety:
+//! a node killed with SIGKILL in the middle of large writes restarts consistent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MERIDIAN: &str = env!("CARGO_BIN_EXE_meridian");
+
+/// A running `meridian node`, killed when dropped (also when a test fails).
+struct Node {
+    child: Child,
+    config: PathBuf,
+}
+
+impl Node {
+    fn start(config: &Path) -> Node {
+        let log = std::fs::File::create(config.with_file_name("node.log")).unwrap();
+        let child = Command::new(MERIDIAN)
+            .args(["--config", config.to_str().unwrap(), "node"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let node = Node { child, config: config.to_owned() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !config.with_file_name("control.sock").exists() || !run(config, &["status"]).status.success() {
+            assert!(Instant::now() < deadline, "the node did not start: {}", node.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("node.log")).unwrap_or_default()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the node did not stop cleanly: {status:?}\n{}", self.log());
+        assert!(!self.config.with_file_name("control.sock").exists(), "the socket is removed");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(config: &Path, args: &[&str]) -> Output {
+    Command::new(MERIDIAN).arg("--config").arg(config).args(args).output().unwrap()
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let out = run(config, args);
+    assert!(out.status.success(), "meridian {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(config: &Path, args: &[&str]) -> String {
+    let out = run(config, args);
+    assert!(!out.status.success(), "meridian {args:?} should fail");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    stderr
+}
+
+fn init(dir: &Path, site: &str) -> PathBuf {
+    let out = Command::new(MERIDIAN)
+        .args(["init", "--site", site, "--region", "eu", "--dir"])
+        .arg(dir.join(site))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("peer id: 12D3KooW"), "{stdout}");
+    dir.join(site).join("meridian.toml")
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.filter_map(Result::ok).map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 }).sum()
+}
+
+#[test]
+fn a_user_can_init_run_put_list_tag_find_get_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path(), "west");
+    let missing = fails(&config, &["ls", "/"]);
+    assert!(missing.contains("no meridian node is running for"), "{missing}");
+    let node = Node::start(&config);
+
+    ok(&config, &["mkdir", "-p", "/shots/sq010"]);
+    let data = random_file(&dir.path().join("shot.exr"), 3_000_000, 1);
+    let put = ok(&config, &["put", dir.path().join("shot.exr").to_str().unwrap(), "/shots/sq010/"]);
+    assert!(put.contains("/shots/sq010/shot.exr (3000000 bytes"), "{put}");
+    assert_eq!(ok(&config, &["ls", "/shots/sq010"]), "shot.exr\n");
+    assert!(ok(&config, &["ls", "-l", "/shots"]).starts_with("d 755"));
+    ok(&config, &["tag", "set", "/shots", "project", "apollo"]);
+    assert_eq!(ok(&config, &["tag", "get", "/shots/sq010/shot.exr"]), "project=apollo (from /shots)\n");
+    assert_eq!(
+        ok(&config, &["find", "--tag", "project=apollo", "--path", "/shots/**/*.exr"]),
+        "/shots/sq010/shot.exr\n"
+    );
+    assert_eq!(ok(&config, &["find", "--tag", "project=other"]), "");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&config, &["--json", "stat", "/shots/sq010/shot.exr"])).unwrap();
+    assert_eq!(json["size"], 3_000_000);
+    assert_eq!(json["kind"], "file");
+
+    let out = dir.path().join("copy.exr");
+    ok(&config, &["get", "/shots/sq010/shot.exr", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let range = Command::new(MERIDIAN)
+        .args(["--config", config.to_str().unwrap(), "cat", "/shots/sq010/shot.exr", "--range", "1000..1010"])
+        .output()
+        .unwrap();
+    assert_eq!(range.stdout, &data[1000..1010]);
+
+    ok(&config, &["mv", "/shots/sq010/shot.exr", "/shots/final.exr"]);
+    assert!(fails(&config, &["rm", "/shots"]).contains("directory not empty: /shots"));
+    assert!(fails(&config, &["mkdir", "/shots/a/b"]).contains("no such file or directory: /shots/a"));
+    assert!(fails(&config, &["mkdir", "/shots/final.exr/x"]).contains("not a directory: /shots/final.exr"));
+    assert!(fails(&config, &["mkdir", "/bad\\name/.."]).contains("invalid name \"..\""));
+    assert!(
+        fails(&config, &["put", out.to_str().unwrap(), "/nowhere/x"])
+            .contains("no such file or directory: /nowhere")
+    );
+    assert!(fails(&config, &["put", out.to_str().unwrap(), "/shots"]).contains("is a directory: /shots"));
+    ok(&config, &["rm", "-r", "/shots"]);
+    assert_eq!(ok(&config, &["ls", "/"]), "");
+
+    // Restarted, the node has what it had.
+    ok(&config, &["put", out.to_str().unwrap(), "/kept.exr"]);
+    node.stop();
+    let node = Node::start(&config);
+    ok(&config, &["get", "/kept.exr", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    node.stop();
+}
+
+#[test]
+fn a_node_killed_during_large_writes_restarts_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path(), "west");
+    let sources: Vec<(PathBuf, Vec<u8>)> = (0..4)
+        .map(|i| {
+            let path = dir.path().join(format!("src{i}.bin"));
+            let data = random_file(&path, (i as usize + 1) * (10 << 20), 100 + i);
+            (path, data)
+        })
+        .collect();
+    for round in 0..3u64 {
+        let node = Node::start(&config);
+        let puts: Vec<Child> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, (path, _))| {
+                Command::new(MERIDIAN)
+                    .args(["--config", config.to_str().unwrap(), "put"])
+                    .arg(path)
+                    .arg(format!("/r{round}-f{i}.bin"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Kill once the puts are well under way: chunks are on disk, not all versions committed.
+        let chunks = config.with_file_name("data").join("chunks");
+        let target = 8 + 12 * round as usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count_files(&chunks) < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let at_kill = count_files(&chunks);
+        node.kill9();
+        for mut put in puts {
+            let _ = put.wait();
+        }
+        // Restart: every file the namespace lists is whole, and nothing half-written is left.
+        let node = Node::start(&config);
+        let listed = ok(&config, &["ls", "/"]);
+        eprintln!(
+            "round {round}: {} files listed after the kill, {} chunk files at the kill",
+            listed.lines().count(),
+            at_kill
+        );
+        assert!(node.log().contains("recovered the store after an unclean stop"), "{}", node.log());
+        for name in listed.lines() {
+            let i: usize = name.split("-f").nth(1).unwrap().trim_end_matches(".bin").parse().unwrap();
+            let out = dir.path().join("check.bin");
+            ok(&config, &["get", &format!("/{name}"), out.to_str().unwrap()]);
+            assert!(std::fs::read(&out).unwrap() == sources[i].1, "{name} is not what was put");
+        }
+        let tmp = config.with_file_name("data").join("tmp");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "temporary files are cleaned at start");
+        node.stop();
+    }
+}
