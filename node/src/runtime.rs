@@ -32,6 +32,9 @@ const TICK: Duration = Duration::from_millis(200);
 const COMMAND_QUEUE: usize = 256;
 /// Events (read data) queued per request before the core waits for the client.
 const EVENT_QUEUE: usize = 16;
+/// Queued requests handled before their changes are committed together: bounds the latency one
+/// request adds to the others in its commit.
+const COMMANDS_PER_COMMIT_MAX: usize = 64;
 /// Incremental namespace saves kept before they are compacted into one.
 const NAMESPACE_SAVES_MAX: u64 = 1_000;
 
@@ -120,10 +123,19 @@ impl CoreThread {
         loop {
             match commands.recv_timeout(TICK) {
                 Ok(Command::Local { request, events }) => {
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    self.pending.insert(id, events);
-                    self.site.handle_local(now_ms(), id, request);
+                    self.local(request, events);
+                    // Take what else is queued, so that its changes share one durable commit.
+                    let mut stop = false;
+                    for _ in 0..COMMANDS_PER_COMMIT_MAX {
+                        match commands.try_recv() {
+                            Ok(Command::Local { request, events }) => self.local(request, events),
+                            Ok(Command::Stop) => stop = true,
+                            Err(_) => break,
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
                 }
                 Ok(Command::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
@@ -135,6 +147,13 @@ impl CoreThread {
         }
         self.drain()?;
         Ok(())
+    }
+
+    fn local(&mut self, request: Request, events: mpsc::Sender<Event>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, events);
+        self.site.handle_local(now_ms(), id, request);
     }
 
     fn compact_if_needed(&mut self) -> anyhow::Result<()> {
@@ -153,17 +172,27 @@ impl CoreThread {
         }
     }
 
+    /// Executes the core's outputs. Stores are merged into one durable commit (chunk files
+    /// first, synced once, then one database transaction) before any message or reply that
+    /// followed them is acted on; chunk loads run at once, as the core waits for them.
     fn drain(&mut self) -> anyhow::Result<()> {
+        let mut namespace = Vec::new();
+        let mut versions = Vec::new();
+        let mut refs: Vec<ChunkRef> = Vec::new();
+        let mut wrote_chunks = false;
+        let mut deferred = Vec::new();
         while let Some(output) = self.site.poll_output() {
             match output {
-                Output::Store { chunks, index, versions, namespace } => {
-                    let mut refs: Vec<ChunkRef> = index;
-                    for (hash, data) in chunks {
-                        self.chunks.put(&hash, &data)?;
-                        refs.push(ChunkRef { hash, len: data.len() as u32 });
+                Output::Store { chunks, index, versions: held, namespace: delta } => {
+                    for (hash, data) in &chunks {
+                        self.chunks.put(hash, data)?;
+                        refs.push(ChunkRef { hash: *hash, len: data.len() as u32 });
                     }
-                    let versions: Vec<_> = versions.iter().collect();
-                    self.db.commit(&namespace, &versions, &refs).context("committing to the database")?;
+                    wrote_chunks |= !chunks.is_empty();
+                    refs.extend(index);
+                    versions.extend(held);
+                    // Incremental saves concatenate into one that loads the same.
+                    namespace.extend_from_slice(&delta);
                 }
                 Output::LoadChunk { hash, purpose } => {
                     let loaded = self.chunks.get(&hash).map_err(|e| {
@@ -172,6 +201,18 @@ impl CoreThread {
                     });
                     self.site.handle_chunk_loaded(hash, purpose, loaded);
                 }
+                other => deferred.push(other),
+            }
+        }
+        if wrote_chunks {
+            self.chunks.sync()?;
+        }
+        if !namespace.is_empty() || !versions.is_empty() || !refs.is_empty() {
+            let versions: Vec<_> = versions.iter().collect();
+            self.db.commit(&namespace, &versions, &refs).context("committing to the database")?;
+        }
+        for output in deferred {
+            match output {
                 Output::Reply { id, reply } => {
                     let read_follows = matches!(reply, Ok(Reply::ReadStarted { .. }));
                     self.send(id, Event::Reply(reply), !read_follows);
@@ -180,6 +221,7 @@ impl CoreThread {
                 Output::ReadDone { id, result } => self.send(id, Event::Done(result), true),
                 Output::Send { to, .. } => tracing::debug!(%to, "no transport yet: message dropped"),
                 Output::Disconnect { peer, reason } => tracing::warn!(%peer, %reason, "disconnecting peer"),
+                Output::Store { .. } | Output::LoadChunk { .. } => unreachable!("executed above"),
             }
         }
         Ok(())
@@ -246,8 +288,15 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         next_id: 1,
         pending: HashMap::new(),
     };
-    let core_thread =
-        std::thread::Builder::new().name("meridian-core".into()).spawn(move || core.run(command_rx))?;
+    let (core_done, mut core_failed) = tokio::sync::oneshot::channel::<String>();
+    let core_thread = std::thread::Builder::new().name("meridian-core".into()).spawn(move || {
+        let result = core.run(command_rx);
+        if let Err(e) = &result {
+            // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
+            let _ = core_done.send(format!("{e:#}"));
+        }
+        result
+    })?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -255,6 +304,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             biased;
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            Ok(error) = &mut core_failed => {
+                tracing::error!("the site stopped: {error}");
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let handle = handle.clone();

@@ -38,7 +38,7 @@ pub enum PutError {
 }
 
 /// Reads `source` to its end and stores it as chunks; `progress` is called with the bytes read so
-/// far after each chunk. The manifest is returned only when every chunk is durable.
+/// far after each chunk. The manifest is returned only when every chunk is durable (synced).
 pub fn put_stream<R: Read>(
     source: R,
     config: ChunkerConfig,
@@ -103,6 +103,7 @@ pub fn put_stream<R: Read>(
     if let Some(e) = failure.into_inner().expect("failure lock") {
         return Err(e.into());
     }
+    store.sync()?;
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(i, _, _)| *i);
     let new_chunks = results.iter().filter(|(_, _, new)| *new).count();
