@@ -24,6 +24,7 @@ use crate::config::Loaded;
 use crate::content::{ChunkRef, ChunkerConfig};
 use crate::core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
 use crate::store::{ChunkStore, Db, put_stream};
+use transport::proto::Message;
 
 /// How often the core gets a timeout input: fetch retries and anti-entropy are timed in seconds,
 /// so a fifth of a second is fine-grained enough.
@@ -173,14 +174,16 @@ impl CoreThread {
     }
 
     /// Executes the core's outputs. Stores are merged into one durable commit (chunk files
-    /// first, synced once, then one database transaction) before any message or reply that
-    /// followed them is acted on; chunk loads run at once, as the core waits for them.
+    /// first, synced once, then one database transaction); what must not happen before that
+    /// commit — the reply that a change is done, pushing or syncing namespace changes to peers —
+    /// waits for it. Everything else (chunk loads, read data, answers that change nothing, chunk
+    /// traffic) is carried out at once, so reads stream with the client's backpressure.
     fn drain(&mut self) -> anyhow::Result<()> {
         let mut namespace = Vec::new();
         let mut versions = Vec::new();
         let mut refs: Vec<ChunkRef> = Vec::new();
         let mut wrote_chunks = false;
-        let mut deferred = Vec::new();
+        let mut after_commit = Vec::new();
         while let Some(output) = self.site.poll_output() {
             match output {
                 Output::Store { chunks, index, versions: held, namespace: delta } => {
@@ -194,14 +197,11 @@ impl CoreThread {
                     // Incremental saves concatenate into one that loads the same.
                     namespace.extend_from_slice(&delta);
                 }
-                Output::LoadChunk { hash, purpose } => {
-                    let loaded = self.chunks.get(&hash).map_err(|e| {
-                        tracing::error!("{e}");
-                        e.to_string()
-                    });
-                    self.site.handle_chunk_loaded(hash, purpose, loaded);
+                Output::Reply { reply: Ok(Reply::Done), .. }
+                | Output::Send { message: Message::Push { .. } | Message::Sync { .. }, .. } => {
+                    after_commit.push(output)
                 }
-                other => deferred.push(other),
+                other => self.act(other),
             }
         }
         if wrote_chunks {
@@ -211,20 +211,31 @@ impl CoreThread {
             let versions: Vec<_> = versions.iter().collect();
             self.db.commit(&namespace, &versions, &refs).context("committing to the database")?;
         }
-        for output in deferred {
-            match output {
-                Output::Reply { id, reply } => {
-                    let read_follows = matches!(reply, Ok(Reply::ReadStarted { .. }));
-                    self.send(id, Event::Reply(reply), !read_follows);
-                }
-                Output::ReadData { id, data, .. } => self.send(id, Event::Data(data), false),
-                Output::ReadDone { id, result } => self.send(id, Event::Done(result), true),
-                Output::Send { to, .. } => tracing::debug!(%to, "no transport yet: message dropped"),
-                Output::Disconnect { peer, reason } => tracing::warn!(%peer, %reason, "disconnecting peer"),
-                Output::Store { .. } | Output::LoadChunk { .. } => unreachable!("executed above"),
-            }
+        for output in after_commit {
+            self.act(output);
         }
         Ok(())
+    }
+
+    fn act(&mut self, output: Output) {
+        match output {
+            Output::LoadChunk { hash, purpose } => {
+                let loaded = self.chunks.get(&hash).map_err(|e| {
+                    tracing::error!("{e}");
+                    e.to_string()
+                });
+                self.site.handle_chunk_loaded(hash, purpose, loaded);
+            }
+            Output::Reply { id, reply } => {
+                let read_follows = matches!(reply, Ok(Reply::ReadStarted { .. }));
+                self.send(id, Event::Reply(reply), !read_follows);
+            }
+            Output::ReadData { id, data, .. } => self.send(id, Event::Data(data), false),
+            Output::ReadDone { id, result } => self.send(id, Event::Done(result), true),
+            Output::Send { to, .. } => tracing::debug!(%to, "no transport yet: message dropped"),
+            Output::Disconnect { peer, reason } => tracing::warn!(%peer, %reason, "disconnecting peer"),
+            Output::Store { .. } => unreachable!("stores are merged by drain"),
+        }
     }
 }
 
