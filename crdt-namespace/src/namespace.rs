@@ -7,7 +7,7 @@
 //! (every operation applied in id order), so two replicas holding the same operations show the
 //! same tree, byte for byte.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
@@ -172,6 +172,10 @@ pub struct Namespace {
     last_hlc: Hlc,
     /// Local operations not yet committed to an automerge change.
     uncommitted_ops: usize,
+    /// The last change (sequence number, last operation counter) of every author in the
+    /// document. Automerge trusts both numbers of an incoming change and panics or misorders
+    /// operations when they lie, so new changes are checked against these first.
+    authors: HashMap<Vec<u8>, (u64, u64)>,
 }
 
 fn actor_of(site: &SiteId) -> ActorId {
@@ -206,6 +210,7 @@ impl Namespace {
             seen: Vec::new(),
             last_hlc: Hlc::ZERO,
             uncommitted_ops: 0,
+            authors: HashMap::new(),
         }
     }
 
@@ -257,8 +262,12 @@ impl Namespace {
     pub fn commit(&mut self) {
         if self.uncommitted_ops > 0 {
             let seconds = (self.last_hlc.physical_ms() / 1000) as i64;
-            self.doc.commit_with(CommitOptions::default().with_time(seconds));
+            let hash = self.doc.commit_with(CommitOptions::default().with_time(seconds));
             self.uncommitted_ops = 0;
+            if let Some(meta) = hash.and_then(|h| self.doc.get_change_meta_by_hash(&h)) {
+                let (seq, max_op) = (meta.seq, meta.max_op);
+                self.note_author(actor_of(&self.site).to_bytes(), seq, max_op);
+            }
         }
     }
 
@@ -324,6 +333,7 @@ impl Namespace {
         let changes = self.doc.get_changes(before);
         let mut ops = Vec::new();
         for change in &changes {
+            self.note_author(change.actor_id().to_bytes(), change.seq(), change.max_op());
             // Changes were validated before they were handed to automerge; one that was queued
             // for missing dependencies and is somehow invalid is skipped at every site alike.
             if let Ok(change_ops) = ops_of_change(change, &mut self.sites) {
@@ -333,6 +343,82 @@ impl Namespace {
         let report = ImportReport { changes: changes.len(), ops: ops.len() };
         self.integrate(ops);
         report
+    }
+
+    fn note_author(&mut self, actor: &[u8], seq: u64, max_op: u64) {
+        let known = self.authors.entry(actor.to_vec()).or_insert((0, 0));
+        if seq > known.0 {
+            *known = (seq, max_op);
+        }
+    }
+
+    /// Checks what automerge trusts in new changes: each author's sequence numbers follow on
+    /// without gaps, every change's operation counters start after those of everything it
+    /// depends on and of its author's previous change, and no change names an author. Changes
+    /// whose dependencies are missing (automerge queues them) are checked as far as can be.
+    fn check_history(&mut self, changes: &[Change]) -> std::result::Result<(), String> {
+        let mut known: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        let mut batch: HashMap<ChangeHash, u64> = HashMap::new();
+        let mut pending: Vec<&Change> = Vec::new();
+        for change in changes {
+            if change.author().is_some() {
+                return Err(format!("change {} names an author", change.hash()));
+            }
+            if change.seq() == 0 || change.start_op().get() > change.max_op().saturating_add(1) {
+                return Err(format!("change {} has inconsistent counters", change.hash()));
+            }
+            if self.doc.get_change_meta_by_hash(&change.hash()).is_none() {
+                pending.push(change);
+            }
+        }
+        loop {
+            let mut progress = false;
+            let mut waiting = Vec::new();
+            for change in pending {
+                let mut deps_max = Some(0u64);
+                for dep in change.deps() {
+                    let max = batch
+                        .get(dep)
+                        .copied()
+                        .or_else(|| self.doc.get_change_meta_by_hash(dep).map(|m| m.max_op));
+                    deps_max = deps_max.zip(max).map(|(a, b)| a.max(b));
+                }
+                let actor = change.actor_id().to_bytes().to_vec();
+                let (seq, max_op) =
+                    known.get(&actor).or_else(|| self.authors.get(&actor)).copied().unwrap_or((0, 0));
+                let start = change.start_op().get();
+                if change.seq() <= seq || (seq > 0 && start <= max_op) {
+                    return Err(format!(
+                        "change {} repeats sequence numbers or counters of its author",
+                        change.hash()
+                    ));
+                }
+                match deps_max {
+                    Some(deps_max) => {
+                        if change.seq() != seq + 1 {
+                            return Err(format!(
+                                "change {} skips sequence numbers of its author",
+                                change.hash()
+                            ));
+                        }
+                        if start <= deps_max {
+                            return Err(format!(
+                                "change {} has counters older than its dependencies",
+                                change.hash()
+                            ));
+                        }
+                        known.insert(actor, (change.seq(), change.max_op()));
+                        batch.insert(change.hash(), change.max_op());
+                        progress = true;
+                    }
+                    None => waiting.push(change),
+                }
+            }
+            if waiting.is_empty() || !progress {
+                return Ok(());
+            }
+            pending = waiting;
+        }
     }
 
     // ------------------------------------------------------------------------------------------
@@ -748,13 +834,17 @@ impl Namespace {
         let mut changes = Vec::new();
         for _ in 0..count {
             let raw = reader.bytes("change", IMPORT_MAX_BYTES).map_err(framing)?;
-            let change = Change::from_bytes(raw.to_vec())
-                .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?;
-            ops_of_change(&change, &mut self.sites).map_err(invalid_change(WHAT))?;
+            let change = guarded(WHAT, || {
+                Change::from_bytes(raw.to_vec())
+                    .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })
+            })?;
+            let sites = &mut self.sites;
+            guarded(WHAT, || ops_of_change(&change, sites).map_err(invalid_change(WHAT)))?;
             changes.push(change);
         }
         reader.finish("export").map_err(framing)?;
         self.commit();
+        self.check_history(&changes).map_err(invalid_change(WHAT))?;
         let before = self.doc.get_heads();
         self.doc.apply_changes(changes).map_err(automerge_error(WHAT))?;
         Ok(self.integrate_since(&before))
@@ -783,12 +873,16 @@ impl Namespace {
                 max: SYNC_MESSAGE_MAX_BYTES,
             });
         }
-        let message = sync::Message::decode(bytes)
-            .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?;
+        let message = guarded(WHAT, || {
+            sync::Message::decode(bytes)
+                .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })
+        })?;
+        let mut changes = Vec::new();
         for chunk in message.changes.iter() {
-            self.check_chunk(chunk)?;
+            changes.extend(self.check_chunk(chunk)?);
         }
         self.commit();
+        self.check_history(&changes).map_err(invalid_change(WHAT))?;
         let before = self.doc.get_heads();
         self.doc.sync().receive_sync_message(&mut session.state, message).map_err(automerge_error(WHAT))?;
         Ok(self.integrate_since(&before))
@@ -796,28 +890,32 @@ impl Namespace {
 
     /// Checks one element of a sync message's change list: automerge storage chunks (changes,
     /// bundles of changes, or in a first sync a whole document), concatenated.
-    fn check_chunk(&mut self, bytes: &[u8]) -> Result<(), ExchangeError> {
+    fn check_chunk(&mut self, bytes: &[u8]) -> Result<Vec<Change>, ExchangeError> {
+        let mut all = Vec::new();
         const WHAT: &str = "sync message";
         for (kind, chunk) in split_chunks(bytes).map_err(invalid_change(WHAT))? {
-            let changes = match kind {
-                CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => vec![
-                    Change::from_bytes(chunk.to_vec())
-                        .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?,
-                ],
+            let automerge =
+                |e: &dyn std::fmt::Display| ExchangeError::Automerge { what: WHAT, reason: e.to_string() };
+            let changes = guarded(WHAT, || match kind {
+                CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
+                    Ok(vec![Change::from_bytes(chunk.to_vec()).map_err(|e| automerge(&e))?])
+                }
                 CHUNK_BUNDLE => automerge::Bundle::try_from(chunk)
-                    .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })?
+                    .map_err(|e| automerge(&e))?
                     .to_changes()
-                    .map_err(automerge_error(WHAT))?,
+                    .map_err(|e| automerge(&e)),
                 _ => {
                     debug_assert_eq!(kind, CHUNK_DOCUMENT, "split_chunks checks the type");
-                    Automerge::load(chunk).map_err(automerge_error(WHAT))?.get_changes(&[])
+                    Ok(Automerge::load(chunk).map_err(|e| automerge(&e))?.get_changes(&[]))
                 }
-            };
+            })?;
             for change in &changes {
-                ops_of_change(change, &mut self.sites).map_err(invalid_change(WHAT))?;
+                let sites = &mut self.sites;
+                guarded(WHAT, || ops_of_change(change, sites).map_err(invalid_change(WHAT)))?;
             }
+            all.extend(changes);
         }
-        Ok(())
+        Ok(all)
     }
 
     /// The whole namespace, compacted.
@@ -840,9 +938,18 @@ impl Namespace {
         if bytes.len() > LOAD_MAX_BYTES {
             return Err(ExchangeError::TooLarge { what: WHAT, len: bytes.len(), max: LOAD_MAX_BYTES });
         }
-        let mut doc = AutoCommit::load(bytes).map_err(automerge_error(WHAT))?;
+        let mut doc = guarded(WHAT, || AutoCommit::load(bytes).map_err(automerge_error(WHAT)))?;
         doc.set_actor(actor_of(&site));
         let mut ns = Namespace::with_doc(site, doc);
+        let authors: Vec<(Vec<u8>, u64, u64)> = ns
+            .doc
+            .get_changes_meta(&[])
+            .iter()
+            .map(|m| (m.actor.to_bytes().to_vec(), m.seq, m.max_op))
+            .collect();
+        for (actor, seq, max_op) in authors {
+            ns.note_author(&actor, seq, max_op);
+        }
         let mut ops = Vec::with_capacity(ns.doc.length(automerge::ROOT));
         for item in ns.doc.map_range(automerge::ROOT, ..) {
             let (hlc, site) = parse_op_key(&item.key).map_err(invalid_change(WHAT))?;
@@ -861,6 +968,17 @@ impl Namespace {
         ns.integrate(ops);
         Ok(ns)
     }
+}
+
+/// Runs a parse of outside bytes into fresh, private values, turning a panic inside automerge
+/// into an error. Nothing shared is touched by `parse`, so nothing is left half-changed.
+fn guarded<T>(
+    what: &'static str,
+    parse: impl FnOnce() -> Result<T, ExchangeError>,
+) -> Result<T, ExchangeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|_| {
+        Err(ExchangeError::Automerge { what, reason: "the bytes made automerge's parser fail".into() })
+    })
 }
 
 /// First bytes of every automerge storage chunk.
@@ -905,6 +1023,12 @@ fn ops_of_change(change: &Change, sites: &mut Sites) -> std::result::Result<Vec<
         .map_err(|_| "the change's author is not a site id".to_owned())?;
     SiteId::new(actor)?;
     let expanded = change.decode();
+    // Automerge recomputes a change's bytes from what it decoded; a change whose bytes are not
+    // the canonical encoding of its contents would end up under two hashes and corrupt the
+    // change graph. Only canonical changes are taken.
+    if automerge::Change::from(expanded.clone()).hash() != change.hash() {
+        return Err(format!("change {} is not canonically encoded", change.hash()));
+    }
     let mut ops = Vec::with_capacity(expanded.operations.len());
     for op in &expanded.operations {
         if op.obj != ObjectId::Root || op.insert || !op.pred.is_empty() {
