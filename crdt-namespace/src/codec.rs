@@ -9,6 +9,7 @@ use crate::name::{
     SYMLINK_TARGET_MAX_BYTES, TAG_KEY_MAX_BYTES, TAG_VALUE_MAX_BYTES, check_name, check_symlink_target,
     check_tag_key, check_tag_value,
 };
+use crate::wire::{Reader, push_varint};
 use crate::{Hlc, TagValue};
 
 /// Version byte that starts every encoded operation.
@@ -88,15 +89,6 @@ impl Writer<'_> {
     }
 }
 
-/// Appends `v` as a LEB128 variable-length integer.
-pub(crate) fn push_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 /// Encodes an operation.
 pub(crate) fn encode(op: &Op, sites: &Sites) -> Vec<u8> {
     let mut w = Writer { buf: Vec::with_capacity(64), sites };
@@ -170,91 +162,6 @@ pub(crate) fn encode(op: &Op, sites: &Sites) -> Vec<u8> {
         }
     }
     w.buf
-}
-
-/// A bounded reader over untrusted bytes.
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf }
-    }
-
-    pub(crate) fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-
-    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
-        let (first, rest) = self.buf.split_first().ok_or(DecodeError::Truncated { what })?;
-        self.buf = rest;
-        Ok(*first)
-    }
-
-    pub(crate) fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = self.u8(what)?;
-            let bits = u64::from(byte & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(DecodeError::Overflow { what });
-            }
-            value |= bits << shift;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(DecodeError::Overflow { what })
-    }
-
-    fn signed(&mut self, what: &'static str) -> Result<i64, DecodeError> {
-        let v = self.varint(what)?;
-        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
-    }
-
-    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        let v = self.varint(what)?;
-        u32::try_from(v).map_err(|_| DecodeError::TooLong { what, len: v, max: u64::from(u32::MAX) })
-    }
-
-    pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
-        let len = self.varint(what)?;
-        if len > max as u64 {
-            return Err(DecodeError::TooLong { what, len, max: max as u64 });
-        }
-        let len = len as usize;
-        if len > self.buf.len() {
-            return Err(DecodeError::Truncated { what });
-        }
-        let (head, rest) = self.buf.split_at(len);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, DecodeError> {
-        let bytes = self.bytes(what, max)?;
-        std::str::from_utf8(bytes).map_err(|e| DecodeError::Invalid { what, reason: e.to_string() })
-    }
-
-    fn array32(&mut self, what: &'static str) -> Result<[u8; 32], DecodeError> {
-        if self.buf.len() < 32 {
-            return Err(DecodeError::Truncated { what });
-        }
-        let (head, rest) = self.buf.split_at(32);
-        self.buf = rest;
-        let mut out = [0u8; 32];
-        out.copy_from_slice(head);
-        Ok(out)
-    }
-
-    pub(crate) fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::TrailingBytes { what, count: self.buf.len() })
-        }
-    }
 }
 
 struct OpReader<'a, 's> {

@@ -23,6 +23,7 @@ mod name;
 mod namespace;
 mod query;
 mod tree;
+pub mod wire;
 
 pub use automerge::ChangeHash;
 pub use error::{DecodeError, ExchangeError, NameError, OpError, Result};

@@ -15,12 +15,13 @@ use automerge::{
     ActorId, AutoCommit, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef,
 };
 
-use crate::codec::{self, CreateBody, FileMeta, Op, Reader, TagChange, push_varint};
+use crate::codec::{self, CreateBody, FileMeta, Op, TagChange};
 use crate::error::{DecodeError, ExchangeError, OpError, Result};
 use crate::ids::{EntryId, OpId, SiteId, SiteIdx, Sites, parse_op_key};
 use crate::name::{check_symlink_target, check_tag_key, check_tag_value, join, split_path};
 use crate::query::Query;
 use crate::tree::{Data, Entry, Tree};
+use crate::wire::{Reader, push_varint};
 use crate::{ContentId, EntryKind, Hlc, TagValue};
 
 /// Largest saved document accepted by [`Namespace::load`]: ample for tens of millions of

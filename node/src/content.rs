@@ -10,6 +10,7 @@ use std::fmt;
 use std::ops::Range;
 
 use crdt_namespace::ContentId;
+use crdt_namespace::wire::{Reader, push_varint};
 
 /// Largest chunk any configuration may produce (FastCDC 2020's own upper bound).
 pub const CHUNK_MAX_BYTES: u32 = 16 << 20;
@@ -173,40 +174,40 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(48 + self.chunks.len() * 36);
         out.extend_from_slice(MANIFEST_MAGIC);
-        crate::varint::push(&mut out, self.size);
+        push_varint(&mut out, self.size);
         out.extend_from_slice(&self.file_hash);
-        crate::varint::push(&mut out, self.chunks.len() as u64);
+        push_varint(&mut out, self.chunks.len() as u64);
         for c in &self.chunks {
             out.extend_from_slice(&c.hash.0);
-            crate::varint::push(&mut out, u64::from(c.len));
+            push_varint(&mut out, u64::from(c.len));
         }
         out
     }
 
     /// Decodes and checks a manifest: every chunk 1..=16 MiB, lengths adding up to the size.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let malformed = |what: &str| ManifestError::Malformed(what.to_owned());
-        let rest = bytes.strip_prefix(MANIFEST_MAGIC.as_slice()).ok_or_else(|| malformed("bad magic"))?;
-        let mut r = crate::varint::Reader::new(rest);
-        let size = r.varint().ok_or_else(|| malformed("truncated size"))?;
-        let file_hash = r.array32().ok_or_else(|| malformed("truncated file hash"))?;
-        let count = r.varint().ok_or_else(|| malformed("truncated chunk count"))?;
+        let malformed = |e: crdt_namespace::DecodeError| ManifestError::Malformed(e.to_string());
+        let rest = bytes
+            .strip_prefix(MANIFEST_MAGIC.as_slice())
+            .ok_or_else(|| ManifestError::Malformed("bad magic".into()))?;
+        let mut r = Reader::new(rest);
+        let size = r.varint("size").map_err(malformed)?;
+        let file_hash = r.array32("file hash").map_err(malformed)?;
+        let count = r.varint("chunk count").map_err(malformed)?;
         // Each chunk takes at least 33 bytes: the count cannot promise more than the input holds.
         if count > (r.remaining() / 33) as u64 {
-            return Err(malformed("chunk count larger than the input"));
+            return Err(ManifestError::Malformed("chunk count larger than the input".into()));
         }
         let mut chunks = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let hash = ChunkHash(r.array32().ok_or_else(|| malformed("truncated chunk hash"))?);
-            let len = r.varint().ok_or_else(|| malformed("truncated chunk length"))?;
+            let hash = ChunkHash(r.array32("chunk hash").map_err(malformed)?);
+            let len = r.varint("chunk length").map_err(malformed)?;
             if len == 0 || len > u64::from(CHUNK_MAX_BYTES) {
                 return Err(ManifestError::Inconsistent(format!("chunk length {len} out of 1..=16 MiB")));
             }
             chunks.push(ChunkRef { hash, len: len as u32 });
         }
-        if r.remaining() != 0 {
-            return Err(malformed("trailing bytes"));
-        }
+        r.finish("manifest").map_err(malformed)?;
         let manifest = Manifest::new(file_hash, chunks);
         if manifest.size != size {
             return Err(ManifestError::Inconsistent(format!(
@@ -293,9 +294,9 @@ mod tests {
         lying.size += 1;
         assert!(matches!(Manifest::decode(&lying.encode()), Err(ManifestError::Inconsistent(_))));
         let mut huge_count = b"MMF1".to_vec();
-        crate::varint::push(&mut huge_count, 10);
+        push_varint(&mut huge_count, 10);
         huge_count.extend_from_slice(&[0; 32]);
-        crate::varint::push(&mut huge_count, u64::MAX >> 1);
+        push_varint(&mut huge_count, u64::MAX >> 1);
         assert!(Manifest::decode(&huge_count).is_err());
         assert!(ChunkerConfig { min_bytes: 10, avg_bytes: 4096, max_bytes: 16384 }.check().is_err());
         assert!(ChunkerConfig::default().check().is_ok());

@@ -18,6 +18,5 @@ pub mod content;
 pub mod core;
 pub mod runtime;
 pub mod store;
-mod varint;
 
 pub use crdt_namespace::{Hlc, Namespace, SiteId};

@@ -4,7 +4,8 @@
 //! length is bounded by [`MESSAGE_MAX_BYTES`] and by the input: decoding hostile bytes returns an
 //! error, never panics, and never allocates more than the input's length.
 
-use crdt_namespace::ContentId;
+use crdt_namespace::wire::{Reader, push_bytes, push_varint};
+use crdt_namespace::{ContentId, DecodeError};
 
 use crate::PROTOCOL_VERSION;
 
@@ -88,7 +89,7 @@ pub enum ProtoError {
     Version(u16),
     /// The message is malformed.
     #[error("malformed message: {0}")]
-    Malformed(&'static str),
+    Malformed(#[from] DecodeError),
 }
 
 const TAG_SYNC: u8 = 0;
@@ -98,19 +99,6 @@ const TAG_HOLDS: u8 = 3;
 const TAG_GET_CHUNK: u8 = 4;
 const TAG_CHUNK: u8 = 5;
 const TAG_NO_CHUNK: u8 = 6;
-
-fn push_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn push_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    push_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
 
 impl Message {
     /// The binary encoding.
@@ -166,94 +154,47 @@ impl Message {
         if bytes.len() > MESSAGE_MAX_BYTES {
             return Err(ProtoError::TooLarge(bytes.len()));
         }
-        let mut r = Reader(bytes);
-        let version = u16::from_le_bytes(r.array::<2>("version")?);
+        let mut r = Reader::new(bytes);
+        let version = u16::from_le_bytes([r.u8("version")?, r.u8("version")?]);
         if version != PROTOCOL_VERSION {
             return Err(ProtoError::Version(version));
         }
-        let message = match r.u8("tag")? {
+        let message = match r.u8("message tag")? {
             TAG_SYNC => Message::Sync { payload: r.bytes("sync payload", MESSAGE_MAX_BYTES)?.to_vec() },
             TAG_PUSH => Message::Push { changes: r.bytes("push changes", MESSAGE_MAX_BYTES)?.to_vec() },
-            TAG_WHO_HAS => Message::WhoHas { content: ContentId(r.array("content id")?) },
+            TAG_WHO_HAS => Message::WhoHas { content: ContentId(r.array32("content id")?) },
             TAG_HOLDS => {
-                let content = ContentId(r.array("content id")?);
+                let content = ContentId(r.array32("content id")?);
                 let manifest = match r.u8("manifest flag")? {
                     0 => None,
                     1 => Some(r.bytes("manifest", MESSAGE_MAX_BYTES)?.to_vec()),
-                    _ => return Err(ProtoError::Malformed("manifest flag is neither 0 nor 1")),
+                    tag => return Err(DecodeError::UnknownTag { what: "manifest flag", tag }.into()),
                 };
                 Message::Holds { content, manifest }
             }
             TAG_GET_CHUNK => {
                 let request = r.varint("request id")?;
-                let chunk = r.array("chunk hash")?;
+                let chunk = r.array32("chunk hash")?;
                 let priority = match r.u8("priority")? {
                     0 => Priority::Urgent,
                     1 => Priority::Background,
-                    _ => return Err(ProtoError::Malformed("unknown priority")),
+                    tag => return Err(DecodeError::UnknownTag { what: "priority", tag }.into()),
                 };
                 Message::GetChunk { request, chunk, priority }
             }
             TAG_CHUNK => {
                 let request = r.varint("request id")?;
-                let chunk = r.array("chunk hash")?;
+                let chunk = r.array32("chunk hash")?;
                 let data = r.bytes("chunk data", CHUNK_MAX_BYTES)?.to_vec();
                 Message::Chunk { request, chunk, data }
             }
             TAG_NO_CHUNK => {
-                Message::NoChunk { request: r.varint("request id")?, chunk: r.array("chunk hash")? }
+                Message::NoChunk { request: r.varint("request id")?, chunk: r.array32("chunk hash")? }
             }
-            _ => return Err(ProtoError::Malformed("unknown message tag")),
+            tag => return Err(DecodeError::UnknownTag { what: "message", tag }.into()),
         };
-        if !r.0.is_empty() {
-            return Err(ProtoError::Malformed("trailing bytes after the message"));
-        }
+        r.finish("message")?;
         Ok(message)
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
-        let (b, rest) = self.0.split_first().ok_or(ProtoError::Malformed(what))?;
-        self.0 = rest;
-        Ok(*b)
-    }
-
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ProtoError> {
-        if self.0.len() < N {
-            return Err(ProtoError::Malformed(what));
-        }
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        Ok(head.try_into().expect("split at N"))
-    }
-
-    fn varint(&mut self, what: &'static str) -> Result<u64, ProtoError> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = self.u8(what)?;
-            let bits = u64::from(byte & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(ProtoError::Malformed(what));
-            }
-            value |= bits << shift;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(ProtoError::Malformed(what))
-    }
-
-    fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], ProtoError> {
-        let len = self.varint(what)?;
-        if len > max as u64 || len > self.0.len() as u64 {
-            return Err(ProtoError::Malformed(what));
-        }
-        let (head, rest) = self.0.split_at(len as usize);
-        self.0 = rest;
-        Ok(head)
     }
 }
 
