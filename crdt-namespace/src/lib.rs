@@ -25,6 +25,32 @@ mod query;
 mod tree;
 pub mod wire;
 
+/// Deliberate breakage of a contract rule, for testing the testers. Without the `sabotage`
+/// feature nothing can be switched on.
+pub mod sabotage {
+    #[cfg(feature = "sabotage")]
+    static SKIP_CYCLE_CHECK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes moves skip the cycle check (the contract says a move that would create a cycle is
+    /// skipped). For tests of the simulator only.
+    #[cfg(feature = "sabotage")]
+    pub fn set_skip_cycle_check(on: bool) {
+        SKIP_CYCLE_CHECK.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether moves skip the cycle check.
+    pub(crate) fn skip_cycle_check() -> bool {
+        #[cfg(feature = "sabotage")]
+        {
+            SKIP_CYCLE_CHECK.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "sabotage"))]
+        {
+            false
+        }
+    }
+}
+
 pub use automerge::ChangeHash;
 pub use error::{DecodeError, ExchangeError, NameError, OpError, Result};
 pub use hlc::{Hlc, HlcClock};
