@@ -72,6 +72,11 @@ enum Undo {
     Aliased(EntryId),
 }
 
+/// A directory created where another already was, merged into it.
+struct Alias {
+    into: EntryId,
+}
+
 /// One applied operation in the log, with where its undo records start.
 #[derive(Clone, Copy)]
 struct Applied {
@@ -93,7 +98,7 @@ pub(crate) struct Tree {
     /// Live children of each directory by name.
     children: HashMap<EntryId, BTreeMap<Box<str>, EntryId>>,
     /// Directories created concurrently at the same path, merged into the one applied first.
-    aliases: HashMap<EntryId, EntryId>,
+    aliases: HashMap<EntryId, Alias>,
     log: Vec<Applied>,
     undo: Vec<Undo>,
     /// Number of live entries, the root included.
@@ -166,7 +171,7 @@ impl Tree {
         // against a bug turning into a hang.
         for _ in 0..=self.aliases.len() {
             match self.aliases.get(&id) {
-                Some(target) => id = *target,
+                Some(alias) => id = alias.into,
                 None => return id,
             }
         }
@@ -331,7 +336,7 @@ impl Tree {
             && let Some(existing) = self.child(parent, name).filter(|c| self.is_dir(*c))
         {
             // Both sites made this directory: one directory, the union of both contents.
-            self.aliases.insert(id, existing);
+            self.aliases.insert(id, Alias { into: existing });
             self.undo.push(Undo::Aliased(id));
             return;
         }
@@ -402,6 +407,13 @@ impl Tree {
     }
 
     fn apply_remove(&mut self, target: EntryId, seen: &[(SiteIdx, Hlc)]) {
+        if self.aliases.contains_key(&target) {
+            // The remover saw this directory before it was merged into one made concurrently
+            // at the same path: what it saw under it is not what the merged directory holds,
+            // and deleting by its own view could take writes it saw elsewhere. Nothing is
+            // removed (found by the simulator, seed 682 with all faults).
+            return;
+        }
         let target = self.canonical(target);
         if target == EntryId::ROOT || !self.is_alive(target) {
             return;

@@ -585,6 +585,7 @@ impl World {
     /// Kills a site: what it had not synced is lost, and an unsynced chunk file may be torn.
     fn crash(&mut self, s: usize) {
         self.trace.update(&[3, s as u8]);
+        self.debug(format_args!("crash {}", self.sites[s].name));
         for other in 0..self.sites.len() {
             if other != s {
                 self.disconnect(s, other);
@@ -679,6 +680,12 @@ impl World {
         id
     }
 
+    fn debug(&self, what: std::fmt::Arguments<'_>) {
+        if std::env::var_os("SIM_DEBUG").is_some() {
+            eprintln!("[{}] {what}", self.now - 1_700_000_000_000);
+        }
+    }
+
     fn client_op(&mut self) -> Result<(), String> {
         let live: Vec<usize> = (0..self.sites.len()).filter(|s| self.sites[*s].core.is_some()).collect();
         if live.is_empty() {
@@ -689,6 +696,7 @@ impl World {
         let path = format!("{dir}/{}", self.rng.pick(&NAMES));
         self.trace.update(&[5, s as u8]);
         self.trace.update(path.as_bytes());
+        self.debug(format_args!("op at {} on {path} / {dir}", self.sites[s].name));
         match self.rng.below(100) {
             0..=14 => {
                 let _ = self.request(
@@ -702,11 +710,25 @@ impl World {
                 let to_dir = *self.rng.pick(&DIRS);
                 let to = format!("{to_dir}/{}", self.rng.pick(&NAMES));
                 let from = if self.rng.chance(0.5) { dir.to_string() } else { path };
+                self.debug(format_args!("rename {from} -> {to} at {}", self.sites[s].name));
                 let _ = self.request(s, Request::Rename { from, to }, Pending::Other);
             }
             65..=74 => {
                 let target = if self.rng.chance(0.5) { dir.to_string() } else { path };
                 let seen = self.versions_below(s, &target);
+                self.debug(format_args!("remove {target} at {}", self.sites[s].name));
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    let ns = self.sites[s].core.as_ref().expect("up").namespace();
+                    for e in ns.walk("/").unwrap_or_default() {
+                        eprintln!(
+                            "    {} {:?} {} {:?}",
+                            &e.stat.id[..8],
+                            e.stat.kind,
+                            e.path,
+                            e.stat.version.map(|v| v.content)
+                        );
+                    }
+                }
                 let _ = self.request(
                     s,
                     Request::Remove { path: target, recursive: true },
@@ -777,6 +799,7 @@ impl World {
         }
         self.contents.insert(content, data);
         let request = Request::CommitVersion { path: path.into(), manifest, mode: 0o644, mtime_ns: 0 };
+        self.debug(format_args!("put {path} at {} -> {content} (replaces {current:?})", self.sites[s].name));
         let _ = self.request(s, request, Pending::Write { content, replaced: current });
     }
 
@@ -790,15 +813,22 @@ impl World {
         }
         let Some((_, pending)) = self.requests.remove(&id) else { return };
         self.reads.remove(&id);
+        self.debug(format_args!(
+            "reply {id} at {}: {:?}",
+            self.sites[s].name,
+            reply.as_ref().map(|_| ()).map_err(|e| e.to_string())
+        ));
         match (pending, reply) {
             (Pending::Write { content, replaced }, Ok(Reply::Done)) => {
                 self.acknowledged.insert(content);
                 self.discarded.extend(replaced);
             }
-            (Pending::Remove { seen }, Ok(Reply::Done)) => self.discarded.extend(seen),
+            (Pending::Remove { seen }, Ok(Reply::Done)) => {
+                self.debug(format_args!("remove at {} discards {seen:?}", self.sites[s].name));
+                self.discarded.extend(seen)
+            }
             _ => {}
         }
-        let _ = s;
     }
 
     // ---------------------------------------------------------------------------------------
@@ -848,6 +878,17 @@ impl World {
             walk.iter().filter_map(|e| e.stat.version.as_ref().map(|v| v.content)).collect();
         for content in self.acknowledged.difference(&self.discarded) {
             if !live.contains(content) {
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    for e in &walk {
+                        eprintln!(
+                            "    {} {:?} {} {:?}",
+                            &e.stat.id[..8],
+                            e.stat.kind,
+                            e.path,
+                            e.stat.version.as_ref().map(|v| (v.content, v.site.clone(), v.hlc))
+                        );
+                    }
+                }
                 return Err(format!("acknowledged version {content} was lost"));
             }
         }

@@ -1,0 +1,55 @@
+//! Seeds run in the test suite: a sweep with every fault on, determinism, and (as they are
+//! found) every seed that ever failed, kept as a regression test.
+
+use sim::{Faults, Options, run};
+
+/// A seed that once failed, with the options it failed with.
+struct Regression {
+    seed: u64,
+    faults: Option<&'static str>,
+    /// What it found.
+    bug: &'static str,
+}
+
+/// Seeds that once failed. Each stays here after its bug is fixed.
+const REGRESSIONS: &[Regression] = &[Regression {
+    seed: 682,
+    faults: Some("all"),
+    bug: "a remove of a directory merged into one made concurrently at the same path deleted a \
+          write its site had seen elsewhere",
+}];
+
+#[test]
+fn every_fault_at_once_still_converges() {
+    let options = Options { faults: Some(Faults::parse("all").unwrap()), ..Options::default() };
+    for seed in 0..200 {
+        if let Err(f) = run(seed, &options) {
+            panic!(
+                "seed {seed} failed: {}\nreproduce: cargo run --release -p sim -- --seed {seed} --faults all",
+                f.message
+            );
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    for seed in [3, 17, 99] {
+        let a = run(seed, &Options::default()).unwrap();
+        let b = run(seed, &Options::default()).unwrap();
+        assert_eq!(a.trace, b.trace, "seed {seed}");
+        assert!(a.events > 0);
+    }
+    // Different seeds give different traces.
+    assert_ne!(run(1, &Options::default()).unwrap().trace, run(2, &Options::default()).unwrap().trace);
+}
+
+#[test]
+fn seeds_that_once_failed_pass() {
+    for r in REGRESSIONS {
+        let options = Options { faults: r.faults.map(|f| Faults::parse(f).unwrap()), ..Options::default() };
+        if let Err(f) = run(r.seed, &options) {
+            panic!("regression seed {} ({}) fails again: {}", r.seed, r.bug, f.message);
+        }
+    }
+}
