@@ -16,16 +16,44 @@ use crate::{Hlc, TagValue};
 const OP_FORMAT_V1: u8 = 1;
 /// Most sites a remove operation may list in what it had seen. A mesh is tens of sites.
 pub(crate) const SEEN_SITES_MAX: usize = 4096;
+/// Most entries one remove may list: a recursive remove of a tree of 16 million entries.
+pub(crate) const REMOVE_ENTRIES_MAX: usize = 16 << 20;
 
 /// One namespace operation. Entry references are resolved through the replica's site numbers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
-    Create { parent: EntryId, name: Box<str>, body: CreateBody },
-    Write { target: EntryId, base: OpId, meta: FileMeta },
-    Move { target: EntryId, parent: EntryId, name: Box<str> },
-    Remove { target: EntryId, seen: Vec<(SiteIdx, Hlc)> },
-    SetTag { target: EntryId, key: Box<str>, change: TagChange },
-    SetAttr { target: EntryId, mode: Option<u32>, mtime_ns: Option<i64> },
+    Create {
+        parent: EntryId,
+        name: Box<str>,
+        body: CreateBody,
+    },
+    Write {
+        target: EntryId,
+        base: OpId,
+        meta: FileMeta,
+    },
+    Move {
+        target: EntryId,
+        parent: EntryId,
+        name: Box<str>,
+    },
+    /// `seen`: the remover's version vector; `entries`: the live entries it saw in the subtree
+    /// (the target included). Only those can be deleted.
+    Remove {
+        target: EntryId,
+        seen: Vec<(SiteIdx, Hlc)>,
+        entries: Vec<EntryId>,
+    },
+    SetTag {
+        target: EntryId,
+        key: Box<str>,
+        change: TagChange,
+    },
+    SetAttr {
+        target: EntryId,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+    },
 }
 
 /// What a create operation makes.
@@ -127,13 +155,23 @@ pub(crate) fn encode(op: &Op, sites: &Sites) -> Vec<u8> {
             w.entry(*parent);
             w.str(name);
         }
-        Op::Remove { target, seen } => {
+        Op::Remove { target, seen, entries } => {
             w.u8(3);
             w.entry(*target);
             w.varint(seen.len() as u64);
             for (site, hlc) in seen {
                 w.str(sites.name(*site));
                 w.varint(hlc.raw());
+            }
+            // Entries name their site by its place in `seen`: the remover saw their creation.
+            let place: std::collections::HashMap<SiteIdx, usize> =
+                seen.iter().enumerate().map(|(i, (site, _))| (*site, i)).collect();
+            let listed: Vec<&EntryId> = entries.iter().filter(|e| place.contains_key(&e.op.site)).collect();
+            w.varint(listed.len() as u64);
+            for e in listed {
+                w.varint(place[&e.op.site] as u64);
+                w.varint(e.op.hlc.raw());
+                w.u8(u8::from(e.copy));
             }
         }
         Op::SetTag { target, key, change } => {
@@ -265,7 +303,31 @@ pub(crate) fn decode(bytes: &[u8], sites: &mut Sites) -> Result<Op, DecodeError>
                 let site = d.site("seen site")?;
                 seen.push((site, Hlc::from_raw(d.r.varint("seen hlc")?)));
             }
-            Op::Remove { target, seen }
+            let count = d.r.varint("removed entries")?;
+            if count > REMOVE_ENTRIES_MAX as u64 {
+                return Err(DecodeError::TooLong {
+                    what: "removed entries",
+                    len: count,
+                    max: REMOVE_ENTRIES_MAX as u64,
+                });
+            }
+            // Each entry takes at least three bytes, so the input bounds the allocation.
+            let mut entries = Vec::with_capacity((count as usize).min(d.r.remaining() / 3));
+            for _ in 0..count {
+                let place = d.r.varint("removed entry site")?;
+                let (site, _) = *seen.get(place as usize).ok_or(DecodeError::Invalid {
+                    what: "removed entry",
+                    reason: format!("site number {place} is not among the {} seen", seen.len()),
+                })?;
+                let hlc = Hlc::from_raw(d.r.varint("removed entry hlc")?);
+                let copy = match d.r.u8("removed entry kind")? {
+                    0 => false,
+                    1 => true,
+                    tag => return Err(DecodeError::UnknownTag { what: "removed entry kind", tag }),
+                };
+                entries.push(EntryId { op: OpId { hlc, site }, copy });
+            }
+            Op::Remove { target, seen, entries }
         }
         4 => {
             let target = d.entry("target")?;
@@ -322,7 +384,7 @@ mod tests {
             },
             Op::Write { target: id(2), base: OpId { hlc: Hlc::from_raw(2), site: west }, meta },
             Op::Move { target: EntryId::copy_of(id(2).op), parent: EntryId::ROOT, name: "b".into() },
-            Op::Remove { target: id(1), seen: vec![(west, Hlc::from_raw(77))] },
+            Op::Remove { target: id(1), seen: vec![(west, Hlc::from_raw(77))], entries: vec![id(1), id(2)] },
             Op::SetTag {
                 target: id(1),
                 key: "project".into(),

@@ -570,7 +570,8 @@ impl Namespace {
             .filter(|(_, h)| **h > Hlc::ZERO)
             .map(|(i, h)| (SiteIdx(i as u32), *h))
             .collect();
-        self.record(hlc, Op::Remove { target, seen });
+        let entries = self.tree.subtree(target);
+        self.record(hlc, Op::Remove { target, seen, entries });
         Ok(())
     }
 

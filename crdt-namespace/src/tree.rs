@@ -7,7 +7,7 @@
 //! The tree never reads a clock, never does I/O and never allocates without a bound set by the
 //! operations it is given.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::codec::{CreateBody, FileMeta, Op, TagChange};
 use crate::ids::{EntryId, OpId, SiteIdx, Sites};
@@ -165,6 +165,17 @@ impl Tree {
         self.log.len()
     }
 
+    /// The live entries of the subtree at `root`, `root` included.
+    pub(crate) fn subtree(&self, root: EntryId) -> Vec<EntryId> {
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            out.push(id);
+            stack.extend(self.children(id).map(|(_, c)| c));
+        }
+        out
+    }
+
     /// Follows the merges of concurrently created directories.
     pub(crate) fn canonical(&self, mut id: EntryId) -> EntryId {
         // Each alias points at a directory applied earlier, so chains end; the bound guards
@@ -285,7 +296,7 @@ impl Tree {
             Op::Create { parent, name, body } => self.apply_create(id, *parent, name, body, sites),
             Op::Write { target, base, meta } => self.apply_write(id, *target, *base, meta, sites),
             Op::Move { target, parent, name } => self.apply_move(id, *target, *parent, name, sites),
-            Op::Remove { target, seen } => self.apply_remove(*target, seen),
+            Op::Remove { target, seen, entries } => self.apply_remove(*target, seen, entries),
             Op::SetTag { target, key, change } => {
                 let target = self.canonical(*target);
                 if self.get(target).is_some() {
@@ -406,14 +417,12 @@ impl Tree {
         });
     }
 
-    fn apply_remove(&mut self, target: EntryId, seen: &[(SiteIdx, Hlc)]) {
-        if self.aliases.contains_key(&target) {
-            // The remover saw this directory before it was merged into one made concurrently
-            // at the same path: what it saw under it is not what the merged directory holds,
-            // and deleting by its own view could take writes it saw elsewhere. Nothing is
-            // removed (found by the simulator, seed 682 with all faults).
-            return;
-        }
+    fn apply_remove(&mut self, target: EntryId, seen: &[(SiteIdx, Hlc)], listed: &[EntryId]) {
+        // Only entries the remover saw in the subtree can go: an entry that the final order of
+        // operations puts there but the remover saw elsewhere (a directory merged into one made
+        // concurrently, a move skipped for a cycle) stays (found by the simulator: seeds 682 and
+        // 1587 with all faults).
+        let listed: HashSet<EntryId> = listed.iter().copied().collect();
         let target = self.canonical(target);
         if target == EntryId::ROOT || !self.is_alive(target) {
             return;
@@ -437,7 +446,12 @@ impl Tree {
             let written_unseen = matches!(&e.data, Data::File(v) if !was_seen(v.op));
             let protected = inherited || (placed_unseen && parent.is_some());
             let index = visits.len();
-            visits.push(Visit { id, parent, survives: protected || placed_unseen || written_unseen });
+            let unlisted = !listed.contains(&id);
+            visits.push(Visit {
+                id,
+                parent,
+                survives: protected || placed_unseen || written_unseen || unlisted,
+            });
             stack.extend(self.children(id).map(|(_, c)| (c, Some(index), protected)));
         }
         // Children come after their parents: walking backwards settles children first.

@@ -12,12 +12,20 @@ struct Regression {
 }
 
 /// Seeds that once failed. Each stays here after its bug is fixed.
-const REGRESSIONS: &[Regression] = &[Regression {
-    seed: 682,
-    faults: Some("all"),
-    bug: "a remove of a directory merged into one made concurrently at the same path deleted a \
-          write its site had seen elsewhere",
-}];
+const REGRESSIONS: &[Regression] = &[
+    Regression {
+        seed: 682,
+        faults: Some("all"),
+        bug: "a remove of a directory merged into one made concurrently at the same path deleted a \
+              write its site had seen elsewhere",
+    },
+    Regression {
+        seed: 1587,
+        faults: Some("all"),
+        bug: "a remove deleted a file its site had seen outside the removed directory, which the \
+              final order of operations had placed inside it",
+    },
+];
 
 #[test]
 fn every_fault_at_once_still_converges() {
