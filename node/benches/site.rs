@@ -114,66 +114,62 @@ fn big_file(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(BIG_BYTES as u64));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(30));
+    // Each sample: `setup` (untimed) gives what the timed `work` needs; `cleanup` undoes it.
+    let sampled =
+        |samples: &RefCell<Vec<Duration>>, iters: u64, work: &mut dyn FnMut() -> Box<dyn FnOnce()>| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let started = Instant::now();
+                let cleanup = work();
+                let took = started.elapsed();
+                samples.borrow_mut().push(took);
+                total += took;
+                cleanup();
+            }
+            total
+        };
     group.bench_function("meridian put", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let site = Site::start(root.path());
-                let started = Instant::now();
-                assert!(site.cli(&["put", source.to_str().unwrap(), "/big.bin"]));
-                let took = started.elapsed();
-                samples[0].borrow_mut().push(took);
-                total += took;
+                total += sampled(samples[0], 1, &mut || {
+                    assert!(site.cli(&["put", source.to_str().unwrap(), "/big.bin"]));
+                    Box::new(|| {})
+                });
             }
             total
         })
     });
+    let copy = root.path().join("copy.bin");
     group.bench_function("cp + sync", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let target = root.path().join("copy.bin");
-                let started = Instant::now();
-                run(Command::new("cp").arg(&source).arg(&target));
-                run(Command::new("sync").arg(&target));
-                let took = started.elapsed();
-                samples[1].borrow_mut().push(took);
-                total += took;
-                std::fs::remove_file(&target).unwrap();
-            }
-            total
+            sampled(samples[1], iters, &mut || {
+                run(Command::new("cp").arg(&source).arg(&copy));
+                run(Command::new("sync").arg(&copy));
+                let copy = copy.clone();
+                Box::new(move || std::fs::remove_file(copy).unwrap())
+            })
         })
     });
     let site = Site::start(root.path());
     assert!(site.cli(&["put", source.to_str().unwrap(), "/big.bin"]));
     group.bench_function("meridian get", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let target = root.path().join("got.bin");
-                let started = Instant::now();
-                assert!(site.cli(&["get", "/big.bin", target.to_str().unwrap()]));
-                let took = started.elapsed();
-                samples[2].borrow_mut().push(took);
-                total += took;
-                std::fs::remove_file(&target).unwrap();
-            }
-            total
+            sampled(samples[2], iters, &mut || {
+                assert!(site.cli(&["get", "/big.bin", copy.to_str().unwrap()]));
+                let copy = copy.clone();
+                Box::new(move || std::fs::remove_file(copy).unwrap())
+            })
         })
     });
     group.bench_function("cp", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let target = root.path().join("copy.bin");
-                let started = Instant::now();
-                run(Command::new("cp").arg(&source).arg(&target));
-                let took = started.elapsed();
-                samples[3].borrow_mut().push(took);
-                total += took;
-                std::fs::remove_file(&target).unwrap();
-            }
-            total
+            sampled(samples[3], iters, &mut || {
+                run(Command::new("cp").arg(&source).arg(&copy));
+                let copy = copy.clone();
+                Box::new(move || std::fs::remove_file(copy).unwrap())
+            })
         })
     });
     group.finish();
