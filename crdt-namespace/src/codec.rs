@@ -289,30 +289,15 @@ pub(crate) fn decode(bytes: &[u8], sites: &mut Sites) -> Result<Op, DecodeError>
         2 => Op::Move { target: d.entry("target")?, parent: d.entry("parent")?, name: d.name()? },
         3 => {
             let target = d.entry("target")?;
-            let count = d.r.varint("seen sites")?;
-            if count > SEEN_SITES_MAX as u64 {
-                return Err(DecodeError::TooLong {
-                    what: "seen sites",
-                    len: count,
-                    max: SEEN_SITES_MAX as u64,
-                });
-            }
-            // Each listed site takes at least two bytes, so the input bounds the allocation.
-            let mut seen = Vec::with_capacity((count as usize).min(d.r.remaining() / 2));
+            // A seen site takes at least two bytes, a removed entry three.
+            let (count, capacity) = d.r.count("seen sites", SEEN_SITES_MAX, 2)?;
+            let mut seen = Vec::with_capacity(capacity);
             for _ in 0..count {
                 let site = d.site("seen site")?;
                 seen.push((site, Hlc::from_raw(d.r.varint("seen hlc")?)));
             }
-            let count = d.r.varint("removed entries")?;
-            if count > REMOVE_ENTRIES_MAX as u64 {
-                return Err(DecodeError::TooLong {
-                    what: "removed entries",
-                    len: count,
-                    max: REMOVE_ENTRIES_MAX as u64,
-                });
-            }
-            // Each entry takes at least three bytes, so the input bounds the allocation.
-            let mut entries = Vec::with_capacity((count as usize).min(d.r.remaining() / 3));
+            let (count, capacity) = d.r.count("removed entries", REMOVE_ENTRIES_MAX, 3)?;
+            let mut entries = Vec::with_capacity(capacity);
             for _ in 0..count {
                 let place = d.r.varint("removed entry site")?;
                 let (site, _) = *seen.get(place as usize).ok_or(DecodeError::Invalid {

@@ -104,6 +104,21 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// A count of items, at most `max`, each taking at least `min_item_bytes` of the input.
+    /// Returns the count and a capacity to reserve that the input's length bounds.
+    pub fn count(
+        &mut self,
+        what: &'static str,
+        max: usize,
+        min_item_bytes: usize,
+    ) -> Result<(u64, usize), DecodeError> {
+        let count = self.varint(what)?;
+        if count > max as u64 {
+            return Err(DecodeError::TooLong { what, len: count, max: max as u64 });
+        }
+        Ok((count, (count as usize).min(self.remaining() / min_item_bytes.max(1))))
+    }
+
     /// Fails if bytes are left over.
     pub fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
         if self.buf.is_empty() {

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -555,9 +554,4 @@ async fn serve_read(mut stream: UnixStream, handle: Handle, request: Request) ->
         }
     }
     bail!("the node stopped during the read")
-}
-
-/// Where the daemon for a configuration listens.
-pub fn socket_of(loaded: &Loaded) -> PathBuf {
-    loaded.socket()
 }
