@@ -802,6 +802,13 @@ impl Namespace {
         self.doc.get_heads()
     }
 
+    /// How many of this replica's changes the peer of `session` has not yet confirmed holding
+    /// (as of the last sync round with it).
+    pub fn unconfirmed_changes(&mut self, session: &SyncSession) -> usize {
+        self.commit();
+        self.doc.get_changes(&session.state.shared_heads).len()
+    }
+
     /// The changes a peer whose heads are `their_heads` lacks, framed for [`Namespace::import`].
     /// With no heads, everything.
     pub fn export_since(&mut self, their_heads: &[ChangeHash]) -> Vec<u8> {

@@ -93,6 +93,20 @@ pub enum ApiRequest {
     },
     /// The site's state.
     Status,
+    /// The mesh members and their links.
+    MeshLs,
+    /// Cut (or restore) the link to a member until the node restarts.
+    MeshBlock {
+        /// The member's site id.
+        site: String,
+        /// Cut if true, restore if false.
+        blocked: bool,
+    },
+    /// Admit a new mesh member (already written to the configuration).
+    MeshAdd {
+        /// The member.
+        peer: crate::config::PeerConfig,
+    },
 }
 
 /// Writes one frame.

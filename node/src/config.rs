@@ -6,6 +6,10 @@ use anyhow::{Context, bail};
 use crdt_namespace::SiteId;
 use serde::{Deserialize, Serialize};
 
+use libp2p_identity::PeerId;
+use transport::p2p::Member;
+use transport::p2p::multiaddr::{Multiaddr, Protocol};
+
 use crate::content::ChunkerConfig;
 
 /// Name of the configuration file `meridian init` writes.
@@ -45,9 +49,70 @@ pub struct Config {
     /// directory.
     #[serde(default = "default_key_file")]
     pub key_file: PathBuf,
+    /// Addresses to listen on for other sites (libp2p multiaddrs): QUIC and TCP.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
     /// Content chunking.
     #[serde(default)]
     pub chunking: Chunking,
+    /// The other sites of the mesh. A connection from a peer not listed here is refused.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Another site of the mesh (`[[peers]]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its site id.
+    pub site: String,
+    /// Its region.
+    pub region: String,
+    /// Its libp2p peer id (what `meridian init` printed there).
+    pub peer_id: String,
+    /// Where to reach it, in order of preference (QUIC first, then TCP).
+    #[serde(default)]
+    pub addrs: Vec<String>,
+}
+
+/// Default port of the site-to-site listeners.
+pub const DEFAULT_PORT: u16 = 4100;
+
+/// The default listen addresses for `port`: QUIC and TCP on every interface.
+pub fn listen_addrs(host: &str, port: u16) -> Vec<String> {
+    vec![format!("/ip4/{host}/udp/{port}/quic-v1"), format!("/ip4/{host}/tcp/{port}")]
+}
+
+fn default_listen() -> Vec<String> {
+    listen_addrs("0.0.0.0", DEFAULT_PORT)
+}
+
+impl PeerConfig {
+    /// The peer as the mesh takes it; errors name what is wrong.
+    pub fn member(&self) -> anyhow::Result<Member> {
+        let site = SiteId::new(&self.site).map_err(|e| anyhow::anyhow!("peer site {:?}: {e}", self.site))?;
+        check_region(&self.region)?;
+        let peer = self
+            .peer_id
+            .parse::<PeerId>()
+            .map_err(|e| anyhow::anyhow!("peer {}: peer id {:?}: {e}", self.site, self.peer_id))?;
+        let addrs = self
+            .addrs
+            .iter()
+            .map(|a| parse_addr(a).with_context(|| format!("peer {}", self.site)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Member { site, peer, addrs })
+    }
+}
+
+/// Parses a libp2p multiaddr such as `/ip4/10.0.0.2/udp/4100/quic-v1`.
+pub fn parse_addr(addr: &str) -> anyhow::Result<Multiaddr> {
+    let parsed: Multiaddr = addr.parse().map_err(|e| anyhow::anyhow!("address {addr:?}: {e}"))?;
+    let ok = parsed.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Tcp(_)));
+    if !ok {
+        bail!("address {addr:?} is neither QUIC (`/udp/PORT/quic-v1`) nor TCP (`/tcp/PORT`)");
+    }
+    Ok(parsed)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -77,7 +142,9 @@ impl Config {
             region: region.to_owned(),
             data_dir: default_data_dir(),
             key_file: default_key_file(),
+            listen: default_listen(),
             chunking: Chunking::default(),
+            peers: Vec::new(),
         }
     }
 
@@ -86,12 +153,45 @@ impl Config {
         SiteId::new(&self.site).map_err(anyhow::Error::msg)?;
         check_region(&self.region)?;
         self.chunker().check().map_err(anyhow::Error::msg)?;
+        for addr in &self.listen {
+            parse_addr(addr).context("listen")?;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            peer.member()?;
+            if peer.site == self.site {
+                bail!("peer {} has this site's own name", peer.site);
+            }
+            if !seen.insert(&peer.site) || !seen.insert(&peer.peer_id) {
+                bail!("peer {} is listed twice (by name or peer id)", peer.site);
+            }
+        }
         Ok(())
     }
 
     /// The site id.
     pub fn site_id(&self) -> SiteId {
         SiteId::new(&self.site).expect("checked when loaded")
+    }
+
+    /// The mesh members, as the transport takes them.
+    pub fn members(&self) -> Vec<Member> {
+        self.peers.iter().map(|p| p.member().expect("checked when loaded")).collect()
+    }
+
+    /// The listen addresses.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen.iter().map(|a| parse_addr(a).expect("checked when loaded")).collect()
+    }
+
+    /// Writes the configuration to `path` (through a temporary file, so a crash leaves the
+    /// old or the new file, never half of one).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string(self).context("encoding the configuration")?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+        Ok(())
     }
 
     /// The chunker configuration.

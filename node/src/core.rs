@@ -171,8 +171,9 @@ pub enum Reply {
 pub struct Status {
     /// This site.
     pub site: String,
-    /// Connected peers.
-    pub peers: Vec<String>,
+    /// Connected peers, each with the number of this site's namespace changes it has not yet
+    /// confirmed (its lag, as of the last sync round).
+    pub peers: Vec<(String, usize)>,
     /// Live namespace entries.
     pub entries: usize,
     /// Versions held here.
@@ -183,6 +184,10 @@ pub struct Status {
     pub reads: usize,
     /// Chunk requests in flight.
     pub fetches: usize,
+    /// Chunks received from peers since the site started.
+    pub chunks_fetched: u64,
+    /// Bytes of those chunks.
+    pub bytes_fetched: u64,
 }
 
 /// Why a request failed.
@@ -244,6 +249,14 @@ pub enum Output {
         /// The peer.
         to: SiteId,
         /// The message.
+        message: Message,
+    },
+    /// Send fresh namespace changes to every connected peer. The driver may use a broadcast
+    /// medium (gossip) instead of one message per peer.
+    Broadcast {
+        /// The peers connected when the changes committed.
+        to: Vec<SiteId>,
+        /// The message ([`Message::Push`]).
         message: Message,
     },
     /// Make durable, in this order: chunk files (synced), then in one transaction the chunk
@@ -347,6 +360,8 @@ pub struct Site {
     last_sync_ms: u64,
     pushed_heads: Vec<crdt_namespace::ChangeHash>,
     outputs: VecDeque<Output>,
+    chunks_fetched: u64,
+    bytes_fetched: u64,
 }
 
 impl Site {
@@ -376,6 +391,8 @@ impl Site {
             last_sync_ms: 0,
             pushed_heads,
             outputs: VecDeque::new(),
+            chunks_fetched: 0,
+            bytes_fetched: 0,
         }
     }
 
@@ -469,15 +486,23 @@ impl Site {
     }
 
     /// The state of the site.
-    pub fn status(&self) -> Status {
+    pub fn status(&mut self) -> Status {
+        let ns = &mut self.ns;
+        let peers = self
+            .peers
+            .iter()
+            .map(|(site, p)| (site.to_string(), ns.unconfirmed_changes(&p.session)))
+            .collect();
         Status {
             site: self.config.site.to_string(),
-            peers: self.peers.keys().map(|p| p.to_string()).collect(),
+            peers,
             entries: self.ns.len(),
             versions_held: self.held.len(),
             chunks_held: self.chunks.len(),
             reads: self.reads.len(),
             fetches: self.fetches.len(),
+            chunks_fetched: self.chunks_fetched,
+            bytes_fetched: self.bytes_fetched,
         }
     }
 
@@ -485,9 +510,9 @@ impl Site {
     fn push_changes(&mut self) {
         let changes = self.ns.export_since(&self.pushed_heads);
         self.pushed_heads = self.ns.heads();
-        let peers: Vec<SiteId> = self.peers.keys().cloned().collect();
-        for to in peers {
-            self.emit(Output::Send { to, message: Message::Push { changes: changes.clone() } });
+        let to: Vec<SiteId> = self.peers.keys().cloned().collect();
+        if !to.is_empty() {
+            self.emit(Output::Broadcast { to, message: Message::Push { changes } });
         }
     }
 
@@ -852,6 +877,8 @@ impl Site {
             return self.disconnect(from, format!("chunk {hash} does not match its hash"));
         }
         let fetch = self.fetches.remove(&hash).expect("checked above");
+        self.chunks_fetched += 1;
+        self.bytes_fetched += data.len() as u64;
         self.chunks.insert(hash);
         self.emit(Output::Store {
             chunks: vec![(hash, data.clone())],

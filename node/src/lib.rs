@@ -8,14 +8,20 @@
 //!
 //! - [`runtime`]: the daemon — opens the store, drives the core on its own thread, serves the
 //!   local control API ([`api`]) on a Unix socket. [`config`] is `meridian.toml`.
-//! - `src/main.rs`: the `meridian` binary, daemon and CLI.
-//!
-//! To come: the network binding (libp2p), so that sites meet.
+//!   It meets the other sites through `transport::p2p`.
+//! - [`cli`]: the `meridian` command line (daemon, client, `mesh`, `demo`); `src/main.rs` only
+//!   calls it, so the testbed can run the same code as a child process of its own binary.
+//! - [`cluster`]: starts several real `meridian` processes on loopback and talks to them
+//!   ([`client`]) — the demo and the testbed are built on it. [`demo`] is `meridian demo`.
 
 pub mod api;
+pub mod cli;
+pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod content;
 pub mod core;
+pub mod demo;
 pub mod runtime;
 pub mod store;
 

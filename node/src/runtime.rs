@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -23,6 +22,7 @@ use crate::config::Loaded;
 use crate::content::{ChunkRef, ChunkerConfig};
 use crate::core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
 use crate::store::{ChunkStore, Db, put_stream};
+use transport::p2p::{self, MeshConfig, MeshEvent, MeshHandle, MeshKeypair};
 use transport::proto::Message;
 
 /// How often the core gets a timeout input: fetch retries and anti-entropy are timed in seconds,
@@ -30,6 +30,9 @@ use transport::proto::Message;
 const TICK: Duration = Duration::from_millis(200);
 /// Commands queued for the core before connections wait.
 const COMMAND_QUEUE: usize = 256;
+/// Peer events queued for the core before the streams wait (and with them the senders, through
+/// the transports' flow control).
+const MESH_EVENT_QUEUE: usize = 64;
 /// Events (read data) queued per request before the core waits for the client.
 const EVENT_QUEUE: usize = 16;
 /// Queued requests handled before their changes are committed together: bounds the latency one
@@ -109,44 +112,91 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     Ok(Opened { site, db, chunks })
 }
 
-/// The core's thread: runs commands, timeouts and outputs until told to stop.
+/// Reads the site's key pair.
+pub fn load_keypair(loaded: &Loaded) -> anyhow::Result<MeshKeypair> {
+    let path = loaded.key_file();
+    let bytes = std::fs::read(&path).with_context(|| format!("reading the site key {}", path.display()))?;
+    MeshKeypair::from_protobuf_encoding(&bytes)
+        .map_err(|e| anyhow::anyhow!("the site key {} is not a libp2p key: {e}", path.display()))
+}
+
+/// The core's thread: runs commands, peer events, timeouts and outputs until told to stop.
 struct CoreThread {
     site: Site,
     db: Db,
     chunks: Arc<ChunkStore>,
+    mesh: MeshHandle,
     next_id: RequestId,
     pending: HashMap<RequestId, mpsc::Sender<Event>>,
 }
 
+/// What woke the core.
+enum Wake {
+    Command(Option<Command>),
+    Mesh(Option<MeshEvent>),
+    Tick,
+}
+
 impl CoreThread {
-    fn run(mut self, commands: std_mpsc::Receiver<Command>) -> anyhow::Result<()> {
-        loop {
-            match commands.recv_timeout(TICK) {
-                Ok(Command::Local { request, events }) => {
-                    self.local(request, events);
-                    // Take what else is queued, so that its changes share one durable commit.
-                    let mut stop = false;
-                    for _ in 0..COMMANDS_PER_COMMIT_MAX {
-                        match commands.try_recv() {
-                            Ok(Command::Local { request, events }) => self.local(request, events),
-                            Ok(Command::Stop) => stop = true,
-                            Err(_) => break,
-                        }
-                    }
-                    if stop {
-                        break;
-                    }
+    fn run(
+        mut self,
+        runtime: tokio::runtime::Handle,
+        mut commands: mpsc::Receiver<Command>,
+        mut mesh_events: mpsc::Receiver<MeshEvent>,
+    ) -> anyhow::Result<()> {
+        let mut next_tick = std::time::Instant::now() + TICK;
+        'run: loop {
+            let wake = runtime.block_on(async {
+                tokio::select! {
+                    biased;
+                    command = commands.recv() => Wake::Command(command),
+                    event = mesh_events.recv() => Wake::Mesh(event),
+                    _ = tokio::time::sleep_until(next_tick.into()) => Wake::Tick,
                 }
-                Ok(Command::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    self.site.handle_timeout(now_ms());
-                    self.compact_if_needed()?;
+            });
+            match wake {
+                Wake::Command(None) | Wake::Command(Some(Command::Stop)) => break,
+                Wake::Command(Some(Command::Local { request, events })) => self.local(request, events),
+                Wake::Mesh(Some(event)) => self.mesh_event(event),
+                Wake::Mesh(None) => {}
+                Wake::Tick => {}
+            }
+            // Take what else is queued, so that its changes share one durable commit.
+            for _ in 0..COMMANDS_PER_COMMIT_MAX {
+                let mut took = false;
+                match commands.try_recv() {
+                    Ok(Command::Local { request, events }) => {
+                        took = true;
+                        self.local(request, events);
+                    }
+                    Ok(Command::Stop) => break 'run,
+                    Err(_) => {}
                 }
+                if let Ok(event) = mesh_events.try_recv() {
+                    took = true;
+                    self.mesh_event(event);
+                }
+                if !took {
+                    break;
+                }
+            }
+            if std::time::Instant::now() >= next_tick {
+                next_tick = std::time::Instant::now() + TICK;
+                self.site.handle_timeout(now_ms());
+                self.compact_if_needed()?;
             }
             self.drain()?;
         }
         self.drain()?;
         Ok(())
+    }
+
+    fn mesh_event(&mut self, event: MeshEvent) {
+        match event {
+            MeshEvent::Up(site) => self.site.handle_peer_up(now_ms(), site),
+            MeshEvent::Down(site) => self.site.handle_peer_down(now_ms(), &site),
+            MeshEvent::Message { from, message } => self.site.handle_message(now_ms(), &from, message),
+        }
     }
 
     fn local(&mut self, request: Request, events: mpsc::Sender<Event>) {
@@ -197,6 +247,7 @@ impl CoreThread {
                     namespace.extend_from_slice(&delta);
                 }
                 Output::Reply { reply: Ok(Reply::Done), .. }
+                | Output::Broadcast { .. }
                 | Output::Send { message: Message::Push { .. } | Message::Sync { .. }, .. } => {
                     after_commit.push(output)
                 }
@@ -231,8 +282,21 @@ impl CoreThread {
             }
             Output::ReadData { id, data, .. } => self.send(id, Event::Data(data), false),
             Output::ReadDone { id, result } => self.send(id, Event::Done(result), true),
-            Output::Send { to, .. } => tracing::debug!(%to, "no transport yet: message dropped"),
-            Output::Disconnect { peer, reason } => tracing::warn!(%peer, %reason, "disconnecting peer"),
+            Output::Send { to, message } => {
+                if let Err(e) = self.mesh.send(&to, message) {
+                    // The core learns of the lost link from the mesh and retries elsewhere.
+                    tracing::debug!("{e}");
+                }
+            }
+            Output::Broadcast { message: Message::Push { changes }, .. } => self.mesh.broadcast_push(changes),
+            Output::Broadcast { to, message } => {
+                for to in to {
+                    if let Err(e) = self.mesh.send(&to, message.clone()) {
+                        tracing::debug!("{e}");
+                    }
+                }
+            }
+            Output::Disconnect { peer, reason } => self.mesh.disconnect(&peer, reason),
             Output::Store { .. } => unreachable!("stores are merged by drain"),
         }
     }
@@ -241,24 +305,27 @@ impl CoreThread {
 /// A handle on the running core.
 #[derive(Clone)]
 pub struct Handle {
-    commands: std_mpsc::SyncSender<Command>,
+    commands: mpsc::Sender<Command>,
+    mesh: MeshHandle,
+    config: Loaded,
     chunks: Arc<ChunkStore>,
     chunker: ChunkerConfig,
 }
 
 impl Handle {
     /// Sends a request; events come back on the returned channel.
-    fn submit(&self, request: Request) -> anyhow::Result<mpsc::Receiver<Event>> {
+    async fn submit(&self, request: Request) -> anyhow::Result<mpsc::Receiver<Event>> {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         self.commands
             .send(Command::Local { request, events })
+            .await
             .map_err(|_| anyhow::anyhow!("the node is stopping"))?;
         Ok(rx)
     }
 
     /// Sends a request and waits for its answer.
     async fn call(&self, request: Request) -> anyhow::Result<Result<Reply, SiteError>> {
-        let mut rx = self.submit(request)?;
+        let mut rx = self.submit(request).await?;
         match rx.recv().await {
             Some(Event::Reply(reply)) => Ok(reply),
             _ => bail!("the node stopped before answering"),
@@ -273,21 +340,31 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         bail!("a meridian node is already running for {}", loaded.path.display());
     }
     let _ = std::fs::remove_file(&socket);
-    let opened = tokio::task::block_in_place(|| open(&loaded))?;
+    let mut opened = tokio::task::block_in_place(|| open(&loaded))?;
     let status = opened.site.status();
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+    let keypair = load_keypair(&loaded)?;
+    let (mesh_events, mesh_event_rx) = mpsc::channel(MESH_EVENT_QUEUE);
+    let mesh_config =
+        MeshConfig { keypair, listen: loaded.config.listen_addrs(), members: loaded.config.members() };
+    let mesh = p2p::start(mesh_config, mesh_events).await.context("starting the mesh")?;
+    let listening: Vec<String> = mesh.listening().iter().map(ToString::to_string).collect();
     tracing::info!(
         site = %loaded.config.site,
         region = %loaded.config.region,
         entries = status.entries,
         versions_held = status.versions_held,
         socket = %socket.display(),
+        listen = %listening.join(" "),
+        peers = loaded.config.peers.len(),
         "meridian node running"
     );
-    let (commands, command_rx) = std_mpsc::sync_channel(COMMAND_QUEUE);
+    let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let handle = Handle {
         commands: commands.clone(),
+        mesh: mesh.clone(),
+        config: loaded.clone(),
         chunks: opened.chunks.clone(),
         chunker: loaded.config.chunker(),
     };
@@ -295,12 +372,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         site: opened.site,
         db: opened.db,
         chunks: opened.chunks,
+        mesh: mesh.clone(),
         next_id: 1,
         pending: HashMap::new(),
     };
     let (core_done, mut core_failed) = tokio::sync::oneshot::channel::<String>();
+    let runtime = tokio::runtime::Handle::current();
     let core_thread = std::thread::Builder::new().name("meridian-core".into()).spawn(move || {
-        let result = core.run(command_rx);
+        let result = core.run(runtime, command_rx, mesh_event_rx);
         if let Err(e) = &result {
             // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
             let _ = core_done.send(format!("{e:#}"));
@@ -332,7 +411,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping");
-    let _ = commands.send(Command::Stop);
+    mesh.stop();
+    let _ = commands.send(Command::Stop).await;
     let result = tokio::task::spawn_blocking(move || core_thread.join()).await?;
     let _ = std::fs::remove_file(&socket);
     match result {
@@ -371,8 +451,10 @@ pub fn reply_value(reply: Reply) -> Value {
         ),
         Reply::ReadStarted { size, range } => json!({ "size": size, "start": range.start, "end": range.end }),
         Reply::Status(s) => json!({
-            "site": s.site, "peers": s.peers, "entries": s.entries, "versions_held": s.versions_held,
+            "site": s.site,
+            "peers": s.peers.iter().map(|(site, lag)| json!({ "site": site, "lag_changes": lag })).collect::<Vec<_>>(), "entries": s.entries, "versions_held": s.versions_held,
             "chunks_held": s.chunks_held, "reads": s.reads, "fetches": s.fetches,
+            "chunks_fetched": s.chunks_fetched, "bytes_fetched": s.bytes_fetched,
         }),
     }
 }
@@ -433,10 +515,75 @@ async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
             }
         }
         ApiRequest::Status => simple(Request::Status),
+        ApiRequest::MeshLs => {
+            let answer = match mesh_links(&handle).await {
+                Ok(links) => api::ok(links),
+                Err(e) => api::error(format!("{e:#}")),
+            };
+            return Ok(api::write_json(&mut stream, &answer).await?);
+        }
+        ApiRequest::MeshBlock { site, blocked } => {
+            let answer = match crdt_namespace::SiteId::new(&site) {
+                Ok(id) if handle.mesh.set_blocked(&id, blocked) => api::ok(Value::Null),
+                Ok(_) => api::error(format!("{site} is not a member of this site's mesh")),
+                Err(e) => api::error(e),
+            };
+            return Ok(api::write_json(&mut stream, &answer).await?);
+        }
+        ApiRequest::MeshAdd { peer } => {
+            let answer = match peer.member() {
+                Ok(member) => {
+                    handle.mesh.add_member(member);
+                    api::ok(Value::Null)
+                }
+                Err(e) => api::error(format!("{e:#}")),
+            };
+            return Ok(api::write_json(&mut stream, &answer).await?);
+        }
     };
     let reply = handle.call(request.expect("every simple request")).await?;
     api::write_json(&mut stream, &reply_json(reply)).await?;
     Ok(())
+}
+
+/// The members, their links and lags, as JSON for `meridian mesh ls`.
+async fn mesh_links(handle: &Handle) -> anyhow::Result<Value> {
+    // The file, not the configuration the node started with: `mesh add` may have changed it.
+    let config = crate::config::Config::load(&handle.config.path)?.config;
+    let lags: HashMap<String, usize> = match handle.call(Request::Status).await? {
+        Ok(Reply::Status(status)) => status.peers.into_iter().collect(),
+        _ => HashMap::new(),
+    };
+    let links = handle.mesh.links();
+    let rows = config
+        .peers
+        .iter()
+        .map(|p| {
+            let link = links.iter().find(|l| l.member.site.as_str() == p.site);
+            let (state, addr) = match link.map(|l| &l.state) {
+                Some(p2p::LinkState::Connected { transport, addr }) => {
+                    (format!("up ({transport})"), addr.to_string())
+                }
+                Some(p2p::LinkState::Down { last_error: Some(e) }) => {
+                    (format!("down: {}", e.chars().take(60).collect::<String>()), String::new())
+                }
+                Some(p2p::LinkState::Down { last_error: None }) => ("connecting".to_owned(), String::new()),
+                Some(p2p::LinkState::Blocked) => ("blocked".to_owned(), String::new()),
+                None => ("not admitted".to_owned(), String::new()),
+            };
+            json!({
+                "site": p.site,
+                "region": p.region,
+                "peer_id": p.peer_id,
+                "addrs": p.addrs,
+                "link": state,
+                "addr": addr,
+                "since_ms": link.map(|l| l.since_ms),
+                "lag_changes": lags.get(&p.site),
+            })
+        })
+        .collect();
+    Ok(Value::Array(rows))
 }
 
 /// Reads data frames from a channel, for the blocking put pipeline.
@@ -527,7 +674,7 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
 }
 
 async fn serve_read(mut stream: UnixStream, handle: Handle, request: Request) -> anyhow::Result<()> {
-    let mut events = handle.submit(request)?;
+    let mut events = handle.submit(request).await?;
     while let Some(event) = events.recv().await {
         match event {
             Event::Reply(reply) => {

@@ -177,6 +177,12 @@ impl Mesh {
                 let to = self.index(&to);
                 self.send(s, to, message);
             }
+            Output::Broadcast { to, message } => {
+                for to in to {
+                    let to = self.index(&to);
+                    self.send(s, to, message.clone());
+                }
+            }
             Output::Store { chunks, .. } => {
                 for (hash, data) in chunks {
                     assert_eq!(ChunkHash::of(&data), hash, "a site stored an unverified chunk");

@@ -435,6 +435,13 @@ impl World {
                     }
                     self.send(s, to, message);
                 }
+                Output::Broadcast { to, message } => {
+                    self.commit(s);
+                    for to in to {
+                        let to = self.sites.iter().position(|x| x.name == to).expect("a known site");
+                        self.send(s, to, message.clone());
+                    }
+                }
                 Output::Store { chunks, index, versions, namespace } => {
                     let mut refs = index;
                     for (hash, data) in chunks {

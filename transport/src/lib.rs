@@ -4,10 +4,13 @@
 //!   pushes of fresh changes, "which sites hold version V", chunk requests and responses with
 //!   priorities. Every message is length-bounded and decoding hostile bytes returns an error.
 //!
-//! To come: `p2p`, the libp2p binding (QUIC with TLS 1.3, TCP with Noise as fallback,
-//! gossipsub, streams) gated by mesh membership; and `staging`, the shared S3 bucket used
-//! between regions, with client-side encryption.
+//! - [`p2p`]: the libp2p binding — QUIC with TLS 1.3 first, TCP with Noise and Yamux as
+//!   fallback, gossipsub for pushes, one framed stream per direction and peer for everything
+//!   else — gated by mesh membership, with redial and backoff.
+//!
+//! To come: `staging`, the shared S3 bucket used between regions, with client-side encryption.
 
+pub mod p2p;
 pub mod proto;
 
 /// Version of the site-to-site protocol. Bumped on any incompatible change of a message.

@@ -1,0 +1,378 @@
+//! Several real `meridian` sites on this machine, on loopback: created with `meridian init`,
+//! joined with `meridian mesh add`, run as child processes (`meridian node`), driven through
+//! their control sockets. `meridian demo` and the testbed are built on it.
+//!
+//! Every process it starts is stopped when the [`Cluster`] is dropped (also when a test
+//! fails), unless [`Cluster::keep_running`] hands them over to the user.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::client::Client;
+use crate::config::CONFIG_FILE;
+
+/// How long a node may take to open its store and answer on its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped node may take to exit before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to run `meridian`: a program and the arguments that come before meridian's own.
+#[derive(Clone, Debug)]
+pub struct Program {
+    exe: PathBuf,
+    prefix: Vec<OsString>,
+}
+
+impl Program {
+    /// `exe prefix… ARGS` runs `meridian ARGS`.
+    pub fn new(exe: impl Into<PathBuf>, prefix: Vec<OsString>) -> Program {
+        Program { exe: exe.into(), prefix }
+    }
+
+    /// The running executable, which is `meridian`.
+    pub fn this_meridian() -> anyhow::Result<Program> {
+        Ok(Program::new(std::env::current_exe().context("finding the meridian executable")?, Vec::new()))
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.exe);
+        command.args(&self.prefix);
+        command
+    }
+
+    /// Runs `meridian ARGS` to completion; returns its stdout, or its stderr as the error.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} {}", self.exe.display(), args.join(" ")))?;
+        if !out.status.success() {
+            bail!("meridian {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// One site of a cluster.
+pub struct Site {
+    /// Its id.
+    pub name: String,
+    /// Its region.
+    pub region: String,
+    /// Its directory (configuration, key, data, log).
+    pub dir: PathBuf,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its site-to-site port (QUIC and TCP).
+    pub port: u16,
+    /// A client of its daemon.
+    pub client: Client,
+    child: Option<Child>,
+}
+
+impl Site {
+    /// Its log file (the daemon's stderr).
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("node.log")
+    }
+
+    /// Whether its daemon is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The last lines of its log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// Sites on loopback.
+pub struct Cluster {
+    program: Program,
+    root: PathBuf,
+    temp: Option<tempfile::TempDir>,
+    sites: Vec<Site>,
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1 right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both TCP and UDP on 127.0.0.1")
+}
+
+impl Cluster {
+    /// Creates sites `(name, region)` in `root` (a new temporary directory if `None`), each
+    /// knowing all the others. Nothing runs yet.
+    pub fn create(program: Program, root: Option<&Path>, sites: &[(&str, &str)]) -> anyhow::Result<Cluster> {
+        let (root, temp) = match root {
+            Some(root) => {
+                std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+                (std::path::absolute(root)?, None)
+            }
+            None => {
+                let temp =
+                    tempfile::Builder::new().prefix("meridian-").tempdir().context("creating a temp dir")?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let mut cluster = Cluster { program, root, temp, sites: Vec::new() };
+        for (name, region) in sites {
+            let dir = cluster.root.join(name);
+            let port = free_port()?;
+            let out = cluster.program.run(&[
+                "--json",
+                "init",
+                "--site",
+                name,
+                "--region",
+                region,
+                "--dir",
+                dir.to_str().context("a UTF-8 directory")?,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])?;
+            let v: serde_json::Value = serde_json::from_str(out.trim()).context("reading init's answer")?;
+            let peer_id = v["peer_id"].as_str().context("init printed no peer id")?.to_owned();
+            let config = dir.join(CONFIG_FILE);
+            let client = Client::new(dir.join("control.sock"));
+            cluster.sites.push(Site {
+                name: name.to_string(),
+                region: region.to_string(),
+                dir,
+                config,
+                peer_id,
+                port,
+                client,
+                child: None,
+            });
+        }
+        for i in 0..cluster.sites.len() {
+            for j in 0..cluster.sites.len() {
+                if i != j {
+                    cluster.mesh_add(i, j)?;
+                }
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Runs `meridian mesh add` at site `at` for site `other`.
+    pub fn mesh_add(&self, at: usize, other: usize) -> anyhow::Result<()> {
+        let o = &self.sites[other];
+        let quic = format!("/ip4/127.0.0.1/udp/{}/quic-v1", o.port);
+        let tcp = format!("/ip4/127.0.0.1/tcp/{}", o.port);
+        self.meridian(
+            at,
+            &[
+                "mesh",
+                "add",
+                &o.name,
+                "--peer-id",
+                &o.peer_id,
+                "--addr",
+                &quic,
+                "--addr",
+                &tcp,
+                "--region",
+                &o.region,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Runs `meridian --config <site's config> ARGS` to completion; returns its stdout.
+    pub fn meridian(&self, site: usize, args: &[&str]) -> anyhow::Result<String> {
+        let config = self.sites[site].config.to_str().context("a UTF-8 path")?.to_owned();
+        let mut all = vec!["--config", &config];
+        all.extend_from_slice(args);
+        self.program.run(&all)
+    }
+
+    /// The cluster's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The sites.
+    pub fn sites(&self) -> &[Site] {
+        &self.sites
+    }
+
+    /// Site `i`.
+    pub fn site(&self, i: usize) -> &Site {
+        &self.sites[i]
+    }
+
+    /// Starts every site and waits until all are connected to each other.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.sites.len() {
+            self.start(i)?;
+        }
+        self.wait_connected(START_TIMEOUT)
+    }
+
+    /// Starts site `i`'s daemon and waits until it answers.
+    pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        let site = &mut self.sites[i];
+        if site.child.is_some() {
+            bail!("site {} is already running", site.name);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(site.log())
+            .with_context(|| format!("opening {}", site.log().display()))?;
+        let child = self
+            .program
+            .command()
+            .arg("--config")
+            .arg(&site.config)
+            .arg("node")
+            .env("RUST_LOG", std::env::var("MERIDIAN_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting site {}", site.name))?;
+        site.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if site.client.status().is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = site.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                site.child = None;
+                bail!("site {} exited ({status}) while starting:\n{}", site.name, site.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("site {} did not answer within {START_TIMEOUT:?}:\n{}", site.name, site.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every running site is connected to every other running site.
+    pub fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        let running: Vec<&Site> = self.sites.iter().filter(|s| s.is_running()).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut missing = Vec::new();
+            for site in &running {
+                let status = site.client.status()?;
+                let peers: Vec<&str> = status["peers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["site"].as_str())
+                    .collect();
+                for other in &running {
+                    if other.name != site.name && !peers.contains(&other.name.as_str()) {
+                        missing.push(format!("{}→{}", site.name, other.name));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("links still down after {timeout:?}: {}", missing.join(", "));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops site `i` cleanly (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
+        let site = &mut self.sites[i];
+        let Some(mut child) = site.child.take() else { return Ok(()) };
+        signal(&child, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("site {} exited with {status}:\n{}", site.name, site.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("site {} did not stop within {STOP_TIMEOUT:?}; killed", site.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills site `i` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.sites[i].child.take() {
+            child.kill().context("killing a site")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the sites running and the directory in place when the cluster is dropped.
+    pub fn keep_running(mut self) -> Vec<(String, u32)> {
+        if let Some(temp) = self.temp.take() {
+            let _ = temp.keep();
+        }
+        let mut pids = Vec::new();
+        for site in &mut self.sites {
+            if let Some(child) = site.child.take() {
+                pids.push((site.name.clone(), child.id()));
+            }
+        }
+        pids
+    }
+}
+
+fn signal(child: &Child, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for site in &mut self.sites {
+            if let Some(child) = &site.child {
+                signal(child, rustix::process::Signal::TERM);
+            }
+        }
+        for site in &mut self.sites {
+            if let Some(mut child) = site.child.take() {
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,741 @@
+//! The libp2p binding: carries [`Message`]s between the sites of the mesh.
+//!
+//! - Transports: QUIC (TLS 1.3 via rustls) first, TCP with Noise and Yamux as fallback. A peer's
+//!   addresses are dialled one at a time in the order the configuration lists them.
+//! - Membership gates every connection: a peer id that is not a member is disconnected as soon
+//!   as the handshake has authenticated it, before any of its messages is read.
+//! - Fresh namespace changes are published on a gossipsub topic (signed, strictly validated);
+//!   everything else — sync sessions, "who holds", chunk requests and chunks — goes over one
+//!   stream per direction and peer (`/meridian/1`), framed as a little-endian `u32` length and a
+//!   [`Message`]. Requests are pipelined (the core keeps several in flight); flow control is the
+//!   stream's (QUIC or Yamux windows) plus a bounded queue per peer.
+//! - A peer that sends a malformed frame is disconnected and the frame dropped. Lost peers are
+//!   redialled with exponential backoff.
+//!
+//! This module does no protocol logic: it hands messages to the node's core and sends what the
+//! core asks. It never blocks the caller: [`MeshHandle::send`] queues or fails at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crdt_namespace::SiteId;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::core::ConnectedPoint;
+use libp2p::identity::{Keypair, PeerId};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{StreamProtocol, Swarm, allow_block_list, gossipsub, identify, noise, tcp, yamux};
+use tokio::sync::mpsc;
+
+pub use libp2p::identity::Keypair as MeshKeypair;
+pub use libp2p::multiaddr::{self, Multiaddr, Protocol};
+
+use crate::proto::{MESSAGE_MAX_BYTES, Message, ProtoError};
+
+/// The stream protocol of site-to-site messages.
+pub const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/meridian/1");
+/// The gossipsub topic of namespace pushes.
+const PUSH_TOPIC: &str = "meridian/namespace/1";
+/// The identify protocol name.
+const IDENTIFY_PROTOCOL: &str = "/meridian/id/1";
+
+/// Messages queued for one peer before it counts as not keeping up. A well-behaved peer has at
+/// most the core's fetch window of chunk requests outstanding (16), plus sync and "who holds"
+/// traffic; 1,024 is far above that and bounds the memory a slow or hostile peer can pin.
+const PEER_QUEUE_MESSAGES: usize = 1_024;
+/// Largest push published on gossipsub. Larger pushes go over the streams instead, so that
+/// gossipsub's per-message memory stays small.
+const GOSSIP_MESSAGE_MAX_BYTES: usize = 1 << 20;
+/// First and largest delay before redialling a member that is not connected.
+const REDIAL_FIRST: Duration = Duration::from_millis(250);
+const REDIAL_MAX: Duration = Duration::from_secs(30);
+/// How often the swarm task looks for members to redial.
+const REDIAL_TICK: Duration = Duration::from_millis(250);
+/// A connection without traffic is kept this long; QUIC keep-alives and the open streams keep
+/// member links up well within it.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+/// QUIC flow-control windows: the core keeps up to 16 chunks of up to 4 MiB in flight per peer,
+/// so a stream must be allowed to have that much unacknowledged data on a fast link.
+const QUIC_STREAM_WINDOW_BYTES: u32 = 64 << 20;
+const QUIC_CONNECTION_WINDOW_BYTES: u32 = 96 << 20;
+
+/// A site of the mesh, as the configuration lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Its site id.
+    pub site: SiteId,
+    /// Its libp2p identity.
+    pub peer: PeerId,
+    /// Where to dial it, in order of preference.
+    pub addrs: Vec<Multiaddr>,
+}
+
+/// What the mesh needs to start.
+pub struct MeshConfig {
+    /// This site's key pair.
+    pub keypair: Keypair,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// The other sites.
+    pub members: Vec<Member>,
+}
+
+/// What the mesh tells the node.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// A member is connected and messages to it can be sent.
+    Up(SiteId),
+    /// The last connection to a member closed.
+    Down(SiteId),
+    /// A message from a member.
+    Message {
+        /// The member that sent it (for a push: the member that relayed it).
+        from: SiteId,
+        /// The message.
+        message: Message,
+    },
+}
+
+/// The state of the link to a member, for `meridian mesh ls`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Connected over this transport to this address.
+    Connected {
+        /// `quic` or `tcp`.
+        transport: &'static str,
+        /// The peer's address.
+        addr: Multiaddr,
+    },
+    /// Cut by the operator (`meridian mesh block`): no connection is made or accepted.
+    Blocked,
+    /// Not connected; the next dial is scheduled.
+    Down {
+        /// Why the last dial or connection failed, if one did.
+        last_error: Option<String>,
+    },
+}
+
+/// A member and the state of its link.
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// The member.
+    pub member: Member,
+    /// Its link.
+    pub state: LinkState,
+    /// Milliseconds since the state last changed.
+    pub since_ms: u64,
+}
+
+/// Why a message could not be handed to the network.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The site is not a member or not connected.
+    #[error("site {0} is not connected")]
+    NotConnected(SiteId),
+    /// The peer does not read its messages fast enough; it is being disconnected.
+    #[error("site {0} is not keeping up with its messages")]
+    Overloaded(SiteId),
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The transports could not be built.
+    #[error("building the libp2p transports: {0}")]
+    Transport(String),
+    /// A listen address was refused.
+    #[error("listening on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    members: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    identify: identify::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    streams: libp2p_stream::Behaviour,
+}
+
+enum Command {
+    Publish(Vec<u8>),
+    Disconnect { site: SiteId, reason: String },
+    AddMember(Member),
+    Block { peer: PeerId, blocked: bool },
+    Stop,
+}
+
+struct MemberState {
+    member: Member,
+    state: LinkState,
+    since: Instant,
+    next_dial: Instant,
+    backoff: Duration,
+    /// Whether a dial is under way.
+    dialling: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Members by peer id.
+    members: HashMap<PeerId, MemberState>,
+    /// Queues of connected members, by site.
+    queues: HashMap<SiteId, mpsc::Sender<Message>>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves plain maps behind; they stay usable.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A handle on the running mesh. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshHandle {
+    shared: Arc<Mutex<Shared>>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// The addresses the swarm listens on, once bound.
+    listening: Arc<Mutex<Vec<Multiaddr>>>,
+}
+
+impl MeshHandle {
+    /// Queues `message` for `to`. Never blocks.
+    pub fn send(&self, to: &SiteId, message: Message) -> Result<(), SendError> {
+        let queue = lock(&self.shared).queues.get(to).cloned();
+        let Some(queue) = queue else { return Err(SendError::NotConnected(to.clone())) };
+        match queue.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::NotConnected(to.clone())),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.disconnect(to, "its message queue is full".into());
+                Err(SendError::Overloaded(to.clone()))
+            }
+        }
+    }
+
+    /// Sends fresh namespace changes to every connected member: on gossipsub if small enough,
+    /// else over each member's stream.
+    pub fn broadcast_push(&self, changes: Vec<u8>) {
+        let message = Message::Push { changes };
+        let encoded = message.encode();
+        if encoded.len() <= GOSSIP_MESSAGE_MAX_BYTES {
+            let _ = self.commands.send(Command::Publish(encoded));
+        } else {
+            let sites: Vec<SiteId> = lock(&self.shared).queues.keys().cloned().collect();
+            for site in sites {
+                if let Err(e) = self.send(&site, message.clone()) {
+                    tracing::debug!("push to {site}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Drops every connection to `site`; it will be redialled.
+    pub fn disconnect(&self, site: &SiteId, reason: String) {
+        let _ = self.commands.send(Command::Disconnect { site: site.clone(), reason });
+    }
+
+    /// Cuts (`true`) or restores the link to member `site`; false if it is not a member.
+    pub fn set_blocked(&self, site: &SiteId, blocked: bool) -> bool {
+        let peer =
+            lock(&self.shared).members.values().find(|m| &m.member.site == site).map(|m| m.member.peer);
+        let Some(peer) = peer else { return false };
+        self.commands.send(Command::Block { peer, blocked }).is_ok()
+    }
+
+    /// Admits a new member and dials it.
+    pub fn add_member(&self, member: Member) {
+        let _ = self.commands.send(Command::AddMember(member));
+    }
+
+    /// The members and the state of their links.
+    pub fn links(&self) -> Vec<Link> {
+        let shared = lock(&self.shared);
+        let mut links: Vec<Link> = shared
+            .members
+            .values()
+            .map(|m| Link {
+                member: m.member.clone(),
+                state: m.state.clone(),
+                since_ms: m.since.elapsed().as_millis() as u64,
+            })
+            .collect();
+        links.sort_by(|a, b| a.member.site.cmp(&b.member.site));
+        links
+    }
+
+    /// The addresses the mesh listens on.
+    pub fn listening(&self) -> Vec<Multiaddr> {
+        self.listening.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the mesh: closes every connection.
+    pub fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+    }
+}
+
+/// Starts the mesh on the current tokio runtime. Events go to `events`; the mesh stops when
+/// [`MeshHandle::stop`] is called or `events` is closed.
+pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Result<MeshHandle, StartError> {
+    let local_peer = config.keypair.public().to_peer_id();
+    let mut swarm = build_swarm(config.keypair)?;
+    let mut listening = Vec::new();
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    // Wait until every listener is bound, so callers (and `init`) can show real addresses.
+    while listening.len() < config.listen.len() {
+        match swarm.next().await {
+            Some(SwarmEvent::NewListenAddr { address, .. }) => listening.push(address),
+            Some(SwarmEvent::ListenerError { error, .. })
+            | Some(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
+                return Err(StartError::Listen {
+                    addr: config.listen[listening.len()].clone(),
+                    reason: error.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => return Err(StartError::Transport("the swarm ended".into())),
+        }
+    }
+    let topic = gossipsub::IdentTopic::new(PUSH_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| StartError::Transport(format!("subscribing to pushes: {e}")))?;
+
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let now = Instant::now();
+    for member in config.members {
+        if member.peer == local_peer {
+            continue;
+        }
+        swarm.behaviour_mut().members.allow_peer(member.peer);
+        lock(&shared).members.insert(member.peer, MemberState::new(member, now));
+    }
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let control = swarm.behaviour().streams.new_control();
+    let handle = MeshHandle { shared: shared.clone(), commands, listening: Arc::new(Mutex::new(listening)) };
+    let task = SwarmTask { swarm, shared, events, control, topic, handle: handle.clone() };
+    tokio::spawn(task.run(command_rx));
+    Ok(handle)
+}
+
+fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
+    let err = |e: &dyn std::fmt::Display| StartError::Transport(e.to_string());
+    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| err(&e))?
+        .with_quic_config(|mut config| {
+            config.max_stream_data = QUIC_STREAM_WINDOW_BYTES;
+            config.max_connection_data = QUIC_CONNECTION_WINDOW_BYTES;
+            config
+        })
+        .with_behaviour(|key| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(GOSSIP_MESSAGE_MAX_BYTES + 4096)
+                .flood_publish(true)
+                .build()?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )?;
+            Ok(Behaviour {
+                members: allow_block_list::Behaviour::default(),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.into(),
+                    key.public(),
+                )),
+                gossipsub,
+                streams: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| err(&e))?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+                // One address at a time, in the configured order: QUIC first, then TCP.
+                .with_dial_concurrency_factor(std::num::NonZeroU8::MIN)
+        });
+    Ok(builder.build())
+}
+
+impl MemberState {
+    fn new(member: Member, now: Instant) -> MemberState {
+        MemberState {
+            member,
+            state: LinkState::Down { last_error: None },
+            since: now,
+            next_dial: now,
+            backoff: REDIAL_FIRST,
+            dialling: false,
+        }
+    }
+
+    fn set(&mut self, state: LinkState) {
+        if self.state != state {
+            self.state = state;
+            self.since = Instant::now();
+        }
+    }
+}
+
+struct SwarmTask {
+    swarm: Swarm<Behaviour>,
+    shared: Arc<Mutex<Shared>>,
+    events: mpsc::Sender<MeshEvent>,
+    control: libp2p_stream::Control,
+    topic: gossipsub::IdentTopic,
+    handle: MeshHandle,
+}
+
+impl SwarmTask {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut incoming = match self.control.accept(STREAM_PROTOCOL) {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                tracing::error!("accepting {STREAM_PROTOCOL} streams: {e}");
+                return;
+            }
+        };
+        let mut redial = tokio::time::interval(REDIAL_TICK);
+        loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(Command::Stop) | None => break,
+                    Some(command) => self.command(command),
+                },
+                _ = self.events.closed() => break,
+                event = self.swarm.select_next_some() => self.swarm_event(event).await,
+                stream = incoming.next() => {
+                    let Some((peer, stream)) = stream else { break };
+                    self.accept_stream(peer, stream);
+                }
+                _ = redial.tick() => self.redial(),
+            }
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        lock(&self.shared).queues.clear();
+    }
+
+    fn site_of(&self, peer: &PeerId) -> Option<SiteId> {
+        lock(&self.shared).members.get(peer).map(|m| m.member.site.clone())
+    }
+
+    fn peer_of(&self, site: &SiteId) -> Option<PeerId> {
+        lock(&self.shared).members.values().find(|m| &m.member.site == site).map(|m| m.member.peer)
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Publish(bytes) => {
+                let topic = self.topic.clone();
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                    // No subscribed peer yet is normal; anti-entropy covers whatever is missed.
+                    tracing::debug!("publishing a push: {e}");
+                }
+            }
+            Command::Disconnect { site, reason } => {
+                if let Some(peer) = self.peer_of(&site) {
+                    tracing::warn!(%site, %peer, "disconnecting: {reason}");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            Command::AddMember(member) => {
+                let peer = member.peer;
+                if peer == *self.swarm.local_peer_id() {
+                    return;
+                }
+                self.swarm.behaviour_mut().members.allow_peer(peer);
+                let mut shared = lock(&self.shared);
+                match shared.members.get_mut(&peer) {
+                    Some(state) => {
+                        state.member = member;
+                        state.next_dial = Instant::now();
+                        state.backoff = REDIAL_FIRST;
+                    }
+                    None => {
+                        shared.members.insert(peer, MemberState::new(member, Instant::now()));
+                    }
+                }
+            }
+            Command::Block { peer, blocked } => {
+                let members = &mut self.swarm.behaviour_mut().members;
+                if blocked {
+                    // Disallowing closes the member's connections and refuses new ones.
+                    members.disallow_peer(peer);
+                } else {
+                    members.allow_peer(peer);
+                }
+                let mut shared = lock(&self.shared);
+                if let Some(m) = shared.members.get_mut(&peer) {
+                    m.set(if blocked { LinkState::Blocked } else { LinkState::Down { last_error: None } });
+                    m.next_dial = Instant::now();
+                    m.backoff = REDIAL_FIRST;
+                }
+            }
+            Command::Stop => unreachable!("handled by run"),
+        }
+    }
+
+    fn redial(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = {
+            let mut shared = lock(&self.shared);
+            shared
+                .members
+                .values_mut()
+                .filter(|m| !m.dialling && matches!(m.state, LinkState::Down { .. }) && m.next_dial <= now)
+                .map(|m| {
+                    m.dialling = true;
+                    (m.member.peer, m.member.addrs.clone())
+                })
+                .collect()
+        };
+        for (peer, addrs) in due {
+            if self.swarm.is_connected(&peer) || addrs.is_empty() {
+                self.dial_failed(&peer, None);
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                self.dial_failed(&peer, Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Schedules the next dial of `peer` after a failure, with exponential backoff and jitter.
+    fn dial_failed(&mut self, peer: &PeerId, error: Option<String>) {
+        let mut shared = lock(&self.shared);
+        let Some(m) = shared.members.get_mut(peer) else { return };
+        m.dialling = false;
+        if let Some(error) = error.filter(|_| m.state != LinkState::Blocked) {
+            tracing::debug!(site = %m.member.site, "dial failed: {error}");
+            m.set(LinkState::Down { last_error: Some(error) });
+        }
+        // Jitter from the clock's sub-second digits keeps sites that lost each other at the same
+        // moment from redialling in lockstep; it needs no random source.
+        let jitter = Duration::from_millis(u64::from(Instant::now().elapsed().subsec_nanos() % 100));
+        m.next_dial = Instant::now() + m.backoff + jitter;
+        m.backoff = (m.backoff * 2).min(REDIAL_MAX);
+    }
+
+    async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                let Some(site) = self.site_of(&peer_id) else { return };
+                let addr = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                let transport =
+                    if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) { "quic" } else { "tcp" };
+                {
+                    let mut shared = lock(&self.shared);
+                    if let Some(m) = shared.members.get_mut(&peer_id) {
+                        m.dialling = false;
+                        m.backoff = REDIAL_FIRST;
+                        m.set(LinkState::Connected { transport, addr: addr.clone() });
+                    }
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(%site, %peer_id, %addr, "connected");
+                    self.open_link(peer_id, site.clone());
+                    let _ = self.events.send(MeshEvent::Up(site)).await;
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                if num_established > 0 {
+                    return;
+                }
+                let Some(site) = self.site_of(&peer_id) else { return };
+                let reason = cause.map(|c| c.to_string());
+                tracing::info!(%site, "disconnected{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default());
+                let was_up = lock(&self.shared).queues.remove(&site).is_some();
+                {
+                    let mut shared = lock(&self.shared);
+                    if let Some(m) = shared.members.get_mut(&peer_id)
+                        && m.state != LinkState::Blocked
+                    {
+                        m.set(LinkState::Down { last_error: reason });
+                        m.next_dial = Instant::now() + m.backoff;
+                    }
+                }
+                if was_up {
+                    let _ = self.events.send(MeshEvent::Down(site)).await;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. }
+                if !self.swarm.is_connected(&peer) =>
+            {
+                self.dial_failed(&peer, Some(error.to_string()));
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                tracing::debug!(%send_back_addr, "incoming connection failed: {error}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            })) => {
+                let Some(from) = self.site_of(&propagation_source) else { return };
+                let author_is_member = message.source.is_some_and(|p| self.site_of(&p).is_some());
+                if !author_is_member {
+                    tracing::warn!(%from, "dropping a push whose author is not a member");
+                    return;
+                }
+                match Message::decode(&message.data) {
+                    Ok(message @ Message::Push { .. }) => {
+                        let _ = self.events.send(MeshEvent::Message { from, message }).await;
+                    }
+                    Ok(_) => {
+                        self.misbehaved(propagation_source, "a non-push message on the push topic".into())
+                    }
+                    Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")),
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                tracing::debug!(%peer_id, agent = %info.agent_version, "identified");
+            }
+            _ => {}
+        }
+    }
+
+    fn misbehaved(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(%peer, "disconnecting: {reason}");
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// Opens the outbound stream to a newly connected member and its writer.
+    fn open_link(&mut self, peer: PeerId, site: SiteId) {
+        let (queue, mut outbox) = mpsc::channel::<Message>(PEER_QUEUE_MESSAGES);
+        lock(&self.shared).queues.insert(site.clone(), queue);
+        let mut control = self.control.clone();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let mut stream = match control.open_stream(peer, STREAM_PROTOCOL).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    handle.disconnect(&site, format!("opening a stream: {e}"));
+                    return;
+                }
+            };
+            while let Some(message) = outbox.recv().await {
+                // Flush only when nothing else is queued, so small messages share packets.
+                let flush = outbox.is_empty();
+                let result = write_frame(&mut stream, &message, flush).await;
+                if let Err(e) = result {
+                    tracing::debug!(%site, "writing to the stream: {e}");
+                    handle.disconnect(&site, format!("writing to the stream: {e}"));
+                    return;
+                }
+            }
+            let _ = stream.close().await;
+        });
+    }
+
+    /// Reads the frames of a member's inbound stream.
+    fn accept_stream(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+        let Some(site) = self.site_of(&peer) else {
+            // Membership gating closes such connections; a stream that slipped in is dropped.
+            return;
+        };
+        let events = self.events.clone();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_frame(&mut stream).await {
+                    Ok(None) => return,
+                    Ok(Some(message)) => {
+                        if events.send(MeshEvent::Message { from: site.clone(), message }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(FrameError::Io(e)) => {
+                        tracing::debug!(%site, "reading the stream: {e}");
+                        return;
+                    }
+                    Err(FrameError::Proto(e)) => {
+                        handle.disconnect(&site, format!("sent a bad frame: {e}"));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The frame is not a message.
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+}
+
+/// Reads one frame: `None` at a clean end of the stream. Memory grows with the bytes that
+/// actually arrive, never with a length a peer claims.
+pub async fn read_frame<R: futures::AsyncRead + Unpin>(
+    stream: &mut R,
+) -> Result<Option<Message>, FrameError> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MESSAGE_MAX_BYTES {
+        return Err(ProtoError::TooLarge(len).into());
+    }
+    let mut bytes = Vec::with_capacity(len.min(1 << 20));
+    let read = (&mut *stream).take(len as u64).read_to_end(&mut bytes).await?;
+    if read < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside a frame").into());
+    }
+    Ok(Some(Message::decode(&bytes)?))
+}
+
+/// Writes one frame, and flushes the stream if `flush`.
+pub async fn write_frame<W: futures::AsyncWrite + Unpin>(
+    stream: &mut W,
+    message: &Message,
+    flush: bool,
+) -> io::Result<()> {
+    let encoded = message.encode();
+    stream.write_all(&(encoded.len() as u32).to_le_bytes()).await?;
+    stream.write_all(&encoded).await?;
+    if flush {
+        stream.flush().await?;
+    }
+    Ok(())
+}
+
+/// The peer id a key file's key pair has.
+pub fn peer_id_of(keypair: &Keypair) -> PeerId {
+    keypair.public().to_peer_id()
+}
