@@ -263,4 +263,35 @@ mod tests {
         .unwrap();
         assert!(Config::load(&path).is_err());
     }
+
+    #[test]
+    fn peers_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        let peer_id = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id().to_string();
+        let mut config = Config::new("west", "eu");
+        config.peers.push(PeerConfig {
+            site: "east".into(),
+            region: "eu".into(),
+            peer_id: peer_id.clone(),
+            addrs: vec!["/ip4/10.0.0.1/udp/4100/quic-v1".into(), "/ip4/10.0.0.1/tcp/4100".into()],
+        });
+        config.save(&path).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded.config, config);
+        assert_eq!(loaded.config.members()[0].addrs.len(), 2);
+        let refused = |edit: &dyn Fn(&mut Config), why: &str| {
+            let mut bad = config.clone();
+            edit(&mut bad);
+            bad.save(&path).unwrap();
+            let err = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(err.contains(why), "{err}");
+        };
+        refused(&|c| c.peers[0].peer_id = "12D3nope".into(), "peer id");
+        refused(&|c| c.peers[0].addrs = vec!["/ip4/10.0.0.1/udp/4100".into()], "neither QUIC");
+        refused(&|c| c.peers[0].addrs = vec!["not an address".into()], "address");
+        refused(&|c| c.peers.push(c.peers[0].clone()), "listed twice");
+        refused(&|c| c.peers[0].site = "west".into(), "own name");
+        refused(&|c| c.listen = vec!["/ip4/0.0.0.0".into()], "listen");
+    }
 }

@@ -38,6 +38,9 @@ pub struct SiteConfig {
     pub fetch_timeout_ms: u64,
     /// A read whose version no reachable site holds fails after this long.
     pub who_has_timeout_ms: u64,
+    /// "Who holds" is asked again this often while a read waits, so one lost question or answer
+    /// is only a delay.
+    pub who_has_retry_ms: u64,
     /// Anti-entropy: a sync round with every connected peer this often, so a lost push is only a
     /// delay.
     pub sync_interval_ms: u64,
@@ -52,6 +55,7 @@ impl SiteConfig {
             read_window_chunks: 8,
             fetch_timeout_ms: 10_000,
             who_has_timeout_ms: 5_000,
+            who_has_retry_ms: 1_000,
             sync_interval_ms: 5_000,
         }
     }
@@ -316,6 +320,8 @@ struct Read {
     range: Range<u64>,
     manifest: Option<Manifest>,
     asked_at_ms: u64,
+    /// When "who holds" was last asked for this read's version.
+    last_ask_ms: u64,
     /// Next chunk index to deliver.
     next: usize,
     /// Next chunk index to load or fetch.
@@ -541,6 +547,7 @@ impl Site {
             range,
             manifest: None,
             asked_at_ms: self.now_ms,
+            last_ask_ms: self.now_ms,
             next: 0,
             requested: 0,
             end: 0,
@@ -917,6 +924,17 @@ impl Site {
             .collect();
         for (id, error) in unanswered {
             self.fail_read(id, error);
+        }
+        let retry = self.config.who_has_retry_ms;
+        let mut again = BTreeSet::new();
+        for read in self.reads.values_mut() {
+            if read.manifest.is_none() && now_ms.saturating_sub(read.last_ask_ms) >= retry {
+                read.last_ask_ms = now_ms;
+                again.insert(read.content);
+            }
+        }
+        for content in again {
+            self.ask_who_has(content);
         }
         if now_ms.saturating_sub(self.last_sync_ms) >= self.config.sync_interval_ms {
             self.last_sync_ms = now_ms;

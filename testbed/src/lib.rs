@@ -1,9 +1,31 @@
 //! Testbed: real meridian meshes on one machine.
 //!
-//! This crate will start real `meridian` processes on loopback (and a real S3 server), run
-//! scenarios and benchmarks against them, optionally behind an emulated WAN relay, and report
-//! figures.
-//!
-//! Today it only names the node crate it will launch.
+//! The `testbed` binary runs `meridian` itself (`testbed meridian ARGS…` is `meridian ARGS…`, the
+//! same [`node::cli`] code), so a mesh needs no other build product: [`program`] tells
+//! [`node::cluster::Cluster`] to start every site as a child process of this binary. The
+//! integration tests (`tests/`) and the benchmarks (`testbed bench`, [`bench`]) are built on it.
 
-pub use node::SiteId;
+pub mod bench;
+pub mod rogue;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use node::cluster::{Cluster, Program};
+
+/// How to run `meridian` through the testbed binary at `exe`.
+pub fn program_at(exe: impl Into<PathBuf>) -> Program {
+    Program::new(exe, vec![OsString::from("meridian")])
+}
+
+/// How to run `meridian` through the running testbed binary.
+pub fn program() -> anyhow::Result<Program> {
+    Ok(program_at(std::env::current_exe()?))
+}
+
+/// A cluster of `n` sites of region `local` named `a`, `b`, `c`, … in a temporary directory.
+pub fn cluster(program: Program, n: usize) -> anyhow::Result<Cluster> {
+    let names: Vec<String> = (0..n).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+    let specs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "local")).collect();
+    Cluster::create(program, None, &specs)
+}

@@ -56,6 +56,12 @@ const REDIAL_TICK: Duration = Duration::from_millis(250);
 /// A connection without traffic is kept this long; QUIC keep-alives and the open streams keep
 /// member links up well within it.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Two connections to one peer established within this window are a simultaneous dial, not a
+/// restart of the peer.
+const SIMULTANEOUS_DIAL_WINDOW: Duration = Duration::from_secs(1);
+/// A QUIC connection silent this long is lost; keep-alives go out well within it.
+const QUIC_IDLE_TIMEOUT_MS: u32 = 5_000;
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// QUIC flow-control windows: the core keeps up to 16 chunks of up to 4 MiB in flight per peer,
 /// so a stream must be allowed to have that much unacknowledged data on a fast link.
 const QUIC_STREAM_WINDOW_BYTES: u32 = 64 << 20;
@@ -325,7 +331,15 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
     let (commands, command_rx) = mpsc::unbounded_channel();
     let control = swarm.behaviour().streams.new_control();
     let handle = MeshHandle { shared: shared.clone(), commands, listening: Arc::new(Mutex::new(listening)) };
-    let task = SwarmTask { swarm, shared, events, control, topic, handle: handle.clone() };
+    let task = SwarmTask {
+        swarm,
+        connections: HashMap::new(),
+        shared,
+        events,
+        control,
+        topic,
+        handle: handle.clone(),
+    };
     tokio::spawn(task.run(command_rx));
     Ok(handle)
 }
@@ -337,6 +351,10 @@ fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| err(&e))?
         .with_quic_config(|mut config| {
+            // A killed peer sends nothing over UDP: its link is declared lost after this long
+            // without an answer to keep-alives, and its fetches go to other holders.
+            config.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
+            config.keep_alive_interval = QUIC_KEEP_ALIVE;
             config.max_stream_data = QUIC_STREAM_WINDOW_BYTES;
             config.max_connection_data = QUIC_CONNECTION_WINDOW_BYTES;
             config
@@ -392,6 +410,8 @@ impl MemberState {
 
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
+    /// Open connections to members: when each was established.
+    connections: HashMap<libp2p::swarm::ConnectionId, (PeerId, Instant)>,
     shared: Arc<Mutex<Shared>>,
     events: mpsc::Sender<MeshEvent>,
     control: libp2p_stream::Control,
@@ -530,17 +550,41 @@ impl SwarmTask {
             tracing::debug!(site = %m.member.site, "dial failed: {error}");
             m.set(LinkState::Down { last_error: Some(error) });
         }
-        // Jitter from the clock's sub-second digits keeps sites that lost each other at the same
-        // moment from redialling in lockstep; it needs no random source.
-        let jitter = Duration::from_millis(u64::from(Instant::now().elapsed().subsec_nanos() % 100));
+        // Jitter keeps sites that lost each other at the same moment from redialling in lockstep.
+        let jitter = {
+            use std::hash::BuildHasher;
+            Duration::from_millis(
+                std::collections::hash_map::RandomState::new().hash_one(Instant::now()) % 100,
+            )
+        };
         m.next_dial = Instant::now() + m.backoff + jitter;
         m.backoff = (m.backoff * 2).min(REDIAL_MAX);
     }
 
     async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, connection_id, endpoint, num_established, ..
+            } => {
                 let Some(site) = self.site_of(&peer_id) else { return };
+                let now = Instant::now();
+                // A peer that connects again while an older connection is open has most likely
+                // restarted: the old connection is dead but not yet timed out. Close it (its
+                // closing resets the link). Two connections made within the same moment are the
+                // two sides dialling at once; both are alive and both are kept.
+                let stale: Vec<_> = self
+                    .connections
+                    .iter()
+                    .filter(|(_, (p, at))| {
+                        *p == peer_id && now.duration_since(*at) > SIMULTANEOUS_DIAL_WINDOW
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in stale {
+                    tracing::info!(%site, "closing an older connection: the site connected again");
+                    self.swarm.close_connection(id);
+                }
+                self.connections.insert(connection_id, (peer_id, now));
                 let addr = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
@@ -561,11 +605,19 @@ impl SwarmTask {
                     let _ = self.events.send(MeshEvent::Up(site)).await;
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                self.connections.remove(&connection_id);
+                let Some(site) = self.site_of(&peer_id) else { return };
                 if num_established > 0 {
+                    // The link's stream may have run on the closed connection: reset the link
+                    // on one that is open, and let the core resynchronise and re-ask.
+                    if lock(&self.shared).queues.remove(&site).is_some() {
+                        let _ = self.events.send(MeshEvent::Down(site.clone())).await;
+                        self.open_link(peer_id, site.clone());
+                        let _ = self.events.send(MeshEvent::Up(site)).await;
+                    }
                     return;
                 }
-                let Some(site) = self.site_of(&peer_id) else { return };
                 let reason = cause.map(|c| c.to_string());
                 tracing::info!(%site, "disconnected{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default());
                 let was_up = lock(&self.shared).queues.remove(&site).is_some();
@@ -738,4 +790,32 @@ pub async fn write_frame<W: futures::AsyncWrite + Unpin>(
 /// The peer id a key file's key pair has.
 pub fn peer_id_of(keypair: &Keypair) -> PeerId {
     keypair.public().to_peer_id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: Vec<u8>) -> Result<Option<Message>, FrameError> {
+        futures::executor::block_on(read_frame(&mut futures::io::Cursor::new(bytes)))
+    }
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_refused() {
+        let message = Message::WhoHas { content: crdt_namespace::ContentId([7; 32]) };
+        let mut bytes = Vec::new();
+        futures::executor::block_on(write_frame(&mut futures::io::Cursor::new(&mut bytes), &message, true))
+            .unwrap();
+        assert_eq!(read(bytes.clone()).unwrap(), Some(message));
+        assert!(read(Vec::new()).unwrap().is_none(), "a clean end");
+        // A length over the bound is refused before anything is allocated for it.
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 16]);
+        assert!(matches!(read(huge), Err(FrameError::Proto(ProtoError::TooLarge(_)))));
+        // A frame cut short, and a frame that is not a message.
+        assert!(matches!(read(bytes[..bytes.len() - 1].to_vec()), Err(FrameError::Io(_))));
+        let mut junk = 3u32.to_le_bytes().to_vec();
+        junk.extend_from_slice(&[1, 2, 3]);
+        assert!(matches!(read(junk), Err(FrameError::Proto(_))));
+    }
 }

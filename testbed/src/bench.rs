@@ -1,0 +1,289 @@
+//! `testbed bench`: the mesh benchmarks, each a JSON line on stdout.
+//!
+//! - `propagation`: creates at one site, time until visible at another (p50, p99 ms);
+//! - `pull_1gib`: a 1 GiB file of random data pulled between two sites, against the rate at
+//!   which the same disk takes the same bytes (write + fsync) in the same run;
+//! - `delta`: bytes moved after a 1 MiB edit inside that file;
+//! - `small_files`: 10,000 files of 4 KiB written at one site until all are read at another.
+//!
+//! Sites are real processes on loopback in a temporary directory (under `$TMPDIR` if set), and
+//! the disk reference writes into that directory, so both measure the same disk.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use node::api::ApiRequest;
+use node::client::Client;
+use node::cluster::Cluster;
+use node::demo::{pseudo_random, wait_until};
+use serde_json::json;
+
+const ALL: [&str; 4] = ["propagation", "pull_1gib", "delta", "small_files"];
+/// How long anything may take to become visible before the benchmark fails.
+const VISIBLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Options {
+    only: Vec<String>,
+    creates: usize,
+    pull_mib: usize,
+    small_files: usize,
+    small_file_bytes: usize,
+    parallel: usize,
+}
+
+fn parse(args: &[OsString]) -> anyhow::Result<Options> {
+    let mut options = Options {
+        only: ALL.iter().map(|s| s.to_string()).collect(),
+        creates: 1_000,
+        pull_mib: 1_024,
+        small_files: 10_000,
+        small_file_bytes: 4_096,
+        parallel: 16,
+    };
+    let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} takes a value"));
+        match arg.as_str() {
+            "--only" => {
+                options.only = value("--only")?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = options.only.iter().find(|o| !ALL.contains(&o.as_str())) {
+                    bail!("unknown benchmark {bad:?}; the benchmarks are {}", ALL.join(", "));
+                }
+            }
+            "--creates" => options.creates = value("--creates")?.parse()?,
+            "--pull-mib" => options.pull_mib = value("--pull-mib")?.parse()?,
+            "--small-files" => options.small_files = value("--small-files")?.parse()?,
+            "--parallel" => options.parallel = value("--parallel")?.parse::<usize>()?.max(1),
+            other => bail!(
+                "unknown option {other:?} (options: --only, --creates, --pull-mib, --small-files, --parallel)"
+            ),
+        }
+    }
+    Ok(options)
+}
+
+fn new_cluster() -> anyhow::Result<Cluster> {
+    let mut cluster = crate::cluster(crate::program()?, 2)?;
+    cluster.start_all()?;
+    Ok(cluster)
+}
+
+/// Runs the benchmarks named by the arguments (all by default).
+pub fn main(args: &[OsString]) -> anyhow::Result<()> {
+    let options = parse(args)?;
+    let wants = |name: &str| options.only.iter().any(|o| o == name);
+    if wants("propagation") {
+        propagation(&options)?;
+    }
+    if wants("pull_1gib") || wants("delta") {
+        pull_and_delta(&options, wants("pull_1gib"), wants("delta"))?;
+    }
+    if wants("small_files") {
+        small_files(&options)?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn propagation(options: &Options) -> anyhow::Result<()> {
+    let cluster = new_cluster()?;
+    let (a, b) = (&cluster.site(0).client, &cluster.site(1).client);
+    a.call(&ApiRequest::Mkdir { path: "/p".into(), parents: true })?;
+    wait_until(VISIBLE_TIMEOUT, || b.exists("/p"))?;
+    let mut from_commit = Vec::with_capacity(options.creates);
+    let mut from_request = Vec::with_capacity(options.creates);
+    for i in 0..options.creates {
+        let path = format!("/p/d{i}");
+        let asked = Instant::now();
+        a.call(&ApiRequest::Mkdir { path: path.clone(), parents: false })?;
+        let committed = Instant::now();
+        wait_for(b, &path)?;
+        from_commit.push(committed.elapsed().as_secs_f64() * 1e3);
+        from_request.push(asked.elapsed().as_secs_f64() * 1e3);
+    }
+    from_commit.sort_by(f64::total_cmp);
+    from_request.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "bench": "propagation",
+            "creates": options.creates,
+            "p50_ms": round3(percentile(&from_commit, 0.5)),
+            "p99_ms": round3(percentile(&from_commit, 0.99)),
+            "max_ms": round3(percentile(&from_commit, 1.0)),
+            "from_request_p50_ms": round3(percentile(&from_request, 0.5)),
+            "from_request_p99_ms": round3(percentile(&from_request, 0.99)),
+            "target_p50_ms": 10, "target_p99_ms": 50,
+        })
+    );
+    Ok(())
+}
+
+/// Polls `client` without sleeping until `path` exists.
+fn wait_for(client: &Client, path: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !client.exists(path)? {
+        if start.elapsed() > VISIBLE_TIMEOUT {
+            bail!("{path} did not appear within {VISIBLE_TIMEOUT:?}");
+        }
+    }
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn fetched(client: &Client) -> anyhow::Result<u64> {
+    Ok(client.status()?["bytes_fetched"].as_u64().unwrap_or(0))
+}
+
+/// MB/s at which the disk under `dir` takes `data` (1 MiB writes, then fsync).
+fn disk_rate(dir: &std::path::Path, data: &[u8]) -> anyhow::Result<f64> {
+    let path = dir.join("reference.bin");
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    for piece in data.chunks(1 << 20) {
+        file.write_all(piece)?;
+    }
+    file.sync_all()?;
+    let took = started.elapsed();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(data.len() as f64 / 1e6 / took.as_secs_f64())
+}
+
+fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> anyhow::Result<()> {
+    let cluster = new_cluster()?;
+    let (a, b) = (&cluster.site(0).client, &cluster.site(1).client);
+    let size = options.pull_mib << 20;
+    let mut data = pseudo_random("testbed pull", size);
+    a.call(&ApiRequest::Mkdir { path: "/big".into(), parents: true })?;
+    a.put("/big/file.bin", &data)?;
+    wait_until(VISIBLE_TIMEOUT, || b.exists("/big/file.bin"))?;
+    let before = fetched(b)?;
+    let started = Instant::now();
+    let mut first_byte = None;
+    let read = b.read_with("/big/file.bin", None, &mut |_| {
+        first_byte.get_or_insert_with(|| started.elapsed());
+    })?;
+    let took = started.elapsed();
+    let moved = fetched(b)? - before;
+    if read != size as u64 || moved != size as u64 {
+        bail!("pulled {read} bytes ({moved} over the network) of {size}");
+    }
+    let pull = size as f64 / 1e6 / took.as_secs_f64();
+    let disk = disk_rate(cluster.root(), &data)?;
+    if report_pull {
+        println!(
+            "{}",
+            json!({
+                "bench": "pull_1gib",
+                "bytes": size,
+                "pull_mb_s": pull.round(),
+                "first_byte_ms": round3(first_byte.unwrap_or_default().as_secs_f64() * 1e3),
+                "disk_write_fsync_mb_s": disk.round(),
+                "ratio": round3(pull / disk),
+                "target_ratio": 0.8, "target_mb_s": 300,
+            })
+        );
+    }
+    if report_delta {
+        let at = size / 2;
+        data[at..at + (1 << 20)].copy_from_slice(&pseudo_random("testbed edit", 1 << 20));
+        let answer = a.put("/big/file.bin", &data)?;
+        let want = a.call(&ApiRequest::Stat { path: "/big/file.bin".into() })?["version"]["id"].clone();
+        wait_until(VISIBLE_TIMEOUT, || {
+            Ok(b.call(&ApiRequest::Stat { path: "/big/file.bin".into() })?["version"]["id"] == want)
+        })?;
+        let before = fetched(b)?;
+        let read = b.read("/big/file.bin", None)?;
+        let moved = fetched(b)? - before;
+        if blake3::hash(&read) != blake3::hash(&data) {
+            bail!("the edited file read at the other site differs");
+        }
+        println!(
+            "{}",
+            json!({
+                "bench": "delta",
+                "file_bytes": size,
+                "edit_bytes": 1 << 20,
+                "new_bytes_at_writer": answer["new_bytes"],
+                "moved_bytes": moved,
+                "fraction": moved as f64 / size as f64,
+                "target_fraction": 0.02,
+            })
+        );
+    }
+    Ok(())
+}
+
+fn small_files(options: &Options) -> anyhow::Result<()> {
+    let cluster = new_cluster()?;
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    a.call(&ApiRequest::Mkdir { path: "/small".into(), parents: true })?;
+    wait_until(VISIBLE_TIMEOUT, || b.exists("/small"))?;
+    let n = options.small_files;
+    let size = options.small_file_bytes;
+    let content = |i: usize| pseudo_random(&format!("small {i}"), size);
+    let path = |i: usize| format!("/small/f{i:05}");
+    let next_write = AtomicUsize::new(0);
+    let next_read = AtomicUsize::new(0);
+    let started = Instant::now();
+    let written_at = std::sync::Mutex::new(Duration::ZERO);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let mut workers = Vec::new();
+        for _ in 0..options.parallel {
+            workers.push(scope.spawn(|| -> anyhow::Result<()> {
+                loop {
+                    let i = next_write.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        let mut w = written_at.lock().unwrap_or_else(|e| e.into_inner());
+                        *w = (*w).max(started.elapsed());
+                        return Ok(());
+                    }
+                    a.put(&path(i), &content(i))?;
+                }
+            }));
+            workers.push(scope.spawn(|| -> anyhow::Result<()> {
+                loop {
+                    let i = next_read.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok(());
+                    }
+                    wait_for(&b, &path(i))?;
+                    if b.read(&path(i), None)? != content(i) {
+                        bail!("{} read at the other site differs", path(i));
+                    }
+                }
+            }));
+        }
+        for worker in workers {
+            worker.join().map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let took = started.elapsed();
+    let written = *written_at.lock().unwrap_or_else(|e| e.into_inner());
+    println!(
+        "{}",
+        json!({
+            "bench": "small_files",
+            "files": n,
+            "file_bytes": size,
+            "parallel_clients": options.parallel,
+            "written_s": round3(written.as_secs_f64()),
+            "all_readable_at_other_s": round3(took.as_secs_f64()),
+            "files_per_s": (n as f64 / took.as_secs_f64()).round(),
+            "target_s": 5,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! Real `meridian` processes on loopback, three sites a mesh: what crosses the network, and
+//! what survives a crash, a stop, a partition and a hostile peer.
+
+use std::time::Duration;
+
+use node::api::ApiRequest;
+use node::client::Client;
+use node::cluster::{Cluster, Program};
+use node::config::Config;
+use node::demo::{pseudo_random, wait_until};
+use testbed::rogue::{self, Outcome};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn program() -> Program {
+    testbed::program_at(env!("CARGO_BIN_EXE_testbed"))
+}
+
+fn started(n: usize) -> Cluster {
+    let mut cluster = testbed::cluster(program(), n).unwrap();
+    cluster.start_all().unwrap();
+    cluster
+}
+
+fn mkdir(client: &Client, path: &str) {
+    client.call(&ApiRequest::Mkdir { path: path.into(), parents: true }).unwrap();
+}
+
+fn fetched(client: &Client) -> u64 {
+    client.status().unwrap()["bytes_fetched"].as_u64().unwrap()
+}
+
+/// Every path with the version it shows (for files).
+fn tree(client: &Client) -> Vec<String> {
+    let v = client.call(&ApiRequest::Find { tags: vec![], path: Some("/**".into()) }).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let path = h["path"].as_str().unwrap().to_owned();
+            let stat = client.call(&ApiRequest::Stat { path: path.clone() }).unwrap();
+            match stat["version"]["id"].as_str() {
+                Some(version) => format!("{path} @{version}"),
+                None => path,
+            }
+        })
+        .collect()
+}
+
+fn wait_same_trees(cluster: &Cluster, running: &[usize]) -> Vec<String> {
+    let mut last = Vec::new();
+    let converged = wait_until(TIMEOUT, || {
+        let trees: Vec<Vec<String>> = running.iter().map(|&i| tree(&cluster.site(i).client)).collect();
+        last = trees[0].clone();
+        Ok(trees.windows(2).all(|w| w[0] == w[1]))
+    });
+    assert!(converged.is_ok(), "the sites did not converge; one has {last:?}");
+    last
+}
+
+#[test]
+fn namespace_changes_reach_every_site() {
+    let cluster = started(3);
+    let a = &cluster.site(0).client;
+    mkdir(a, "/shots/sq010/sh0010");
+    a.put("/shots/sq010/sh0010/take1.clip", b"<clip/>").unwrap();
+    a.call(&ApiRequest::TagSet { path: "/shots".into(), key: "project".into(), value: "apollo".into() })
+        .unwrap();
+    a.call(&ApiRequest::Mv { from: "/shots/sq010/sh0010/take1.clip".into(), to: "/shots/take1.clip".into() })
+        .unwrap();
+    let trees = wait_same_trees(&cluster, &[0, 1, 2]);
+    assert!(trees.iter().any(|p| p.starts_with("/shots/take1.clip @")), "{trees:?}");
+    for i in 1..3 {
+        let tags =
+            cluster.site(i).client.call(&ApiRequest::TagGet { path: "/shots/take1.clip".into() }).unwrap();
+        assert_eq!(tags[0]["value"], "apollo");
+        // Metadata only: no payload moved.
+        assert_eq!(fetched(&cluster.site(i).client), 0);
+    }
+}
+
+#[test]
+fn payload_is_pulled_lazily_range_first_and_only_the_edited_chunks_move() {
+    let cluster = started(3);
+    let (a, b) = (&cluster.site(0).client, &cluster.site(1).client);
+    let size = 16 << 20;
+    let mut data = pseudo_random("lazy", size);
+    mkdir(a, "/big");
+    a.put("/big/f.bin", &data).unwrap();
+    wait_until(TIMEOUT, || b.exists("/big/f.bin")).unwrap();
+    assert_eq!(b.status().unwrap()["versions_held"], 0, "nothing is pulled before a read");
+    assert_eq!(fetched(b), 0);
+
+    // A range in the middle: only the chunks covering it move.
+    let range = (8 << 20)..(8 << 20) + 1000;
+    assert_eq!(
+        b.read("/big/f.bin", Some(range.clone())).unwrap(),
+        &data[range.start as usize..range.end as usize]
+    );
+    let first = fetched(b);
+    assert!(first > 0 && first <= 2 * (4 << 20), "a 1000-byte range moved {first} bytes");
+
+    // The whole file: every chunk once.
+    assert!(b.read("/big/f.bin", None).unwrap() == data);
+    assert_eq!(fetched(b), size as u64, "each chunk crosses the network once");
+    assert_eq!(b.status().unwrap()["versions_held"], 1);
+
+    // A 64 KiB edit: only the chunks around it move.
+    data[5 << 20..(5 << 20) + (64 << 10)].copy_from_slice(&pseudo_random("edit", 64 << 10));
+    a.put("/big/f.bin", &data).unwrap();
+    let want = a.call(&ApiRequest::Stat { path: "/big/f.bin".into() }).unwrap()["version"]["id"].clone();
+    wait_until(TIMEOUT, || {
+        Ok(b.call(&ApiRequest::Stat { path: "/big/f.bin".into() })?["version"]["id"] == want)
+    })
+    .unwrap();
+    let before = fetched(b);
+    assert!(b.read("/big/f.bin", None).unwrap() == data);
+    let moved = fetched(b) - before;
+    assert!(moved > 0 && moved < (size as u64) / 4, "a 64 KiB edit moved {moved} of {size} bytes");
+}
+
+#[test]
+fn a_site_killed_mid_transfer_loses_nothing_and_reads_go_on_elsewhere() {
+    let mut cluster = started(3);
+    let size = 48 << 20;
+    let data = pseudo_random("crash", size);
+    let a = cluster.site(0).client.clone();
+    let b = cluster.site(1).client.clone();
+    let c = cluster.site(2).client.clone();
+    mkdir(&a, "/big");
+    a.put("/big/f.bin", &data).unwrap();
+    wait_until(TIMEOUT, || c.exists("/big/f.bin")).unwrap();
+    assert!(c.read("/big/f.bin", None).unwrap() == data, "c now holds the file too");
+
+    // b reads; the holder it pulls from dies in the middle; the read finishes from the other.
+    let reader = {
+        let b = b.clone();
+        std::thread::spawn(move || b.read("/big/f.bin", None))
+    };
+    wait_until(TIMEOUT, || Ok(fetched(&b) > 0)).unwrap();
+    cluster.kill(0).unwrap();
+    let read = reader.join().unwrap().expect("the read continues from another holder");
+    assert!(read == data);
+
+    // The reader itself killed in the middle of a transfer, then restarted: its store is
+    // consistent and the read works again.
+    cluster.start(0).unwrap();
+    let d = pseudo_random("crash 2", size);
+    a.put("/big/g.bin", &d).unwrap();
+    wait_until(TIMEOUT, || b.exists("/big/g.bin")).unwrap();
+    let reader = {
+        let b = b.clone();
+        std::thread::spawn(move || b.read("/big/g.bin", None))
+    };
+    let before = fetched(&b);
+    wait_until(TIMEOUT, || Ok(fetched(&b) > before)).unwrap();
+    cluster.kill(1).unwrap();
+    assert!(reader.join().unwrap().is_err(), "the reader's site died");
+    cluster.start(1).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    // The holder may still be writing to its connection of before the crash until it is
+    // replaced or times out (QUIC idle timeout, 5 s): the read succeeds within that.
+    let mut read = Vec::new();
+    wait_until(TIMEOUT, || match b.read("/big/g.bin", None) {
+        Ok(bytes) => {
+            read = bytes;
+            Ok(true)
+        }
+        Err(e) if e.to_string().contains("no reachable site") => Ok(false),
+        Err(e) => Err(e),
+    })
+    .unwrap();
+    assert!(read == d);
+    assert!(b.read("/big/f.bin", None).unwrap() == data);
+    assert!(a.read("/big/f.bin", None).unwrap() == data, "the killed holder kept its data");
+}
+
+#[test]
+fn stopped_and_partitioned_sites_converge_when_they_return() {
+    let mut cluster = started(3);
+    let a = cluster.site(0).client.clone();
+    let b = cluster.site(1).client.clone();
+    let c = cluster.site(2).client.clone();
+    mkdir(&a, "/shots");
+    a.put("/shots/comp.clip", b"v1").unwrap();
+    wait_until(TIMEOUT, || c.exists("/shots/comp.clip")).unwrap();
+
+    // c stops; a and b both change things, one of them the same file.
+    cluster.stop(2).unwrap();
+    a.put("/shots/comp.clip", b"v2 from a").unwrap();
+    mkdir(&a, "/shots/from-a");
+    wait_until(TIMEOUT, || b.exists("/shots/from-a")).unwrap();
+    b.put("/shots/comp.clip", b"v2 from b").unwrap();
+    b.call(&ApiRequest::Rm { path: "/shots/from-a".into(), recursive: true }).unwrap();
+    cluster.start(2).unwrap();
+    let trees = wait_same_trees(&cluster, &[0, 1, 2]);
+    assert!(!trees.iter().any(|p| p.starts_with("/shots/from-a")), "{trees:?}");
+    assert_eq!(c.read("/shots/comp.clip", None).unwrap(), b"v2 from b");
+
+    // a partition: a is cut off from b and c; both sides write the same file.
+    cluster.meridian(0, &["mesh", "block", "b"]).unwrap();
+    cluster.meridian(0, &["mesh", "block", "c"]).unwrap();
+    wait_until(TIMEOUT, || Ok(a.status()?["peers"].as_array().unwrap().is_empty())).unwrap();
+    a.put("/shots/comp.clip", b"v3 from a").unwrap();
+    b.put("/shots/comp.clip", b"v3 from b").unwrap();
+    cluster.meridian(0, &["mesh", "unblock", "b"]).unwrap();
+    cluster.meridian(0, &["mesh", "unblock", "c"]).unwrap();
+    let trees = wait_same_trees(&cluster, &[0, 1, 2]);
+    assert!(trees.iter().any(|p| p.starts_with("/shots/comp.conflict-")), "{trees:?}");
+    let contents: Vec<Vec<u8>> =
+        [&a, &b, &c].iter().map(|s| s.read("/shots/comp.clip", None).unwrap()).collect();
+    assert!(contents.windows(2).all(|w| w[0] == w[1]));
+}
+
+/// Drops site `extra` from the membership of every other site (it still lists them).
+fn make_stranger(cluster: &Cluster, extra: usize) {
+    for (i, site) in cluster.sites().iter().enumerate() {
+        if i == extra {
+            continue;
+        }
+        let mut loaded = Config::load(&site.config).unwrap();
+        loaded.config.peers.retain(|p| p.site != cluster.site(extra).name);
+        loaded.config.save(&site.config).unwrap();
+    }
+}
+
+#[test]
+fn an_unknown_peer_is_refused() {
+    let mut cluster = testbed::cluster(program(), 3).unwrap();
+    make_stranger(&cluster, 2);
+    cluster.start(0).unwrap();
+    cluster.start(1).unwrap();
+    cluster.start(2).unwrap();
+    let (a, c) = (cluster.site(0).client.clone(), cluster.site(2).client.clone());
+    mkdir(&a, "/secret");
+    wait_until(TIMEOUT, || cluster.site(1).client.exists("/secret")).unwrap();
+    // c dials a and b for a while; both refuse it.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!c.exists("/secret").unwrap(), "a stranger received the namespace");
+    let peers = a.status().unwrap()["peers"].clone();
+    assert_eq!(peers.as_array().unwrap().len(), 1, "only b is connected to a: {peers}");
+    let ls = cluster.meridian(2, &["--json", "mesh", "ls"]).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(ls.trim()).unwrap();
+    for link in ls.as_array().unwrap() {
+        assert!(!link["link"].as_str().unwrap().starts_with("up"), "{link}");
+    }
+}
+
+#[test]
+fn malformed_frames_disconnect_the_sender_and_change_nothing() {
+    let mut cluster = testbed::cluster(program(), 3).unwrap();
+    // c is a member but does not run: the rogue speaks with its key.
+    cluster.start(0).unwrap();
+    cluster.start(1).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    let a = cluster.site(0).client.clone();
+    mkdir(&a, "/kept");
+    let before = tree(&a);
+    let target: libp2p::PeerId = cluster.site(0).peer_id.parse().unwrap();
+    let addr: libp2p::Multiaddr =
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", cluster.site(0).port).parse().unwrap();
+    let member_key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+
+    let mut garbage = 10u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(b"not a msg!");
+    let mut oversized = u32::MAX.to_le_bytes().to_vec();
+    oversized.extend_from_slice(&[0; 64]);
+    let mut wrong_version = 3u32.to_le_bytes().to_vec();
+    wrong_version.extend_from_slice(&[9, 9, 0]);
+    for bytes in [garbage, oversized, wrong_version] {
+        let outcome = runtime
+            .block_on(rogue::send_raw(member_key.clone(), target, addr.clone(), bytes, TIMEOUT))
+            .unwrap();
+        assert_eq!(outcome, Outcome::Disconnected);
+        assert!(a.status().is_ok(), "the site survived");
+    }
+    assert_eq!(tree(&a), before, "nothing changed");
+
+    // A key that is not a member never gets a stream.
+    let stranger = libp2p::identity::Keypair::generate_ed25519();
+    let outcome = runtime
+        .block_on(rogue::send_raw(stranger, target, addr, b"hello".to_vec(), Duration::from_secs(5)))
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Refused(_)), "{outcome:?}");
+    // And the real members still talk.
+    mkdir(&a, "/after");
+    wait_until(TIMEOUT, || cluster.site(1).client.exists("/after")).unwrap();
+}
