@@ -11,16 +11,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use node::content::{ChunkHash, ChunkerConfig, Manifest, cut};
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    node::sample::pseudo_random(seed, len)
 }
 
 fn configs() -> Vec<(&'static str, ChunkerConfig)> {

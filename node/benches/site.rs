@@ -80,16 +80,8 @@ impl Drop for Site {
 }
 
 fn random_file(path: &Path, len: usize) {
-    use std::io::Write;
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..len / 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        file.write_all(&x.to_le_bytes()).unwrap();
-    }
-    file.flush().unwrap();
+    let mut file = std::fs::File::create(path).unwrap();
+    node::sample::write_to(0x9e37_79b9_7f4a_7c15, len as u64, &mut file).unwrap();
 }
 
 fn run(cmd: &mut Command) {

@@ -235,15 +235,7 @@ mod tests {
     use super::*;
 
     fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::sample::pseudo_random(seed, len)
     }
 
     fn small() -> ChunkerConfig {

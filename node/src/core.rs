@@ -20,6 +20,10 @@ use transport::proto::{Message, Priority};
 
 use crate::content::{ChunkHash, ChunkRef, Manifest};
 
+/// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
+/// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
+const FETCH_ATTEMPTS_MAX: u32 = 8;
+
 /// The id a driver gives a local request; replies carry it.
 pub type RequestId = u64;
 
@@ -339,6 +343,10 @@ struct Fetch {
     len: u32,
     priority: Priority,
     tried: BTreeSet<SiteId>,
+    /// Times the fetch was sent.
+    attempts: u32,
+    /// Since when the fetch waits for a holder to (re)connect, if it does.
+    parked_since_ms: Option<u64>,
     sent_ms: u64,
     waiters: Vec<(RequestId, usize)>,
 }
@@ -613,6 +621,8 @@ impl Site {
             len: chunk.len,
             priority: Priority::Urgent,
             tried: BTreeSet::new(),
+            attempts: 0,
+            parked_since_ms: None,
             sent_ms: self.now_ms,
             waiters: vec![(id, index)],
         };
@@ -620,18 +630,34 @@ impl Site {
         self.send_fetch(chunk.hash);
     }
 
-    /// Sends (or re-sends) a fetch to a connected holder it has not tried; fails its readers if
-    /// there is none.
+    /// Sends (or re-sends) a fetch to a connected holder it has not tried. With none connected,
+    /// the fetch waits for one to (re)connect — a link that is reset or a holder that restarts is
+    /// a delay, not a failure — and fails its readers after `who_has_timeout_ms`, or at once when
+    /// its attempts are used up.
     fn send_fetch(&mut self, hash: ChunkHash) {
-        let Some(fetch) = self.fetches.get(&hash) else { return };
-        let holder = self
+        let Some(fetch) = self.fetches.get_mut(&hash) else { return };
+        let connected: Vec<&SiteId> = self
             .holders
             .get(&fetch.content)
             .into_iter()
             .flatten()
-            .find(|h| self.peers.contains_key(*h) && !fetch.tried.contains(*h))
-            .cloned();
+            .filter(|h| self.peers.contains_key(*h))
+            .collect();
+        // Every connected holder tried already (a link that was reset, a holder that came back):
+        // start over with them, up to a bound of attempts.
+        if !connected.is_empty()
+            && connected.iter().all(|h| fetch.tried.contains(*h))
+            && fetch.attempts < FETCH_ATTEMPTS_MAX
+        {
+            fetch.tried.clear();
+        }
+        let holder = connected.into_iter().find(|h| !fetch.tried.contains(*h)).cloned();
         let Some(holder) = holder else {
+            let parked_since = *fetch.parked_since_ms.get_or_insert(self.now_ms);
+            let waited = self.now_ms.saturating_sub(parked_since);
+            if fetch.attempts < FETCH_ATTEMPTS_MAX && waited < self.config.who_has_timeout_ms {
+                return;
+            }
             let fetch = self.fetches.remove(&hash).expect("checked above");
             for (id, _) in fetch.waiters {
                 if let Some(read) = self.reads.get(&id) {
@@ -647,6 +673,8 @@ impl Site {
         fetch.request = request;
         fetch.from = holder.clone();
         fetch.tried.insert(holder.clone());
+        fetch.attempts += 1;
+        fetch.parked_since_ms = None;
         fetch.sent_ms = self.now_ms;
         let priority = fetch.priority;
         self.emit(Output::Send {
@@ -753,6 +781,11 @@ impl Site {
             self.reads.values().filter(|r| r.manifest.is_none()).map(|r| r.content).collect();
         for content in pending {
             self.emit(Output::Send { to: peer.clone(), message: Message::WhoHas { content } });
+        }
+        let parked: Vec<ChunkHash> =
+            self.fetches.iter().filter(|(_, f)| f.parked_since_ms.is_some()).map(|(h, _)| *h).collect();
+        for hash in parked {
+            self.send_fetch(hash);
         }
     }
 
@@ -908,7 +941,10 @@ impl Site {
         let late: Vec<ChunkHash> = self
             .fetches
             .iter()
-            .filter(|(_, f)| now_ms.saturating_sub(f.sent_ms) >= self.config.fetch_timeout_ms)
+            .filter(|(_, f)| match f.parked_since_ms {
+                Some(since) => now_ms.saturating_sub(since) >= self.config.who_has_timeout_ms,
+                None => now_ms.saturating_sub(f.sent_ms) >= self.config.fetch_timeout_ms,
+            })
             .map(|(h, _)| *h)
             .collect();
         for hash in late {

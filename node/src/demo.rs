@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 
 use crate::client::Client;
 use crate::cluster::{Cluster, Program};
+use crate::sample::pseudo_random;
 
 /// Site names of the demo, in order; more sites are `site-N`.
 const SITE_NAMES: [&str; 5] = ["east", "west", "north", "south", "central"];
@@ -35,13 +36,6 @@ pub struct DemoArgs {
     /// Size of the large file, in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub size_mib: u32,
-}
-
-/// Deterministic pseudo-random bytes (BLAKE3 in XOF mode): incompressible, reproducible.
-pub fn pseudo_random(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut out);
-    out
 }
 
 /// Polls until `check` holds; returns how long it took.
@@ -152,7 +146,7 @@ fn large_file_scene(cluster: &Cluster, size: usize) -> anyhow::Result<Vec<u8>> {
     let (east, west) = (cluster.site(0), cluster.site(1));
     println!();
     println!("2. {} reads a large file written at {} while it arrives, chunk by chunk", west.name, east.name);
-    let data = pseudo_random("meridian demo plate", size);
+    let data = pseudo_random(1, size);
     east.client.call(&crate::api::ApiRequest::Mkdir { path: "/renders".into(), parents: true })?;
     let started = Instant::now();
     east.client.put("/renders/plate.exr", &data)?;
@@ -189,7 +183,7 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<()> {
     println!();
     println!("3. {} edits 1 MiB in the middle of the file; only the changed chunks move", east.name);
     let at = data.len() / 2;
-    data[at..at + (1 << 20)].copy_from_slice(&pseudo_random("meridian demo edit", 1 << 20));
+    data[at..at + (1 << 20)].copy_from_slice(&pseudo_random(2, 1 << 20));
     let answer = east.client.put("/renders/plate.exr", &data)?;
     let content = blake3::hash(&data);
     println!(

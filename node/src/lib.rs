@@ -13,6 +13,7 @@
 //!   calls it, so the testbed can run the same code as a child process of its own binary.
 //! - [`cluster`]: starts several real `meridian` processes on loopback and talks to them
 //!   ([`client`]) — the demo and the testbed are built on it. [`demo`] is `meridian demo`.
+//! - [`sample`]: deterministic incompressible sample data for the demo, benchmarks and tests.
 
 pub mod api;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod content;
 pub mod core;
 pub mod demo;
 pub mod runtime;
+pub mod sample;
 pub mod store;
 
 pub use crdt_namespace::{Hlc, Namespace, SiteId};

@@ -87,15 +87,7 @@ fn init(dir: &Path, site: &str) -> PathBuf {
 }
 
 fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = node::sample::pseudo_random(seed, len);
     std::fs::write(path, &data).unwrap();
     data
 }

@@ -12,15 +12,7 @@ use transport::proto::Message;
 const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    node::sample::pseudo_random(seed, len)
 }
 
 #[derive(Default)]
@@ -145,6 +137,38 @@ impl Mesh {
             (_, m) => m,
         };
         self.inbox.push_back((from, to, message.encode()));
+    }
+
+    /// Carries out outputs and delivers messages one at a time until `n` chunks went from `from`
+    /// to `to` since log entry `since`.
+    fn run_until_chunks(&mut self, from: usize, to: usize, since: usize, n: usize) {
+        for _ in 0..10_000 {
+            let sent = self.log[since..]
+                .iter()
+                .filter(|(f, t, m)| *f == from && *t == to && matches!(m, Message::Chunk { .. }))
+                .count();
+            if sent >= n {
+                return;
+            }
+            for s in 0..self.sites.len() {
+                while let Some(o) = self.sites[s].poll_output() {
+                    self.execute(s, o);
+                }
+            }
+            if let Some((f, t, bytes)) = self.inbox.pop_front() {
+                let name = self.names[f].clone();
+                self.sites[t].handle_message(self.now, &name, Message::decode(&bytes).unwrap());
+            }
+        }
+        panic!("{n} chunks never went from {from} to {to}");
+    }
+
+    /// Drops the link between `a` and `b` at both ends, with what was in flight on it.
+    fn drop_link(&mut self, a: usize, b: usize) {
+        self.inbox.retain(|(f, t, _)| !((*f == a && *t == b) || (*f == b && *t == a)));
+        let (name_a, name_b) = (self.names[a].clone(), self.names[b].clone());
+        self.sites[a].handle_peer_down(self.now, &name_b);
+        self.sites[b].handle_peer_down(self.now, &name_a);
     }
 
     /// Carries out outputs and delivers messages until nothing moves.
@@ -359,34 +383,52 @@ fn a_read_continues_from_another_holder_when_one_disappears() {
     mesh.next_id += 1;
     mesh.sites[2].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
     let since = mesh.log.len();
-    for _ in 0..10_000 {
-        let from_a = mesh.log[since..]
-            .iter()
-            .filter(|(f, t, m)| *f == 0 && *t == 2 && matches!(m, Message::Chunk { .. }))
-            .count();
-        if from_a >= 3 {
-            break;
-        }
-        for s in 0..3 {
-            while let Some(o) = mesh.sites[s].poll_output() {
-                mesh.execute(s, o);
-            }
-        }
-        if let Some((from, to, bytes)) = mesh.inbox.pop_front() {
-            let name = mesh.names[from].clone();
-            mesh.sites[to].handle_message(mesh.now, &name, Message::decode(&bytes).unwrap());
-        }
-    }
+    mesh.run_until_chunks(0, 2, since, 3);
     mesh.cut.insert((0, 2));
-    mesh.inbox.retain(|(f, t, _)| !((*f == 0 && *t == 2) || (*f == 2 && *t == 0)));
-    let a = mesh.names[0].clone();
-    mesh.sites[2].handle_peer_down(mesh.now, &a);
+    mesh.drop_link(0, 2);
     mesh.run();
     let result = mesh.reads.remove(&id).unwrap();
     assert_eq!(result.done, Some(Ok(())));
     assert_eq!(result.data, data);
     let from_b = mesh.chunk_requests(2, since).iter().filter(|(to, _)| *to == 1).count();
     assert!(from_b > 0, "the rest came from b");
+}
+
+#[test]
+fn a_read_whose_only_holder_drops_its_link_resumes_when_it_returns_and_fails_if_it_does_not() {
+    let mut mesh = Mesh::new(&["west", "east"]);
+    let data = random_bytes(500_000, 8);
+    mesh.put(0, "/f", &data);
+    mesh.put(0, "/g", &random_bytes(400_000, 9));
+    let (west, east) = (mesh.names[0].clone(), mesh.names[1].clone());
+    for (path, comes_back) in [("/f", true), ("/g", false)] {
+        let id = mesh.next_id;
+        mesh.next_id += 1;
+        mesh.sites[1].handle_local(mesh.now, id, Request::Read { path: path.into(), range: None });
+        let since = mesh.log.len();
+        mesh.run_until_chunks(0, 1, since, 3);
+        mesh.drop_link(0, 1);
+        mesh.run();
+        assert!(mesh.reads.get(&id).is_none_or(|r| r.done.is_none()), "the read waits for a holder");
+        if comes_back {
+            mesh.sites[0].handle_peer_up(mesh.now, east.clone());
+            mesh.sites[1].handle_peer_up(mesh.now, west.clone());
+            mesh.run();
+            let result = mesh.reads.remove(&id).unwrap();
+            assert_eq!(result.done, Some(Ok(())));
+            assert_eq!(result.data, data);
+            let asked = mesh.chunk_requests(1, since);
+            let unique: HashSet<_> = asked.iter().map(|(_, h)| *h).collect();
+            let repeated = asked.len() - unique.len();
+            assert!(repeated <= 8, "resumed where it stopped: {repeated} chunks asked twice");
+        } else {
+            mesh.now += 10_000;
+            mesh.sites[1].handle_timeout(mesh.now);
+            mesh.run();
+            let error = mesh.reads.remove(&id).unwrap().done.unwrap().unwrap_err();
+            assert!(error.starts_with("no reachable site holds /g"), "{error}");
+        }
+    }
 }
 
 #[test]

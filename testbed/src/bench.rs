@@ -18,7 +18,8 @@ use anyhow::{Context, bail};
 use node::api::ApiRequest;
 use node::client::Client;
 use node::cluster::Cluster;
-use node::demo::{pseudo_random, wait_until};
+use node::demo::wait_until;
+use node::sample::pseudo_random;
 use serde_json::json;
 
 const ALL: [&str; 4] = ["propagation", "pull_1gib", "delta", "small_files"];
@@ -164,7 +165,7 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
     let cluster = new_cluster()?;
     let (a, b) = (&cluster.site(0).client, &cluster.site(1).client);
     let size = options.pull_mib << 20;
-    let mut data = pseudo_random("testbed pull", size);
+    let mut data = pseudo_random(1, size);
     a.call(&ApiRequest::Mkdir { path: "/big".into(), parents: true })?;
     a.put("/big/file.bin", &data)?;
     wait_until(VISIBLE_TIMEOUT, || b.exists("/big/file.bin"))?;
@@ -197,7 +198,7 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
     }
     if report_delta {
         let at = size / 2;
-        data[at..at + (1 << 20)].copy_from_slice(&pseudo_random("testbed edit", 1 << 20));
+        data[at..at + (1 << 20)].copy_from_slice(&pseudo_random(2, 1 << 20));
         let answer = a.put("/big/file.bin", &data)?;
         let want = a.call(&ApiRequest::Stat { path: "/big/file.bin".into() })?["version"]["id"].clone();
         wait_until(VISIBLE_TIMEOUT, || {
@@ -232,7 +233,7 @@ fn small_files(options: &Options) -> anyhow::Result<()> {
     wait_until(VISIBLE_TIMEOUT, || b.exists("/small"))?;
     let n = options.small_files;
     let size = options.small_file_bytes;
-    let content = |i: usize| pseudo_random(&format!("small {i}"), size);
+    let content = |i: usize| pseudo_random(1_000_000 + i as u64, size);
     let path = |i: usize| format!("/small/f{i:05}");
     let next_write = AtomicUsize::new(0);
     let next_read = AtomicUsize::new(0);

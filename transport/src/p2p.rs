@@ -56,9 +56,10 @@ const REDIAL_TICK: Duration = Duration::from_millis(250);
 /// A connection without traffic is kept this long; QUIC keep-alives and the open streams keep
 /// member links up well within it.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Two connections to one peer established within this window are a simultaneous dial, not a
-/// restart of the peer.
-const SIMULTANEOUS_DIAL_WINDOW: Duration = Duration::from_secs(1);
+/// Attempts at opening a link's stream before the member is disconnected, and the pause
+/// between them: enough to step past a connection that is closing at that moment.
+const STREAM_OPEN_ATTEMPTS: u32 = 3;
+const STREAM_OPEN_RETRY: Duration = Duration::from_millis(50);
 /// A QUIC connection silent this long is lost; keep-alives go out well within it.
 const QUIC_IDLE_TIMEOUT_MS: u32 = 5_000;
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -410,8 +411,8 @@ impl MemberState {
 
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
-    /// Open connections to members: when each was established.
-    connections: HashMap<libp2p::swarm::ConnectionId, (PeerId, Instant)>,
+    /// Open connections to members.
+    connections: HashMap<libp2p::swarm::ConnectionId, PeerId>,
     shared: Arc<Mutex<Shared>>,
     events: mpsc::Sender<MeshEvent>,
     control: libp2p_stream::Control,
@@ -567,24 +568,18 @@ impl SwarmTask {
                 peer_id, connection_id, endpoint, num_established, ..
             } => {
                 let Some(site) = self.site_of(&peer_id) else { return };
-                let now = Instant::now();
-                // A peer that connects again while an older connection is open has most likely
-                // restarted: the old connection is dead but not yet timed out. Close it (its
-                // closing resets the link). Two connections made within the same moment are the
-                // two sides dialling at once; both are alive and both are kept.
-                let stale: Vec<_> = self
-                    .connections
-                    .iter()
-                    .filter(|(_, (p, at))| {
-                        *p == peer_id && now.duration_since(*at) > SIMULTANEOUS_DIAL_WINDOW
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in stale {
+                // The newest connection to a member wins: one made while another is open
+                // usually means the member restarted and the old connection is dead but not yet
+                // timed out. Closing the older one resets the link onto the new one. (When both
+                // sides dial at the same moment and see the two connections in opposite orders,
+                // both close; the member is redialled after a jittered backoff.)
+                let older: Vec<_> =
+                    self.connections.iter().filter(|(_, p)| **p == peer_id).map(|(id, _)| *id).collect();
+                for id in older {
                     tracing::info!(%site, "closing an older connection: the site connected again");
                     self.swarm.close_connection(id);
                 }
-                self.connections.insert(connection_id, (peer_id, now));
+                self.connections.insert(connection_id, peer_id);
                 let addr = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
@@ -680,27 +675,45 @@ impl SwarmTask {
     }
 
     /// Opens the outbound stream to a newly connected member and its writer.
+    ///
+    /// A link is replaced when the connection under it closes while another stays open; the
+    /// writer of a replaced link ends quietly. Only the current link's failure disconnects the
+    /// member.
     fn open_link(&mut self, peer: PeerId, site: SiteId) {
         let (queue, mut outbox) = mpsc::channel::<Message>(PEER_QUEUE_MESSAGES);
+        // The registry holds the only lasting sender: while it can be upgraded, this link is
+        // the member's current one.
+        let current = queue.downgrade();
         lock(&self.shared).queues.insert(site.clone(), queue);
         let mut control = self.control.clone();
         let handle = self.handle.clone();
+        let fail = move |what: String| {
+            if current.upgrade().is_some() {
+                handle.disconnect(&site, what);
+            }
+        };
         tokio::spawn(async move {
-            let mut stream = match control.open_stream(peer, STREAM_PROTOCOL).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    handle.disconnect(&site, format!("opening a stream: {e}"));
-                    return;
+            let mut attempt = 1;
+            let mut stream = loop {
+                // The stream goes over any open connection; one that is closing at this moment
+                // fails the open, and the next attempt takes another.
+                match control.open_stream(peer, STREAM_PROTOCOL).await {
+                    Ok(stream) => break stream,
+                    Err(e) if attempt >= STREAM_OPEN_ATTEMPTS => {
+                        return fail(format!("opening a stream: {e}"));
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, "opening a stream (attempt {attempt}): {e}");
+                        attempt += 1;
+                        tokio::time::sleep(STREAM_OPEN_RETRY).await;
+                    }
                 }
             };
             while let Some(message) = outbox.recv().await {
                 // Flush only when nothing else is queued, so small messages share packets.
                 let flush = outbox.is_empty();
-                let result = write_frame(&mut stream, &message, flush).await;
-                if let Err(e) = result {
-                    tracing::debug!(%site, "writing to the stream: {e}");
-                    handle.disconnect(&site, format!("writing to the stream: {e}"));
-                    return;
+                if let Err(e) = write_frame(&mut stream, &message, flush).await {
+                    return fail(format!("writing to the stream: {e}"));
                 }
             }
             let _ = stream.close().await;
