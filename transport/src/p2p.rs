@@ -171,7 +171,7 @@ struct Behaviour {
 }
 
 enum Command {
-    Publish(Vec<u8>),
+    Publish(Message),
     Disconnect { site: SiteId, reason: String },
     AddMember(Member),
     Block { peer: PeerId, blocked: bool },
@@ -226,18 +226,21 @@ impl MeshHandle {
     }
 
     /// Sends fresh namespace changes to every connected member: on gossipsub if small enough,
-    /// else over each member's stream.
+    /// else (and to members gossipsub does not see subscribed) over each member's stream.
     pub fn broadcast_push(&self, changes: Vec<u8>) {
         let message = Message::Push { changes };
-        let encoded = message.encode();
-        if encoded.len() <= GOSSIP_MESSAGE_MAX_BYTES {
-            let _ = self.commands.send(Command::Publish(encoded));
+        if message.encode().len() <= GOSSIP_MESSAGE_MAX_BYTES {
+            let _ = self.commands.send(Command::Publish(message));
         } else {
             let sites: Vec<SiteId> = lock(&self.shared).queues.keys().cloned().collect();
-            for site in sites {
-                if let Err(e) = self.send(&site, message.clone()) {
-                    tracing::debug!("push to {site}: {e}");
-                }
+            self.send_each(&sites, &message);
+        }
+    }
+
+    fn send_each(&self, sites: &[SiteId], message: &Message) {
+        for site in sites {
+            if let Err(e) = self.send(site, message.clone()) {
+                tracing::debug!("push to {site}: {e}");
             }
         }
     }
@@ -372,10 +375,10 @@ fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
             )?;
             Ok(Behaviour {
                 members: allow_block_list::Behaviour::default(),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.into(),
-                    key.public(),
-                )),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(agent_version()),
+                ),
                 gossipsub,
                 streams: libp2p_stream::Behaviour::new(),
             })
@@ -409,10 +412,27 @@ impl MemberState {
     }
 }
 
+/// An open connection to a member.
+struct Connection {
+    peer: PeerId,
+    /// Whether this site dialled it.
+    dialled_here: bool,
+    /// The member's process instance, once identify told it.
+    instance: Option<String>,
+}
+
+/// The identify agent version: the software and this process's instance, so that a member can
+/// tell a restart (new instance) from two connections of one process.
+fn agent_version() -> String {
+    use std::hash::BuildHasher;
+    let instance = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("meridian/{} instance/{instance:016x}", env!("CARGO_PKG_VERSION"))
+}
+
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
     /// Open connections to members.
-    connections: HashMap<libp2p::swarm::ConnectionId, PeerId>,
+    connections: HashMap<libp2p::swarm::ConnectionId, Connection>,
     shared: Arc<Mutex<Shared>>,
     events: mpsc::Sender<MeshEvent>,
     control: libp2p_stream::Control,
@@ -463,12 +483,37 @@ impl SwarmTask {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Publish(bytes) => {
+            Command::Publish(message) => {
                 let topic = self.topic.clone();
-                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
-                    // No subscribed peer yet is normal; anti-entropy covers whatever is missed.
-                    tracing::debug!("publishing a push: {e}");
-                }
+                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+                // Gossipsub only reaches members it knows subscribed, which it learns after a
+                // connection is up (and a link moving between connections can leave it
+                // without): those it does not cover get the push over their stream, so a push is
+                // never left to anti-entropy while the member is connected.
+                let covered: std::collections::HashSet<PeerId> =
+                    match gossip.publish(topic.clone(), message.encode()) {
+                        Ok(_) => gossip
+                            .all_peers()
+                            .filter(|(_, topics)| topics.contains(&&topic.hash()))
+                            .map(|(peer, _)| *peer)
+                            .collect(),
+                        Err(e) => {
+                            tracing::debug!("publishing a push: {e}");
+                            Default::default()
+                        }
+                    };
+                let uncovered: Vec<SiteId> = {
+                    let shared = lock(&self.shared);
+                    shared
+                        .members
+                        .values()
+                        .filter(|m| {
+                            !covered.contains(&m.member.peer) && shared.queues.contains_key(&m.member.site)
+                        })
+                        .map(|m| m.member.site.clone())
+                        .collect()
+                };
+                self.handle.send_each(&uncovered, &message);
             }
             Command::Disconnect { site, reason } => {
                 if let Some(peer) = self.peer_of(&site) {
@@ -568,18 +613,11 @@ impl SwarmTask {
                 peer_id, connection_id, endpoint, num_established, ..
             } => {
                 let Some(site) = self.site_of(&peer_id) else { return };
-                // The newest connection to a member wins: one made while another is open
-                // usually means the member restarted and the old connection is dead but not yet
-                // timed out. Closing the older one resets the link onto the new one. (When both
-                // sides dial at the same moment and see the two connections in opposite orders,
-                // both close; the member is redialled after a jittered backoff.)
-                let older: Vec<_> =
-                    self.connections.iter().filter(|(_, p)| **p == peer_id).map(|(id, _)| *id).collect();
-                for id in older {
-                    tracing::info!(%site, "closing an older connection: the site connected again");
-                    self.swarm.close_connection(id);
-                }
-                self.connections.insert(connection_id, peer_id);
+                // A second connection is sorted out once identify names its process instance
+                // (see `choose_connection`).
+                let dialled_here = matches!(endpoint, ConnectedPoint::Dialer { .. });
+                self.connections
+                    .insert(connection_id, Connection { peer: peer_id, dialled_here, instance: None });
                 let addr = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
@@ -660,12 +698,45 @@ impl SwarmTask {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
+                connection_id,
                 info,
                 ..
             })) => {
                 tracing::debug!(%peer_id, agent = %info.agent_version, "identified");
+                self.choose_connection(peer_id, connection_id, info.agent_version);
             }
             _ => {}
+        }
+    }
+
+    /// Keeps one connection per member once identify has named `connection`'s instance.
+    /// Connections to an older instance of the member (it restarted; they are dead but not yet
+    /// timed out) are closed. Of two connections to the same instance (both sides dialled at
+    /// once), both sides keep the one the smaller peer id dialled, so they agree. Closing a
+    /// connection the link runs on moves the link (see `ConnectionClosed`).
+    fn choose_connection(&mut self, peer: PeerId, connection: libp2p::swarm::ConnectionId, instance: String) {
+        let Some(current) = self.connections.get_mut(&connection) else { return };
+        current.instance = Some(instance.clone());
+        let keep_dialled_here = *self.swarm.local_peer_id() < peer;
+        let current_kept = current.dialled_here == keep_dialled_here;
+        let mut close = Vec::new();
+        for (id, c) in &self.connections {
+            if *id == connection || c.peer != peer {
+                continue;
+            }
+            match &c.instance {
+                Some(other) if *other != instance => close.push((*id, "the site restarted")),
+                // Same instance: keep the agreed direction; between equals, the newer.
+                Some(_) if current_kept || c.dialled_here != keep_dialled_here => {
+                    close.push((*id, "a duplicate connection"))
+                }
+                Some(_) => close.push((connection, "a duplicate connection")),
+                None => {}
+            }
+        }
+        for (id, why) in close {
+            tracing::debug!(%peer, "closing a connection: {why}");
+            self.swarm.close_connection(id);
         }
     }
 
