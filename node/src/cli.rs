@@ -298,10 +298,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     file.sync_all().with_context(|| format!("writing {}", path.display()))
 }
 
+/// The node's log filter unless `RUST_LOG` says otherwise. automerge opens an info-level span
+/// around every load and transaction and formats its arguments for it: at info that costs the
+/// core more than the change itself.
+const DEFAULT_LOG: &str = "info,automerge=warn";
+
 fn run_node(cli: &Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -267,17 +267,25 @@ pub enum Output {
         /// The message ([`Message::Push`]).
         message: Message,
     },
-    /// Make durable, in this order: chunk files (synced), then in one transaction the chunk
-    /// index, the versions now held and the namespace change.
+    /// Make durable, in this order: the chunks of `index`, already written (synced), then in
+    /// one transaction their index, the versions now held and the namespace change.
     Store {
-        /// Chunks to write (each verified against its hash by the site).
-        chunks: Vec<(ChunkHash, Vec<u8>)>,
-        /// Chunks already written to index.
+        /// Chunks already written, to sync and index.
         index: Vec<ChunkRef>,
         /// Versions now held in full.
         versions: Vec<Manifest>,
         /// An incremental namespace save (may be empty).
         namespace: Vec<u8>,
+    },
+    /// Keep copies of what peers hold: write the chunks now (they are served from now on), and
+    /// make them and the versions they complete durable whenever the driver likes — later, in
+    /// batches, or never if it crashes first — but never a version before its chunks. Losing
+    /// a copy only means fetching it again.
+    Cache {
+        /// Chunks fetched (each verified against its hash by the site).
+        chunks: Vec<(ChunkHash, Vec<u8>)>,
+        /// Versions now held in full.
+        versions: Vec<Manifest>,
     },
     /// Read a chunk from the store and hand it to [`Site::handle_chunk_loaded`].
     LoadChunk {
@@ -425,6 +433,11 @@ impl Site {
         self.held.contains_key(content)
     }
 
+    /// Whether chunk requests are in flight.
+    pub fn fetching(&self) -> bool {
+        !self.fetches.is_empty()
+    }
+
     /// The next effect to carry out.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
@@ -485,7 +498,7 @@ impl Site {
                 }
                 self.ns.commit();
                 let namespace = self.ns.save_incremental();
-                self.emit(Output::Store { chunks: Vec::new(), index, versions, namespace });
+                self.emit(Output::Store { index, versions, namespace });
                 self.push_changes();
                 self.reply(id, Ok(Reply::Done));
             }
@@ -698,7 +711,11 @@ impl Site {
             let span = manifest.chunk_range(read.next);
             let start = read.range.start.max(span.start);
             let end = read.range.end.min(span.end);
-            let slice = data[(start - span.start) as usize..(end - span.start) as usize].to_vec();
+            let slice = if start == span.start && end == span.end {
+                data
+            } else {
+                data[(start - span.start) as usize..(end - span.start) as usize].to_vec()
+            };
             read.next += 1;
             self.outputs.push_back(Output::ReadData { id, offset: start, data: slice });
         }
@@ -719,12 +736,7 @@ impl Site {
         {
             self.held.insert(content, manifest.clone());
             self.manifests.remove(&content);
-            self.emit(Output::Store {
-                chunks: Vec::new(),
-                index: Vec::new(),
-                versions: vec![manifest],
-                namespace: Vec::new(),
-            });
+            self.emit(Output::Cache { chunks: Vec::new(), versions: vec![manifest] });
         }
     }
 
@@ -815,7 +827,7 @@ impl Site {
     fn store_namespace(&mut self) {
         let namespace = self.ns.save_incremental();
         self.clock.observe(self.ns.last_hlc());
-        self.emit(Output::Store { chunks: Vec::new(), index: Vec::new(), versions: Vec::new(), namespace });
+        self.emit(Output::Store { index: Vec::new(), versions: Vec::new(), namespace });
     }
 
     /// A message from a connected peer.
@@ -906,7 +918,7 @@ impl Site {
         }
     }
 
-    fn receive_chunk(&mut self, from: &SiteId, request: u64, hash: ChunkHash, data: Vec<u8>) {
+    fn receive_chunk(&mut self, from: &SiteId, request: u64, hash: ChunkHash, mut data: Vec<u8>) {
         let Some(fetch) = self.fetches.get(&hash) else { return };
         if fetch.request != request || &fetch.from != from {
             return;
@@ -920,14 +932,11 @@ impl Site {
         self.chunks_fetched += 1;
         self.bytes_fetched += data.len() as u64;
         self.chunks.insert(hash);
-        self.emit(Output::Store {
-            chunks: vec![(hash, data.clone())],
-            index: Vec::new(),
-            versions: Vec::new(),
-            namespace: Vec::new(),
-        });
-        for (id, index) in fetch.waiters {
-            self.deliver(id, index, data.clone());
+        self.emit(Output::Cache { chunks: vec![(hash, data.clone())], versions: Vec::new() });
+        let mut waiters = fetch.waiters.into_iter().peekable();
+        while let Some((id, index)) = waiters.next() {
+            let data = if waiters.peek().is_some() { data.clone() } else { std::mem::take(&mut data) };
+            self.deliver(id, index, data);
         }
         let waiting: Vec<RequestId> = self.reads.keys().copied().collect();
         for id in waiting {

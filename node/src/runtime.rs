@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -38,8 +39,13 @@ const EVENT_QUEUE: usize = 16;
 /// Queued requests handled before their changes are committed together: bounds the latency one
 /// request adds to the others in its commit.
 const COMMANDS_PER_COMMIT_MAX: usize = 64;
+/// Commits queued for the committer before the core waits for it.
+const COMMIT_QUEUE: usize = 64;
 /// Incremental namespace saves kept before they are compacted into one.
 const NAMESPACE_SAVES_MAX: u64 = 1_000;
+/// Fetched chunks written but not yet synced and indexed before they are made durable even while
+/// fetches go on (about a gigabyte at the default chunk size).
+const CACHE_BACKLOG_CHUNKS_MAX: usize = 1_024;
 
 /// What the core tells a connection.
 #[derive(Debug)]
@@ -121,13 +127,29 @@ pub fn load_keypair(loaded: &Loaded) -> anyhow::Result<MeshKeypair> {
 }
 
 /// The core's thread: runs commands, peer events, timeouts and outputs until told to stop.
+/// What must be durable goes to the [`Committer`] thread, so that the core goes on with reads
+/// and requests while the disk syncs.
 struct CoreThread {
     site: Site,
-    db: Db,
     chunks: Arc<ChunkStore>,
     mesh: MeshHandle,
+    commits: std::sync::mpsc::SyncSender<Job>,
+    /// Incremental namespace saves in the database (at most: the committer merges some).
+    namespace_saves: u64,
     next_id: RequestId,
     pending: HashMap<RequestId, mpsc::Sender<Event>>,
+    /// Copies fetched from peers, written but neither synced nor recorded yet: see
+    /// [`CoreThread::drain`].
+    backlog: CacheBacklog,
+}
+
+/// Chunks fetched from peers and versions they complete, not yet durable.
+#[derive(Default)]
+struct CacheBacklog {
+    chunks: Vec<ChunkRef>,
+    versions: Vec<crate::content::Manifest>,
+    /// `chunks.len()`, for the status of the site.
+    count: Arc<AtomicUsize>,
 }
 
 /// What woke the core.
@@ -180,14 +202,17 @@ impl CoreThread {
                     break;
                 }
             }
+            let mut flush = false;
             if std::time::Instant::now() >= next_tick {
                 next_tick = std::time::Instant::now() + TICK;
                 self.site.handle_timeout(now_ms());
                 self.compact_if_needed()?;
+                // Fetching is over for now: make what it brought durable.
+                flush = !self.site.fetching();
             }
-            self.drain()?;
+            self.drain(flush)?;
         }
-        self.drain()?;
+        self.drain(true)?;
         Ok(())
     }
 
@@ -207,11 +232,16 @@ impl CoreThread {
     }
 
     fn compact_if_needed(&mut self) -> anyhow::Result<()> {
-        if self.db.namespace_saves()? > NAMESPACE_SAVES_MAX {
+        if self.namespace_saves > NAMESPACE_SAVES_MAX {
             let whole = self.site.namespace_mut().save();
-            self.db.compact_namespace(&whole)?;
+            self.submit(Job::Compact(whole))?;
+            self.namespace_saves = 1;
         }
         Ok(())
+    }
+
+    fn submit(&self, job: Job) -> anyhow::Result<()> {
+        self.commits.send(job).map_err(|_| anyhow::anyhow!("the committer thread stopped"))
     }
 
     fn send(&mut self, id: RequestId, event: Event, last: bool) {
@@ -223,46 +253,69 @@ impl CoreThread {
     }
 
     /// Executes the core's outputs. Stores are merged into one durable commit (chunk files
-    /// first, synced once, then one database transaction); what must not happen before that
-    /// commit — the reply that a change is done, pushing or syncing namespace changes to peers —
-    /// waits for it. Everything else (chunk loads, read data, answers that change nothing, chunk
-    /// traffic) is carried out at once, so reads stream with the client's backpressure.
-    fn drain(&mut self) -> anyhow::Result<()> {
+    /// synced once, then one database transaction) that the committer carries out; what must
+    /// not happen before that commit — the reply that a change is done, pushing or syncing
+    /// namespace changes to peers — goes with it and is done by the committer after it.
+    /// Everything else (chunk loads, read data, answers that change nothing, chunk traffic) is
+    /// carried out at once, so reads stream with the client's backpressure.
+    ///
+    /// Copies of what peers hold ([`Output::Cache`]) are written at once (and served from then
+    /// on) but synced and recorded later, together: when fetching pauses (`flush`), when
+    /// [`CACHE_BACKLOG_CHUNKS_MAX`] chunks wait, and at stop. A sync per arrival would put the
+    /// disk's write-back on the path of every pull; a crash before the sync only loses copies
+    /// that `Db::recover` removes and a later read fetches again.
+    fn drain(&mut self, flush: bool) -> anyhow::Result<()> {
         let mut namespace = Vec::new();
         let mut versions = Vec::new();
         let mut refs: Vec<ChunkRef> = Vec::new();
-        let mut wrote_chunks = false;
-        let mut after_commit = Vec::new();
+        let mut after_commit: Vec<AfterCommit> = Vec::new();
         while let Some(output) = self.site.poll_output() {
             match output {
-                Output::Store { chunks, index, versions: held, namespace: delta } => {
+                Output::Cache { chunks, versions: held } => {
                     for (hash, data) in &chunks {
-                        self.chunks.put(hash, data)?;
-                        refs.push(ChunkRef { hash: *hash, len: data.len() as u32 });
+                        // The core checked every cached chunk against its hash.
+                        self.chunks.put_verified(hash, data)?;
+                        self.backlog.chunks.push(ChunkRef { hash: *hash, len: data.len() as u32 });
                     }
-                    wrote_chunks |= !chunks.is_empty();
+                    self.backlog.versions.extend(held);
+                }
+                Output::Store { index, versions: held, namespace: delta } => {
                     refs.extend(index);
                     versions.extend(held);
                     // Incremental saves concatenate into one that loads the same.
                     namespace.extend_from_slice(&delta);
                 }
-                Output::Reply { reply: Ok(Reply::Done), .. }
-                | Output::Broadcast { .. }
-                | Output::Send { message: Message::Push { .. } | Message::Sync { .. }, .. } => {
-                    after_commit.push(output)
+                Output::Reply { id, reply: reply @ Ok(Reply::Done) } => {
+                    if let Some(sender) = self.pending.remove(&id) {
+                        after_commit.push(AfterCommit::Event(sender, Event::Reply(reply)));
+                    }
+                }
+                Output::Broadcast { message: Message::Push { changes }, .. } => {
+                    after_commit.push(AfterCommit::BroadcastPush(changes))
+                }
+                Output::Broadcast { to, message } => {
+                    after_commit.extend(to.into_iter().map(|to| AfterCommit::Send(to, message.clone())))
+                }
+                Output::Send { to, message: message @ (Message::Push { .. } | Message::Sync { .. }) } => {
+                    after_commit.push(AfterCommit::Send(to, message))
                 }
                 other => self.act(other),
             }
         }
-        if wrote_chunks {
-            self.chunks.sync()?;
+        let backlog = &mut self.backlog;
+        if (flush || backlog.chunks.len() >= CACHE_BACKLOG_CHUNKS_MAX)
+            && !(backlog.chunks.is_empty() && backlog.versions.is_empty())
+        {
+            refs.append(&mut backlog.chunks);
+            versions.append(&mut backlog.versions);
         }
-        if !namespace.is_empty() || !versions.is_empty() || !refs.is_empty() {
-            let versions: Vec<_> = versions.iter().collect();
-            self.db.commit(&namespace, &versions, &refs).context("committing to the database")?;
+        backlog.count.store(backlog.chunks.len(), Ordering::Relaxed);
+        if !namespace.is_empty() {
+            self.namespace_saves += 1;
         }
-        for output in after_commit {
-            self.act(output);
+        let commit = Commit { namespace, versions, refs, after_commit };
+        if !commit.is_empty() {
+            self.submit(Job::Commit(commit))?;
         }
         Ok(())
     }
@@ -288,17 +341,111 @@ impl CoreThread {
                     tracing::debug!("{e}");
                 }
             }
-            Output::Broadcast { message: Message::Push { changes }, .. } => self.mesh.broadcast_push(changes),
-            Output::Broadcast { to, message } => {
-                for to in to {
-                    if let Err(e) = self.mesh.send(&to, message.clone()) {
+            Output::Disconnect { peer, reason } => self.mesh.disconnect(&peer, reason),
+            Output::Store { .. } | Output::Cache { .. } | Output::Broadcast { .. } => {
+                unreachable!("stores and broadcasts are committed by drain")
+            }
+        }
+    }
+}
+
+/// Work for the committer, in the order the core produced it.
+enum Job {
+    Commit(Commit),
+    /// Replace the namespace log by this whole save.
+    Compact(Vec<u8>),
+}
+
+/// One durable commit and what waits for it.
+#[derive(Default)]
+struct Commit {
+    namespace: Vec<u8>,
+    versions: Vec<crate::content::Manifest>,
+    /// Chunks written (not yet synced) to index.
+    refs: Vec<ChunkRef>,
+    after_commit: Vec<AfterCommit>,
+}
+
+impl Commit {
+    fn is_empty(&self) -> bool {
+        self.namespace.is_empty()
+            && self.versions.is_empty()
+            && self.refs.is_empty()
+            && self.after_commit.is_empty()
+    }
+
+    /// Appends `later`, which the core produced after `self`.
+    fn merge(&mut self, mut later: Commit) {
+        // Incremental saves concatenate into one that loads the same.
+        self.namespace.append(&mut later.namespace);
+        self.versions.append(&mut later.versions);
+        self.refs.append(&mut later.refs);
+        self.after_commit.append(&mut later.after_commit);
+    }
+}
+
+/// What is done once a commit is durable.
+enum AfterCommit {
+    Event(mpsc::Sender<Event>, Event),
+    Send(crdt_namespace::SiteId, Message),
+    BroadcastPush(Vec<u8>),
+}
+
+/// The committer's thread: makes the core's stores durable — one chunk sync and one database
+/// transaction for every job queued while the previous commit ran (group commit) — then
+/// carries out what waited for them, in order.
+struct Committer {
+    db: Db,
+    chunks: Arc<ChunkStore>,
+    mesh: MeshHandle,
+}
+
+impl Committer {
+    fn run(self, jobs: std::sync::mpsc::Receiver<Job>) -> anyhow::Result<()> {
+        while let Ok(first) = jobs.recv() {
+            let mut group = Commit::default();
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Commit(commit) => group.merge(commit),
+                    Job::Compact(whole) => {
+                        // The whole save includes every change queued before it.
+                        self.commit(std::mem::take(&mut group))?;
+                        self.db.compact_namespace(&whole)?;
+                    }
+                }
+                next = jobs.try_recv().ok();
+            }
+            self.commit(group)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&self, commit: Commit) -> anyhow::Result<()> {
+        if !commit.refs.is_empty() {
+            // One sync for every chunk the puts and fetches of the group wrote.
+            self.chunks.sync()?;
+        }
+        if !commit.namespace.is_empty() || !commit.versions.is_empty() || !commit.refs.is_empty() {
+            let versions: Vec<_> = commit.versions.iter().collect();
+            self.db
+                .commit(&commit.namespace, &versions, &commit.refs)
+                .context("committing to the database")?;
+        }
+        for action in commit.after_commit {
+            match action {
+                // A client that went away no longer wants its events.
+                AfterCommit::Event(sender, event) => drop(sender.blocking_send(event)),
+                AfterCommit::Send(to, message) => {
+                    if let Err(e) = self.mesh.send(&to, message) {
+                        // The core learns of the lost link from the mesh.
                         tracing::debug!("{e}");
                     }
                 }
+                AfterCommit::BroadcastPush(changes) => self.mesh.broadcast_push(changes),
             }
-            Output::Disconnect { peer, reason } => self.mesh.disconnect(&peer, reason),
-            Output::Store { .. } => unreachable!("stores are merged by drain"),
         }
+        Ok(())
     }
 }
 
@@ -310,6 +457,10 @@ pub struct Handle {
     config: Loaded,
     chunks: Arc<ChunkStore>,
     chunker: ChunkerConfig,
+    /// Fetched chunks not yet durable.
+    cache_backlog: Arc<AtomicUsize>,
+    /// Threads hashing and storing the chunks of one put.
+    put_workers: usize,
 }
 
 impl Handle {
@@ -367,24 +518,43 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         config: loaded.clone(),
         chunks: opened.chunks.clone(),
         chunker: loaded.config.chunker(),
+        cache_backlog: Arc::new(AtomicUsize::new(0)),
+        put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
+    let (commits, commit_rx) = std::sync::mpsc::sync_channel(COMMIT_QUEUE);
+    let namespace_saves = opened.db.namespace_saves()?;
+    let committer = Committer { db: opened.db, chunks: opened.chunks.clone(), mesh: mesh.clone() };
     let core = CoreThread {
         site: opened.site,
-        db: opened.db,
         chunks: opened.chunks,
         mesh: mesh.clone(),
+        commits,
+        namespace_saves,
         next_id: 1,
         pending: HashMap::new(),
+        backlog: CacheBacklog { count: handle.cache_backlog.clone(), ..CacheBacklog::default() },
     };
-    let (core_done, mut core_failed) = tokio::sync::oneshot::channel::<String>();
+    // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
+    let (failed, mut core_failed) = mpsc::unbounded_channel::<String>();
+    let committer_failed = failed.clone();
+    let committer_thread = std::thread::Builder::new().name("meridian-commit".into()).spawn(move || {
+        let result = committer.run(commit_rx);
+        if let Err(e) = &result {
+            let _ = committer_failed.send(format!("{e:#}"));
+        }
+        result
+    })?;
     let runtime = tokio::runtime::Handle::current();
     let core_thread = std::thread::Builder::new().name("meridian-core".into()).spawn(move || {
         let result = core.run(runtime, command_rx, mesh_event_rx);
         if let Err(e) = &result {
-            // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
-            let _ = core_done.send(format!("{e:#}"));
+            let _ = failed.send(format!("{e:#}"));
         }
-        result
+        // `run` consumed the core and its queue to the committer, which ends after the last
+        // commit.
+        let committed =
+            committer_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the committer panicked")));
+        result.and(committed)
     })?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -393,7 +563,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             biased;
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
-            Ok(error) = &mut core_failed => {
+            Some(error) = core_failed.recv() => {
                 tracing::error!("the site stopped: {error}");
                 break;
             }
@@ -514,7 +684,14 @@ async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
                 Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
             }
         }
-        ApiRequest::Status => simple(Request::Status),
+        ApiRequest::Status => {
+            let mut answer = reply_json(handle.call(Request::Status).await?);
+            if let Some(status) = answer.get_mut("ok").and_then(Value::as_object_mut) {
+                let backlog = handle.cache_backlog.load(Ordering::Relaxed);
+                status.insert("fetched_chunks_not_yet_durable".into(), backlog.into());
+            }
+            return Ok(api::write_json(&mut stream, &answer).await?);
+        }
         ApiRequest::MeshLs => {
             let answer = match mesh_links(&handle).await {
                 Ok(links) => api::ok(links),
@@ -636,7 +813,7 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     let (frames, frame_rx) = mpsc::channel::<Vec<u8>>(8);
     let chunks = handle.chunks.clone();
     let chunker = handle.chunker;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = handle.put_workers;
     let put = tokio::task::spawn_blocking(move || {
         let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
         put_stream(reader, chunker, &chunks, workers, &mut |_| {})

@@ -76,7 +76,8 @@ fn fails(config: &Path, args: &[&str]) -> String {
 
 fn init(dir: &Path, site: &str) -> PathBuf {
     let out = Command::new(MERIDIAN)
-        .args(["init", "--site", site, "--region", "eu", "--dir"])
+        // Port 0: the tests run in parallel, each node on ports of its own.
+        .args(["init", "--site", site, "--region", "eu", "--bind", "127.0.0.1", "--port", "0", "--dir"])
         .arg(dir.join(site))
         .output()
         .unwrap();

@@ -207,7 +207,8 @@ impl Mesh {
                     self.send(s, to, message.clone());
                 }
             }
-            Output::Store { chunks, .. } => {
+            Output::Store { .. } => {}
+            Output::Cache { chunks, .. } => {
                 for (hash, data) in chunks {
                     assert_eq!(ChunkHash::of(&data), hash, "a site stored an unverified chunk");
                     self.stores[s].insert(hash, data);

@@ -442,8 +442,12 @@ impl World {
                         self.send(s, to, message.clone());
                     }
                 }
-                Output::Store { chunks, index, versions, namespace } => {
-                    let mut refs = index;
+                Output::Store { index, versions, namespace } => {
+                    self.sites[s].disk.pending.push((index, versions, namespace));
+                }
+                Output::Cache { chunks, versions } => {
+                    // Made durable with the next commit, or lost in a crash before it.
+                    let mut refs = Vec::new();
                     for (hash, data) in chunks {
                         if ChunkHash::of(&data) != hash {
                             panic!(
@@ -456,7 +460,7 @@ impl World {
                         disk.unsynced_chunks.insert(hash);
                         disk.chunk_files.insert(hash, data);
                     }
-                    self.sites[s].disk.pending.push((refs, versions, namespace));
+                    self.sites[s].disk.pending.push((refs, versions, Vec::new()));
                 }
                 Output::LoadChunk { hash, purpose } => {
                     let disk = &self.sites[s].disk;

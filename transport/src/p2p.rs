@@ -67,6 +67,10 @@ const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// so a stream must be allowed to have that much unacknowledged data on a fast link.
 const QUIC_STREAM_WINDOW_BYTES: u32 = 64 << 20;
 const QUIC_CONNECTION_WINDOW_BYTES: u32 = 96 << 20;
+/// Largest UDP payload path MTU discovery may probe for: packets start at the safe 1,200 bytes
+/// and grow to what the path carries (1,500-byte Ethernet, 9,000-byte jumbo frames, loopback),
+/// so a fast path is not cut into thousands of small packets, each encrypted on its own.
+const QUIC_MTU_UPPER_BOUND: u16 = 65_527;
 
 /// A site of the mesh, as the configuration lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -361,7 +365,7 @@ fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
             config.keep_alive_interval = QUIC_KEEP_ALIVE;
             config.max_stream_data = QUIC_STREAM_WINDOW_BYTES;
             config.max_connection_data = QUIC_CONNECTION_WINDOW_BYTES;
-            config
+            config.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
         })
         .with_behaviour(|key| {
             let gossip_config = gossipsub::ConfigBuilder::default()

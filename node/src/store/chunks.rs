@@ -1,8 +1,8 @@
 //! The chunk store: one file per chunk, named by its BLAKE3 hash, in fan-out directories.
 //!
 //! A chunk is written to a temporary file and renamed into place; [`ChunkStore::sync`] then makes
-//! every chunk written so far durable with one `syncfs` (one flush per put or per batch of fetched
-//! chunks, instead of two fsyncs per chunk). Callers sync before the database refers to a chunk;
+//! every chunk written so far durable with one `syncfs` (one flush per group commit, instead of
+//! two fsyncs per chunk). Callers sync before the database refers to a chunk;
 //! a chunk file that no committed transaction refers to may be incomplete after a crash, and is
 //! removed when the store opens (`Db::recover`). Every read is verified against the hash: a
 //! corrupt chunk is reported and never served. The store must never be handed data whose hash it
@@ -102,7 +102,7 @@ impl ChunkStore {
             return Ok(false);
         }
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()));
+        let tmp = self.tmp.join(n.to_string());
         let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
         file.write_all(data).map_err(io_at(&tmp))?;
         drop(file);

@@ -38,14 +38,24 @@ pub enum PutError {
 }
 
 /// Reads `source` to its end and stores it as chunks; `progress` is called with the bytes read so
-/// far after each chunk. The manifest is returned only when every chunk is durable (synced).
+/// far after each chunk. The chunks are written but not yet durable: sync the store
+/// ([`ChunkStore::sync`]) before anything durable refers to the manifest — one sync can then
+/// serve many puts.
 pub fn put_stream<R: Read>(
-    source: R,
+    mut source: R,
     config: ChunkerConfig,
     store: &ChunkStore,
     workers: usize,
     progress: &mut dyn FnMut(u64),
 ) -> Result<PutOutcome, PutError> {
+    // A source shorter than the smallest chunk is one chunk (or none): stored here, without the
+    // chunker's buffer of the largest chunk size or the worker threads.
+    let mut head = Vec::new();
+    (&mut source).take(u64::from(config.min_bytes)).read_to_end(&mut head).map_err(PutError::Read)?;
+    if head.len() < config.min_bytes as usize {
+        return put_small(&head, store, progress);
+    }
+    let source = std::io::Cursor::new(head).chain(source);
     let workers = workers.max(1);
     let (chunk_tx, chunk_rx) =
         crossbeam_channel::bounded::<(usize, Vec<u8>)>(workers * PUT_QUEUE_CHUNKS_PER_WORKER);
@@ -103,13 +113,29 @@ pub fn put_stream<R: Read>(
     if let Some(e) = failure.into_inner().expect("failure lock") {
         return Err(e.into());
     }
-    store.sync()?;
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(i, _, _)| *i);
     let new_chunks = results.iter().filter(|(_, _, new)| *new).count();
     let new_bytes = results.iter().filter(|(_, _, new)| *new).map(|(_, c, _)| u64::from(c.len)).sum();
     let manifest =
         Manifest::new(*file_hasher.finalize().as_bytes(), results.into_iter().map(|(_, c, _)| c).collect());
+    Ok(PutOutcome { manifest, new_chunks, new_bytes })
+}
+
+/// Stores `data`, shorter than the smallest chunk, as a version of at most one chunk.
+fn put_small(data: &[u8], store: &ChunkStore, progress: &mut dyn FnMut(u64)) -> Result<PutOutcome, PutError> {
+    let mut chunks = Vec::new();
+    let mut new_chunks = 0;
+    if !data.is_empty() {
+        let hash = ChunkHash::of(data);
+        if store.put_verified(&hash, data)? {
+            new_chunks = 1;
+        }
+        chunks.push(ChunkRef { hash, len: data.len() as u32 });
+    }
+    progress(data.len() as u64);
+    let new_bytes = if new_chunks == 1 { data.len() as u64 } else { 0 };
+    let manifest = Manifest::new(*blake3::hash(data).as_bytes(), chunks);
     Ok(PutOutcome { manifest, new_chunks, new_bytes })
 }
 
@@ -143,5 +169,12 @@ mod tests {
         let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}).unwrap();
         assert_eq!(empty.manifest.size, 0);
         assert!(empty.manifest.chunks.is_empty());
+        assert_eq!(empty.manifest, Manifest::of_bytes(&[], config));
+        // Shorter than the smallest chunk, exactly that long, and one byte longer.
+        for len in [1, 1023, 1024, 1025] {
+            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}).unwrap();
+            assert_eq!(small.manifest, Manifest::of_bytes(&data[..len], config), "{len} bytes");
+            assert_eq!(store.get(&small.manifest.chunks[0].hash).unwrap(), &data[..len]);
+        }
     }
 }
