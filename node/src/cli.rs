@@ -301,7 +301,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// The node's log filter unless `RUST_LOG` says otherwise. automerge opens an info-level span
 /// around every load and transaction and formats its arguments for it: at info that costs the
 /// core more than the change itself.
-const DEFAULT_LOG: &str = "info,automerge=warn";
+pub const DEFAULT_LOG: &str = "info,automerge=warn";
 
 fn run_node(cli: &Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()

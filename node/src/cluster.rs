@@ -252,7 +252,10 @@ impl Cluster {
             .arg("--config")
             .arg(&site.config)
             .arg("node")
-            .env("RUST_LOG", std::env::var("MERIDIAN_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MERIDIAN_NODE_LOG").unwrap_or_else(|_| crate::cli::DEFAULT_LOG.into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

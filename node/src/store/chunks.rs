@@ -1,6 +1,8 @@
 //! The chunk store: one file per chunk, named by its BLAKE3 hash, in fan-out directories.
 //!
-//! A chunk is written to a temporary file and renamed into place; [`ChunkStore::sync`] then makes
+//! A chunk is written to a temporary file beside its final name and renamed into place (a rename
+//! within one directory: concurrent puts do not queue on the file system's lock for renames
+//! across directories); [`ChunkStore::sync`] then makes
 //! every chunk written so far durable with one `syncfs` (one flush per group commit, instead of
 //! two fsyncs per chunk). Callers sync before the database refers to a chunk;
 //! a chunk file that no committed transaction refers to may be incomplete after a crash, and is
@@ -53,25 +55,23 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ChunkError + '_ {
     move |source| ChunkError::Io { path: path.to_owned(), source }
 }
 
+/// Names of temporary files start with this (chunk file names are hexadecimal).
+const TMP_PREFIX: &str = ".tmp";
+
 /// Chunk files under one directory.
 #[derive(Debug)]
 pub struct ChunkStore {
     chunks: PathBuf,
-    tmp: PathBuf,
     next_tmp: AtomicU64,
 }
 
 impl ChunkStore {
-    /// Opens (creating) the store under `dir`, removing temporary files a crash left behind.
+    /// Opens (creating) the store under `dir`. Temporary files a crash left behind are removed by
+    /// [`ChunkStore::list`], which recovery runs at every start.
     pub fn open(dir: &Path) -> Result<ChunkStore, ChunkError> {
         let chunks = dir.join("chunks");
-        let tmp = dir.join("tmp");
         fs::create_dir_all(&chunks).map_err(io_at(&chunks))?;
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
-        }
-        fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
-        Ok(ChunkStore { chunks, tmp, next_tmp: AtomicU64::new(0) })
+        Ok(ChunkStore { chunks, next_tmp: AtomicU64::new(0) })
     }
 
     /// Where chunk `hash` lives: `chunks/ab/cd/abcd…`.
@@ -101,15 +101,15 @@ impl ChunkStore {
         if path.exists() {
             return Ok(false);
         }
-        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(n.to_string());
-        let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
-        file.write_all(data).map_err(io_at(&tmp))?;
-        drop(file);
         let dir = path.parent().expect("chunk paths have a directory");
         if !dir.exists() {
             fs::create_dir_all(dir).map_err(io_at(dir))?;
         }
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{TMP_PREFIX}{n}"));
+        let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
+        file.write_all(data).map_err(io_at(&tmp))?;
+        drop(file);
         fs::rename(&tmp, &path).map_err(io_at(&path))?;
         Ok(true)
     }
@@ -146,14 +146,18 @@ impl ChunkStore {
         }
     }
 
-    /// Every chunk file present, by hash; files whose names are not hashes are skipped.
+    /// Every chunk file present, by hash. Temporary files of interrupted writes are removed on
+    /// the way (call it only while nothing writes: at start); other files are skipped.
     pub fn list(&self) -> Result<Vec<ChunkHash>, ChunkError> {
         let mut out = Vec::new();
         for level1 in read_dir(&self.chunks)? {
             for level2 in read_dir(&level1)? {
                 for file in read_dir(&level2)? {
-                    if let Some(hash) = file.file_name().and_then(|n| n.to_str()).and_then(parse_hex32) {
+                    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    if let Some(hash) = parse_hex32(name) {
                         out.push(ChunkHash(hash));
+                    } else if name.starts_with(TMP_PREFIX) {
+                        fs::remove_file(&file).map_err(io_at(&file))?;
                     }
                 }
             }
@@ -205,11 +209,17 @@ mod tests {
     }
 
     #[test]
-    fn leftover_temporary_files_are_removed_at_open() {
+    fn leftover_temporary_files_are_removed_by_the_listing() {
         let dir = tempfile::tempdir().unwrap();
-        drop(ChunkStore::open(dir.path()).unwrap());
-        fs::write(dir.path().join("tmp").join("half-written"), b"x").unwrap();
-        ChunkStore::open(dir.path()).unwrap();
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let hash = ChunkHash::of(b"whole");
+        store.put(&hash, b"whole").unwrap();
+        let fan_out = store.path(&hash).parent().unwrap().to_owned();
+        fs::write(fan_out.join(format!("{TMP_PREFIX}7")), b"half-writ").unwrap();
+        fs::write(fan_out.join("notes.txt"), b"not ours").unwrap();
+        assert_eq!(store.list().unwrap(), vec![hash]);
+        let mut left: Vec<_> = fs::read_dir(&fan_out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, vec![std::ffi::OsString::from(hash.to_hex()), "notes.txt".into()]);
     }
 }
