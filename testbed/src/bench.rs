@@ -267,7 +267,7 @@ fn small_files(options: &Options) -> anyhow::Result<()> {
                         return Ok(());
                     }
                     // Sixteen readers polling without a pause would load the site they measure.
-                    wait_for(&b, &path(i), Duration::from_millis(1))?;
+                    wait_for(&b, &path(i), Duration::from_millis(5))?;
                     if b.read(&path(i), None)? != content(i) {
                         bail!("{} read at the other site differs", path(i));
                     }

@@ -1,4 +1,7 @@
-//! The chunk store: one file per chunk, named by its BLAKE3 hash, in fan-out directories.
+//! The chunk store: one file per chunk, named by its BLAKE3 hash, in 256 fan-out directories
+//! made when the store opens (a directory per chunk would cost an inode allocation — the most
+//! expensive file-system operation of a small put — for most of the first hundred thousand
+//! chunks).
 //!
 //! A chunk is written to a temporary file beside its final name and renamed into place (a rename
 //! within one directory: concurrent puts do not queue on the file system's lock for renames
@@ -70,14 +73,17 @@ impl ChunkStore {
     /// [`ChunkStore::list`], which recovery runs at every start.
     pub fn open(dir: &Path) -> Result<ChunkStore, ChunkError> {
         let chunks = dir.join("chunks");
-        fs::create_dir_all(&chunks).map_err(io_at(&chunks))?;
+        for byte in 0..=255u8 {
+            let fan_out = chunks.join(format!("{byte:02x}"));
+            fs::create_dir_all(&fan_out).map_err(io_at(&fan_out))?;
+        }
         Ok(ChunkStore { chunks, next_tmp: AtomicU64::new(0) })
     }
 
-    /// Where chunk `hash` lives: `chunks/ab/cd/abcd…`.
+    /// Where chunk `hash` lives: `chunks/ab/abcd…`.
     pub fn path(&self, hash: &ChunkHash) -> PathBuf {
         let hex = hash.to_hex();
-        self.chunks.join(&hex[..2]).join(&hex[2..4]).join(hex)
+        self.chunks.join(&hex[..2]).join(hex)
     }
 
     /// Whether the chunk's file exists (its content is checked when read).
@@ -102,9 +108,6 @@ impl ChunkStore {
             return Ok(false);
         }
         let dir = path.parent().expect("chunk paths have a directory");
-        if !dir.exists() {
-            fs::create_dir_all(dir).map_err(io_at(dir))?;
-        }
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{n}"));
         let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
@@ -147,22 +150,44 @@ impl ChunkStore {
     }
 
     /// Every chunk file present, by hash. Temporary files of interrupted writes are removed on
-    /// the way (call it only while nothing writes: at start); other files are skipped.
+    /// the way, and chunks of the earlier two-level layout (`chunks/ab/cd/abcd…`) are moved to
+    /// theirs (call it only while nothing writes: at start); other files are skipped.
     pub fn list(&self) -> Result<Vec<ChunkHash>, ChunkError> {
         let mut out = Vec::new();
-        for level1 in read_dir(&self.chunks)? {
-            for level2 in read_dir(&level1)? {
-                for file in read_dir(&level2)? {
-                    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                    if let Some(hash) = parse_hex32(name) {
-                        out.push(ChunkHash(hash));
-                    } else if name.starts_with(TMP_PREFIX) {
-                        fs::remove_file(&file).map_err(io_at(&file))?;
-                    }
+        for fan_out in read_dir(&self.chunks)? {
+            for entry in read_dir(&fan_out)? {
+                let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+                if let Some(hash) = parse_hex32(&name) {
+                    out.push(ChunkHash(hash));
+                } else if name.starts_with(TMP_PREFIX) {
+                    fs::remove_file(&entry).map_err(io_at(&entry))?;
+                } else if name.len() == 2 && entry.is_dir() {
+                    out.extend(self.move_up(&entry)?);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Moves the chunk files of an old second-level directory to their place, removes the
+    /// directory if that empties it, and returns their hashes.
+    fn move_up(&self, old: &Path) -> Result<Vec<ChunkHash>, ChunkError> {
+        let mut moved = Vec::new();
+        for file in read_dir(old)? {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if let Some(hash) = parse_hex32(name) {
+                let hash = ChunkHash(hash);
+                let to = self.path(&hash);
+                fs::rename(&file, &to).map_err(io_at(&to))?;
+                moved.push(hash);
+            } else if name.starts_with(TMP_PREFIX) {
+                fs::remove_file(&file).map_err(io_at(&file))?;
+            }
+        }
+        if fs::read_dir(old).map_err(io_at(old))?.next().is_none() {
+            fs::remove_dir(old).map_err(io_at(old))?;
+        }
+        Ok(moved)
     }
 }
 
@@ -221,5 +246,20 @@ mod tests {
         let mut left: Vec<_> = fs::read_dir(&fan_out).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, vec![std::ffi::OsString::from(hash.to_hex()), "notes.txt".into()]);
+    }
+
+    #[test]
+    fn chunks_of_the_two_level_layout_are_moved_to_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let hash = ChunkHash::of(b"kept from before");
+        let hex = hash.to_hex();
+        let old = dir.path().join("chunks").join(&hex[..2]).join(&hex[2..4]);
+        fs::create_dir_all(&old).unwrap();
+        fs::write(old.join(&hex), b"kept from before").unwrap();
+        assert_eq!(store.list().unwrap(), vec![hash]);
+        assert_eq!(store.get(&hash).unwrap(), b"kept from before");
+        assert!(!old.exists());
+        assert_eq!(store.list().unwrap(), vec![hash]);
     }
 }
