@@ -8,10 +8,17 @@
 //!   fallback, gossipsub for pushes, one framed stream per direction and peer for everything
 //!   else — gated by mesh membership, with redial and backoff.
 //!
-//! To come: `staging`, the shared S3 bucket used between regions, with client-side encryption.
+//! - [`staging`]: the shared S3 bucket between regions — chunks packed into large objects
+//!   sealed with a key of the mesh, ranged reads checked against their hashes, multipart
+//!   uploads, bounded concurrency, retries, cleanup.
+//!
+//! - [`s3_local`]: a real S3-compatible server on loopback inside the process (s3s + s3s-fs),
+//!   the demo's staging store and the tests' server.
 
 pub mod p2p;
 pub mod proto;
+pub mod s3_local;
+pub mod staging;
 
 /// Version of the site-to-site protocol. Bumped on any incompatible change of a message.
 pub const PROTOCOL_VERSION: u16 = 1;
