@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::client::Client;
-use crate::config::CONFIG_FILE;
+use crate::config::{CONFIG_FILE, Config};
 
 /// How long a node may take to open its store and answer on its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -178,6 +178,15 @@ impl Cluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// Edits the configuration file of site `i` (before it starts).
+    pub fn configure(&self, i: usize, edit: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
+        let path = &self.sites[i].config;
+        let mut config = Config::load(path)?.config;
+        edit(&mut config);
+        config.check()?;
+        config.save(path)
     }
 
     /// Runs `meridian mesh add` at site `at` for site `other`.

@@ -11,6 +11,8 @@ use transport::p2p::Member;
 use transport::p2p::multiaddr::{Multiaddr, Protocol};
 
 use crate::content::ChunkerConfig;
+use crate::core::Transfer;
+use transport::staging::{StagingConfig, StagingCredentials};
 
 /// Name of the configuration file `meridian init` writes.
 pub const CONFIG_FILE: &str = "meridian.toml";
@@ -55,9 +57,108 @@ pub struct Config {
     /// Content chunking.
     #[serde(default)]
     pub chunking: Chunking,
+    /// How payload crosses regions: `auto` (through the staging bucket when one is configured,
+    /// directly when it fails), `direct`, or `staged` (only through the bucket).
+    #[serde(default)]
+    pub transfer: Transfer,
+    /// The staging bucket shared between regions (`[staging]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<Staging>,
     /// The other sites of the mesh. A connection from a peer not listed here is refused.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+}
+
+/// The staging bucket (`[staging]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Staging {
+    /// The S3 endpoint URL; omitted for AWS's own endpoint of `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The region the bucket's server expects in signatures.
+    pub region: String,
+    /// The bucket.
+    pub bucket: String,
+    /// Prefix of every object key.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`).
+    #[serde(default = "default_path_style")]
+    pub path_style: bool,
+    /// `config` (the keys below) or `environment` (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`).
+    #[serde(default = "default_credentials")]
+    pub credentials: String,
+    /// Access key id, with `credentials = "config"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key: Option<String>,
+    /// Secret access key, with `credentials = "config"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<String>,
+    /// The mesh secret, in hexadecimal (at least 32 digits), the same at every site: staged
+    /// objects are sealed with keys derived from it.
+    pub secret: String,
+    /// Staged objects older than this are deleted by the sweep (their uploader died, or a site
+    /// of the region never read them).
+    #[serde(default = "default_ttl_hours")]
+    pub ttl_hours: u64,
+}
+
+fn default_prefix() -> String {
+    "meridian/".to_owned()
+}
+
+fn default_path_style() -> bool {
+    true
+}
+
+fn default_credentials() -> String {
+    "config".to_owned()
+}
+
+fn default_ttl_hours() -> u64 {
+    24
+}
+
+impl Staging {
+    /// The mesh secret's bytes.
+    pub fn secret_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let s = self.secret.trim();
+        if s.len() < 32 || !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("staging.secret must be an even number (at least 32) of hexadecimal digits");
+        }
+        Ok((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("checked")).collect())
+    }
+
+    /// The staging client's configuration; errors name what is wrong.
+    pub fn client_config(&self) -> anyhow::Result<StagingConfig> {
+        let credentials = match self.credentials.as_str() {
+            "config" => match (&self.access_key, &self.secret_key) {
+                (Some(access_key), Some(secret_key)) => StagingCredentials::Static {
+                    access_key: access_key.clone(),
+                    secret_key: secret_key.clone(),
+                },
+                _ => {
+                    bail!("staging.credentials = \"config\" needs staging.access_key and staging.secret_key")
+                }
+            },
+            "environment" => StagingCredentials::Environment,
+            other => bail!("staging.credentials must be \"config\" or \"environment\", not {other:?}"),
+        };
+        if let Some(endpoint) = &self.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            bail!("staging.endpoint {endpoint:?} must be an http:// or https:// URL");
+        }
+        if self.bucket.is_empty() {
+            bail!("staging.bucket is empty");
+        }
+        let mut config = StagingConfig::new(self.endpoint.clone(), &self.region, &self.bucket, credentials);
+        config.prefix = self.prefix.clone();
+        config.path_style = self.path_style;
+        Ok(config)
+    }
 }
 
 /// Another site of the mesh (`[[peers]]`).
@@ -144,6 +245,8 @@ impl Config {
             key_file: default_key_file(),
             listen: default_listen(),
             chunking: Chunking::default(),
+            transfer: Transfer::default(),
+            staging: None,
             peers: Vec::new(),
         }
     }
@@ -155,6 +258,10 @@ impl Config {
         self.chunker().check().map_err(anyhow::Error::msg)?;
         for addr in &self.listen {
             parse_addr(addr).context("listen")?;
+        }
+        if let Some(staging) = &self.staging {
+            staging.secret_bytes()?;
+            staging.client_config()?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for peer in &self.peers {
@@ -293,5 +400,37 @@ mod tests {
         refused(&|c| c.peers.push(c.peers[0].clone()), "listed twice");
         refused(&|c| c.peers[0].site = "west".into(), "own name");
         refused(&|c| c.listen = vec!["/ip4/0.0.0.0".into()], "listen");
+    }
+
+    #[test]
+    fn staging_sections_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        let text = "site = \"west\"\nregion = \"eu\"\ntransfer = \"staged\"\n[staging]\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"garage\"\nbucket = \"meridian\"\naccess_key = \"AK\"\nsecret_key = \"SK\"\nsecret = \"00112233445566778899aabbccddeeff\"\n";
+        std::fs::write(&path, text).unwrap();
+        let loaded = Config::load(&path).unwrap().config;
+        assert_eq!(loaded.transfer, Transfer::Staged);
+        let staging = loaded.staging.clone().unwrap();
+        assert_eq!(staging.secret_bytes().unwrap().len(), 16);
+        let client = staging.client_config().unwrap();
+        assert_eq!(
+            (client.bucket.as_str(), client.prefix.as_str(), client.path_style),
+            ("meridian", "meridian/", true)
+        );
+        loaded.save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap().config, loaded);
+        let refused = |edit: &dyn Fn(&mut Staging), why: &str| {
+            let mut bad = loaded.clone();
+            edit(bad.staging.as_mut().unwrap());
+            bad.save(&path).unwrap();
+            let err = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(err.contains(why), "{err}");
+        };
+        refused(&|s| s.secret = "abc".into(), "hexadecimal");
+        refused(&|s| s.secret_key = None, "needs staging.access_key");
+        refused(&|s| s.credentials = "imds".into(), "must be \"config\" or \"environment\"");
+        refused(&|s| s.endpoint = Some("127.0.0.1:9000".into()), "http://");
+        std::fs::write(&path, "site = \"west\"\nregion = \"eu\"\ntransfer = \"sometimes\"\n").unwrap();
+        assert!(Config::load(&path).is_err());
     }
 }

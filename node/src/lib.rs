@@ -8,7 +8,8 @@
 //!
 //! - [`runtime`]: the daemon — opens the store, drives the core on its own thread, serves the
 //!   local control API ([`api`]) on a Unix socket. [`config`] is `meridian.toml`.
-//!   It meets the other sites through `transport::p2p`.
+//!   It meets the other sites through `transport::p2p`, and other regions' payload through the
+//!   staging bucket ([`staged`] carries out the core's staging outputs with `transport::staging`).
 //! - [`cli`]: the `meridian` command line (daemon, client, `mesh`, `demo`); `src/main.rs` only
 //!   calls it, so the testbed can run the same code as a child process of its own binary.
 //! - [`cluster`]: starts several real `meridian` processes on loopback and talks to them
@@ -25,6 +26,7 @@ pub mod core;
 pub mod demo;
 pub mod runtime;
 pub mod sample;
+pub mod staged;
 pub mod store;
 
 pub use crdt_namespace::{Hlc, Namespace, SiteId};

@@ -22,9 +22,11 @@ use crate::api::{self, ApiRequest};
 use crate::config::Loaded;
 use crate::content::{ChunkRef, ChunkerConfig};
 use crate::core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
+use crate::staged::{StagingDriver, StagingEvent};
 use crate::store::{ChunkStore, Db, put_stream};
 use transport::p2p::{self, MeshConfig, MeshEvent, MeshHandle, MeshKeypair};
 use transport::proto::Message;
+use transport::staging::Staging;
 
 /// How often the core gets a timeout input: fetch retries and anti-entropy are timed in seconds,
 /// so a fifth of a second is fine-grained enough.
@@ -114,7 +116,14 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     };
     let versions = db.versions()?;
     let index = db.chunk_index()?;
-    let site = Site::new(SiteConfig::new(site_id), ns, versions, index);
+    let config = &loaded.config;
+    let mut site_config = SiteConfig::new(site_id);
+    site_config.region = config.region.clone();
+    site_config.regions =
+        config.peers.iter().map(|p| (p.member().expect("checked").site, p.region.clone())).collect();
+    site_config.transfer = config.transfer;
+    site_config.staging = config.staging.is_some();
+    let site = Site::new(site_config, ns, versions, index);
     Ok(Opened { site, db, chunks })
 }
 
@@ -141,6 +150,7 @@ struct CoreThread {
     /// Copies fetched from peers, written but neither synced nor recorded yet: see
     /// [`CoreThread::drain`].
     backlog: CacheBacklog,
+    staging: StagingDriver,
 }
 
 /// Chunks fetched from peers and versions they complete, not yet durable.
@@ -156,6 +166,7 @@ struct CacheBacklog {
 enum Wake {
     Command(Option<Command>),
     Mesh(Option<MeshEvent>),
+    Staging(Option<StagingEvent>),
     Tick,
 }
 
@@ -165,6 +176,7 @@ impl CoreThread {
         runtime: tokio::runtime::Handle,
         mut commands: mpsc::Receiver<Command>,
         mut mesh_events: mpsc::Receiver<MeshEvent>,
+        mut staging_events: mpsc::UnboundedReceiver<StagingEvent>,
     ) -> anyhow::Result<()> {
         let mut next_tick = std::time::Instant::now() + TICK;
         'run: loop {
@@ -173,6 +185,7 @@ impl CoreThread {
                     biased;
                     command = commands.recv() => Wake::Command(command),
                     event = mesh_events.recv() => Wake::Mesh(event),
+                    event = staging_events.recv() => Wake::Staging(event),
                     _ = tokio::time::sleep_until(next_tick.into()) => Wake::Tick,
                 }
             });
@@ -180,8 +193,8 @@ impl CoreThread {
                 Wake::Command(None) | Wake::Command(Some(Command::Stop)) => break,
                 Wake::Command(Some(Command::Local { request, events })) => self.local(request, events),
                 Wake::Mesh(Some(event)) => self.mesh_event(event),
-                Wake::Mesh(None) => {}
-                Wake::Tick => {}
+                Wake::Staging(Some(event)) => event.deliver(&mut self.site, now_ms()),
+                Wake::Mesh(None) | Wake::Staging(None) | Wake::Tick => {}
             }
             // Take what else is queued, so that its changes share one durable commit.
             for _ in 0..COMMANDS_PER_COMMIT_MAX {
@@ -197,6 +210,10 @@ impl CoreThread {
                 if let Ok(event) = mesh_events.try_recv() {
                     took = true;
                     self.mesh_event(event);
+                }
+                if let Ok(event) = staging_events.try_recv() {
+                    took = true;
+                    event.deliver(&mut self.site, now_ms());
                 }
                 if !took {
                     break;
@@ -342,6 +359,10 @@ impl CoreThread {
                 }
             }
             Output::Disconnect { peer, reason } => self.mesh.disconnect(&peer, reason),
+            output @ (Output::StageOpen { .. }
+            | Output::StageRead { .. }
+            | Output::StageUpload { .. }
+            | Output::StageDelete { .. }) => self.staging.execute(output),
             Output::Store { .. } | Output::Cache { .. } | Output::Broadcast { .. } => {
                 unreachable!("stores and broadcasts are committed by drain")
             }
@@ -521,6 +542,19 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
+    let staging = match &loaded.config.staging {
+        Some(section) => {
+            let client = Staging::new(&section.client_config()?, &section.secret_bytes()?)
+                .context("setting up the staging bucket")?;
+            Some(client)
+        }
+        None => None,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let (staging, staging_rx) = StagingDriver::new(staging, opened.chunks.clone(), runtime.clone());
+    if let Some(section) = &loaded.config.staging {
+        staging.start_sweeper(Duration::from_secs(section.ttl_hours.saturating_mul(3600)));
+    }
     let (commits, commit_rx) = std::sync::mpsc::sync_channel(COMMIT_QUEUE);
     let namespace_saves = opened.db.namespace_saves()?;
     let committer = Committer { db: opened.db, chunks: opened.chunks.clone(), mesh: mesh.clone() };
@@ -533,6 +567,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         next_id: 1,
         pending: HashMap::new(),
         backlog: CacheBacklog { count: handle.cache_backlog.clone(), ..CacheBacklog::default() },
+        staging,
     };
     // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
     let (failed, mut core_failed) = mpsc::unbounded_channel::<String>();
@@ -544,9 +579,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         }
         result
     })?;
-    let runtime = tokio::runtime::Handle::current();
     let core_thread = std::thread::Builder::new().name("meridian-core".into()).spawn(move || {
-        let result = core.run(runtime, command_rx, mesh_event_rx);
+        let result = core.run(runtime, command_rx, mesh_event_rx, staging_rx);
         if let Err(e) = &result {
             let _ = failed.send(format!("{e:#}"));
         }
@@ -625,6 +659,7 @@ pub fn reply_value(reply: Reply) -> Value {
             "peers": s.peers.iter().map(|(site, lag)| json!({ "site": site, "lag_changes": lag })).collect::<Vec<_>>(), "entries": s.entries, "versions_held": s.versions_held,
             "chunks_held": s.chunks_held, "reads": s.reads, "fetches": s.fetches,
             "chunks_fetched": s.chunks_fetched, "bytes_fetched": s.bytes_fetched,
+            "bytes_from_staging": s.bytes_from_staging, "bytes_to_staging": s.bytes_to_staging,
         }),
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{EntryKind, Namespace, SiteId};
 use node::content::{ChunkHash, ChunkerConfig, Manifest};
-use node::core::{Output, Reply, Request, Site, SiteConfig};
+use node::core::{Output, Reply, Request, Site, SiteConfig, Transfer};
 use transport::proto::Message;
 
 const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
@@ -39,16 +39,50 @@ struct Mesh {
     disconnects: Vec<(usize, SiteId, String)>,
     /// If set, chunks this site sends are corrupted.
     liar: Option<usize>,
+    /// The staging bucket: packs by name, each its chunks in order.
+    bucket: HashMap<Vec<u8>, Vec<(ChunkHash, Vec<u8>)>>,
+    /// How the bucket misbehaves.
+    bucket_fault: BucketFault,
+    /// Names of the packs uploaded, in order, and of those deleted.
+    uploads: Vec<Vec<u8>>,
+    deletes: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BucketFault {
+    None,
+    /// Every request fails.
+    Unreachable,
+    /// Chunk reads return flipped bytes.
+    Corrupt,
 }
 
 impl Mesh {
     fn new(names: &[&str]) -> Mesh {
+        Mesh::configured(names, |name| SiteConfig::new(name.clone()))
+    }
+
+    /// Sites `(name, region)` with a staging bucket and the given transfer mode.
+    fn regions(sites: &[(&str, &str)], transfer: Transfer) -> Mesh {
+        let regions: BTreeMap<SiteId, String> =
+            sites.iter().map(|(n, r)| (SiteId::new(n).unwrap(), r.to_string())).collect();
+        let names: Vec<&str> = sites.iter().map(|(n, _)| *n).collect();
+        Mesh::configured(&names, |name| {
+            let mut config = SiteConfig::new(name.clone());
+            config.region = regions[name].clone();
+            config.regions =
+                regions.iter().filter(|(n, _)| *n != name).map(|(n, r)| (n.clone(), r.clone())).collect();
+            config.transfer = transfer;
+            config.staging = true;
+            config
+        })
+    }
+
+    fn configured(names: &[&str], config: impl Fn(&SiteId) -> SiteConfig) -> Mesh {
         let names: Vec<SiteId> = names.iter().map(|n| SiteId::new(n).unwrap()).collect();
         let sites = names
             .iter()
-            .map(|n| {
-                Site::new(SiteConfig::new(n.clone()), Namespace::new(n.clone()), Vec::new(), HashSet::new())
-            })
+            .map(|n| Site::new(config(n), Namespace::new(n.clone()), Vec::new(), HashSet::new()))
             .collect();
         let mut mesh = Mesh {
             stores: vec![HashMap::new(); names.len()],
@@ -63,6 +97,10 @@ impl Mesh {
             log: Vec::new(),
             disconnects: Vec::new(),
             liar: None,
+            bucket: HashMap::new(),
+            bucket_fault: BucketFault::None,
+            uploads: Vec::new(),
+            deletes: Vec::new(),
         };
         for a in 0..mesh.names.len() {
             for b in 0..mesh.names.len() {
@@ -232,6 +270,47 @@ impl Mesh {
             }
             Output::ReadDone { id, result } => {
                 self.reads.entry(id).or_default().done = Some(result.map_err(|e| e.to_string()));
+            }
+            Output::StageOpen { content, name } => {
+                let opened = match self.bucket_fault {
+                    BucketFault::Unreachable => Err("the bucket is unreachable".to_string()),
+                    _ => Ok(self.bucket.get(&name).map(|pack| pack.iter().map(|(h, _)| *h).collect())),
+                };
+                self.sites[s].handle_stage_opened(self.now, content, opened);
+            }
+            Output::StageRead { request, name, chunk, index } => {
+                let read = match (self.bucket_fault, self.bucket.get(&name)) {
+                    (BucketFault::Unreachable, _) => Err("the bucket is unreachable".to_string()),
+                    (_, None) => Err("the pack is gone".to_string()),
+                    (fault, Some(pack)) => {
+                        let mut data = pack[index as usize].1.clone();
+                        if fault == BucketFault::Corrupt {
+                            data[0] ^= 1;
+                        }
+                        Ok(data)
+                    }
+                };
+                self.sites[s].handle_stage_chunk(self.now, request, chunk, read);
+            }
+            Output::StageUpload { content, region, name, manifest } => {
+                let uploaded = if self.bucket_fault == BucketFault::Unreachable {
+                    Err("the bucket is unreachable".to_string())
+                } else if self.bucket.contains_key(&name) {
+                    // As the runtime's driver does: a pack already there is not uploaded again.
+                    Ok(0)
+                } else {
+                    let pack: Vec<(ChunkHash, Vec<u8>)> =
+                        manifest.chunks.iter().map(|c| (c.hash, self.stores[s][&c.hash].clone())).collect();
+                    let bytes = pack.iter().map(|(_, d)| d.len() as u64).sum();
+                    self.bucket.insert(name.clone(), pack);
+                    self.uploads.push(name);
+                    Ok(bytes)
+                };
+                self.sites[s].handle_stage_uploaded(self.now, content, region, uploaded);
+            }
+            Output::StageDelete { name } => {
+                self.bucket.remove(&name);
+                self.deletes.push(name);
             }
             Output::Disconnect { peer, reason } => {
                 let p = self.index(&peer);
@@ -487,4 +566,112 @@ fn concurrent_readers_of_one_chunk_share_one_fetch() {
     });
     assert_eq!(distinct.len(), manifest.chunks.len());
     assert!(distinct.values().all(|n| *n == 1), "each chunk fetched once");
+}
+
+/// Messages of one kind sent since log position `since`, as (from, to).
+fn sent(mesh: &Mesh, since: usize, kind: fn(&Message) -> bool) -> Vec<(usize, usize)> {
+    mesh.log[since..].iter().filter(|(_, _, m)| kind(m)).map(|(f, t, _)| (*f, *t)).collect()
+}
+
+fn is_get_chunk(m: &Message) -> bool {
+    matches!(m, Message::GetChunk { .. })
+}
+
+#[test]
+fn a_version_crosses_regions_once_through_the_bucket_and_goes_when_the_region_has_it() {
+    // west is in eu; east and north are in us.
+    let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us"), ("north", "us")], Transfer::Auto);
+    let data = random_bytes(60_000, 21);
+    mesh.put(0, "/f", &data);
+    let since = mesh.log.len();
+    // Both us sites read at once: both go through the bucket, one upload serves them.
+    let ids: Vec<u64> = [1, 2]
+        .into_iter()
+        .map(|at| {
+            let id = mesh.next_id;
+            mesh.next_id += 1;
+            mesh.sites[at].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
+            id
+        })
+        .collect();
+    mesh.run();
+    for id in ids {
+        assert_eq!(mesh.reads.remove(&id).unwrap().data, data);
+    }
+    assert!(sent(&mesh, since, is_get_chunk).is_empty(), "no chunk crossed the regions directly");
+    assert_eq!(mesh.uploads.len(), 1, "one upload for the region pair, shared by both readers");
+    let Reply::Status(west) = mesh.ok(0, Request::Status) else { panic!("a status") };
+    assert_eq!(west.bytes_to_staging, data.len() as u64);
+    let Reply::Status(east) = mesh.ok(1, Request::Status) else { panic!("a status") };
+    assert_eq!((east.bytes_from_staging, east.bytes_fetched), (data.len() as u64, 0));
+    // Both sites of us hold it now: the uploader deleted the pack.
+    assert_eq!(mesh.deletes, mesh.uploads);
+    assert!(mesh.bucket.is_empty());
+    // A later us reader gets it from a us holder, directly.
+    let since = mesh.log.len();
+    mesh.put(0, "/h", &data[..3000]);
+    assert_eq!(mesh.read(1, "/h", None).unwrap(), &data[..3000]);
+    assert_eq!(mesh.uploads.len(), 2);
+    assert_eq!(mesh.read(2, "/h", None).unwrap(), &data[..3000]);
+    let direct = sent(&mesh, since, is_get_chunk);
+    assert!(!direct.is_empty() && direct.iter().all(|(f, t)| (*f, *t) == (2, 1)), "{direct:?}");
+    // Only east confirmed: the pack goes after the grace period.
+    assert_eq!(mesh.deletes.len(), 1);
+    mesh.now += 60_000;
+    mesh.sites[0].handle_timeout(mesh.now);
+    mesh.run();
+    assert_eq!(mesh.deletes.len(), 2);
+    assert!(mesh.bucket.is_empty());
+    // Within a region, sites talk directly: a us site reads what another us site wrote.
+    mesh.put(1, "/g", &data[..5000]);
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(2, "/g", None).unwrap(), &data[..5000]);
+    assert!(!sent(&mesh, since, is_get_chunk).is_empty());
+    assert_eq!(mesh.uploads.len(), 2, "nothing staged within a region");
+}
+
+#[test]
+fn a_bad_pack_is_discarded_and_auto_mode_reads_directly_instead() {
+    let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Auto);
+    let data = random_bytes(30_000, 22);
+    mesh.put(0, "/f", &data);
+    mesh.bucket_fault = BucketFault::Corrupt;
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
+    assert_eq!(mesh.uploads.len(), 1);
+    assert!(!mesh.deletes.is_empty() && mesh.deletes.iter().all(|d| *d == mesh.uploads[0]), "discarded");
+    assert!(mesh.bucket.is_empty(), "the tampered pack is gone");
+    assert!(!sent(&mesh, since, is_get_chunk).is_empty(), "the chunks came directly");
+    assert!(mesh.disconnects.is_empty(), "the bucket's fault is not the holder's");
+}
+
+#[test]
+fn an_unreachable_bucket_falls_back_in_auto_mode_and_fails_clearly_in_staged_mode() {
+    let mut auto = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Auto);
+    let data = random_bytes(20_000, 23);
+    auto.put(0, "/f", &data);
+    auto.bucket_fault = BucketFault::Unreachable;
+    assert_eq!(auto.read(1, "/f", None).unwrap(), data);
+
+    let mut staged = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Staged);
+    staged.put(0, "/f", &data);
+    staged.bucket_fault = BucketFault::Unreachable;
+    let since = staged.log.len();
+    let error = staged.read(1, "/f", None).unwrap_err();
+    assert!(error.starts_with("reading /f through the staging bucket failed"), "{error}");
+    assert!(sent(&staged, since, is_get_chunk).is_empty(), "staged mode never reads across directly");
+    // The bucket is back: a later read stages the version and succeeds.
+    staged.bucket_fault = BucketFault::None;
+    staged.now += 60_000;
+    assert_eq!(staged.read(1, "/f", None).unwrap(), data);
+    assert_eq!(staged.uploads.len(), 1);
+}
+
+#[test]
+fn direct_mode_never_touches_the_bucket() {
+    let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Direct);
+    let data = random_bytes(20_000, 24);
+    mesh.put(0, "/f", &data);
+    assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
+    assert!(mesh.uploads.is_empty() && mesh.bucket.is_empty());
 }

@@ -491,6 +491,14 @@ impl World {
                         self.check_read(s, &read);
                     }
                 }
+                Output::StageOpen { .. }
+                | Output::StageRead { .. }
+                | Output::StageUpload { .. }
+                | Output::StageDelete { .. } => {
+                    unreachable!(
+                        "simulated sites run without a staging bucket (SiteConfig::staging is false)"
+                    )
+                }
                 Output::Disconnect { peer, .. } => {
                     let p = self.sites.iter().position(|x| x.name == peer).expect("a known site");
                     self.disconnect(s, p);

@@ -76,7 +76,36 @@ pub enum Message {
         /// The chunk asked for.
         chunk: [u8; 32],
     },
+    /// Please stage version `content` for the sites of `region` (it is not in the bucket).
+    Stage {
+        /// The version.
+        content: ContentId,
+        /// The region that will read it from the bucket.
+        region: String,
+    },
+    /// The answer to [`Message::Stage`]: the version is in the bucket, or why not.
+    Staged {
+        /// The version.
+        content: ContentId,
+        /// The region it was staged for.
+        region: String,
+        /// `None` if it is staged.
+        error: Option<String>,
+    },
+    /// The sender now holds version `content`, which it read from the bucket: when every site
+    /// of its region has said so, the uploader deletes the staged copy.
+    Unstage {
+        /// The version.
+        content: ContentId,
+        /// The sender's region.
+        region: String,
+    },
 }
+
+/// Longest region name a message carries.
+pub const REGION_MAX_BYTES: usize = 64;
+/// Longest error text a message carries.
+pub const ERROR_MAX_BYTES: usize = 1024;
 
 /// Why bytes are not a message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +128,9 @@ const TAG_HOLDS: u8 = 3;
 const TAG_GET_CHUNK: u8 = 4;
 const TAG_CHUNK: u8 = 5;
 const TAG_NO_CHUNK: u8 = 6;
+const TAG_STAGE: u8 = 7;
+const TAG_STAGED: u8 = 8;
+const TAG_UNSTAGE: u8 = 9;
 
 impl Message {
     /// The binary encoding.
@@ -144,6 +176,33 @@ impl Message {
                 out.push(TAG_NO_CHUNK);
                 push_varint(&mut out, *request);
                 out.extend_from_slice(chunk);
+            }
+            Message::Stage { content, region } => {
+                out.push(TAG_STAGE);
+                out.extend_from_slice(&content.0);
+                push_bytes(&mut out, region.as_bytes());
+            }
+            Message::Staged { content, region, error } => {
+                out.push(TAG_STAGED);
+                out.extend_from_slice(&content.0);
+                push_bytes(&mut out, region.as_bytes());
+                match error {
+                    None => out.push(0),
+                    Some(e) => {
+                        out.push(1);
+                        // Cut on a character boundary to the bound the decoder checks.
+                        let mut end = e.len().min(ERROR_MAX_BYTES);
+                        while !e.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        push_bytes(&mut out, &e.as_bytes()[..end]);
+                    }
+                }
+            }
+            Message::Unstage { content, region } => {
+                out.push(TAG_UNSTAGE);
+                out.extend_from_slice(&content.0);
+                push_bytes(&mut out, region.as_bytes());
             }
         }
         out
@@ -191,6 +250,24 @@ impl Message {
             TAG_NO_CHUNK => {
                 Message::NoChunk { request: r.varint("request id")?, chunk: r.array32("chunk hash")? }
             }
+            TAG_STAGE => Message::Stage {
+                content: ContentId(r.array32("content id")?),
+                region: r.str("region", REGION_MAX_BYTES)?.to_owned(),
+            },
+            TAG_STAGED => {
+                let content = ContentId(r.array32("content id")?);
+                let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                let error = match r.u8("error flag")? {
+                    0 => None,
+                    1 => Some(r.str("error", ERROR_MAX_BYTES)?.to_owned()),
+                    tag => return Err(DecodeError::UnknownTag { what: "error flag", tag }.into()),
+                };
+                Message::Staged { content, region, error }
+            }
+            TAG_UNSTAGE => Message::Unstage {
+                content: ContentId(r.array32("content id")?),
+                region: r.str("region", REGION_MAX_BYTES)?.to_owned(),
+            },
             tag => return Err(DecodeError::UnknownTag { what: "message", tag }.into()),
         };
         r.finish("message")?;
@@ -213,7 +290,26 @@ mod tests {
             Message::GetChunk { request: 1 << 40, chunk: [6; 32], priority: Priority::Background },
             Message::Chunk { request: 3, chunk: [6; 32], data: vec![0; 1000] },
             Message::NoChunk { request: 3, chunk: [6; 32] },
+            Message::Stage { content: ContentId([8; 32]), region: "eu-west".into() },
+            Message::Staged { content: ContentId([8; 32]), region: "eu-west".into(), error: None },
+            Message::Staged {
+                content: ContentId([8; 32]),
+                region: "ap".into(),
+                error: Some("bucket gone".into()),
+            },
+            Message::Unstage { content: ContentId([8; 32]), region: "eu-west".into() },
         ]
+    }
+
+    #[test]
+    fn long_errors_are_cut_to_their_bound() {
+        let error = "é".repeat(ERROR_MAX_BYTES);
+        let m =
+            Message::Staged { content: ContentId([1; 32]), region: "r".into(), error: Some(error.clone()) };
+        let Message::Staged { error: Some(cut), .. } = Message::decode(&m.encode()).unwrap() else {
+            panic!("a Staged message")
+        };
+        assert!(cut.len() <= ERROR_MAX_BYTES && error.starts_with(&cut) && !cut.is_empty());
     }
 
     #[test]
@@ -235,7 +331,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn hostile_bytes_never_panic(index in 0usize..8, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+        fn hostile_bytes_never_panic(index in 0usize..12, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut bytes = samples()[index].encode();
             for (at, v) in flips {
                 let at = at % bytes.len();

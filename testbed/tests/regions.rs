@@ -1,0 +1,130 @@
+//! Two regions joined by a real S3 server (s3s on loopback, in this process): payload crosses
+//! the regions once, through the bucket, sealed; within a region sites talk directly; without
+//! the bucket, `auto` reads directly and `staged` fails clearly.
+
+use std::time::Duration;
+
+use node::client::Client;
+use node::cluster::Cluster;
+use node::config::Staging as StagingSection;
+use node::core::Transfer;
+use node::demo::wait_until;
+use node::sample::pseudo_random;
+use transport::s3_local::LocalS3;
+use transport::staging::{Staging, StagingConfig, StagingCredentials};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const SECRET_HEX: &str = "6d6572696469616e2074657374206d657368207365637265742121";
+
+/// A local S3 server with a bucket, run by its own tokio runtime for the length of a test.
+struct Bucket {
+    server: Option<LocalS3>,
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Bucket {
+    fn start() -> Bucket {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = runtime.block_on(LocalS3::start(dir.path(), "regions-ak", "regions-secret")).unwrap();
+        let credentials = StagingCredentials::Static {
+            access_key: "regions-ak".into(),
+            secret_key: "regions-secret".into(),
+        };
+        let config = StagingConfig::new(Some(server.endpoint()), "us-east-1", "meridian", credentials);
+        let staging = Staging::new(&config, b"only to make the bucket").unwrap();
+        runtime.block_on(staging.ensure_bucket()).unwrap();
+        Bucket { server: Some(server), runtime, _dir: dir }
+    }
+
+    fn section(&self) -> StagingSection {
+        StagingSection {
+            endpoint: Some(self.server.as_ref().unwrap().endpoint()),
+            region: "us-east-1".into(),
+            bucket: "meridian".into(),
+            prefix: "meridian/".into(),
+            path_style: true,
+            credentials: "config".into(),
+            access_key: Some("regions-ak".into()),
+            secret_key: Some("regions-secret".into()),
+            secret: SECRET_HEX.into(),
+            ttl_hours: 24,
+        }
+    }
+
+    fn stop(&mut self) {
+        let _guard = self.runtime.enter();
+        self.server = None;
+    }
+}
+
+/// west in eu; east and north in us; all with the bucket and `transfer`.
+fn regions(bucket: &Bucket, transfer: Transfer) -> Cluster {
+    let program = testbed::program_at(env!("CARGO_BIN_EXE_testbed"));
+    let mut cluster =
+        Cluster::create(program, None, &[("west", "eu"), ("east", "us"), ("north", "us")]).unwrap();
+    for i in 0..3 {
+        cluster
+            .configure(i, |c| {
+                c.staging = Some(bucket.section());
+                c.transfer = transfer;
+            })
+            .unwrap();
+    }
+    cluster.start_all().unwrap();
+    cluster
+}
+
+fn number(client: &Client, key: &str) -> u64 {
+    client.status().unwrap()[key].as_u64().unwrap()
+}
+
+fn write(cluster: &Cluster, at: usize, path: &str, data: &[u8]) {
+    cluster.site(at).client.put(path, data).unwrap();
+    for i in 0..3 {
+        wait_until(TIMEOUT, || cluster.site(i).client.exists(path)).unwrap();
+    }
+}
+
+#[test]
+fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly() {
+    let bucket = Bucket::start();
+    let cluster = regions(&bucket, Transfer::Auto);
+    let (west, east, north) = (&cluster.site(0).client, &cluster.site(1).client, &cluster.site(2).client);
+    let data = pseudo_random(31, 24 << 20);
+    write(&cluster, 0, "/plate.exr", &data);
+
+    assert!(east.read("/plate.exr", None).unwrap() == data, "east reads what west wrote");
+    assert_eq!(number(east, "bytes_from_staging"), data.len() as u64);
+    assert_eq!(number(east, "bytes_fetched"), 0, "nothing came from west directly");
+    let uploaded = number(west, "bytes_to_staging");
+    assert!(uploaded >= data.len() as u64 && uploaded < data.len() as u64 + (1 << 20), "{uploaded}");
+
+    // north reads it from east, its own region's holder: no second upload, nothing from west.
+    assert!(north.read("/plate.exr", None).unwrap() == data);
+    assert_eq!(number(north, "bytes_fetched"), data.len() as u64);
+    assert_eq!(number(north, "bytes_from_staging"), 0);
+    assert_eq!(number(west, "bytes_to_staging"), uploaded, "one upload for the region pair");
+}
+
+#[test]
+fn without_the_bucket_auto_reads_directly_and_staged_fails_clearly() {
+    let mut bucket = Bucket::start();
+    let auto = regions(&bucket, Transfer::Auto);
+    let staged = regions(&bucket, Transfer::Staged);
+    let data = pseudo_random(32, 3 << 20);
+    write(&auto, 0, "/f", &data);
+    write(&staged, 0, "/f", &data);
+    bucket.stop();
+
+    let east = &auto.site(1).client;
+    assert!(east.read("/f", None).unwrap() == data);
+    assert_eq!(number(east, "bytes_fetched"), data.len() as u64, "read from west directly");
+
+    let east = &staged.site(1).client;
+    let error = east.read("/f", None).unwrap_err().to_string();
+    assert!(error.contains("through the staging bucket failed"), "{error}");
+    assert_eq!(number(east, "bytes_fetched"), 0);
+    assert!(staged.site(1).is_running(), "a failed read is not a failed site");
+}
