@@ -464,8 +464,9 @@ enum Stage {
     /// The pack is being looked for in the bucket (again, after its holder said it staged it:
     /// then it must be there).
     Opening { after_staged: bool },
-    /// Not in the bucket: holder `from` was asked to stage it.
-    Requested { from: SiteId, since_ms: u64 },
+    /// Not in the bucket: holder `from` was asked to stage it (and asked again every
+    /// `who_has_retry_ms`, as a question lost on the way is only a delay).
+    Requested { from: SiteId, since_ms: u64, last_ask_ms: u64 },
     /// In the bucket: each chunk's index in the pack.
     Open { index: HashMap<ChunkHash, u32> },
     /// Unusable (why, since when).
@@ -563,6 +564,11 @@ impl Site {
     /// Whether every chunk of version `content` is held here.
     pub fn holds(&self, content: &ContentId) -> bool {
         self.held.contains_key(content)
+    }
+
+    /// The latest time the site was given (its clock never goes back).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
     }
 
     /// Whether chunk requests are in flight.
@@ -943,6 +949,18 @@ impl Site {
     pub fn handle_peer_down(&mut self, now_ms: u64, peer: &SiteId) {
         self.now_ms = self.now_ms.max(now_ms);
         self.peers.remove(peer);
+        // A holder asked to stage a version is gone: look in the bucket again (it may have
+        // finished), then ask another.
+        let mut reopen = Vec::new();
+        for (content, read) in &mut self.staged {
+            if matches!(&read.state, Stage::Requested { from, .. } if from == peer) {
+                read.state = Stage::Opening { after_staged: false };
+                reopen.push((*content, read.name.clone()));
+            }
+        }
+        for (content, name) in reopen {
+            self.emit(Output::StageOpen { content, name });
+        }
         let orphaned: Vec<ChunkHash> =
             self.fetches.iter().filter(|(_, f)| &f.from == peer).map(|(h, _)| *h).collect();
         for hash in orphaned {
@@ -1273,7 +1291,7 @@ impl Site {
                             to: from.clone(),
                             message: Message::Stage { content, region },
                         });
-                        Stage::Requested { from, since_ms: self.now_ms }
+                        Stage::Requested { from, since_ms: self.now_ms, last_ask_ms: self.now_ms }
                     }
                     None => Stage::Failed {
                         reason: format!("no site of region {from_region} is connected to stage it"),
@@ -1409,6 +1427,20 @@ impl Site {
             .collect();
         for key in done {
             self.unstage(key);
+        }
+        let retry = self.config.who_has_retry_ms;
+        let mut ask_again = Vec::new();
+        for (content, read) in &mut self.staged {
+            if let Stage::Requested { from, last_ask_ms, .. } = &mut read.state
+                && now_ms.saturating_sub(*last_ask_ms) >= retry
+            {
+                *last_ask_ms = now_ms;
+                ask_again.push((from.clone(), *content));
+            }
+        }
+        for (to, content) in ask_again {
+            let region = self.config.region.clone();
+            self.emit(Output::Send { to, message: Message::Stage { content, region } });
         }
         for content in stalled {
             let read = self.staged.get_mut(&content).expect("listed above");

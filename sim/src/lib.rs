@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use crdt_namespace::{ContentId, EntryKind, Namespace, SiteId};
 use node::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use node::core::{Output, Reply, Request, Site, SiteConfig};
+use node::core::{Output, Reply, Request, Site, SiteConfig, Transfer};
+use node::staged::StagingEvent;
 use transport::proto::Message;
 
 pub use rng::Rng;
@@ -56,11 +57,14 @@ pub struct Faults {
     pub clock: f64,
     /// Probability that a chunk in flight is corrupted.
     pub corrupt: f64,
+    /// Probability that a request to the staging bucket misbehaves: answered late (503
+    /// SlowDown, retried), timed out, or — for a chunk read — finds its pack lost or corrupt.
+    pub staging: f64,
 }
 
 impl Faults {
     /// All faults at the given rates' defaults, restricted to the names in `list`
-    /// (`drop,duplicate,jitter,partition,hold,crash,clock,corrupt`, or `none`, or `all`).
+    /// (`drop,duplicate,jitter,partition,hold,crash,clock,corrupt,staging`, or `none`, or `all`).
     pub fn parse(list: &str) -> Result<Faults, String> {
         let all = Faults {
             drop: 0.02,
@@ -71,6 +75,7 @@ impl Faults {
             crash: 0.02,
             clock: 0.03,
             corrupt: 0.01,
+            staging: 0.05,
         };
         let mut f = Faults::default();
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -85,6 +90,7 @@ impl Faults {
                 "crash" => f.crash = all.crash,
                 "clock" => f.clock = all.clock,
                 "corrupt" => f.corrupt = all.corrupt,
+                "staging" => f.staging = all.staging,
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -105,6 +111,7 @@ impl Faults {
             crash: on(rng, 0.03),
             clock: on(rng, 0.04),
             corrupt: on(rng, 0.02),
+            staging: on(rng, 0.08),
         }
     }
 }
@@ -131,6 +138,8 @@ pub struct Report {
     pub ops: usize,
     /// Events processed.
     pub events: u64,
+    /// Bytes the sites read from the staging bucket (zero for seeds with one region).
+    pub bytes_from_staging: u64,
     /// Hash of the whole event trace.
     pub trace: [u8; 32],
 }
@@ -175,18 +184,42 @@ struct Disk {
 
 struct SimSite {
     name: SiteId,
+    config: SiteConfig,
     core: Option<Site>,
     disk: Disk,
     skew_ms: i64,
 }
 
 enum Event {
-    Deliver { from: usize, to: usize, bytes: Vec<u8> },
-    Tick { site: usize },
+    Deliver {
+        from: usize,
+        to: usize,
+        bytes: Vec<u8>,
+    },
+    Tick {
+        site: usize,
+    },
     Op,
     Fault,
-    Restart { site: usize },
-    Reconnect { a: usize, b: usize },
+    Restart {
+        site: usize,
+    },
+    Reconnect {
+        a: usize,
+        b: usize,
+    },
+    /// A request of `site` to the staging bucket arrives there.
+    Staging {
+        site: usize,
+        op: BucketOp,
+    },
+}
+
+/// A request to the simulated staging bucket.
+enum BucketOp {
+    Open { content: ContentId, name: Vec<u8> },
+    Read { request: u64, name: Vec<u8>, chunk: ChunkHash, index: u32 },
+    Upload { content: ContentId, region: String, name: Vec<u8>, pack: Vec<(ChunkHash, Vec<u8>)> },
 }
 
 #[derive(Default)]
@@ -220,6 +253,10 @@ struct World {
     reads: HashMap<u64, ReadState>,
     /// Bytes of every version ever written.
     contents: HashMap<ContentId, Vec<u8>>,
+    /// Reads that ended in an error, with it.
+    failed_reads: HashMap<u64, String>,
+    /// The staging bucket: packs by name (sites of several regions share it).
+    bucket: HashMap<Vec<u8>, Vec<(ChunkHash, Vec<u8>)>>,
     /// Versions whose write was acknowledged.
     acknowledged: BTreeSet<ContentId>,
     /// Versions a later write at the same site replaced, or a remove had seen.
@@ -243,17 +280,30 @@ impl World {
         let n = options.sites.unwrap_or_else(|| 2 + rng.index(5)).clamp(1, SITE_NAMES.len());
         let ops = options.ops.unwrap_or_else(|| 40 + rng.index(160));
         let faults = options.faults.unwrap_or_else(|| Faults::swarm(&mut rng));
+        // Half the seeds split the sites into two regions joined by the staging bucket.
+        let regions = if n >= 2 && rng.chance(0.5) { 2 } else { 1 };
+        let transfer = if rng.chance(0.25) { Transfer::Staged } else { Transfer::Auto };
+        let names: Vec<SiteId> =
+            (0..n).map(|i| SiteId::new(SITE_NAMES[i]).expect("valid site names")).collect();
+        let region_of = |i: usize| format!("r{}", i % regions);
+        let configs: Vec<SiteConfig> = (0..n)
+            .map(|i| {
+                let mut config = SiteConfig::new(names[i].clone());
+                config.region = region_of(i);
+                config.regions =
+                    (0..n).filter(|j| *j != i).map(|j| (names[j].clone(), region_of(j))).collect();
+                config.staging = regions > 1;
+                config.transfer = transfer;
+                config
+            })
+            .collect();
         let sites = (0..n)
             .map(|i| {
-                let name = SiteId::new(SITE_NAMES[i]).expect("valid site names");
+                let name = names[i].clone();
                 let skew_ms = rng.below(2_000) as i64 - 1_000;
-                let core = Site::new(
-                    SiteConfig::new(name.clone()),
-                    Namespace::new(name.clone()),
-                    Vec::new(),
-                    HashSet::new(),
-                );
-                SimSite { name, core: Some(core), disk: Disk::default(), skew_ms }
+                let core =
+                    Site::new(configs[i].clone(), Namespace::new(name.clone()), Vec::new(), HashSet::new());
+                SimSite { name, config: configs[i].clone(), core: Some(core), disk: Disk::default(), skew_ms }
             })
             .collect();
         let mut world = World {
@@ -277,6 +327,8 @@ impl World {
             requests: HashMap::new(),
             reads: HashMap::new(),
             contents: HashMap::new(),
+            bucket: HashMap::new(),
+            failed_reads: HashMap::new(),
             acknowledged: BTreeSet::new(),
             discarded: BTreeSet::new(),
         };
@@ -363,6 +415,12 @@ impl World {
             sites: self.sites.len(),
             ops: self.ops_total,
             events: self.processed,
+            bytes_from_staging: self
+                .sites
+                .iter_mut()
+                .filter_map(|s| s.core.as_mut())
+                .map(|c| c.status().bytes_from_staging)
+                .sum(),
             trace: *self.trace.finalize().as_bytes(),
         })
     }
@@ -419,8 +477,72 @@ impl World {
                     self.connect(a, b);
                 }
             }
+            Event::Staging { site, op } => {
+                self.trace.update(&[5, site as u8]);
+                let event = self.bucket_op(op);
+                let t = self.site_now(site);
+                if let Some(core) = self.sites[site].core.as_mut() {
+                    event.deliver(core, t);
+                    self.drain(site);
+                    self.check_site(site)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Sends a request to the bucket: it arrives after a few milliseconds, or much later when
+    /// the bucket said "slow down" and the client retried.
+    fn send_to_bucket(&mut self, site: usize, op: BucketOp) {
+        let mut at = self.now + 5 + self.rng.below(45);
+        if !self.healed && self.rng.chance(self.faults.staging) {
+            at += 200 + self.rng.below(800);
+        }
+        self.schedule(at, Event::Staging { site, op });
+    }
+
+    /// Carries out a request at the bucket, with the faults it may meet there.
+    fn bucket_op(&mut self, op: BucketOp) -> StagingEvent {
+        let fault = !self.healed && self.rng.chance(self.faults.staging);
+        let timed_out = "the bucket timed out".to_string();
+        match op {
+            BucketOp::Open { content, name } => {
+                let opened = if fault {
+                    Err(timed_out)
+                } else {
+                    Ok(self.bucket.get(&name).map(|pack| pack.iter().map(|(h, _)| *h).collect()))
+                };
+                StagingEvent::Opened { content, opened }
+            }
+            BucketOp::Read { request, name, chunk, index } => {
+                if fault && self.rng.chance(0.5) {
+                    // The object is lost (or was swept) before this read.
+                    self.bucket.remove(&name);
+                }
+                let read = match self.bucket.get(&name).and_then(|pack| pack.get(index as usize)) {
+                    None => Err("the staged object is gone".to_string()),
+                    Some((_, data)) if fault => {
+                        let mut data = data.clone();
+                        if let Some(first) = data.first_mut() {
+                            *first ^= 1;
+                        }
+                        Ok(data)
+                    }
+                    Some((_, data)) => Ok(data.clone()),
+                };
+                StagingEvent::Chunk { request, chunk, read }
+            }
+            BucketOp::Upload { content, region, name, pack } => {
+                let uploaded = if fault {
+                    Err(timed_out)
+                } else {
+                    let bytes = pack.iter().map(|(_, d)| d.len() as u64).sum();
+                    self.bucket.insert(name, pack);
+                    Ok(bytes)
+                };
+                StagingEvent::Uploaded { content, region, uploaded }
+            }
+        }
     }
 
     /// Carries out a site's outputs.
@@ -487,17 +609,36 @@ impl World {
                 }
                 Output::ReadDone { id, result } => {
                     self.requests.remove(&id);
-                    if let (Some(read), Ok(())) = (self.reads.remove(&id), result) {
-                        self.check_read(s, &read);
+                    match (self.reads.remove(&id), result) {
+                        (Some(read), Ok(())) => self.check_read(s, &read),
+                        (_, Err(e)) => {
+                            self.failed_reads.insert(id, e.to_string());
+                        }
+                        (None, Ok(())) => {}
                     }
                 }
-                Output::StageOpen { .. }
-                | Output::StageRead { .. }
-                | Output::StageUpload { .. }
-                | Output::StageDelete { .. } => {
-                    unreachable!(
-                        "simulated sites run without a staging bucket (SiteConfig::staging is false)"
-                    )
+                Output::StageOpen { content, name } => {
+                    self.send_to_bucket(s, BucketOp::Open { content, name })
+                }
+                Output::StageRead { request, name, chunk, index } => {
+                    self.send_to_bucket(s, BucketOp::Read { request, name, chunk, index })
+                }
+                Output::StageUpload { content, region, name, manifest } => {
+                    let disk = &self.sites[s].disk;
+                    let mut pack = Vec::new();
+                    for c in &manifest.chunks {
+                        match disk.chunk_files.get(&c.hash) {
+                            Some(data) => pack.push((c.hash, data.clone())),
+                            None => panic!(
+                                "checker: {} was asked to upload a version it does not hold",
+                                self.sites[s].name
+                            ),
+                        }
+                    }
+                    self.send_to_bucket(s, BucketOp::Upload { content, region, name, pack });
+                }
+                Output::StageDelete { name } => {
+                    self.bucket.remove(&name);
                 }
                 Output::Disconnect { peer, .. } => {
                     let p = self.sites.iter().position(|x| x.name == peer).expect("a known site");
@@ -652,7 +793,7 @@ impl World {
             .filter(|m| m.chunks.iter().all(|c| chunks.contains(&c.hash)))
             .cloned()
             .collect();
-        site.core = Some(Site::new(SiteConfig::new(site.name.clone()), ns, versions, chunks));
+        site.core = Some(Site::new(site.config.clone(), ns, versions, chunks));
         self.check_site(s)?;
         for other in 0..self.sites.len() {
             if other != s && !self.partitioned.contains(&key(s, other)) {
@@ -916,23 +1057,56 @@ impl World {
             walk.iter().filter(|e| e.stat.kind == EntryKind::File).map(|e| e.path.clone()).collect();
         for s in 0..self.sites.len() {
             for path in &files {
-                let id = self.request(s, Request::Read { path: path.clone(), range: None }, Pending::Read);
-                self.reads.insert(id, ReadState { path: path.clone(), ..ReadState::default() });
-                self.drain(s);
-                let deadline = self.now + 60_000;
-                while self.requests.contains_key(&id) {
-                    let Some(Reverse((at, seq))) = self.queue.pop() else { break };
-                    if at > deadline {
+                // A read may fail while a way it needs is still marked failed from the fault
+                // phase (a staged pack, for 30 s): it must succeed once that has passed.
+                let mut failure = None;
+                for _attempt in 0..2 {
+                    let id =
+                        self.request(s, Request::Read { path: path.clone(), range: None }, Pending::Read);
+                    self.reads.insert(id, ReadState { path: path.clone(), ..ReadState::default() });
+                    self.drain(s);
+                    let deadline = self.now + 60_000;
+                    self.run_until(deadline, |w| !w.requests.contains_key(&id))?;
+                    if self.requests.contains_key(&id) {
+                        return Err(format!(
+                            "{path} is not readable at {} after healing",
+                            self.sites[s].name
+                        ));
+                    }
+                    failure = self.failed_reads.remove(&id);
+                    if failure.is_none() {
                         break;
                     }
-                    self.now = self.now.max(at);
-                    let event = self.events.remove(&seq).expect("scheduled");
-                    self.step(event)?;
+                    // 30 s of the site's own time, which may run ahead after clock jumps.
+                    let site_now = self.site_now(s);
+                    let ahead =
+                        self.sites[s].core.as_ref().map_or(0, |c| c.now_ms().saturating_sub(site_now));
+                    let later = self.now + ahead + 31_000;
+                    self.run_until(later, |_| false)?;
                 }
-                if self.requests.contains_key(&id) {
-                    return Err(format!("{path} is not readable at {} after healing", self.sites[s].name));
+                if let Some(e) = failure {
+                    return Err(format!(
+                        "{path} cannot be read at {} after healing: {e}",
+                        self.sites[s].name
+                    ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Runs events until `done` holds or the next event is after `deadline`.
+    fn run_until(&mut self, deadline: u64, done: impl Fn(&World) -> bool) -> Result<(), String> {
+        while !done(self) {
+            let Some(Reverse((at, seq))) = self.queue.peek().copied() else { break };
+            if at > deadline {
+                self.now = self.now.max(deadline);
+                break;
+            }
+            self.queue.pop();
+            self.now = self.now.max(at);
+            let event = self.events.remove(&seq).expect("scheduled");
+            self.step(event)?;
         }
         Ok(())
     }

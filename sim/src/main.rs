@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     }
     let Some((first, end)) = seeds else { usage() };
     let started = Instant::now();
-    let (mut ran, mut events) = (0u64, 0u64);
+    let (mut ran, mut events, mut staged_seeds, mut staged_bytes) = (0u64, 0u64, 0u64, 0u64);
     let mut failures = 0u64;
     for seed in first..end {
         let outcome = run(seed, &options).and_then(|report| {
@@ -83,12 +83,15 @@ fn main() -> ExitCode {
         match outcome {
             Ok(report) => {
                 events += report.events;
+                staged_seeds += u64::from(report.bytes_from_staging > 0);
+                staged_bytes += report.bytes_from_staging;
                 if single {
                     println!(
-                        "seed {seed}: ok — {} sites, {} ops, {} events, trace {}",
+                        "seed {seed}: ok — {} sites, {} ops, {} events, {} bytes through staging, trace {}",
                         report.sites,
                         report.ops,
                         report.events,
+                        report.bytes_from_staging,
                         report.trace_hex()
                     );
                 }
@@ -106,7 +109,7 @@ fn main() -> ExitCode {
     let seconds = started.elapsed().as_secs_f64();
     if !single {
         println!(
-            "{{\"seeds\":{ran},\"failures\":{failures},\"seconds\":{seconds:.2},\"events\":{events},\"seeds_per_second\":{:.2}}}",
+            "{{\"seeds\":{ran},\"failures\":{failures},\"seconds\":{seconds:.2},\"events\":{events},\"seeds_with_staged_reads\":{staged_seeds},\"bytes_from_staging\":{staged_bytes},\"seeds_per_second\":{:.2}}}",
             ran as f64 / seconds
         );
     }
