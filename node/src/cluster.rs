@@ -265,6 +265,8 @@ impl Cluster {
                 "RUST_LOG",
                 std::env::var("MERIDIAN_NODE_LOG").unwrap_or_else(|_| crate::cli::DEFAULT_LOG.into()),
             )
+            // Belt and braces: the staging client never asks the AWS SDK's default chain.
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

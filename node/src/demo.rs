@@ -1,11 +1,14 @@
 //! `meridian demo`: a mesh of real sites on loopback, and what meridian does, measured.
 //!
 //! It starts `--sites N` daemons (children of this process) in a temporary directory, joins them
-//! with `meridian mesh add`, and narrates four scenes with the numbers it measures: a folder
+//! with `meridian mesh add`, and narrates five scenes with the numbers it measures: a folder
 //! tree published at one site appears at the others; a large file is read at another site while
 //! it arrives; a 1 MiB edit moves only the changed chunks; a collision made at two sites during
-//! a partition resolves identically everywhere. With `--dir D --keep-running` the sites stay up
-//! for `meridian --config D/<site>/meridian.toml ...`.
+//! a partition resolves identically everywhere; a site of another region reads the file through
+//! the staging bucket — a real S3 server (s3s) this process runs on loopback. The first two
+//! sites are in region `eu`, the others in `us`. With `--dir D --keep-running` the sites stay
+//! up for `meridian --config D/<site>/meridian.toml ...` (the staging store stops with the demo;
+//! reads across regions then go direct).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +17,10 @@ use anyhow::{Context, bail};
 
 use crate::client::Client;
 use crate::cluster::{Cluster, Program};
+use crate::config::Staging as StagingSection;
 use crate::sample::pseudo_random;
+use transport::s3_local::LocalS3;
+use transport::staging::Staging;
 
 /// Site names of the demo, in order; more sites are `site-N`.
 const SITE_NAMES: [&str; 5] = ["east", "west", "north", "south", "central"];
@@ -72,9 +78,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let names: Vec<String> = (0..args.sites as usize)
         .map(|i| SITE_NAMES.get(i).map(|s| s.to_string()).unwrap_or_else(|| format!("site-{}", i + 1)))
         .collect();
-    let specs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "local")).collect();
+    let specs: Vec<(&str, &str)> =
+        names.iter().enumerate().map(|(i, n)| (n.as_str(), if i < 2 { "eu" } else { "us" })).collect();
     let mut cluster = Cluster::create(Program::this_meridian()?, args.dir.as_deref(), &specs)?;
-    println!("meridian demo: {} sites on loopback in {}", names.len(), cluster.root().display());
+    let store = StagingStore::start(&cluster.root().join("staging-store"))?;
+    for i in 0..names.len() {
+        cluster.configure(i, |c| c.staging = Some(store.section.clone()))?;
+    }
+    println!(
+        "meridian demo: {} sites on loopback in {} (regions: eu = {}; us = {}), staging bucket at {}",
+        names.len(),
+        cluster.root().display(),
+        names[..2].join(", "),
+        if names.len() > 2 { names[2..].join(", ") } else { "none".into() },
+        store.server.endpoint(),
+    );
     let started = Instant::now();
     cluster.start_all()?;
     println!(
@@ -86,8 +104,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     tree_scene(&cluster)?;
     let size = args.size_mib as usize * (1 << 20);
     let original = large_file_scene(&cluster, size)?;
-    edit_scene(&cluster, original)?;
+    let edited = edit_scene(&cluster, original)?;
     partition_scene(&cluster)?;
+    if cluster.sites().len() > 2 {
+        regions_scene(&cluster, &edited)?;
+    }
 
     println!();
     if args.keep_running {
@@ -178,7 +199,7 @@ fn large_file_scene(cluster: &Cluster, size: usize) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
-fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<()> {
+fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let (east, west) = (cluster.site(0), cluster.site(1));
     println!();
     println!("3. {} edits 1 MiB in the middle of the file; only the changed chunks move", east.name);
@@ -204,6 +225,94 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<()> {
         mb(moved),
         moved as f64 * 100.0 / data.len() as f64
     );
+    Ok(data)
+}
+
+/// The demo's staging bucket: a real S3 server in this process, with its own runtime.
+struct StagingStore {
+    server: LocalS3,
+    section: StagingSection,
+    /// Runs the server; dropped after it.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl StagingStore {
+    fn start(dir: &std::path::Path) -> anyhow::Result<StagingStore> {
+        let runtime = tokio::runtime::Runtime::new().context("starting the staging store's runtime")?;
+        let (access_key, secret_key) = ("meridian-demo", "meridian-demo-secret-key");
+        let server = runtime.block_on(LocalS3::start(dir, access_key, secret_key))?;
+        // A fresh mesh secret for this demo's mesh.
+        let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+        let secret = blake3::hash(seed.as_bytes()).to_hex().to_string();
+        let section = StagingSection {
+            endpoint: Some(server.endpoint()),
+            region: "us-east-1".into(),
+            bucket: "meridian-demo".into(),
+            prefix: "meridian/".into(),
+            path_style: true,
+            credentials: "config".into(),
+            access_key: Some(access_key.into()),
+            secret_key: Some(secret_key.into()),
+            secret,
+            ttl_hours: 24,
+        };
+        let client = Staging::new(&section.client_config()?, &section.secret_bytes()?)?;
+        runtime.block_on(client.ensure_bucket())?;
+        Ok(StagingStore { server, section, _runtime: runtime })
+    }
+}
+
+fn number(client: &Client, key: &str) -> anyhow::Result<u64> {
+    Ok(client.status()?[key].as_u64().unwrap_or(0))
+}
+
+fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
+    let (east, north) = (cluster.site(0), cluster.site(2));
+    println!();
+    println!(
+        "5. {} is in another region (us): it reads /renders/plate.exr through the staging bucket",
+        north.name
+    );
+    wait_until(VISIBLE_TIMEOUT, || is_new_version(&north.client, &east.client))?;
+    let uploaded_before =
+        number(&east.client, "bytes_to_staging")? + number(&cluster.site(1).client, "bytes_to_staging")?;
+    let direct_before = number(&north.client, "bytes_fetched")?;
+    let started = Instant::now();
+    let read = north.client.read("/renders/plate.exr", None)?;
+    let took = started.elapsed();
+    let uploaded = number(&east.client, "bytes_to_staging")?
+        + number(&cluster.site(1).client, "bytes_to_staging")?
+        - uploaded_before;
+    let from_bucket = number(&north.client, "bytes_from_staging")?;
+    let direct = number(&north.client, "bytes_fetched")? - direct_before;
+    let same = blake3::hash(&read) == blake3::hash(data);
+    println!(
+        "   eu uploaded {} once (sealed with the mesh key, under a keyed-hash name); {} read {} from the bucket in {} ({:.0} MB/s); {} directly from eu; identical: {}",
+        mb(uploaded),
+        north.name,
+        mb(from_bucket),
+        ms(took),
+        data.len() as f64 / 1e6 / took.as_secs_f64(),
+        mb(direct),
+        if same { "yes" } else { "NO" }
+    );
+    if !same {
+        bail!("the file read at {} through the bucket differs", north.name);
+    }
+    if let Some(south) = cluster.sites().get(3) {
+        let read = south.client.read("/renders/plate.exr", None)?;
+        println!(
+            "   {} (us too) then reads it from {} within the region: {} directly, {} more uploaded; identical: {}",
+            south.name,
+            north.name,
+            mb(number(&south.client, "bytes_fetched")?),
+            mb(number(&east.client, "bytes_to_staging")?
+                + number(&cluster.site(1).client, "bytes_to_staging")?
+                - uploaded_before
+                - uploaded),
+            if blake3::hash(&read) == blake3::hash(data) { "yes" } else { "NO" }
+        );
+    }
     Ok(())
 }
 
