@@ -82,16 +82,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         names.iter().enumerate().map(|(i, n)| (n.as_str(), if i < 2 { "eu" } else { "us" })).collect();
     let mut cluster = Cluster::create(Program::this_meridian()?, args.dir.as_deref(), &specs)?;
     let store = StagingStore::start(&cluster.root().join("staging-store"))?;
-    for i in 0..names.len() {
-        cluster.configure(i, |c| c.staging = Some(store.section.clone()))?;
-    }
+    use_staging(&cluster, &store)?;
     println!(
         "meridian demo: {} sites on loopback in {} (regions: eu = {}; us = {}), staging bucket at {}",
         names.len(),
         cluster.root().display(),
         names[..2].join(", "),
         if names.len() > 2 { names[2..].join(", ") } else { "none".into() },
-        store.server.endpoint(),
+        store.endpoint(),
     );
     let started = Instant::now();
     cluster.start_all()?;
@@ -228,20 +226,21 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// The demo's staging bucket: a real S3 server in this process, with its own runtime.
-struct StagingStore {
-    server: LocalS3,
+/// A staging bucket for the demo, the testbed and tests: a real S3 server in this process on
+/// loopback, run by a runtime of its own, with a bucket and a fresh mesh secret.
+pub struct StagingStore {
+    server: Option<LocalS3>,
     section: StagingSection,
     /// Runs the server; dropped after it.
     _runtime: tokio::runtime::Runtime,
 }
 
 impl StagingStore {
-    fn start(dir: &std::path::Path) -> anyhow::Result<StagingStore> {
+    /// Starts a server keeping its data in `dir`, and makes the bucket.
+    pub fn start(dir: &std::path::Path) -> anyhow::Result<StagingStore> {
         let runtime = tokio::runtime::Runtime::new().context("starting the staging store's runtime")?;
         let (access_key, secret_key) = ("meridian-demo", "meridian-demo-secret-key");
         let server = runtime.block_on(LocalS3::start(dir, access_key, secret_key))?;
-        // A fresh mesh secret for this demo's mesh.
         let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
         let secret = blake3::hash(seed.as_bytes()).to_hex().to_string();
         let section = StagingSection {
@@ -258,8 +257,36 @@ impl StagingStore {
         };
         let client = Staging::new(&section.client_config()?, &section.secret_bytes()?)?;
         runtime.block_on(client.ensure_bucket())?;
-        Ok(StagingStore { server, section, _runtime: runtime })
+        Ok(StagingStore { server: Some(server), section, _runtime: runtime })
     }
+
+    /// The `[staging]` section that points a site at it.
+    pub fn section(&self) -> &StagingSection {
+        &self.section
+    }
+
+    /// The endpoint URL.
+    pub fn endpoint(&self) -> String {
+        self.section.endpoint.clone().unwrap_or_default()
+    }
+
+    /// The server itself (request counts, injected `SlowDown`s), while it runs.
+    pub fn server(&self) -> Option<&LocalS3> {
+        self.server.as_ref()
+    }
+
+    /// Stops the server: the bucket becomes unreachable.
+    pub fn stop(&mut self) {
+        self.server = None;
+    }
+}
+
+/// Points every site of `cluster` at `store`.
+pub fn use_staging(cluster: &Cluster, store: &StagingStore) -> anyhow::Result<()> {
+    for i in 0..cluster.sites().len() {
+        cluster.configure(i, |c| c.staging = Some(store.section().clone()))?;
+    }
+    Ok(())
 }
 
 fn number(client: &Client, key: &str) -> anyhow::Result<u64> {

@@ -4,7 +4,11 @@
 //! - `pull_1gib`: a 1 GiB file of random data pulled between two sites, against the rate at
 //!   which the same disk takes the same bytes (write + fsync) in the same run;
 //! - `delta`: bytes moved after a 1 MiB edit inside that file;
-//! - `small_files`: 10,000 files of 4 KiB written at one site until all are read at another.
+//! - `small_files`: 10,000 files of 4 KiB written at one site until all are read at another;
+//! - `staged_pull_1gib`: the 1 GiB file read in another region through the staging bucket (a
+//!   real S3 server in this process), against a direct pull within the writer's region in the
+//!   same run, with the bytes uploaded per version;
+//! - `staged_small_files`: the 10,000 small files read in another region through the bucket.
 //!
 //! Sites are real processes on loopback in a temporary directory (under `$TMPDIR` if set), and
 //! the disk reference writes into that directory, so both measure the same disk.
@@ -18,11 +22,12 @@ use anyhow::{Context, bail};
 use node::api::ApiRequest;
 use node::client::Client;
 use node::cluster::Cluster;
-use node::demo::wait_until;
+use node::demo::{StagingStore, use_staging, wait_until};
 use node::sample::pseudo_random;
 use serde_json::json;
 
-const ALL: [&str; 4] = ["propagation", "pull_1gib", "delta", "small_files"];
+const ALL: [&str; 6] =
+    ["propagation", "pull_1gib", "delta", "small_files", "staged_pull_1gib", "staged_small_files"];
 /// How long anything may take to become visible before the benchmark fails.
 const VISIBLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -85,6 +90,138 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
     if wants("small_files") {
         small_files(&options)?;
     }
+    if wants("staged_pull_1gib") {
+        staged_pull(&options)?;
+    }
+    if wants("staged_small_files") {
+        staged_small_files(&options)?;
+    }
+    Ok(())
+}
+
+/// Runs `job(i)` for every `i` below `n` on `threads` threads; the first error wins.
+fn for_each_parallel(
+    n: usize,
+    threads: usize,
+    job: impl Fn(usize) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        job(i)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))?)
+    })
+}
+
+/// Sites a, b in region eu and c, d in us, all pointed at a staging bucket that `store` runs.
+fn regions_cluster() -> anyhow::Result<(Cluster, StagingStore)> {
+    let program = crate::program()?;
+    let mut cluster = Cluster::create(program, None, &[("a", "eu"), ("b", "eu"), ("c", "us"), ("d", "us")])?;
+    let store = StagingStore::start(&cluster.root().join("staging-store"))?;
+    use_staging(&cluster, &store)?;
+    cluster.start_all()?;
+    Ok((cluster, store))
+}
+
+fn number(client: &Client, key: &str) -> anyhow::Result<u64> {
+    Ok(client.status()?[key].as_u64().unwrap_or(0))
+}
+
+fn staged_pull(options: &Options) -> anyhow::Result<()> {
+    let (cluster, _store) = regions_cluster()?;
+    let clients: Vec<&Client> = (0..4).map(|i| &cluster.site(i).client).collect();
+    let size = options.pull_mib << 20;
+    let data = pseudo_random(3, size);
+    clients[0].put("/big.bin", &data)?;
+    for client in &clients[1..] {
+        wait_until(VISIBLE_TIMEOUT, || client.exists("/big.bin"))?;
+    }
+    let want = blake3::hash(&data);
+    let timed_read = |client: &Client| -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let read = client.read("/big.bin", None)?;
+        if blake3::hash(&read) != want {
+            bail!("a pulled copy differs");
+        }
+        Ok(started.elapsed())
+    };
+    // The reference: b pulls directly from a, within eu.
+    let direct = timed_read(clients[1])?;
+    // c and d, in us, read at once: one upload serves both.
+    let (c, d) = std::thread::scope(|scope| {
+        let c = scope.spawn(|| timed_read(clients[2]));
+        let d = scope.spawn(|| timed_read(clients[3]));
+        (c.join(), d.join())
+    });
+    let c = c.map_err(|_| anyhow::anyhow!("a reader panicked"))??;
+    let d = d.map_err(|_| anyhow::anyhow!("a reader panicked"))??;
+    let uploaded = number(clients[0], "bytes_to_staging")? + number(clients[1], "bytes_to_staging")?;
+    let across_directly = number(clients[2], "bytes_fetched")? + number(clients[3], "bytes_fetched")?;
+    let staged = size as f64 / 1e6 / c.max(d).as_secs_f64();
+    let direct_rate = size as f64 / 1e6 / direct.as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "bench": "staged_pull_1gib",
+            "bytes": size,
+            "staged_mb_s": staged.round(),
+            "direct_mb_s": direct_rate.round(),
+            "ratio": round3(staged / direct_rate),
+            "readers_in_region": 2,
+            "bytes_uploaded": uploaded,
+            "uploads_per_version": round3(uploaded as f64 / size as f64),
+            "bytes_from_staging": number(clients[2], "bytes_from_staging")? + number(clients[3], "bytes_from_staging")?,
+            "bytes_read_directly_across_regions": across_directly,
+            "target_uploads_per_version": 1,
+        })
+    );
+    Ok(())
+}
+
+fn staged_small_files(options: &Options) -> anyhow::Result<()> {
+    let (cluster, _store) = regions_cluster()?;
+    let (a, c) = (&cluster.site(0).client, &cluster.site(2).client);
+    a.call(&ApiRequest::Mkdir { path: "/small".into(), parents: true })?;
+    let n = options.small_files;
+    let content = |i: usize| pseudo_random(2_000_000 + i as u64, options.small_file_bytes);
+    let path = |i: usize| format!("/small/f{i:05}");
+    for_each_parallel(n, options.parallel, |i| a.put(&path(i), &content(i)).map(drop))?;
+    wait_until(VISIBLE_TIMEOUT, || c.exists(&path(n - 1)))?;
+    let started = Instant::now();
+    for_each_parallel(n, options.parallel, |i| {
+        if c.read(&path(i), None)? != content(i) {
+            bail!("{} read in the other region differs", path(i));
+        }
+        Ok(())
+    })?;
+    let took = started.elapsed();
+    println!(
+        "{}",
+        json!({
+            "bench": "staged_small_files",
+            "files": n,
+            "file_bytes": options.small_file_bytes,
+            "parallel_readers": options.parallel,
+            "read_in_other_region_s": round3(took.as_secs_f64()),
+            "files_per_s": (n as f64 / took.as_secs_f64()).round(),
+            "bytes_uploaded": number(a, "bytes_to_staging")?,
+            "bytes_from_staging": number(c, "bytes_from_staging")?,
+            "target_files_per_s": 1000,
+        })
+    );
     Ok(())
 }
 

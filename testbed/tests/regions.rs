@@ -6,74 +6,29 @@ use std::time::Duration;
 
 use node::client::Client;
 use node::cluster::Cluster;
-use node::config::Staging as StagingSection;
 use node::core::Transfer;
-use node::demo::wait_until;
+use node::demo::{StagingStore, use_staging, wait_until};
 use node::sample::pseudo_random;
-use transport::s3_local::LocalS3;
-use transport::staging::{Staging, StagingConfig, StagingCredentials};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-const SECRET_HEX: &str = "6d6572696469616e2074657374206d657368207365637265742121";
-
-/// A local S3 server with a bucket, run by its own tokio runtime for the length of a test.
-struct Bucket {
-    server: Option<LocalS3>,
-    runtime: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
-}
-
-impl Bucket {
-    fn start() -> Bucket {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let server = runtime.block_on(LocalS3::start(dir.path(), "regions-ak", "regions-secret")).unwrap();
-        let credentials = StagingCredentials::Static {
-            access_key: "regions-ak".into(),
-            secret_key: "regions-secret".into(),
-        };
-        let config = StagingConfig::new(Some(server.endpoint()), "us-east-1", "meridian", credentials);
-        let staging = Staging::new(&config, b"only to make the bucket").unwrap();
-        runtime.block_on(staging.ensure_bucket()).unwrap();
-        Bucket { server: Some(server), runtime, _dir: dir }
-    }
-
-    fn section(&self) -> StagingSection {
-        StagingSection {
-            endpoint: Some(self.server.as_ref().unwrap().endpoint()),
-            region: "us-east-1".into(),
-            bucket: "meridian".into(),
-            prefix: "meridian/".into(),
-            path_style: true,
-            credentials: "config".into(),
-            access_key: Some("regions-ak".into()),
-            secret_key: Some("regions-secret".into()),
-            secret: SECRET_HEX.into(),
-            ttl_hours: 24,
-        }
-    }
-
-    fn stop(&mut self) {
-        let _guard = self.runtime.enter();
-        self.server = None;
-    }
-}
 
 /// west in eu; east and north in us; all with the bucket and `transfer`.
-fn regions(bucket: &Bucket, transfer: Transfer) -> Cluster {
+fn regions(bucket: &StagingStore, transfer: Transfer) -> Cluster {
     let program = testbed::program_at(env!("CARGO_BIN_EXE_testbed"));
     let mut cluster =
         Cluster::create(program, None, &[("west", "eu"), ("east", "us"), ("north", "us")]).unwrap();
+    use_staging(&cluster, bucket).unwrap();
     for i in 0..3 {
-        cluster
-            .configure(i, |c| {
-                c.staging = Some(bucket.section());
-                c.transfer = transfer;
-            })
-            .unwrap();
+        cluster.configure(i, |c| c.transfer = transfer).unwrap();
     }
     cluster.start_all().unwrap();
     cluster
+}
+
+/// A real S3 server in this process, with its data in a temporary directory.
+fn bucket() -> (StagingStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (StagingStore::start(dir.path()).unwrap(), dir)
 }
 
 fn number(client: &Client, key: &str) -> u64 {
@@ -89,7 +44,7 @@ fn write(cluster: &Cluster, at: usize, path: &str, data: &[u8]) {
 
 #[test]
 fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly() {
-    let bucket = Bucket::start();
+    let (bucket, _dir) = bucket();
     let cluster = regions(&bucket, Transfer::Auto);
     let (west, east, north) = (&cluster.site(0).client, &cluster.site(1).client, &cluster.site(2).client);
     let data = pseudo_random(31, 24 << 20);
@@ -110,7 +65,7 @@ fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly(
 
 #[test]
 fn without_the_bucket_auto_reads_directly_and_staged_fails_clearly() {
-    let mut bucket = Bucket::start();
+    let (mut bucket, _dir) = bucket();
     let auto = regions(&bucket, Transfer::Auto);
     let staged = regions(&bucket, Transfer::Staged);
     let data = pseudo_random(32, 3 << 20);
