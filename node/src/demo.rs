@@ -260,6 +260,33 @@ impl StagingStore {
         Ok(StagingStore { server: Some(server), section, _runtime: runtime })
     }
 
+    /// The bucket named by `MERIDIAN_S3_ENDPOINT`, `MERIDIAN_S3_BUCKET`,
+    /// `MERIDIAN_S3_ACCESS_KEY`, `MERIDIAN_S3_SECRET_KEY` (and `MERIDIAN_S3_REGION`, default
+    /// `us-east-1`) if they are set — any S3 endpoint, used under a prefix of its own — else a
+    /// local server as [`StagingStore::start`] makes it.
+    pub fn any(dir: &std::path::Path) -> anyhow::Result<StagingStore> {
+        let Ok(endpoint) = std::env::var("MERIDIAN_S3_ENDPOINT") else { return StagingStore::start(dir) };
+        let var = |name: &str| {
+            std::env::var(name).with_context(|| format!("MERIDIAN_S3_ENDPOINT is set, {name} is not"))
+        };
+        let runtime = tokio::runtime::Runtime::new().context("starting the staging store's runtime")?;
+        let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+        let unique = blake3::hash(seed.as_bytes()).to_hex().to_string();
+        let section = StagingSection {
+            endpoint: Some(endpoint),
+            region: std::env::var("MERIDIAN_S3_REGION").unwrap_or_else(|_| "us-east-1".into()),
+            bucket: var("MERIDIAN_S3_BUCKET")?,
+            prefix: format!("meridian-test-{}/", &unique[..16]),
+            path_style: true,
+            credentials: "config".into(),
+            access_key: Some(var("MERIDIAN_S3_ACCESS_KEY")?),
+            secret_key: Some(var("MERIDIAN_S3_SECRET_KEY")?),
+            secret: unique,
+            ttl_hours: 24,
+        };
+        Ok(StagingStore { server: None, section, _runtime: runtime })
+    }
+
     /// The `[staging]` section that points a site at it.
     pub fn section(&self) -> &StagingSection {
         &self.section

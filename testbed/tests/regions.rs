@@ -1,6 +1,7 @@
-//! Two regions joined by a real S3 server (s3s on loopback, in this process): payload crosses
-//! the regions once, through the bucket, sealed; within a region sites talk directly; without
-//! the bucket, `auto` reads directly and `staged` fails clearly.
+//! Two regions joined by a real S3 server (s3s on loopback, in this process, or any endpoint the
+//! `MERIDIAN_S3_*` variables name): payload crosses the regions once, through the bucket,
+//! sealed; within a region sites talk directly; without the bucket (a local server the test
+//! stops), `auto` reads directly and `staged` fails clearly.
 
 use std::time::Duration;
 
@@ -25,8 +26,15 @@ fn regions(bucket: &StagingStore, transfer: Transfer) -> Cluster {
     cluster
 }
 
-/// A real S3 server in this process, with its data in a temporary directory.
+/// The S3 endpoint the `MERIDIAN_S3_*` variables name, or a real S3 server in this process
+/// with its data in a temporary directory.
 fn bucket() -> (StagingStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (StagingStore::any(dir.path()).unwrap(), dir)
+}
+
+/// A real S3 server in this process, which the test can stop.
+fn local_bucket() -> (StagingStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (StagingStore::start(dir.path()).unwrap(), dir)
 }
@@ -65,7 +73,7 @@ fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly(
 
 #[test]
 fn without_the_bucket_auto_reads_directly_and_staged_fails_clearly() {
-    let (mut bucket, _dir) = bucket();
+    let (mut bucket, _dir) = local_bucket();
     let auto = regions(&bucket, Transfer::Auto);
     let staged = regions(&bucket, Transfer::Staged);
     let data = pseudo_random(32, 3 << 20);
