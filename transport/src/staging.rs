@@ -121,7 +121,7 @@ impl StagingConfig {
             prefix: "meridian/".to_owned(),
             path_style: true,
             credentials,
-            concurrency: 8,
+            concurrency: 32,
             max_attempts: 5,
             part_bytes: 16 << 20,
         }
