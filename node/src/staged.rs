@@ -152,9 +152,11 @@ impl StagingDriver {
                     if let Ok(Some(_)) = staging.open(&name).await {
                         return this.send(StagingEvent::Uploaded { content, region, uploaded: Ok(0) });
                     }
+                    let started = std::time::Instant::now();
                     let uploaded = match staging.upload(&name, &specs, &mut load).await {
                         Ok(pack) => {
-                            tracing::info!(version = %content, region = %region, bytes = pack.size, "staged");
+                            let ms = started.elapsed().as_millis() as u64;
+                            tracing::info!(version = %content, region = %region, bytes = pack.size, ms, "staged");
                             Ok(pack.size)
                         }
                         Err(e) => Err(reported("uploading a version", e)),
