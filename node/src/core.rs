@@ -194,6 +194,13 @@ pub enum Request {
     },
     /// The site's state.
     Status,
+    /// A site joined the membership (`meridian mesh add`): its region.
+    Member {
+        /// The site.
+        site: SiteId,
+        /// Its region.
+        region: String,
+    },
 }
 
 /// A successful answer.
@@ -621,6 +628,10 @@ impl Site {
                 let status = self.status();
                 return self.reply(id, Ok(Reply::Status(status)));
             }
+            Request::Member { site, region } => {
+                self.config.regions.insert(site, region);
+                return self.reply(id, Ok(Reply::Done));
+            }
             Request::Read { path, range } => return self.start_read(id, path, range),
         };
         match changed {
@@ -938,11 +949,7 @@ impl Site {
         for content in pending {
             self.emit(Output::Send { to: peer.clone(), message: Message::WhoHas { content } });
         }
-        let parked: Vec<ChunkHash> =
-            self.fetches.iter().filter(|(_, f)| f.parked_since_ms.is_some()).map(|(h, _)| *h).collect();
-        for hash in parked {
-            self.send_fetch(hash);
-        }
+        self.resend_parked(None);
     }
 
     /// The connection to `peer` is gone: its fetches go to other holders.
@@ -1081,7 +1088,7 @@ impl Site {
                             reason: format!("{from} could not stage it: {reason}"),
                             since_ms: self.now_ms,
                         };
-                        self.resend_parked(content);
+                        self.resend_parked(Some(content));
                     }
                 }
             }
@@ -1242,12 +1249,12 @@ impl Site {
         true
     }
 
-    /// Sends again the fetches of `content` that wait.
-    fn resend_parked(&mut self, content: ContentId) {
+    /// Sends again the fetches that wait (of `content` only, if given).
+    fn resend_parked(&mut self, content: Option<ContentId>) {
         let parked: Vec<ChunkHash> = self
             .fetches
             .iter()
-            .filter(|(_, f)| f.content == content && f.parked_since_ms.is_some())
+            .filter(|(_, f)| f.parked_since_ms.is_some() && content.is_none_or(|c| f.content == c))
             .map(|(h, _)| *h)
             .collect();
         for hash in parked {
@@ -1302,7 +1309,7 @@ impl Site {
             Err(reason) => Stage::Failed { reason, since_ms: self.now_ms },
         };
         self.staged.get_mut(&content).expect("checked above").state = state;
-        self.resend_parked(content);
+        self.resend_parked(Some(content));
     }
 
     /// The result of an [`Output::StageRead`]: the chunk's bytes, or why they could not be had.
@@ -1448,7 +1455,7 @@ impl Site {
                 reason: "the holder asked to stage it did not answer in time".into(),
                 since_ms: now_ms,
             };
-            self.resend_parked(content);
+            self.resend_parked(Some(content));
         }
         let late: Vec<ChunkHash> = self
             .fetches

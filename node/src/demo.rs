@@ -231,8 +231,32 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
 pub struct StagingStore {
     server: Option<LocalS3>,
     section: StagingSection,
-    /// Runs the server; dropped after it.
-    _runtime: tokio::runtime::Runtime,
+    /// Runs the local server, if there is one; dropped after it.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// A `[staging]` section with static credentials and a fresh mesh secret.
+fn fresh_section(
+    endpoint: String,
+    region: String,
+    bucket: String,
+    prefix: &str,
+    keys: (String, String),
+) -> StagingSection {
+    let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+    let secret = blake3::hash(seed.as_bytes()).to_hex().to_string();
+    StagingSection {
+        endpoint: Some(endpoint),
+        region,
+        bucket,
+        prefix: format!("{prefix}{}/", &secret[..16]),
+        path_style: true,
+        credentials: "config".into(),
+        access_key: Some(keys.0),
+        secret_key: Some(keys.1),
+        secret,
+        ttl_hours: 24,
+    }
 }
 
 impl StagingStore {
@@ -241,23 +265,12 @@ impl StagingStore {
         let runtime = tokio::runtime::Runtime::new().context("starting the staging store's runtime")?;
         let (access_key, secret_key) = ("meridian-demo", "meridian-demo-secret-key");
         let server = runtime.block_on(LocalS3::start(dir, access_key, secret_key))?;
-        let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
-        let secret = blake3::hash(seed.as_bytes()).to_hex().to_string();
-        let section = StagingSection {
-            endpoint: Some(server.endpoint()),
-            region: "us-east-1".into(),
-            bucket: "meridian-demo".into(),
-            prefix: "meridian/".into(),
-            path_style: true,
-            credentials: "config".into(),
-            access_key: Some(access_key.into()),
-            secret_key: Some(secret_key.into()),
-            secret,
-            ttl_hours: 24,
-        };
+        let keys = (access_key.to_owned(), secret_key.to_owned());
+        let section =
+            fresh_section(server.endpoint(), "us-east-1".into(), "meridian-demo".into(), "meridian-", keys);
         let client = Staging::new(&section.client_config()?, &section.secret_bytes()?)?;
         runtime.block_on(client.ensure_bucket())?;
-        Ok(StagingStore { server: Some(server), section, _runtime: runtime })
+        Ok(StagingStore { server: Some(server), section, _runtime: Some(runtime) })
     }
 
     /// The bucket named by `MERIDIAN_S3_ENDPOINT`, `MERIDIAN_S3_BUCKET`,
@@ -269,22 +282,10 @@ impl StagingStore {
         let var = |name: &str| {
             std::env::var(name).with_context(|| format!("MERIDIAN_S3_ENDPOINT is set, {name} is not"))
         };
-        let runtime = tokio::runtime::Runtime::new().context("starting the staging store's runtime")?;
-        let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
-        let unique = blake3::hash(seed.as_bytes()).to_hex().to_string();
-        let section = StagingSection {
-            endpoint: Some(endpoint),
-            region: std::env::var("MERIDIAN_S3_REGION").unwrap_or_else(|_| "us-east-1".into()),
-            bucket: var("MERIDIAN_S3_BUCKET")?,
-            prefix: format!("meridian-test-{}/", &unique[..16]),
-            path_style: true,
-            credentials: "config".into(),
-            access_key: Some(var("MERIDIAN_S3_ACCESS_KEY")?),
-            secret_key: Some(var("MERIDIAN_S3_SECRET_KEY")?),
-            secret: unique,
-            ttl_hours: 24,
-        };
-        Ok(StagingStore { server: None, section, _runtime: runtime })
+        let region = std::env::var("MERIDIAN_S3_REGION").unwrap_or_else(|_| "us-east-1".into());
+        let keys = (var("MERIDIAN_S3_ACCESS_KEY")?, var("MERIDIAN_S3_SECRET_KEY")?);
+        let section = fresh_section(endpoint, region, var("MERIDIAN_S3_BUCKET")?, "meridian-test-", keys);
+        Ok(StagingStore { server: None, section, _runtime: None })
     }
 
     /// The `[staging]` section that points a site at it.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use crdt_namespace::{Glob, Namespace, Query, Stat, TagPredicate};
+use crdt_namespace::{Glob, Namespace, Query, SiteId, Stat, TagPredicate};
 use serde_json::{Value, json};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -119,8 +119,11 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     let config = &loaded.config;
     let mut site_config = SiteConfig::new(site_id);
     site_config.region = config.region.clone();
-    site_config.regions =
-        config.peers.iter().map(|p| (p.member().expect("checked").site, p.region.clone())).collect();
+    site_config.regions = config
+        .peers
+        .iter()
+        .map(|p| (SiteId::new(&p.site).expect("checked when loaded"), p.region.clone()))
+        .collect();
     site_config.transfer = config.transfer;
     site_config.staging = config.staging.is_some();
     let site = Site::new(site_config, ns, versions, index);
@@ -745,8 +748,12 @@ async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
         ApiRequest::MeshAdd { peer } => {
             let answer = match peer.member() {
                 Ok(member) => {
+                    let site = member.site.clone();
                     handle.mesh.add_member(member);
-                    api::ok(Value::Null)
+                    match handle.call(Request::Member { site, region: peer.region.clone() }).await? {
+                        Ok(_) => api::ok(Value::Null),
+                        Err(e) => api::error(e),
+                    }
                 }
                 Err(e) => api::error(format!("{e:#}")),
             };

@@ -146,7 +146,11 @@ impl StagingDriver {
                 self.runtime.spawn(async move {
                     let specs: Vec<_> = manifest.chunks.iter().map(|c| (c.hash.0, c.len)).collect();
                     let chunks = this.chunks.clone();
-                    let mut load = |i: usize| chunks.get(&manifest.chunks[i].hash).map_err(|e| e.to_string());
+                    // A disk read per chunk: the runtime's other tasks go on meanwhile.
+                    let mut load = |i: usize| {
+                        tokio::task::block_in_place(|| chunks.get(&manifest.chunks[i].hash))
+                            .map_err(|e| e.to_string())
+                    };
                     // Once per version and region pair: a pack already there (asked for by two
                     // readers at once, or staged before a restart) is not uploaded again.
                     if let Ok(Some(_)) = staging.open(&name).await {

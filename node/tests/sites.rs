@@ -675,3 +675,28 @@ fn direct_mode_never_touches_the_bucket() {
     assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
     assert!(mesh.uploads.is_empty() && mesh.bucket.is_empty());
 }
+
+#[test]
+fn a_member_added_live_is_read_through_the_bucket_once_its_region_is_known() {
+    // east does not know west's region yet (west joined with `mesh add` while east ran).
+    let mut mesh = Mesh::configured(&["west", "east"], |name| {
+        let mut config = SiteConfig::new(name.clone());
+        config.staging = true;
+        config.transfer = Transfer::Staged;
+        if name.as_str() == "west" {
+            config.region = "eu".into();
+            config.regions.insert(SiteId::new("east").unwrap(), "us".into());
+        } else {
+            config.region = "us".into();
+        }
+        config
+    });
+    let data = random_bytes(20_000, 25);
+    mesh.put(0, "/f", &data);
+    let member = Request::Member { site: SiteId::new("west").unwrap(), region: "eu".into() };
+    assert_eq!(mesh.ok(1, member), Reply::Done);
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
+    assert!(sent(&mesh, since, is_get_chunk).is_empty(), "staged mode: nothing directly across regions");
+    assert_eq!(mesh.uploads.len(), 1);
+}
