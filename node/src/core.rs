@@ -20,18 +20,14 @@ use transport::proto::{Message, Priority};
 
 use crate::content::{ChunkHash, ChunkRef, Manifest};
 
+mod staging;
+
+use staging::StageState;
+pub use staging::{BucketError, pack_name};
+
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
 const FETCH_ATTEMPTS_MAX: u32 = 8;
-
-/// A staged pack the reader found unusable is not tried again for this long (in `auto` mode the
-/// reads go direct meanwhile; in `staged` mode they fail).
-const STAGE_RETRY_MS: u64 = 30_000;
-
-/// Once a site of the receiving region holds a staged version, the others can fetch it from that
-/// site: the pack is deleted when every site of the region confirmed, or this long after the
-/// last confirmation.
-const UNSTAGE_GRACE_MS: u64 = 60_000;
 
 /// The id a driver gives a local request; replies carry it.
 pub type RequestId = u64;
@@ -48,13 +44,6 @@ pub enum Transfer {
     Direct,
     /// Between regions only through the staging bucket: if it fails, the read fails.
     Staged,
-}
-
-/// The name of the pack that stages `content` from `from_region` to `to_region`: one upload per
-/// version and region pair, shared by every site of the receiving region.
-pub fn pack_name(content: &ContentId, from_region: &str, to_region: &str) -> Vec<u8> {
-    [b"meridian pack v1\0".as_slice(), &content.0, from_region.as_bytes(), b"\0", to_region.as_bytes()]
-        .concat()
 }
 
 /// Tuning of a site.
@@ -89,6 +78,9 @@ pub struct SiteConfig {
     pub staging: bool,
     /// A holder asked to stage a version that has not answered after this long is given up on.
     pub stage_timeout_ms: u64,
+    /// Packs uploading at once for one region: the versions asked for meanwhile wait and go up
+    /// together in the next pack.
+    pub stage_uploads_in_flight: usize,
 }
 
 impl SiteConfig {
@@ -107,6 +99,7 @@ impl SiteConfig {
             transfer: Transfer::Auto,
             staging: false,
             stage_timeout_ms: 120_000,
+            stage_uploads_in_flight: 2,
         }
     }
 }
@@ -253,6 +246,8 @@ pub struct Status {
     pub bytes_from_staging: u64,
     /// Bytes of packs this site uploaded to the staging bucket since it started.
     pub bytes_to_staging: u64,
+    /// Staged packs this site reads from or uploaded and has not deleted.
+    pub staged_packs: usize,
 }
 
 /// Why a request failed.
@@ -385,8 +380,6 @@ pub enum Output {
     },
     /// Open the staged pack `name` and hand its chunk list to [`Site::handle_stage_opened`].
     StageOpen {
-        /// The version it stages.
-        content: ContentId,
         /// The pack's name.
         name: Vec<u8>,
     },
@@ -402,17 +395,15 @@ pub enum Output {
         /// Its index in the pack.
         index: u32,
     },
-    /// Upload version `manifest` (held here) as the pack `name`, then call
-    /// [`Site::handle_stage_uploaded`].
+    /// Upload `chunks` (held here: the chunks of one or more versions) as the pack `name`,
+    /// then call [`Site::handle_stage_uploaded`].
     StageUpload {
-        /// The version.
-        content: ContentId,
-        /// The region it is staged for.
-        region: String,
         /// The pack's name.
         name: Vec<u8>,
-        /// The version's chunks.
-        manifest: Manifest,
+        /// The region it is staged for.
+        region: String,
+        /// Its chunks, each once, in order.
+        chunks: Vec<ChunkRef>,
     },
     /// Delete the staged pack `name`: every site that needed it has it, or it is bad.
     StageDelete {
@@ -431,6 +422,8 @@ pub enum Output {
 struct Read {
     path: String,
     content: ContentId,
+    /// The site that wrote the version.
+    writer: Option<SiteId>,
     range: Range<u64>,
     manifest: Option<Manifest>,
     asked_at_ms: u64,
@@ -465,30 +458,6 @@ struct Peer {
     session: SyncSession,
 }
 
-/// Where a read through the bucket stands, per version.
-#[derive(Debug)]
-enum Stage {
-    /// The pack is being looked for in the bucket (again, after its holder said it staged it:
-    /// then it must be there).
-    Opening { after_staged: bool },
-    /// Not in the bucket: holder `from` was asked to stage it (and asked again every
-    /// `who_has_retry_ms`, as a question lost on the way is only a delay).
-    Requested { from: SiteId, since_ms: u64, last_ask_ms: u64 },
-    /// In the bucket: each chunk's index in the pack.
-    Open { index: HashMap<ChunkHash, u32> },
-    /// Unusable (why, since when).
-    Failed { reason: String, since_ms: u64 },
-}
-
-/// A version read through the staging bucket.
-#[derive(Debug)]
-struct StagedRead {
-    name: Vec<u8>,
-    /// The region it is staged from.
-    from_region: String,
-    state: Stage,
-}
-
 /// One site.
 pub struct Site {
     config: SiteConfig,
@@ -510,15 +479,8 @@ pub struct Site {
     outputs: VecDeque<Output>,
     chunks_fetched: u64,
     bytes_fetched: u64,
-    /// Versions being read through the bucket.
-    staged: HashMap<ContentId, StagedRead>,
-    /// Uploads in progress, by version and region, with the sites waiting for them.
-    uploads: HashMap<(ContentId, String), Vec<SiteId>>,
-    /// Packs this site uploaded, by version and region, with the sites of that region that
-    /// hold the version since and when the last said so.
-    uploaded: HashMap<(ContentId, String), (BTreeSet<SiteId>, u64)>,
-    bytes_from_staging: u64,
-    bytes_to_staging: u64,
+    /// Reads and uploads through the staging bucket.
+    stage: StageState,
 }
 
 impl Site {
@@ -550,11 +512,7 @@ impl Site {
             outputs: VecDeque::new(),
             chunks_fetched: 0,
             bytes_fetched: 0,
-            staged: HashMap::new(),
-            uploads: HashMap::new(),
-            uploaded: HashMap::new(),
-            bytes_from_staging: 0,
-            bytes_to_staging: 0,
+            stage: StageState::default(),
         }
     }
 
@@ -679,8 +637,9 @@ impl Site {
             fetches: self.fetches.len(),
             chunks_fetched: self.chunks_fetched,
             bytes_fetched: self.bytes_fetched,
-            bytes_from_staging: self.bytes_from_staging,
-            bytes_to_staging: self.bytes_to_staging,
+            bytes_from_staging: self.stage.bytes_from_staging,
+            bytes_to_staging: self.stage.bytes_to_staging,
+            staged_packs: self.stage.packs(),
         }
     }
 
@@ -716,6 +675,7 @@ impl Site {
         let read = Read {
             path,
             content: version.content,
+            writer: SiteId::new(&version.site).ok(),
             range,
             manifest: None,
             asked_at_ms: self.now_ms,
@@ -956,18 +916,7 @@ impl Site {
     pub fn handle_peer_down(&mut self, now_ms: u64, peer: &SiteId) {
         self.now_ms = self.now_ms.max(now_ms);
         self.peers.remove(peer);
-        // A holder asked to stage a version is gone: look in the bucket again (it may have
-        // finished), then ask another.
-        let mut reopen = Vec::new();
-        for (content, read) in &mut self.staged {
-            if matches!(&read.state, Stage::Requested { from, .. } if from == peer) {
-                read.state = Stage::Opening { after_staged: false };
-                reopen.push((*content, read.name.clone()));
-            }
-        }
-        for (content, name) in reopen {
-            self.emit(Output::StageOpen { content, name });
-        }
+        self.staging_peer_down(peer);
         let orphaned: Vec<ChunkHash> =
             self.fetches.iter().filter(|(_, f)| &f.from == peer).map(|(h, _)| *h).collect();
         for hash in orphaned {
@@ -1068,49 +1017,9 @@ impl Site {
             Message::Chunk { request, chunk, data } => {
                 self.receive_chunk(from, request, ChunkHash(chunk), data)
             }
-            Message::Stage { content, region } => self.stage_for(from, content, region),
-            Message::Staged { content, region, error } => {
-                if region != self.config.region {
-                    return;
-                }
-                let Some(read) = self.staged.get_mut(&content) else { return };
-                if !matches!(&read.state, Stage::Requested { from: asked, .. } if asked == from) {
-                    return;
-                }
-                match error {
-                    None => {
-                        read.state = Stage::Opening { after_staged: true };
-                        let name = read.name.clone();
-                        self.emit(Output::StageOpen { content, name });
-                    }
-                    Some(reason) => {
-                        read.state = Stage::Failed {
-                            reason: format!("{from} could not stage it: {reason}"),
-                            since_ms: self.now_ms,
-                        };
-                        self.resend_parked(Some(content));
-                    }
-                }
-            }
-            Message::Unstage { content, region } => {
-                if self.config.regions.get(from) != Some(&region) {
-                    return;
-                }
-                let key = (content, region);
-                let Some((confirmed, last_ms)) = self.uploaded.get_mut(&key) else { return };
-                confirmed.insert(from.clone());
-                *last_ms = self.now_ms;
-                let confirmed = confirmed.clone();
-                let everyone = self
-                    .config
-                    .regions
-                    .iter()
-                    .filter(|(_, r)| **r == key.1)
-                    .all(|(s, _)| confirmed.contains(s));
-                if everyone {
-                    self.unstage(key);
-                }
-            }
+            Message::Stage { content, region, spoiled } => self.stage_for(from, content, region, spoiled),
+            Message::Staged { content, region, pack } => self.on_staged(from, content, region, pack),
+            Message::Unstage { content, region } => self.on_unstage(from, content, region),
             Message::NoChunk { request, chunk } => {
                 let hash = ChunkHash(chunk);
                 if self.fetches.get(&hash).is_some_and(|f| f.request == request && &f.from == from) {
@@ -1160,95 +1069,6 @@ impl Site {
         self.config.regions.get(site).map_or(self.config.region.as_str(), String::as_str)
     }
 
-    /// The region to read `content` from through the bucket, if that is how it is read now:
-    /// staging is on, holders are connected, none of them in this region.
-    fn staging_region(&self, content: &ContentId) -> Option<String> {
-        if !self.config.staging || self.config.transfer == Transfer::Direct {
-            return None;
-        }
-        let connected: Vec<&SiteId> =
-            self.holders.get(content)?.iter().filter(|h| self.peers.contains_key(*h)).collect();
-        if connected.iter().any(|h| self.region_of(h) == self.config.region) {
-            return None;
-        }
-        connected.iter().map(|h| self.region_of(h)).min().map(str::to_owned)
-    }
-
-    /// Routes a fetch through the bucket when that is how its version is read: reads the chunk
-    /// from the open pack, or waits while the pack is looked for or staged. Returns whether the
-    /// fetch was dealt with; `false` sends it to a holder directly.
-    fn fetch_through_staging(&mut self, hash: ChunkHash) -> bool {
-        let Some(fetch) = self.fetches.get(&hash) else { return true };
-        let content = fetch.content;
-        let Some(from_region) = self.staging_region(&content) else { return false };
-        let now = self.now_ms;
-        let look = match self.staged.get(&content) {
-            None => true,
-            Some(StagedRead { state: Stage::Failed { since_ms, .. }, .. }) => {
-                now.saturating_sub(*since_ms) >= STAGE_RETRY_MS
-            }
-            Some(_) => false,
-        };
-        if look {
-            // New, or failed long enough ago to try again: look for the pack.
-            let name = pack_name(&content, &from_region, &self.config.region);
-            let state = Stage::Opening { after_staged: false };
-            self.staged.insert(content, StagedRead { name: name.clone(), from_region, state });
-            self.emit(Output::StageOpen { content, name });
-        }
-        let read = self.staged.get(&content).expect("inserted above");
-        match &read.state {
-            Stage::Open { index } => {
-                let Some(index) = index.get(&hash).copied() else {
-                    let reason = format!("the staged pack lacks chunk {hash}");
-                    return self.staging_failed(content, reason, hash);
-                };
-                let name = read.name.clone();
-                let request = self.next_request;
-                self.next_request += 1;
-                let site = self.config.site.clone();
-                let fetch = self.fetches.get_mut(&hash).expect("checked above");
-                fetch.request = request;
-                fetch.from = site;
-                fetch.attempts += 1;
-                fetch.parked_since_ms = None;
-                fetch.sent_ms = now;
-                self.emit(Output::StageRead { request, name, chunk: hash, index });
-                true
-            }
-            Stage::Opening { .. } | Stage::Requested { .. } => {
-                let fetch = self.fetches.get_mut(&hash).expect("checked above");
-                fetch.parked_since_ms.get_or_insert(now);
-                true
-            }
-            Stage::Failed { reason, .. } => {
-                let reason = reason.clone();
-                self.staging_failed(content, reason, hash)
-            }
-        }
-    }
-
-    /// Staging does not work for `content` right now: in `auto` mode the fetch goes direct
-    /// (returns `false`), in `staged` mode its readers fail.
-    fn staging_failed(&mut self, content: ContentId, reason: String, hash: ChunkHash) -> bool {
-        if let Some(read) = self.staged.get_mut(&content)
-            && !matches!(read.state, Stage::Failed { .. })
-        {
-            read.state = Stage::Failed { reason: reason.clone(), since_ms: self.now_ms };
-        }
-        if self.config.transfer != Transfer::Staged {
-            return false;
-        }
-        let fetch = self.fetches.remove(&hash).expect("a fetch being routed");
-        for (id, _) in fetch.waiters {
-            if let Some(r) = self.reads.get(&id) {
-                let error = SiteError::Staging { path: r.path.clone(), reason: reason.clone() };
-                self.fail_read(id, error);
-            }
-        }
-        true
-    }
-
     /// Sends again the fetches that wait (of `content` only, if given).
     fn resend_parked(&mut self, content: Option<ContentId>) {
         let parked: Vec<ChunkHash> = self
@@ -1262,201 +1082,10 @@ impl Site {
         }
     }
 
-    /// The result of an [`Output::StageOpen`]: the pack's chunks, `None` if it is not in the
-    /// bucket, or why it could not be opened.
-    pub fn handle_stage_opened(
-        &mut self,
-        now_ms: u64,
-        content: ContentId,
-        opened: Result<Option<Vec<ChunkHash>>, String>,
-    ) {
-        self.now_ms = self.now_ms.max(now_ms);
-        let Some(read) = self.staged.get(&content) else { return };
-        let Stage::Opening { after_staged } = read.state else { return };
-        let state = match opened {
-            Ok(Some(chunks)) => {
-                Stage::Open { index: chunks.into_iter().enumerate().map(|(i, h)| (h, i as u32)).collect() }
-            }
-            Ok(None) if after_staged => Stage::Failed {
-                reason: "its holder staged it, but the bucket does not have it".into(),
-                since_ms: self.now_ms,
-            },
-            Ok(None) => {
-                // Not staged yet: ask a connected holder of the region it comes from.
-                let from_region = read.from_region.clone();
-                let holder = self
-                    .holders
-                    .get(&content)
-                    .into_iter()
-                    .flatten()
-                    .find(|h| self.peers.contains_key(*h) && self.region_of(h) == from_region)
-                    .cloned();
-                match holder {
-                    Some(from) => {
-                        let region = self.config.region.clone();
-                        self.emit(Output::Send {
-                            to: from.clone(),
-                            message: Message::Stage { content, region },
-                        });
-                        Stage::Requested { from, since_ms: self.now_ms, last_ask_ms: self.now_ms }
-                    }
-                    None => Stage::Failed {
-                        reason: format!("no site of region {from_region} is connected to stage it"),
-                        since_ms: self.now_ms,
-                    },
-                }
-            }
-            Err(reason) => Stage::Failed { reason, since_ms: self.now_ms },
-        };
-        self.staged.get_mut(&content).expect("checked above").state = state;
-        self.resend_parked(Some(content));
-    }
-
-    /// The result of an [`Output::StageRead`]: the chunk's bytes, or why they could not be had.
-    /// A chunk that does not match its hash counts as a failure of the pack.
-    pub fn handle_stage_chunk(
-        &mut self,
-        now_ms: u64,
-        request: u64,
-        hash: ChunkHash,
-        read: Result<Vec<u8>, String>,
-    ) {
-        self.now_ms = self.now_ms.max(now_ms);
-        let Some(fetch) = self.fetches.get(&hash) else { return };
-        if fetch.request != request || fetch.from != self.config.site {
-            return;
-        }
-        let content = fetch.content;
-        let reason = match read {
-            Ok(data) if data.len() == fetch.len as usize && ChunkHash::of(&data) == hash => {
-                self.bytes_from_staging += data.len() as u64;
-                return self.accept_chunk(hash, data);
-            }
-            Ok(_) => format!("chunk {hash} read from the bucket does not match its hash"),
-            Err(reason) => reason,
-        };
-        // A bad pack is discarded (a later read stages it again) and the chunk fetched another
-        // way, as the configuration allows.
-        if let Some(read) = self.staged.get_mut(&content)
-            && !matches!(read.state, Stage::Failed { .. })
-        {
-            read.state = Stage::Failed { reason: reason.clone(), since_ms: self.now_ms };
-            let name = read.name.clone();
-            self.emit(Output::StageDelete { name });
-        }
-        self.send_fetch(hash);
-    }
-
-    /// A site of another region asks for version `content` in the bucket.
-    fn stage_for(&mut self, from: &SiteId, content: ContentId, region: String) {
-        let refuse = |reason: String| Output::Send {
-            to: from.clone(),
-            message: Message::Staged { content, region: region.clone(), error: Some(reason) },
-        };
-        if !self.config.staging {
-            return self.emit(refuse(format!("site {} has no staging bucket", self.config.site)));
-        }
-        let Some(manifest) = self.held.get(&content).cloned() else {
-            return self.emit(refuse(format!("site {} does not hold version {content}", self.config.site)));
-        };
-        let key = (content, region.clone());
-        if let Some(waiting) = self.uploads.get_mut(&key) {
-            waiting.push(from.clone());
-            return;
-        }
-        self.uploads.insert(key, vec![from.clone()]);
-        let name = pack_name(&content, &self.config.region, &region);
-        self.emit(Output::StageUpload { content, region, name, manifest });
-    }
-
-    /// The result of an [`Output::StageUpload`]: the bytes uploaded, or why it failed.
-    pub fn handle_stage_uploaded(
-        &mut self,
-        now_ms: u64,
-        content: ContentId,
-        region: String,
-        uploaded: Result<u64, String>,
-    ) {
-        self.now_ms = self.now_ms.max(now_ms);
-        let key = (content, region.clone());
-        let waiting = self.uploads.remove(&key).unwrap_or_default();
-        let error = match uploaded {
-            Ok(bytes) => {
-                self.bytes_to_staging += bytes;
-                self.uploaded.insert(key, (BTreeSet::new(), self.now_ms));
-                None
-            }
-            Err(reason) => Some(reason),
-        };
-        for to in waiting {
-            let message = Message::Staged { content, region: region.clone(), error: error.clone() };
-            self.emit(Output::Send { to, message });
-        }
-    }
-
-    /// Deletes a pack this site uploaded.
-    fn unstage(&mut self, key: (ContentId, String)) {
-        self.uploaded.remove(&key);
-        let name = pack_name(&key.0, &self.config.region, &key.1);
-        self.emit(Output::StageDelete { name });
-    }
-
-    /// A version read through the bucket is held here now: tell the sites of its region.
-    fn confirm_staged(&mut self, content: ContentId) {
-        let Some(read) = self.staged.remove(&content) else { return };
-        let region = self.config.region.clone();
-        let to: Vec<SiteId> =
-            self.peers.keys().filter(|p| self.region_of(p) == read.from_region).cloned().collect();
-        for to in to {
-            self.emit(Output::Send { to, message: Message::Unstage { content, region: region.clone() } });
-        }
-    }
-
     /// Time passes: re-send late fetches, fail reads nobody can serve, run anti-entropy.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let stalled: Vec<ContentId> = self
-            .staged
-            .iter()
-            .filter(|(_, r)| {
-                matches!(r.state, Stage::Requested { since_ms, .. }
-                    if now_ms.saturating_sub(since_ms) >= self.config.stage_timeout_ms)
-            })
-            .map(|(c, _)| *c)
-            .collect();
-        let done: Vec<(ContentId, String)> = self
-            .uploaded
-            .iter()
-            .filter(|(_, (confirmed, last_ms))| {
-                !confirmed.is_empty() && now_ms.saturating_sub(*last_ms) >= UNSTAGE_GRACE_MS
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in done {
-            self.unstage(key);
-        }
-        let retry = self.config.who_has_retry_ms;
-        let mut ask_again = Vec::new();
-        for (content, read) in &mut self.staged {
-            if let Stage::Requested { from, last_ask_ms, .. } = &mut read.state
-                && now_ms.saturating_sub(*last_ask_ms) >= retry
-            {
-                *last_ask_ms = now_ms;
-                ask_again.push((from.clone(), *content));
-            }
-        }
-        for (to, content) in ask_again {
-            let region = self.config.region.clone();
-            self.emit(Output::Send { to, message: Message::Stage { content, region } });
-        }
-        for content in stalled {
-            let read = self.staged.get_mut(&content).expect("listed above");
-            read.state = Stage::Failed {
-                reason: "the holder asked to stage it did not answer in time".into(),
-                since_ms: now_ms,
-            };
-            self.resend_parked(Some(content));
-        }
+        self.staging_timeout(now_ms);
         let late: Vec<ChunkHash> = self
             .fetches
             .iter()

@@ -662,7 +662,7 @@ pub fn reply_value(reply: Reply) -> Value {
             "peers": s.peers.iter().map(|(site, lag)| json!({ "site": site, "lag_changes": lag })).collect::<Vec<_>>(), "entries": s.entries, "versions_held": s.versions_held,
             "chunks_held": s.chunks_held, "reads": s.reads, "fetches": s.fetches,
             "chunks_fetched": s.chunks_fetched, "bytes_fetched": s.bytes_fetched,
-            "bytes_from_staging": s.bytes_from_staging, "bytes_to_staging": s.bytes_to_staging,
+            "bytes_from_staging": s.bytes_from_staging, "bytes_to_staging": s.bytes_to_staging, "staged_packs": s.staged_packs,
         }),
     }
 }

@@ -1,30 +1,32 @@
 //! Carries out the core's staging outputs against the bucket (`transport::staging`) on tokio
 //! tasks and hands the results back to the core as [`StagingEvent`]s; sweeps stale packs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crdt_namespace::ContentId;
 use tokio::sync::mpsc;
 use transport::staging::{StagedPack, Staging, StagingError};
 
 use crate::content::ChunkHash;
-use crate::core::{Output, Site};
+use crate::core::{BucketError, Output, Site};
 use crate::store::ChunkStore;
 
 /// How often stale packs are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Packs kept open per site (each with up to its first MiB), for the reads of their chunks.
+const PACKS_OPEN_MAX: usize = 32;
 
 /// The result of a staging output, for the core.
 #[derive(Debug)]
 pub enum StagingEvent {
     /// A pack was looked for.
     Opened {
-        /// The version.
-        content: ContentId,
-        /// Its chunks, `None` if not staged, or why it could not be opened.
-        opened: Result<Option<Vec<ChunkHash>>, String>,
+        /// The pack.
+        name: Vec<u8>,
+        /// Its chunks, `None` if not in the bucket, or why it could not be opened.
+        opened: Result<Option<Vec<ChunkHash>>, BucketError>,
     },
     /// A chunk was read.
     Chunk {
@@ -33,14 +35,12 @@ pub enum StagingEvent {
         /// The chunk.
         chunk: ChunkHash,
         /// Its bytes, or why not.
-        read: Result<Vec<u8>, String>,
+        read: Result<Vec<u8>, BucketError>,
     },
-    /// A version was uploaded.
+    /// A pack was uploaded.
     Uploaded {
-        /// The version.
-        content: ContentId,
-        /// For which region.
-        region: String,
+        /// The pack.
+        name: Vec<u8>,
         /// Bytes uploaded, or why not.
         uploaded: Result<u64, String>,
     },
@@ -50,13 +50,37 @@ impl StagingEvent {
     /// Hands the result to the core.
     pub fn deliver(self, site: &mut Site, now_ms: u64) {
         match self {
-            StagingEvent::Opened { content, opened } => site.handle_stage_opened(now_ms, content, opened),
+            StagingEvent::Opened { name, opened } => site.handle_stage_opened(now_ms, name, opened),
             StagingEvent::Chunk { request, chunk, read } => {
                 site.handle_stage_chunk(now_ms, request, chunk, read)
             }
-            StagingEvent::Uploaded { content, region, uploaded } => {
-                site.handle_stage_uploaded(now_ms, content, region, uploaded)
+            StagingEvent::Uploaded { name, uploaded } => site.handle_stage_uploaded(now_ms, name, uploaded),
+        }
+    }
+}
+
+/// Packs opened, by name, oldest first out.
+#[derive(Default)]
+struct OpenPacks {
+    packs: HashMap<Vec<u8>, StagedPack>,
+    order: VecDeque<Vec<u8>>,
+}
+
+impl OpenPacks {
+    fn insert(&mut self, name: Vec<u8>, pack: StagedPack) {
+        if self.packs.insert(name.clone(), pack).is_none() {
+            self.order.push_back(name);
+        }
+        while self.order.len() > PACKS_OPEN_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.packs.remove(&oldest);
             }
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if self.packs.remove(name).is_some() {
+            self.order.retain(|n| n != name);
         }
     }
 }
@@ -66,15 +90,23 @@ impl StagingEvent {
 pub struct StagingDriver {
     staging: Option<Staging>,
     /// Packs opened, by name, for the reads of their chunks.
-    packs: Arc<Mutex<HashMap<Vec<u8>, StagedPack>>>,
+    packs: Arc<Mutex<OpenPacks>>,
     chunks: Arc<ChunkStore>,
     events: mpsc::UnboundedSender<StagingEvent>,
     runtime: tokio::runtime::Handle,
 }
 
-fn reported(what: &str, e: StagingError) -> String {
+/// Logs a failure and says, for the core, whether the object itself is bad.
+fn reported(what: &str, e: StagingError) -> BucketError {
     tracing::warn!("staging: {what}: {e}");
-    e.to_string()
+    match e {
+        StagingError::Missing { .. } | StagingError::Tampered { .. } | StagingError::Truncated { .. } => {
+            BucketError::spoiled(e.to_string())
+        }
+        StagingError::Config(_) | StagingError::S3 { .. } | StagingError::Chunk { .. } => {
+            BucketError::failed(e.to_string())
+        }
+    }
 }
 
 impl StagingDriver {
@@ -97,43 +129,47 @@ impl StagingDriver {
     /// Starts carrying out a staging output (others are ignored).
     pub fn execute(&self, output: Output) {
         let Some(staging) = self.staging.clone() else {
-            let why = "no staging bucket is configured at this site".to_owned();
+            let why = "no staging bucket is configured at this site";
             return match output {
-                Output::StageOpen { content, .. } => {
-                    self.send(StagingEvent::Opened { content, opened: Err(why) })
+                Output::StageOpen { name } => {
+                    self.send(StagingEvent::Opened { name, opened: Err(BucketError::failed(why)) })
                 }
                 Output::StageRead { request, chunk, .. } => {
-                    self.send(StagingEvent::Chunk { request, chunk, read: Err(why) })
+                    self.send(StagingEvent::Chunk { request, chunk, read: Err(BucketError::failed(why)) })
                 }
-                Output::StageUpload { content, region, .. } => {
-                    self.send(StagingEvent::Uploaded { content, region, uploaded: Err(why) })
+                Output::StageUpload { name, .. } => {
+                    self.send(StagingEvent::Uploaded { name, uploaded: Err(why.to_owned()) })
                 }
                 _ => {}
             };
         };
         let this = self.clone();
         match output {
-            Output::StageOpen { content, name } => {
+            Output::StageOpen { name } => {
                 self.runtime.spawn(async move {
                     let opened = match staging.open(&name).await {
                         Ok(Some(pack)) => {
                             let chunks = pack.entries.iter().map(|e| ChunkHash(e.hash)).collect();
-                            this.packs.lock().expect("packs lock").insert(name, pack);
+                            this.packs.lock().expect("packs lock").insert(name.clone(), pack);
                             Ok(Some(chunks))
                         }
                         Ok(None) => Ok(None),
                         Err(e) => Err(reported("opening a pack", e)),
                     };
-                    this.send(StagingEvent::Opened { content, opened });
+                    this.send(StagingEvent::Opened { name, opened });
                 });
             }
             Output::StageRead { request, name, chunk, index } => {
                 self.runtime.spawn(async move {
-                    let pack = this.packs.lock().expect("packs lock").get(&name).cloned();
+                    let pack = this.packs.lock().expect("packs lock").packs.get(&name).cloned();
                     let read = match pack {
                         Some(pack) => staging.read_chunk(&pack, index as usize).await,
                         None => match staging.open(&name).await {
-                            Ok(Some(pack)) => staging.read_chunk(&pack, index as usize).await,
+                            Ok(Some(pack)) => {
+                                let read = staging.read_chunk(&pack, index as usize).await;
+                                this.packs.lock().expect("packs lock").insert(name, pack);
+                                read
+                            }
                             Ok(None) => Err(StagingError::Missing { key: staging.key_of(&name) }),
                             Err(e) => Err(e),
                         },
@@ -142,30 +178,25 @@ impl StagingDriver {
                     this.send(StagingEvent::Chunk { request, chunk, read });
                 });
             }
-            Output::StageUpload { content, region, name, manifest } => {
+            Output::StageUpload { name, region, chunks } => {
                 self.runtime.spawn(async move {
-                    let specs: Vec<_> = manifest.chunks.iter().map(|c| (c.hash.0, c.len)).collect();
-                    let chunks = this.chunks.clone();
+                    let specs: Vec<_> = chunks.iter().map(|c| (c.hash.0, c.len)).collect();
+                    let store = this.chunks.clone();
                     // A disk read per chunk: the runtime's other tasks go on meanwhile.
                     let mut load = |i: usize| {
-                        tokio::task::block_in_place(|| chunks.get(&manifest.chunks[i].hash))
-                            .map_err(|e| e.to_string())
+                        tokio::task::block_in_place(|| store.get(&chunks[i].hash)).map_err(|e| e.to_string())
                     };
-                    // Once per version and region pair: a pack already there (asked for by two
-                    // readers at once, or staged before a restart) is not uploaded again.
-                    if let Ok(Some(_)) = staging.open(&name).await {
-                        return this.send(StagingEvent::Uploaded { content, region, uploaded: Ok(0) });
-                    }
                     let started = std::time::Instant::now();
                     let uploaded = match staging.upload(&name, &specs, &mut load).await {
                         Ok(pack) => {
                             let ms = started.elapsed().as_millis() as u64;
-                            tracing::info!(version = %content, region = %region, bytes = pack.size, ms, "staged");
+                            let key = pack.key.as_str();
+                            tracing::info!(region = %region, key, chunks = specs.len(), bytes = pack.size, ms, "staged");
                             Ok(pack.size)
                         }
-                        Err(e) => Err(reported("uploading a version", e)),
+                        Err(e) => Err(reported("uploading a pack", e).reason),
                     };
-                    this.send(StagingEvent::Uploaded { content, region, uploaded });
+                    this.send(StagingEvent::Uploaded { name, uploaded });
                 });
             }
             Output::StageDelete { name } => {

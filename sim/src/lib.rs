@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use crdt_namespace::{ContentId, EntryKind, Namespace, SiteId};
 use node::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use node::core::{Output, Reply, Request, Site, SiteConfig, Transfer};
+use node::core::{BucketError, Output, Reply, Request, Site, SiteConfig, Transfer};
 use node::staged::StagingEvent;
 use transport::proto::Message;
 
@@ -217,9 +217,9 @@ enum Event {
 
 /// A request to the simulated staging bucket.
 enum BucketOp {
-    Open { content: ContentId, name: Vec<u8> },
+    Open { name: Vec<u8> },
     Read { request: u64, name: Vec<u8>, chunk: ChunkHash, index: u32 },
-    Upload { content: ContentId, region: String, name: Vec<u8>, pack: Vec<(ChunkHash, Vec<u8>)> },
+    Upload { name: Vec<u8>, pack: Vec<(ChunkHash, Vec<u8>)> },
 }
 
 #[derive(Default)]
@@ -504,24 +504,27 @@ impl World {
     /// Carries out a request at the bucket, with the faults it may meet there.
     fn bucket_op(&mut self, op: BucketOp) -> StagingEvent {
         let fault = !self.healed && self.rng.chance(self.faults.staging);
-        let timed_out = "the bucket timed out".to_string();
+        let timed_out = "the bucket timed out";
         match op {
-            BucketOp::Open { content, name } => {
+            BucketOp::Open { name } => {
                 let opened = if fault {
-                    Err(timed_out)
+                    Err(BucketError::failed(timed_out))
                 } else {
                     Ok(self.bucket.get(&name).map(|pack| pack.iter().map(|(h, _)| *h).collect()))
                 };
-                StagingEvent::Opened { content, opened }
+                StagingEvent::Opened { name, opened }
             }
             BucketOp::Read { request, name, chunk, index } => {
-                if fault && self.rng.chance(0.5) {
-                    // The object is lost (or was swept) before this read.
+                // A fault is one of: the request times out, the object is lost (or was swept)
+                // before this read, or its bytes come back altered.
+                let kind = if fault { 1 + self.rng.below(3) } else { 0 };
+                if kind == 2 {
                     self.bucket.remove(&name);
                 }
                 let read = match self.bucket.get(&name).and_then(|pack| pack.get(index as usize)) {
-                    None => Err("the staged object is gone".to_string()),
-                    Some((_, data)) if fault => {
+                    _ if kind == 1 => Err(BucketError::failed(timed_out)),
+                    None => Err(BucketError::spoiled("the staged object is gone")),
+                    Some((_, data)) if kind == 3 => {
                         let mut data = data.clone();
                         if let Some(first) = data.first_mut() {
                             *first ^= 1;
@@ -532,15 +535,15 @@ impl World {
                 };
                 StagingEvent::Chunk { request, chunk, read }
             }
-            BucketOp::Upload { content, region, name, pack } => {
+            BucketOp::Upload { name, pack } => {
                 let uploaded = if fault {
-                    Err(timed_out)
+                    Err(timed_out.to_string())
                 } else {
                     let bytes = pack.iter().map(|(_, d)| d.len() as u64).sum();
-                    self.bucket.insert(name, pack);
+                    self.bucket.insert(name.clone(), pack);
                     Ok(bytes)
                 };
-                StagingEvent::Uploaded { content, region, uploaded }
+                StagingEvent::Uploaded { name, uploaded }
             }
         }
     }
@@ -617,16 +620,14 @@ impl World {
                         (None, Ok(())) => {}
                     }
                 }
-                Output::StageOpen { content, name } => {
-                    self.send_to_bucket(s, BucketOp::Open { content, name })
-                }
+                Output::StageOpen { name } => self.send_to_bucket(s, BucketOp::Open { name }),
                 Output::StageRead { request, name, chunk, index } => {
                     self.send_to_bucket(s, BucketOp::Read { request, name, chunk, index })
                 }
-                Output::StageUpload { content, region, name, manifest } => {
+                Output::StageUpload { name, chunks, .. } => {
                     let disk = &self.sites[s].disk;
                     let mut pack = Vec::new();
-                    for c in &manifest.chunks {
+                    for c in &chunks {
                         match disk.chunk_files.get(&c.hash) {
                             Some(data) => pack.push((c.hash, data.clone())),
                             None => panic!(
@@ -635,7 +636,7 @@ impl World {
                             ),
                         }
                     }
-                    self.send_to_bucket(s, BucketOp::Upload { content, region, name, pack });
+                    self.send_to_bucket(s, BucketOp::Upload { name, pack });
                 }
                 Output::StageDelete { name } => {
                     self.bucket.remove(&name);

@@ -76,21 +76,25 @@ pub enum Message {
         /// The chunk asked for.
         chunk: [u8; 32],
     },
-    /// Please stage version `content` for the sites of `region` (it is not in the bucket).
+    /// Please put version `content` in the bucket for the sites of `region` (or say where it
+    /// is already).
     Stage {
         /// The version.
         content: ContentId,
         /// The region that will read it from the bucket.
         region: String,
+        /// The pack the sender was told holds the version and found missing, tampered with or
+        /// truncated: the holder drops it and stages the version again.
+        spoiled: Option<Vec<u8>>,
     },
-    /// The answer to [`Message::Stage`]: the version is in the bucket, or why not.
+    /// The answer to [`Message::Stage`]: the pack that holds the version, or why there is none.
     Staged {
         /// The version.
         content: ContentId,
         /// The region it was staged for.
         region: String,
-        /// `None` if it is staged.
-        error: Option<String>,
+        /// The name of the pack (several versions share one), or why it could not be staged.
+        pack: Result<Vec<u8>, String>,
     },
     /// The sender now holds version `content`, which it read from the bucket: when every site
     /// of its region has said so, the uploader deletes the staged copy.
@@ -104,6 +108,8 @@ pub enum Message {
 
 /// Longest region name a message carries.
 pub const REGION_MAX_BYTES: usize = 64;
+/// Longest pack name a message carries.
+pub const PACK_NAME_MAX_BYTES: usize = 128;
 /// Longest error text a message carries.
 pub const ERROR_MAX_BYTES: usize = 1024;
 
@@ -132,6 +138,17 @@ const TAG_STAGE: u8 = 7;
 const TAG_STAGED: u8 = 8;
 const TAG_UNSTAGE: u8 = 9;
 
+/// A flag byte (0 for none, 1 for some), then the bytes if some.
+fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        None => out.push(0),
+        Some(bytes) => {
+            out.push(1);
+            push_bytes(out, bytes);
+        }
+    }
+}
+
 impl Message {
     /// The binary encoding.
     pub fn encode(&self) -> Vec<u8> {
@@ -152,13 +169,7 @@ impl Message {
             Message::Holds { content, manifest } => {
                 out.push(TAG_HOLDS);
                 out.extend_from_slice(&content.0);
-                match manifest {
-                    None => out.push(0),
-                    Some(m) => {
-                        out.push(1);
-                        push_bytes(&mut out, m);
-                    }
-                }
+                push_optional(&mut out, manifest.as_deref());
             }
             Message::GetChunk { request, chunk, priority } => {
                 out.push(TAG_GET_CHUNK);
@@ -177,18 +188,22 @@ impl Message {
                 push_varint(&mut out, *request);
                 out.extend_from_slice(chunk);
             }
-            Message::Stage { content, region } => {
+            Message::Stage { content, region, spoiled } => {
                 out.push(TAG_STAGE);
                 out.extend_from_slice(&content.0);
                 push_bytes(&mut out, region.as_bytes());
+                push_optional(&mut out, spoiled.as_deref());
             }
-            Message::Staged { content, region, error } => {
+            Message::Staged { content, region, pack } => {
                 out.push(TAG_STAGED);
                 out.extend_from_slice(&content.0);
                 push_bytes(&mut out, region.as_bytes());
-                match error {
-                    None => out.push(0),
-                    Some(e) => {
+                match pack {
+                    Ok(name) => {
+                        out.push(0);
+                        push_bytes(&mut out, name);
+                    }
+                    Err(e) => {
                         out.push(1);
                         // Cut on a character boundary to the bound the decoder checks.
                         let mut end = e.len().min(ERROR_MAX_BYTES);
@@ -250,19 +265,25 @@ impl Message {
             TAG_NO_CHUNK => {
                 Message::NoChunk { request: r.varint("request id")?, chunk: r.array32("chunk hash")? }
             }
-            TAG_STAGE => Message::Stage {
-                content: ContentId(r.array32("content id")?),
-                region: r.str("region", REGION_MAX_BYTES)?.to_owned(),
-            },
+            TAG_STAGE => {
+                let content = ContentId(r.array32("content id")?);
+                let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                let spoiled = match r.u8("spoiled flag")? {
+                    0 => None,
+                    1 => Some(r.bytes("pack name", PACK_NAME_MAX_BYTES)?.to_vec()),
+                    tag => return Err(DecodeError::UnknownTag { what: "spoiled flag", tag }.into()),
+                };
+                Message::Stage { content, region, spoiled }
+            }
             TAG_STAGED => {
                 let content = ContentId(r.array32("content id")?);
                 let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
-                let error = match r.u8("error flag")? {
-                    0 => None,
-                    1 => Some(r.str("error", ERROR_MAX_BYTES)?.to_owned()),
-                    tag => return Err(DecodeError::UnknownTag { what: "error flag", tag }.into()),
+                let pack = match r.u8("pack flag")? {
+                    0 => Ok(r.bytes("pack name", PACK_NAME_MAX_BYTES)?.to_vec()),
+                    1 => Err(r.str("error", ERROR_MAX_BYTES)?.to_owned()),
+                    tag => return Err(DecodeError::UnknownTag { what: "pack flag", tag }.into()),
                 };
-                Message::Staged { content, region, error }
+                Message::Staged { content, region, pack }
             }
             TAG_UNSTAGE => Message::Unstage {
                 content: ContentId(r.array32("content id")?),
@@ -290,12 +311,13 @@ mod tests {
             Message::GetChunk { request: 1 << 40, chunk: [6; 32], priority: Priority::Background },
             Message::Chunk { request: 3, chunk: [6; 32], data: vec![0; 1000] },
             Message::NoChunk { request: 3, chunk: [6; 32] },
-            Message::Stage { content: ContentId([8; 32]), region: "eu-west".into() },
-            Message::Staged { content: ContentId([8; 32]), region: "eu-west".into(), error: None },
+            Message::Stage { content: ContentId([8; 32]), region: "eu-west".into(), spoiled: None },
+            Message::Stage { content: ContentId([8; 32]), region: "us".into(), spoiled: Some(vec![3; 40]) },
+            Message::Staged { content: ContentId([8; 32]), region: "eu-west".into(), pack: Ok(vec![2; 49]) },
             Message::Staged {
                 content: ContentId([8; 32]),
                 region: "ap".into(),
-                error: Some("bucket gone".into()),
+                pack: Err("bucket gone".into()),
             },
             Message::Unstage { content: ContentId([8; 32]), region: "eu-west".into() },
         ]
@@ -304,9 +326,8 @@ mod tests {
     #[test]
     fn long_errors_are_cut_to_their_bound() {
         let error = "é".repeat(ERROR_MAX_BYTES);
-        let m =
-            Message::Staged { content: ContentId([1; 32]), region: "r".into(), error: Some(error.clone()) };
-        let Message::Staged { error: Some(cut), .. } = Message::decode(&m.encode()).unwrap() else {
+        let m = Message::Staged { content: ContentId([1; 32]), region: "r".into(), pack: Err(error.clone()) };
+        let Message::Staged { pack: Err(cut), .. } = Message::decode(&m.encode()).unwrap() else {
             panic!("a Staged message")
         };
         assert!(cut.len() <= ERROR_MAX_BYTES && error.starts_with(&cut) && !cut.is_empty());
@@ -331,8 +352,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn hostile_bytes_never_panic(index in 0usize..12, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
-            let mut bytes = samples()[index].encode();
+        fn hostile_bytes_never_panic(index in 0usize..64, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+            let samples = samples();
+            let mut bytes = samples[index % samples.len()].encode();
             for (at, v) in flips {
                 let at = at % bytes.len();
                 bytes[at] = v;

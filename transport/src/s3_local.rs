@@ -64,6 +64,9 @@ impl LocalS3 {
             let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((socket, _)) = listener.accept().await else { continue };
+                // An answer's head and body go out in separate writes: with Nagle's algorithm the
+                // body would wait for the client's delayed ACK (~40 ms per GET).
+                let _ = socket.set_nodelay(true);
                 let (service, slow, count) = (service.clone(), slow.clone(), count.clone());
                 let handler = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let (service, slow) = (service.clone(), slow.clone());

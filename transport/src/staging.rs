@@ -1,9 +1,9 @@
 //! Staging between regions: chunks packed into large objects of a shared S3 bucket, encrypted on
 //! the client.
 //!
-//! A *pack* holds the chunks of one staged version, under a name the caller chooses (the version
-//! and the region pair). Its object key is a keyed BLAKE3 hash of that name, so the bucket's
-//! owner learns neither names nor contents. Layout of a pack object:
+//! A *pack* holds the chunks of one or many staged versions, under a name the caller chooses.
+//! Its object key is a keyed BLAKE3 hash of that name, so the bucket's owner learns neither names
+//! nor contents. Layout of a pack object:
 //!
 //! ```text
 //! magic "MRDNPK01" | u32 LE length of the sealed header | sealed header | sealed chunk…
@@ -12,9 +12,11 @@
 //! ```
 //!
 //! The associated data of every seal names the object key (and, for a chunk, its index and hash),
-//! so a sealed piece moved to another place does not open. A reader opens the header with one
-//! ranged GET, then fetches each chunk with a ranged GET and checks it twice: the seal, then the
-//! BLAKE3 hash of the plaintext. A tampered, truncated or swapped object is an error, never data.
+//! so a sealed piece moved to another place does not open. A reader opens a pack with one ranged
+//! GET of its first MiB — the header, and the chunks too of a pack that small (a batch of small
+//! files: one request serves them all) — then fetches each chunk beyond it with a ranged GET.
+//! Every chunk is checked twice: the seal, then the BLAKE3 hash of the plaintext. A tampered,
+//! truncated or swapped object is an error, never data.
 //!
 //! Big packs go up as multipart uploads, parts uploaded concurrently; every request of a
 //! [`Staging`] shares one bound on requests in flight; the SDK retries 5xx answers, throttling
@@ -44,9 +46,9 @@ const NONCE_BYTES: usize = 24;
 const TAG_BYTES: usize = 16;
 /// Bytes of a pack before its sealed header: the magic and the header's length.
 const PREAMBLE_BYTES: usize = MAGIC.len() + 4;
-/// Bytes read by the first GET of [`Staging::open`]: the whole header of packs of up to ~1,800
-/// chunks, so most opens take one request.
-const OPEN_PROBE_BYTES: u64 = 64 << 10;
+/// Bytes read by the first GET of [`Staging::open`]: the whole header of packs of up to ~29,000
+/// chunks, and every chunk of a pack up to this size, in one request.
+const OPEN_PROBE_BYTES: u64 = 1 << 20;
 /// Most chunks in one pack (the header is then 36 MiB).
 pub const PACK_CHUNKS_MAX: usize = 1 << 20;
 /// Largest chunk a pack carries.
@@ -249,6 +251,9 @@ pub struct StagedPack {
     pub entries: Vec<PackEntry>,
     /// The object's size.
     pub size: u64,
+    /// The object's first bytes, as read when it was opened: chunks within them are read
+    /// without another request.
+    head: bytes::Bytes,
 }
 
 fn plan(chunks: &[ChunkSpec], header_sealed_len: usize) -> (Vec<PackEntry>, u64) {
@@ -477,10 +482,10 @@ impl Staging {
                 }
             }
         }
-        Ok(StagedPack { key, entries, size })
+        Ok(StagedPack { key, entries, size, head: bytes::Bytes::new() })
     }
 
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Vec<u8>, StagingError> {
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<bytes::Bytes, StagingError> {
         let _permit = self.permit().await;
         let answer = self
             .client
@@ -509,7 +514,7 @@ impl Staging {
             operation: "GetObject",
             reason: format!("reading the body: {e}"),
         })?;
-        Ok(body.into_bytes().to_vec())
+        Ok(body.into_bytes())
     }
 
     /// Opens the pack named `name`: reads and checks its header. `None` if it is not staged.
@@ -531,7 +536,7 @@ impl Staging {
         }
         let header_end = PREAMBLE_BYTES + header_len;
         let sealed = if header_end <= probe.len() {
-            probe[PREAMBLE_BYTES..header_end].to_vec()
+            probe.slice(PREAMBLE_BYTES..header_end)
         } else if (probe.len() as u64) < OPEN_PROBE_BYTES {
             return Err(StagingError::Truncated { key, what: "the object ends inside its header".into() });
         } else {
@@ -548,7 +553,7 @@ impl Staging {
             self.keys.open(&header_aad(&key), &sealed).ok_or_else(|| tampered("its header does not open"))?;
         let chunks = decode_header(&header).ok_or_else(|| tampered("its header is malformed"))?;
         let (entries, size) = plan(&chunks, header_len);
-        Ok(Some(StagedPack { key, entries, size }))
+        Ok(Some(StagedPack { key, entries, size, head: probe }))
     }
 
     /// Reads chunk `index` of `pack`: one ranged GET, opened and checked against its hash.
@@ -557,7 +562,12 @@ impl Staging {
             return Err(StagingError::Config(format!("pack {} has no chunk {index}", pack.key)));
         };
         let want = sealed_len(entry.len);
-        let sealed = self.get_range(&pack.key, entry.offset..entry.offset + want).await?;
+        let span = entry.offset..entry.offset + want;
+        let sealed = if span.end <= pack.head.len() as u64 {
+            pack.head.slice(span.start as usize..span.end as usize)
+        } else {
+            self.get_range(&pack.key, span).await?
+        };
         if (sealed.len() as u64) < want {
             return Err(StagingError::Truncated {
                 key: pack.key.clone(),

@@ -187,6 +187,8 @@ async fn tampered_truncated_and_swapped_objects_are_detected() {
     let last = bytes.len() - 100;
     bytes[last] ^= 0x10;
     std::fs::write(&file, &bytes).unwrap();
+    // (An opened pack keeps its first MiB: open again to see the change.)
+    let a = staging.open(b"a").await.unwrap().unwrap();
     assert!(matches!(staging.read_chunk(&a, 2).await, Err(StagingError::Tampered { .. })));
     assert_eq!(staging.read_chunk(&a, 0).await.unwrap(), data[0]);
     // A flipped bit in the header: the pack does not open.
@@ -201,6 +203,7 @@ async fn tampered_truncated_and_swapped_objects_are_detected() {
     let file = bucket.file(&c.key);
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    let c = staging.open(b"c").await.unwrap().unwrap();
     assert!(matches!(staging.read_chunk(&c, 2).await, Err(StagingError::Truncated { .. })));
     std::fs::write(&file, &bytes[..30]).unwrap();
     assert!(matches!(staging.open(b"c").await, Err(StagingError::Truncated { .. })));
@@ -262,4 +265,23 @@ async fn an_unreachable_bucket_and_a_bad_configuration_are_clear_errors() {
     let mut tiny_parts = config.clone();
     tiny_parts.part_bytes = 1 << 20;
     assert!(matches!(Staging::new(&tiny_parts, SECRET), Err(StagingError::Config(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_pack_is_read_whole_with_one_request_and_a_large_one_chunk_by_chunk() {
+    let bucket = Bucket::local().await;
+    let staging = bucket.staging().await;
+    // A batch of small files: the open reads every chunk with the header.
+    let lens: Vec<usize> = (0..200).map(|i| 4096 + i).collect();
+    let (data, refs) = chunks(7, &lens);
+    stage(&staging, b"small files", &data, &refs).await;
+    let before = bucket.server().requests();
+    assert_eq!(read_all(&staging, b"small files").await.unwrap(), data);
+    assert_eq!(bucket.server().requests() - before, 1);
+    // Chunks beyond the first MiB take a ranged GET each.
+    let (data, refs) = chunks(8, &[700_000, 700_000, 700_000]);
+    stage(&staging, b"large", &data, &refs).await;
+    let before = bucket.server().requests();
+    assert_eq!(read_all(&staging, b"large").await.unwrap(), data);
+    assert_eq!(bucket.server().requests() - before, 3, "the open reads the first chunk");
 }
