@@ -114,6 +114,8 @@ enum Stage {
 struct StagedRead {
     /// The region it is staged from.
     from_region: String,
+    /// The holder that last named a pack for it: the one to tell once it is held here.
+    stager: Option<SiteId>,
     state: Stage,
 }
 
@@ -277,7 +279,8 @@ impl Site {
             },
         };
         self.leave_pack(content);
-        self.stage.reads.insert(content, StagedRead { from_region, state });
+        let stager = self.stage.reads.get(&content).and_then(|r| r.stager.clone());
+        self.stage.reads.insert(content, StagedRead { from_region, stager, state });
     }
 
     /// Staging does not work for `content` right now: in `auto` mode the fetch goes direct
@@ -368,6 +371,7 @@ impl Site {
             Ok(name) => {
                 let restaged = matches!(read.state, Stage::Requested { spoiled: Some(_), .. });
                 read.state = Stage::InPack { name: name.clone(), restaged };
+                read.stager = Some(from.clone());
                 match self.stage.packs_in.entry(name.clone()) {
                     Entry::Occupied(mut pack) => {
                         pack.get_mut().contents.insert(content);
@@ -452,13 +456,16 @@ impl Site {
         self.send_fetch(hash);
     }
 
-    /// A version read through the bucket is held here now: tell the sites of its region.
+    /// A version read through the bucket is held here now: tell the holder that staged it (or,
+    /// if none did or it is gone, every site of its region).
     pub(super) fn confirm_staged(&mut self, content: ContentId) {
         self.leave_pack(content);
         let Some(read) = self.stage.reads.remove(&content) else { return };
         let region = self.config.region.clone();
-        let to: Vec<SiteId> =
-            self.peers.keys().filter(|p| self.region_of(p) == read.from_region).cloned().collect();
+        let to: Vec<SiteId> = match read.stager.filter(|s| self.peers.contains_key(s)) {
+            Some(stager) => vec![stager],
+            None => self.peers.keys().filter(|p| self.region_of(p) == read.from_region).cloned().collect(),
+        };
         for to in to {
             self.emit(Output::Send { to, message: Message::Unstage { content, region: region.clone() } });
         }
