@@ -545,14 +545,15 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
-    let staging = match &loaded.config.staging {
-        Some(section) => {
-            let client = Staging::new(&section.client_config()?, &section.secret_bytes()?)
-                .context("setting up the staging bucket")?;
-            Some(client)
-        }
-        None => None,
-    };
+    let staging = loaded
+        .config
+        .staging
+        .as_ref()
+        .map(|section| {
+            Staging::new(&section.client_config()?, &section.secret_bytes()?)
+                .context("setting up the staging bucket")
+        })
+        .transpose()?;
     let runtime = tokio::runtime::Handle::current();
     let (staging, staging_rx) = StagingDriver::new(staging, opened.chunks.clone(), runtime.clone());
     if let Some(section) = &loaded.config.staging {

@@ -820,3 +820,35 @@ fn readers_of_a_region_ask_the_writer_so_a_version_held_twice_goes_up_once() {
         .collect();
     assert!(!asked.is_empty() && asked.iter().all(|to| *to == 0), "only the writer is asked: {asked:?}");
 }
+
+#[test]
+fn a_writer_that_cannot_stage_hands_the_reader_to_another_holder_of_its_region() {
+    let regions: BTreeMap<SiteId, String> = [("west", "eu"), ("west2", "eu"), ("east", "us")]
+        .into_iter()
+        .map(|(n, r)| (SiteId::new(n).unwrap(), r.to_string()))
+        .collect();
+    let mut mesh = Mesh::configured(&["west", "west2", "east"], |name| {
+        let mut config = SiteConfig::new(name.clone());
+        config.region = regions[name].clone();
+        config.regions = regions.clone();
+        config.transfer = Transfer::Staged;
+        // The writer has no bucket configured.
+        config.staging = name.as_str() != "west";
+        config
+    });
+    let data = random_bytes(20_000, 28);
+    mesh.put(0, "/f", &data);
+    assert_eq!(mesh.read(1, "/f", None).unwrap(), data, "west2 holds it too");
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(2, "/f", None).unwrap(), data);
+    let answers: Vec<(usize, bool)> = mesh.log[since..]
+        .iter()
+        .filter_map(|(from, _, m)| match m {
+            Message::Staged { pack, .. } => Some((*from, pack.is_ok())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![(0, false), (1, true)], "the writer refuses, west2 stages it");
+    assert_eq!(mesh.uploads.len(), 1);
+    assert!(sent(&mesh, since, is_get_chunk).is_empty(), "staged mode: nothing directly across regions");
+}

@@ -134,6 +134,8 @@ struct PackOut {
     uploaded: bool,
     /// The sites of `region` that hold each version since (confirmed it).
     confirmed: HashMap<ContentId, BTreeSet<SiteId>>,
+    /// Versions every site of `region` confirmed.
+    complete: usize,
     /// When it was last asked about or confirmed.
     last_ms: u64,
 }
@@ -329,7 +331,6 @@ impl Site {
             let spoiled = error.spoiled.then(|| name.to_vec());
             if error.spoiled && matches!(read.state, Stage::InPack { restaged: false, .. }) {
                 let from_region = read.from_region.clone();
-                read.state = Stage::Failed { reason: String::new(), since_ms: self.now_ms, spoiled: None };
                 self.ask_to_stage(*content, from_region, spoiled, BTreeSet::new());
             } else {
                 read.state = Stage::Failed { reason: error.reason.clone(), since_ms: self.now_ms, spoiled };
@@ -356,21 +357,9 @@ impl Site {
         if asked != from {
             return;
         }
-        if pack.is_err() && self.peers.len() > tried.len() + 1 {
-            // Another holder may do it (the writer may no longer hold what it wrote).
-            let mut tried = std::mem::take(tried);
-            tried.insert(from.clone());
-            let (from_region, spoiled) = (read.from_region.clone(), spoiled.take());
-            self.ask_to_stage(content, from_region, spoiled, tried);
-            if !matches!(self.stage.reads[&content].state, Stage::Failed { .. }) {
-                return;
-            }
-        }
-        let Some(read) = self.stage.reads.get_mut(&content) else { return };
         match pack {
             Ok(name) => {
-                let restaged = matches!(read.state, Stage::Requested { spoiled: Some(_), .. });
-                read.state = Stage::InPack { name: name.clone(), restaged };
+                read.state = Stage::InPack { name: name.clone(), restaged: spoiled.is_some() };
                 read.stager = Some(from.clone());
                 match self.stage.packs_in.entry(name.clone()) {
                     Entry::Occupied(mut pack) => {
@@ -383,11 +372,17 @@ impl Site {
                 }
             }
             Err(reason) => {
-                read.state = Stage::Failed {
-                    reason: format!("{from} could not stage it: {reason}"),
-                    since_ms: self.now_ms,
-                    spoiled: None,
-                };
+                // Another holder may do it (the writer may no longer hold what it wrote); with
+                // none left, the refusal is the reason.
+                let mut tried = std::mem::take(tried);
+                tried.insert(from.clone());
+                let (from_region, spoiled) = (read.from_region.clone(), spoiled.take());
+                self.ask_to_stage(content, from_region, spoiled, tried);
+                if let Some(StagedRead { state: Stage::Failed { reason: why, .. }, .. }) =
+                    self.stage.reads.get_mut(&content)
+                {
+                    *why = format!("{from} could not stage it: {reason}");
+                }
             }
         }
         self.resend_parked(Some(content));
@@ -497,16 +492,20 @@ impl Site {
             tracing::warn!(site = %from, "a staged pack was found spoiled: staging its versions again");
             self.drop_pack(&bad);
         }
-        if let Some(name) = self.stage.staged_out.get(&key) {
-            let pack = self.stage.packs_out.get_mut(name).expect("a staged version is in a pack");
-            if pack.uploaded {
-                pack.last_ms = self.now_ms;
-                let message = Message::Staged { content, region, pack: Ok(name.clone()) };
-                return self.emit(Output::Send { to: from.clone(), message });
+        let in_pack = match self.stage.staged_out.get(&key) {
+            Some(name) => {
+                let pack = self.stage.packs_out.get_mut(name).expect("a staged version is in a pack");
+                if pack.uploaded {
+                    pack.last_ms = self.now_ms;
+                    let message = Message::Staged { content, region, pack: Ok(name.clone()) };
+                    return self.emit(Output::Send { to: from.clone(), message });
+                }
+                true
             }
-        }
+            None => false,
+        };
         let waiting = self.stage.waiting.entry(key).or_default();
-        if waiting.is_empty() && !self.stage.staged_out.contains_key(&(content, region.clone())) {
+        if waiting.is_empty() && !in_pack {
             self.stage.queue.entry(region.clone()).or_default().push_back(content);
         }
         if !waiting.contains(from) {
@@ -559,6 +558,7 @@ impl Site {
                 contents,
                 uploaded: false,
                 confirmed: HashMap::new(),
+                complete: 0,
                 last_ms: self.now_ms,
             };
             self.stage.packs_out.insert(name.clone(), pack);
@@ -616,14 +616,14 @@ impl Site {
         if !pack.uploaded {
             return;
         }
-        pack.confirmed.entry(content).or_default().insert(from.clone());
         pack.last_ms = self.now_ms;
-        let sites: Vec<&SiteId> =
-            self.config.regions.iter().filter(|(_, r)| **r == region).map(|(s, _)| s).collect();
-        let everyone = pack.contents.iter().all(|c| {
-            pack.confirmed.get(c).is_some_and(|confirmed| sites.iter().all(|s| confirmed.contains(*s)))
-        });
-        if everyone {
+        let confirmed = pack.confirmed.entry(content).or_default();
+        if confirmed.insert(from.clone())
+            && self.config.regions.iter().filter(|(_, r)| **r == region).all(|(s, _)| confirmed.contains(s))
+        {
+            pack.complete += 1;
+        }
+        if pack.complete == pack.contents.len() {
             self.drop_pack(&name);
         }
     }
