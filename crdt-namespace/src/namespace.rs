@@ -670,6 +670,23 @@ impl Namespace {
             .collect())
     }
 
+    /// Up to `limit` entries that follow the entry at `path` in its directory, in name order:
+    /// what a reader going through the directory reads next. Costs `log n + limit`, however
+    /// large the directory.
+    pub fn next_siblings(&self, path: &str, limit: usize) -> Result<Vec<DirEntry>> {
+        let id = self.resolve_id(path)?;
+        if id == EntryId::ROOT {
+            return Ok(Vec::new());
+        }
+        let entry = self.tree.entry(id);
+        Ok(self
+            .tree
+            .children_after(entry.parent, &entry.name)
+            .take(limit)
+            .map(|(name, id)| DirEntry { name: name.to_owned(), stat: self.stat_of(self.tree.entry(id)) })
+            .collect())
+    }
+
     /// The names in the directory at `path`, sorted, without stats.
     pub fn list_names(&self, path: &str) -> Result<Vec<String>> {
         let dir = self.resolve_id(path)?;

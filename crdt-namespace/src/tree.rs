@@ -153,6 +153,18 @@ impl Tree {
         self.children.get(&dir).into_iter().flat_map(|c| c.iter().map(|(n, id)| (&**n, *id)))
     }
 
+    /// The children of `dir` named after `name`, in name order.
+    pub(crate) fn children_after<'a>(
+        &'a self,
+        dir: EntryId,
+        name: &'a str,
+    ) -> impl Iterator<Item = (&'a str, EntryId)> + 'a {
+        use std::ops::Bound;
+        self.children.get(&dir).into_iter().flat_map(move |c| {
+            c.range::<str, _>((Bound::Excluded(name), Bound::Unbounded)).map(|(n, id)| (&**n, *id))
+        })
+    }
+
     pub(crate) fn has_children(&self, dir: EntryId) -> bool {
         self.children.get(&dir).is_some_and(|c| !c.is_empty())
     }

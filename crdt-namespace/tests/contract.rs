@@ -357,3 +357,21 @@ fn recursive_delete_vs_move_into_it_keeps_what_the_remover_never_saw_there_2() {
 fn recursive_delete_vs_move_into_it_keeps_what_the_remover_never_saw_there_3() {
     recursive_delete_vs_move_into_it(3);
 }
+
+#[test]
+fn next_siblings_follow_an_entry_in_name_order() {
+    let mut ns = replicas(1).remove(0);
+    ns.mkdir("/d/sub", true, DIR, 0, hlc(1)).unwrap();
+    for (i, name) in ["c", "a", "e", "b"].iter().enumerate() {
+        ns.write_file(&format!("/d/{name}"), version(i as u8 + 1), hlc(2 + i as u64)).unwrap();
+    }
+    let names = |entries: Vec<crdt_namespace::DirEntry>| -> Vec<String> {
+        entries.into_iter().map(|e| e.name).collect()
+    };
+    assert_eq!(names(ns.next_siblings("/d/b", 10).unwrap()), ["c", "e", "sub"]);
+    assert_eq!(names(ns.next_siblings("/d/a", 2).unwrap()), ["b", "c"]);
+    assert_eq!(ns.next_siblings("/d/b", 10).unwrap()[0].stat.version.as_ref().unwrap().size, 1);
+    assert!(ns.next_siblings("/d/sub", 10).unwrap().is_empty());
+    assert!(ns.next_siblings("/", 10).unwrap().is_empty());
+    assert!(ns.next_siblings("/d/zz", 10).is_err());
+}

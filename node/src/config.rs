@@ -103,6 +103,10 @@ pub struct Staging {
     /// of the region never read them).
     #[serde(default = "default_ttl_hours")]
     pub ttl_hours: u64,
+    /// A read of a file held only in another region also asks for up to this many small files
+    /// that follow it in its directory (0: none).
+    #[serde(default = "default_read_ahead")]
+    pub read_ahead: usize,
 }
 
 fn default_prefix() -> String {
@@ -119,6 +123,10 @@ fn default_credentials() -> String {
 
 fn default_ttl_hours() -> u64 {
     24
+}
+
+fn default_read_ahead() -> usize {
+    256
 }
 
 impl Staging {

@@ -81,6 +81,9 @@ pub struct SiteConfig {
     /// Packs uploading at once for one region: the versions asked for meanwhile wait and go up
     /// together in the next pack.
     pub stage_uploads_in_flight: usize,
+    /// Read-ahead through the bucket: a read of a file held only in another region also asks
+    /// for up to this many small files that follow it in its directory (0: none).
+    pub stage_read_ahead: usize,
 }
 
 impl SiteConfig {
@@ -100,6 +103,7 @@ impl SiteConfig {
             staging: false,
             stage_timeout_ms: 120_000,
             stage_uploads_in_flight: 2,
+            stage_read_ahead: 256,
         }
     }
 }
@@ -978,28 +982,7 @@ impl Site {
                     holders.remove(from);
                 }
             }
-            Message::Holds { content, manifest: Some(bytes) } => {
-                let manifest = match Manifest::decode(&bytes) {
-                    Ok(m) if m.content_id() == content => m,
-                    Ok(_) => {
-                        return self.disconnect(from, format!("manifest does not match version {content}"));
-                    }
-                    Err(e) => return self.disconnect(from, format!("bad manifest: {e}")),
-                };
-                self.holders.entry(content).or_default().insert(from.clone());
-                if !self.held.contains_key(&content) {
-                    self.manifests.insert(content, manifest.clone());
-                }
-                let waiting: Vec<RequestId> = self
-                    .reads
-                    .iter()
-                    .filter(|(_, r)| r.content == content && r.manifest.is_none())
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in waiting {
-                    self.set_manifest(id, manifest.clone());
-                }
-            }
+            Message::Holds { content, manifest: Some(bytes) } => self.learn_holder(from, content, &bytes),
             Message::GetChunk { request, chunk, .. } => {
                 let hash = ChunkHash(chunk);
                 if self.chunks.contains(&hash) {
@@ -1017,9 +1000,9 @@ impl Site {
             Message::Chunk { request, chunk, data } => {
                 self.receive_chunk(from, request, ChunkHash(chunk), data)
             }
-            Message::Stage { content, region, spoiled } => self.stage_for(from, content, region, spoiled),
-            Message::Staged { content, region, pack } => self.on_staged(from, content, region, pack),
-            Message::Unstage { content, region } => self.on_unstage(from, content, region),
+            Message::Stage { region, contents, spoiled } => self.stage_for(from, region, contents, spoiled),
+            Message::Staged { region, pack, versions } => self.on_staged(from, region, pack, versions),
+            Message::Unstage { region, contents } => self.on_unstage(from, region, contents),
             Message::NoChunk { request, chunk } => {
                 let hash = ChunkHash(chunk);
                 if self.fetches.get(&hash).is_some_and(|f| f.request == request && &f.from == from) {
@@ -1061,6 +1044,29 @@ impl Site {
         let waiting: Vec<RequestId> = self.reads.keys().copied().collect();
         for id in waiting {
             self.advance_read(id);
+        }
+    }
+
+    /// `from` holds `content`, whose manifest it sent: reads waiting for the manifest go on. A
+    /// manifest that does not decode or match the version disconnects the peer.
+    fn learn_holder(&mut self, from: &SiteId, content: ContentId, bytes: &[u8]) {
+        let manifest = match Manifest::decode(bytes) {
+            Ok(m) if m.content_id() == content => m,
+            Ok(_) => return self.disconnect(from, format!("manifest does not match version {content}")),
+            Err(e) => return self.disconnect(from, format!("bad manifest: {e}")),
+        };
+        self.holders.entry(content).or_default().insert(from.clone());
+        if !self.held.contains_key(&content) {
+            self.manifests.insert(content, manifest.clone());
+        }
+        let waiting: Vec<RequestId> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.content == content && r.manifest.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.set_manifest(id, manifest.clone());
         }
     }
 

@@ -256,6 +256,7 @@ fn fresh_section(
         secret_key: Some(keys.1),
         secret,
         ttl_hours: 24,
+        read_ahead: 256,
     }
 }
 

@@ -15,8 +15,11 @@ use crate::store::ChunkStore;
 /// How often stale packs are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Packs kept open per site (each with up to its first MiB), for the reads of their chunks.
+/// Packs kept open per site, for the reads of their chunks.
 const PACKS_OPEN_MAX: usize = 32;
+
+/// Bytes of open packs kept in memory (a small pack is read whole when opened).
+const PACKS_OPEN_BYTES_MAX: usize = 64 << 20;
 
 /// The result of a staging output, for the core.
 #[derive(Debug)]
@@ -64,22 +67,34 @@ impl StagingEvent {
 struct OpenPacks {
     packs: HashMap<Vec<u8>, StagedPack>,
     order: VecDeque<Vec<u8>>,
+    bytes: usize,
 }
 
 impl OpenPacks {
     fn insert(&mut self, name: Vec<u8>, pack: StagedPack) {
-        if self.packs.insert(name.clone(), pack).is_none() {
-            self.order.push_back(name);
+        self.bytes += pack.resident_bytes();
+        match self.packs.insert(name.clone(), pack) {
+            Some(old) => self.bytes -= old.resident_bytes(),
+            None => self.order.push_back(name),
         }
-        while self.order.len() > PACKS_OPEN_MAX {
+        // The newest stays, whatever its size.
+        while self.order.len() > 1 && (self.order.len() > PACKS_OPEN_MAX || self.bytes > PACKS_OPEN_BYTES_MAX)
+        {
             if let Some(oldest) = self.order.pop_front() {
-                self.packs.remove(&oldest);
+                self.take(&oldest);
             }
         }
     }
 
+    fn take(&mut self, name: &[u8]) {
+        if let Some(pack) = self.packs.remove(name) {
+            self.bytes -= pack.resident_bytes();
+        }
+    }
+
     fn remove(&mut self, name: &[u8]) {
-        if self.packs.remove(name).is_some() {
+        if self.packs.contains_key(name) {
+            self.take(name);
             self.order.retain(|n| n != name);
         }
     }

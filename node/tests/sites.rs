@@ -71,6 +71,11 @@ impl Mesh {
 
     /// Sites `(name, region)` with a staging bucket and the given transfer mode.
     fn regions(sites: &[(&str, &str)], transfer: Transfer) -> Mesh {
+        Mesh::regions_tuned(sites, transfer, |_| {})
+    }
+
+    /// Sites in regions, with `tune` applied to every site's configuration.
+    fn regions_tuned(sites: &[(&str, &str)], transfer: Transfer, tune: impl Fn(&mut SiteConfig)) -> Mesh {
         let regions: BTreeMap<SiteId, String> =
             sites.iter().map(|(n, r)| (SiteId::new(n).unwrap(), r.to_string())).collect();
         let names: Vec<&str> = sites.iter().map(|(n, _)| *n).collect();
@@ -81,6 +86,7 @@ impl Mesh {
                 regions.iter().filter(|(n, _)| *n != name).map(|(n, r)| (n.clone(), r.clone())).collect();
             config.transfer = transfer;
             config.staging = true;
+            tune(&mut config);
             config
         })
     }
@@ -739,7 +745,9 @@ fn a_member_added_live_is_read_through_the_bucket_once_its_region_is_known() {
 
 #[test]
 fn versions_asked_for_while_uploads_are_in_flight_go_up_together_in_one_pack() {
-    let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Staged);
+    // Without read-ahead, which would put them in one pack anyway (the next test).
+    let no_read_ahead = |c: &mut SiteConfig| c.stage_read_ahead = 0;
+    let mut mesh = Mesh::regions_tuned(&[("west", "eu"), ("east", "us")], Transfer::Staged, no_read_ahead);
     // Twelve one-chunk files: fewer than the site's bound of fetches in flight (16).
     let files: Vec<Vec<u8>> = (0..12).map(|i| random_bytes(900 + i * 10, 100 + i as u64)).collect();
     for (i, data) in files.iter().enumerate() {
@@ -767,6 +775,88 @@ fn versions_asked_for_while_uploads_are_in_flight_go_up_together_in_one_pack() {
     assert!(mesh.bucket.is_empty());
     let Reply::Status(east) = mesh.ok(1, Request::Status) else { panic!("a status") };
     assert_eq!(east.staged_packs, 0);
+}
+
+fn stage_asks(mesh: &Mesh, since: usize) -> Vec<usize> {
+    mesh.log[since..]
+        .iter()
+        .filter_map(|(_, _, m)| match m {
+            Message::Stage { contents, .. } => Some(contents.len()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_read_across_regions_reads_ahead_the_small_files_that_follow_it() {
+    let mut mesh =
+        Mesh::regions_tuned(&[("west", "eu"), ("east", "us")], Transfer::Staged, |c| c.stage_read_ahead = 16);
+    let files: Vec<Vec<u8>> = (0..40).map(|i| random_bytes(700 + i, 300 + i as u64)).collect();
+    for dir in ["/d", "/e"] {
+        mesh.ok(0, Request::Mkdir { path: dir.into(), parents: false, mode: 0o755 });
+    }
+    for (i, data) in files.iter().enumerate() {
+        mesh.put(0, &format!("/d/f{i:03}"), data);
+    }
+    // Too large to read ahead, and another directory: neither is asked for.
+    mesh.put(0, "/d/f015-big", &random_bytes(1_100_000, 340));
+    mesh.put(0, "/e/x", &random_bytes(500, 341));
+    let since = mesh.log.len();
+    assert_eq!(mesh.read(1, "/d/f000", None).unwrap(), files[0]);
+    assert_eq!(stage_asks(&mesh, since), vec![17], "the file and the 16 after it, in one ask");
+    assert_eq!(mesh.uploads.len(), 1, "in one pack");
+    // The next eight come from that pack without asking anyone anything; the ninth (the middle
+    // of what was read ahead) asks for the next sixteen.
+    let since = mesh.log.len();
+    for (i, data) in files.iter().enumerate().take(9).skip(1) {
+        assert_eq!(&mesh.read(1, &format!("/d/f{i:03}"), None).unwrap(), data);
+    }
+    let asked = |m: &Message| matches!(m, Message::WhoHas { .. } | Message::Stage { .. });
+    assert!(
+        sent(&mesh, since, asked).is_empty(),
+        "neither who-has nor stage: {:?}",
+        sent(&mesh, since, asked)
+    );
+    assert_eq!(mesh.read(1, "/d/f009", None).unwrap(), files[9]);
+    assert_eq!(stage_asks(&mesh, since), vec![16]);
+    for (i, data) in files.iter().enumerate().skip(10) {
+        assert_eq!(&mesh.read(1, &format!("/d/f{i:03}"), None).unwrap(), data);
+    }
+    // 17 + 16 + the last 7 (the large file left out).
+    assert_eq!(mesh.uploads.len(), 3);
+    let Reply::Status(west) = mesh.ok(0, Request::Status) else { panic!("a status") };
+    assert_eq!(west.bytes_to_staging, files.iter().map(|f| f.len() as u64).sum::<u64>());
+    assert!(sent(&mesh, 0, is_get_chunk).is_empty(), "staged mode: nothing directly across regions");
+    // The region holds every file read: every pack is gone.
+    assert_eq!(distinct(&mesh.deletes), distinct(&mesh.uploads));
+    assert!(mesh.bucket.is_empty());
+}
+
+#[test]
+fn files_read_ahead_and_never_read_are_let_go_and_their_pack_deleted() {
+    let mut mesh =
+        Mesh::regions_tuned(&[("west", "eu"), ("east", "us")], Transfer::Staged, |c| c.stage_read_ahead = 8);
+    let files: Vec<Vec<u8>> = (0..6).map(|i| random_bytes(900 + i, 350 + i as u64)).collect();
+    mesh.ok(0, Request::Mkdir { path: "/g".into(), parents: false, mode: 0o755 });
+    for (i, data) in files.iter().enumerate() {
+        mesh.put(0, &format!("/g/a{i}"), data);
+    }
+    assert_eq!(mesh.read(1, "/g/a0", None).unwrap(), files[0]);
+    assert_eq!(mesh.uploads.len(), 1);
+    let Reply::Status(east) = mesh.ok(1, Request::Status) else { panic!("a status") };
+    assert_eq!(east.staged_packs, 1, "the pack of the five read ahead");
+    assert!(mesh.deletes.is_empty(), "five versions of the pack are not held in us yet");
+    // Nobody reads them: east lets them go, and tells west, which deletes the pack.
+    mesh.now += 60_000;
+    mesh.sites[1].handle_timeout(mesh.now);
+    mesh.run();
+    let Reply::Status(east) = mesh.ok(1, Request::Status) else { panic!("a status") };
+    assert_eq!(east.staged_packs, 0);
+    assert_eq!(mesh.deletes, mesh.uploads);
+    assert!(mesh.bucket.is_empty());
+    // Read later, one of them is staged again.
+    assert_eq!(mesh.read(1, "/g/a3", None).unwrap(), files[3]);
+    assert_eq!(mesh.uploads.len(), 2);
 }
 
 #[test]

@@ -21,4 +21,4 @@ pub mod s3_local;
 pub mod staging;
 
 /// Version of the site-to-site protocol. Bumped on any incompatible change of a message.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -76,35 +76,50 @@ pub enum Message {
         /// The chunk asked for.
         chunk: [u8; 32],
     },
-    /// Please put version `content` in the bucket for the sites of `region` (or say where it
-    /// is already).
+    /// Please put these versions in the bucket for the sites of `region` (or say where they
+    /// are already).
     Stage {
-        /// The version.
-        content: ContentId,
-        /// The region that will read it from the bucket.
+        /// The region that will read them from the bucket.
         region: String,
-        /// The pack the sender was told holds the version and found missing, tampered with or
-        /// truncated: the holder drops it and stages the version again.
+        /// The versions (at most [`STAGE_VERSIONS_MAX`]): the first is being read; the others
+        /// are read ahead, and a holder that cannot stage one of them just leaves it out.
+        contents: Vec<ContentId>,
+        /// The pack the sender was told holds the versions and found missing, tampered with or
+        /// truncated: the holder drops it and stages its versions again.
         spoiled: Option<Vec<u8>>,
     },
-    /// The answer to [`Message::Stage`]: the pack that holds the version, or why there is none.
+    /// The answer to [`Message::Stage`]: the pack that holds these versions, or why there is
+    /// none.
     Staged {
-        /// The version.
-        content: ContentId,
-        /// The region it was staged for.
+        /// The region they were staged for.
         region: String,
-        /// The name of the pack (several versions share one), or why it could not be staged.
+        /// The name of the pack, or why they could not be staged.
         pack: Result<Vec<u8>, String>,
+        /// The versions (at most [`STAGE_VERSIONS_MAX`]), each with its manifest when it is
+        /// small (the reader then reads it without asking who holds it).
+        versions: Vec<StagedVersion>,
     },
-    /// The sender now holds version `content`, which it read from the bucket: when every site
-    /// of its region has said so, the uploader deletes the staged copy.
+    /// The sender now holds these versions, read from the bucket, or no longer needs them
+    /// there: when every site of its region has said so, the uploader deletes the staged copy.
     Unstage {
-        /// The version.
-        content: ContentId,
         /// The sender's region.
         region: String,
+        /// The versions (at most [`STAGE_VERSIONS_MAX`]).
+        contents: Vec<ContentId>,
     },
 }
+
+/// A version named in [`Message::Staged`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedVersion {
+    /// The version.
+    pub content: ContentId,
+    /// Its encoded manifest, for a small version.
+    pub manifest: Option<Vec<u8>>,
+}
+
+/// Most versions one staging message names.
+pub const STAGE_VERSIONS_MAX: usize = 4_096;
 
 /// Longest region name a message carries.
 pub const REGION_MAX_BYTES: usize = 64;
@@ -149,6 +164,23 @@ fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     }
 }
 
+/// A count, then the versions.
+fn push_contents(out: &mut Vec<u8>, contents: &[ContentId]) {
+    push_varint(out, contents.len() as u64);
+    for content in contents {
+        out.extend_from_slice(&content.0);
+    }
+}
+
+fn read_contents(r: &mut Reader<'_>) -> Result<Vec<ContentId>, DecodeError> {
+    let (count, capacity) = r.count("versions", STAGE_VERSIONS_MAX, 32)?;
+    let mut contents = Vec::with_capacity(capacity);
+    for _ in 0..count {
+        contents.push(ContentId(r.array32("content id")?));
+    }
+    Ok(contents)
+}
+
 impl Message {
     /// The binary encoding.
     pub fn encode(&self) -> Vec<u8> {
@@ -188,15 +220,14 @@ impl Message {
                 push_varint(&mut out, *request);
                 out.extend_from_slice(chunk);
             }
-            Message::Stage { content, region, spoiled } => {
+            Message::Stage { region, contents, spoiled } => {
                 out.push(TAG_STAGE);
-                out.extend_from_slice(&content.0);
                 push_bytes(&mut out, region.as_bytes());
+                push_contents(&mut out, contents);
                 push_optional(&mut out, spoiled.as_deref());
             }
-            Message::Staged { content, region, pack } => {
+            Message::Staged { region, pack, versions } => {
                 out.push(TAG_STAGED);
-                out.extend_from_slice(&content.0);
                 push_bytes(&mut out, region.as_bytes());
                 match pack {
                     Ok(name) => {
@@ -213,11 +244,16 @@ impl Message {
                         push_bytes(&mut out, &e.as_bytes()[..end]);
                     }
                 }
+                push_varint(&mut out, versions.len() as u64);
+                for version in versions {
+                    out.extend_from_slice(&version.content.0);
+                    push_optional(&mut out, version.manifest.as_deref());
+                }
             }
-            Message::Unstage { content, region } => {
+            Message::Unstage { region, contents } => {
                 out.push(TAG_UNSTAGE);
-                out.extend_from_slice(&content.0);
                 push_bytes(&mut out, region.as_bytes());
+                push_contents(&mut out, contents);
             }
         }
         out
@@ -266,29 +302,39 @@ impl Message {
                 Message::NoChunk { request: r.varint("request id")?, chunk: r.array32("chunk hash")? }
             }
             TAG_STAGE => {
-                let content = ContentId(r.array32("content id")?);
                 let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                let contents = read_contents(&mut r)?;
                 let spoiled = match r.u8("spoiled flag")? {
                     0 => None,
                     1 => Some(r.bytes("pack name", PACK_NAME_MAX_BYTES)?.to_vec()),
                     tag => return Err(DecodeError::UnknownTag { what: "spoiled flag", tag }.into()),
                 };
-                Message::Stage { content, region, spoiled }
+                Message::Stage { region, contents, spoiled }
             }
             TAG_STAGED => {
-                let content = ContentId(r.array32("content id")?);
                 let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
                 let pack = match r.u8("pack flag")? {
                     0 => Ok(r.bytes("pack name", PACK_NAME_MAX_BYTES)?.to_vec()),
                     1 => Err(r.str("error", ERROR_MAX_BYTES)?.to_owned()),
                     tag => return Err(DecodeError::UnknownTag { what: "pack flag", tag }.into()),
                 };
-                Message::Staged { content, region, pack }
+                let (count, capacity) = r.count("staged versions", STAGE_VERSIONS_MAX, 33)?;
+                let mut versions = Vec::with_capacity(capacity);
+                for _ in 0..count {
+                    let content = ContentId(r.array32("content id")?);
+                    let manifest = match r.u8("manifest flag")? {
+                        0 => None,
+                        1 => Some(r.bytes("manifest", MESSAGE_MAX_BYTES)?.to_vec()),
+                        tag => return Err(DecodeError::UnknownTag { what: "manifest flag", tag }.into()),
+                    };
+                    versions.push(StagedVersion { content, manifest });
+                }
+                Message::Staged { region, pack, versions }
             }
-            TAG_UNSTAGE => Message::Unstage {
-                content: ContentId(r.array32("content id")?),
-                region: r.str("region", REGION_MAX_BYTES)?.to_owned(),
-            },
+            TAG_UNSTAGE => {
+                let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                Message::Unstage { region, contents: read_contents(&mut r)? }
+            }
             tag => return Err(DecodeError::UnknownTag { what: "message", tag }.into()),
         };
         r.finish("message")?;
@@ -311,26 +357,50 @@ mod tests {
             Message::GetChunk { request: 1 << 40, chunk: [6; 32], priority: Priority::Background },
             Message::Chunk { request: 3, chunk: [6; 32], data: vec![0; 1000] },
             Message::NoChunk { request: 3, chunk: [6; 32] },
-            Message::Stage { content: ContentId([8; 32]), region: "eu-west".into(), spoiled: None },
-            Message::Stage { content: ContentId([8; 32]), region: "us".into(), spoiled: Some(vec![3; 40]) },
-            Message::Staged { content: ContentId([8; 32]), region: "eu-west".into(), pack: Ok(vec![2; 49]) },
+            Message::Stage { region: "eu-west".into(), contents: vec![ContentId([8; 32])], spoiled: None },
+            Message::Stage {
+                region: "us".into(),
+                contents: vec![ContentId([8; 32]), ContentId([9; 32])],
+                spoiled: Some(vec![3; 40]),
+            },
             Message::Staged {
-                content: ContentId([8; 32]),
+                region: "eu-west".into(),
+                pack: Ok(vec![2; 49]),
+                versions: vec![
+                    StagedVersion { content: ContentId([8; 32]), manifest: None },
+                    StagedVersion { content: ContentId([9; 32]), manifest: Some(vec![1; 70]) },
+                ],
+            },
+            Message::Staged {
                 region: "ap".into(),
                 pack: Err("bucket gone".into()),
+                versions: vec![StagedVersion { content: ContentId([8; 32]), manifest: None }],
             },
-            Message::Unstage { content: ContentId([8; 32]), region: "eu-west".into() },
+            Message::Unstage {
+                region: "eu-west".into(),
+                contents: vec![ContentId([8; 32]), ContentId([7; 32])],
+            },
         ]
     }
 
     #[test]
     fn long_errors_are_cut_to_their_bound() {
         let error = "é".repeat(ERROR_MAX_BYTES);
-        let m = Message::Staged { content: ContentId([1; 32]), region: "r".into(), pack: Err(error.clone()) };
+        let m = Message::Staged { region: "r".into(), pack: Err(error.clone()), versions: Vec::new() };
         let Message::Staged { pack: Err(cut), .. } = Message::decode(&m.encode()).unwrap() else {
             panic!("a Staged message")
         };
         assert!(cut.len() <= ERROR_MAX_BYTES && error.starts_with(&cut) && !cut.is_empty());
+    }
+
+    #[test]
+    fn staging_messages_refuse_more_versions_than_their_bound() {
+        let contents = vec![ContentId([1; 32]); STAGE_VERSIONS_MAX + 1];
+        let m = Message::Unstage { region: "r".into(), contents };
+        assert!(matches!(
+            Message::decode(&m.encode()),
+            Err(ProtoError::Malformed(DecodeError::TooLong { what: "versions", .. }))
+        ));
     }
 
     #[test]

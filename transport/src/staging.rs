@@ -49,6 +49,9 @@ const PREAMBLE_BYTES: usize = MAGIC.len() + 4;
 /// Bytes read by the first GET of [`Staging::open`]: the whole header of packs of up to ~29,000
 /// chunks, and every chunk of a pack up to this size, in one request.
 const OPEN_PROBE_BYTES: u64 = 1 << 20;
+/// A pack up to this size is read whole when opened (a second GET for what the first did not
+/// cover): a pack of many small files is then read with two requests at most.
+const WHOLE_PACK_BYTES: u64 = 8 << 20;
 /// Most chunks in one pack (the header is then 36 MiB).
 pub const PACK_CHUNKS_MAX: usize = 1 << 20;
 /// Largest chunk a pack carries.
@@ -254,6 +257,13 @@ pub struct StagedPack {
     /// The object's first bytes, as read when it was opened: chunks within them are read
     /// without another request.
     head: bytes::Bytes,
+}
+
+impl StagedPack {
+    /// Bytes of the pack kept in memory (read when it was opened).
+    pub fn resident_bytes(&self) -> usize {
+        self.head.len()
+    }
 }
 
 fn plan(chunks: &[ChunkSpec], header_sealed_len: usize) -> (Vec<PackEntry>, u64) {
@@ -553,7 +563,17 @@ impl Staging {
             self.keys.open(&header_aad(&key), &sealed).ok_or_else(|| tampered("its header does not open"))?;
         let chunks = decode_header(&header).ok_or_else(|| tampered("its header is malformed"))?;
         let (entries, size) = plan(&chunks, header_len);
-        Ok(Some(StagedPack { key, entries, size, head: probe }))
+        let mut head = probe;
+        let covered = head.len() as u64;
+        if covered == OPEN_PROBE_BYTES && covered < size && size <= WHOLE_PACK_BYTES {
+            // A truncated object gives less: the chunks past its end fail when read.
+            let rest = self.get_range(&key, covered..size).await?;
+            let mut whole = bytes::BytesMut::with_capacity(size as usize);
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(&rest);
+            head = whole.freeze();
+        }
+        Ok(Some(StagedPack { key, entries, size, head }))
     }
 
     /// Reads chunk `index` of `pack`: one ranged GET, opened and checked against its hash.

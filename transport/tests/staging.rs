@@ -268,7 +268,7 @@ async fn an_unreachable_bucket_and_a_bad_configuration_are_clear_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_pack_is_read_whole_with_one_request_and_a_large_one_chunk_by_chunk() {
+async fn small_packs_are_read_whole_when_opened_and_large_ones_chunk_by_chunk() {
     let bucket = Bucket::local().await;
     let staging = bucket.staging().await;
     // A batch of small files: the open reads every chunk with the header.
@@ -278,10 +278,16 @@ async fn a_small_pack_is_read_whole_with_one_request_and_a_large_one_chunk_by_ch
     let before = bucket.server().requests();
     assert_eq!(read_all(&staging, b"small files").await.unwrap(), data);
     assert_eq!(bucket.server().requests() - before, 1);
-    // Chunks beyond the first MiB take a ranged GET each.
+    // Past the first MiB but small: the open reads the rest in a second request.
     let (data, refs) = chunks(8, &[700_000, 700_000, 700_000]);
+    stage(&staging, b"medium", &data, &refs).await;
+    let before = bucket.server().requests();
+    assert_eq!(read_all(&staging, b"medium").await.unwrap(), data);
+    assert_eq!(bucket.server().requests() - before, 2);
+    // Larger than a pack read whole: a ranged GET per chunk beyond the first MiB.
+    let (data, refs) = chunks(9, &[3_500_000, 3_500_000, 3_500_000]);
     stage(&staging, b"large", &data, &refs).await;
     let before = bucket.server().requests();
     assert_eq!(read_all(&staging, b"large").await.unwrap(), data);
-    assert_eq!(bucket.server().requests() - before, 3, "the open reads the first chunk");
+    assert_eq!(bucket.server().requests() - before, 4, "the open, then each chunk");
 }

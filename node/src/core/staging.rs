@@ -4,9 +4,17 @@
 //! holder of S — the same one every site of R picks, the first connected in site order — where
 //! the version is staged for R ([`Message::Stage`]). The answer names a *pack*; the reader opens
 //! it once (one bucket request reads the header, and every chunk of a small pack) and reads the
-//! version's chunks from it. Once the version is held here, the reader tells the sites of S
-//! ([`Message::Unstage`]). A pack that turns out missing, tampered with or truncated is reported
-//! to the holder on the next ask, which stages the version again.
+//! version's chunks from it. Once the version is held here, the reader tells the holder
+//! ([`Message::Unstage`], batched). A pack that turns out missing, tampered with or truncated is
+//! reported to the holder on the next ask, which stages the version again.
+//!
+//! **Read-ahead**: a read of a file that asks for its version also asks for up to
+//! [`SiteConfig::stage_read_ahead`] small files that follow it in its directory (what a reader
+//! going through the directory reads next), in the same message; the holder stages them in the
+//! same pack and sends their manifests with the answer, so reading them costs neither a "who
+//! holds" round nor another upload. When a read reaches the middle of what was read ahead, the
+//! next files are asked for. Files read ahead and not read within [`READ_AHEAD_IDLE_MS`] are
+//! let go (and the holder told).
 //!
 //! **Holder**: versions asked for by a region are queued, and up to
 //! [`SiteConfig::stage_uploads_in_flight`] packs per region go up at once; the versions asked
@@ -20,8 +28,9 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
+use crdt_namespace::EntryKind;
 use crdt_namespace::{ContentId, SiteId};
-use transport::proto::Message;
+use transport::proto::{Message, StagedVersion};
 
 use super::{Output, Site, SiteError, Transfer};
 use crate::content::{ChunkHash, ChunkRef};
@@ -43,6 +52,20 @@ const PACK_VERSIONS_MAX: usize = 1_024;
 
 /// Bytes of versions batched into one pack; a larger version goes alone.
 const PACK_BYTES_MAX: u64 = 64 << 20;
+
+/// Largest file read ahead, and largest version whose manifest goes with the answer to a
+/// [`Message::Stage`].
+const READ_AHEAD_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// Bytes read ahead by one ask.
+const READ_AHEAD_BYTES_MAX: u64 = 16 << 20;
+
+/// A version read ahead that no read wanted for this long is let go.
+pub(super) const READ_AHEAD_IDLE_MS: u64 = 60_000;
+
+/// Confirmations ([`Message::Unstage`]) wait to go together while reads through the bucket go
+/// on, up to this many per holder (and at most until the next tick).
+const UNSTAGE_BATCH_MAX: usize = 256;
 
 /// The name of the pack `serial` that `site` stages from `from_region` to `to_region` with the
 /// given versions: unique per upload while the site runs, and the same batch after a restart
@@ -117,6 +140,10 @@ struct StagedRead {
     /// The holder that last named a pack for it: the one to tell once it is held here.
     stager: Option<SiteId>,
     state: Stage,
+    /// Asked for ahead of any read, since then; `None` once a read wants it.
+    ahead_since_ms: Option<u64>,
+    /// The first read that wants it asks for the next files ahead.
+    trigger: bool,
 }
 
 /// A pack this site reads from.
@@ -159,6 +186,8 @@ pub(super) struct StageState {
     uploading: BTreeMap<String, usize>,
     /// Packs started since the site started (part of their names).
     serial: u64,
+    /// Confirmations not sent yet, per holder.
+    unstage: BTreeMap<SiteId, Vec<ContentId>>,
     pub(super) bytes_from_staging: u64,
     pub(super) bytes_to_staging: u64,
 }
@@ -203,8 +232,12 @@ impl Site {
             Some(_) => None,
         };
         if let Some(spoiled) = ask {
-            // New, or failed long enough ago to try again.
-            self.ask_to_stage(content, from_region, spoiled, BTreeSet::new());
+            // New (then the files that follow it are asked for too), or failed long enough ago
+            // to try again.
+            let read_ahead = spoiled.is_none() && !self.stage.reads.contains_key(&content);
+            self.ask_to_stage(content, from_region, spoiled, BTreeSet::new(), read_ahead);
+        } else {
+            self.wanted(content, hash);
         }
         let read = self.stage.reads.get(&content).expect("asked above");
         let (name, reason) = match &read.state {
@@ -243,6 +276,89 @@ impl Site {
         self.fetch_through_staging(hash)
     }
 
+    /// A read wants `content`, already asked for: if it was read ahead, it no longer is, and
+    /// the first read to want the one marked so asks for the next files ahead.
+    fn wanted(&mut self, content: ContentId, hash: ChunkHash) {
+        let Some(read) = self.stage.reads.get_mut(&content) else { return };
+        if read.ahead_since_ms.take().is_none() || !std::mem::take(&mut read.trigger) {
+            return;
+        }
+        let holder = match &read.state {
+            Stage::Requested { from, .. } => Some(from.clone()),
+            Stage::InPack { .. } => read.stager.clone(),
+            Stage::Failed { .. } => None,
+        };
+        let from_region = read.from_region.clone();
+        let path =
+            self.fetches.get(&hash).and_then(|f| f.waiters.first()).and_then(|(id, _)| self.reads.get(id));
+        let (Some(holder), Some(path)) = (holder, path.map(|r| r.path.clone())) else { return };
+        if !self.peers.contains_key(&holder) {
+            return;
+        }
+        let contents = self.read_ahead(&path, &holder, &from_region);
+        if !contents.is_empty() {
+            let message = Message::Stage { region: self.config.region.clone(), contents, spoiled: None };
+            self.emit(Output::Send { to: holder, message });
+        }
+    }
+
+    /// Registers, as asked of `holder`, up to [`SiteConfig::stage_read_ahead`] small files that
+    /// follow `path` in its directory, written in `from_region`, neither held here nor asked
+    /// for yet; returns their versions.
+    fn read_ahead(&mut self, path: &str, holder: &SiteId, from_region: &str) -> Vec<ContentId> {
+        let limit = self.config.stage_read_ahead;
+        if limit == 0 {
+            return Vec::new();
+        }
+        // Versions asked for already are passed over, up to as many again.
+        let next = self.ns.next_siblings(path, limit * 2).unwrap_or_default();
+        let mut contents = Vec::new();
+        let mut bytes = 0;
+        for entry in next {
+            let Some(version) = entry.stat.version.filter(|_| entry.stat.kind == EntryKind::File) else {
+                continue;
+            };
+            let written_there = SiteId::new(&version.site).is_ok_and(|w| self.region_of(&w) == from_region);
+            if version.size == 0
+                || version.size > READ_AHEAD_FILE_BYTES_MAX
+                || !written_there
+                || self.held.contains_key(&version.content)
+                || self.stage.reads.contains_key(&version.content)
+                || contents.contains(&version.content)
+            {
+                continue;
+            }
+            if bytes + version.size > READ_AHEAD_BYTES_MAX {
+                break;
+            }
+            bytes += version.size;
+            contents.push(version.content);
+            if contents.len() == limit {
+                break;
+            }
+        }
+        let now = self.now_ms;
+        let middle = contents.len() / 2;
+        for (i, content) in contents.iter().enumerate() {
+            let state = Stage::Requested {
+                from: holder.clone(),
+                since_ms: now,
+                last_ask_ms: now,
+                spoiled: None,
+                tried: BTreeSet::new(),
+            };
+            let read = StagedRead {
+                from_region: from_region.to_owned(),
+                stager: None,
+                state,
+                ahead_since_ms: Some(now),
+                trigger: i == middle,
+            };
+            self.stage.reads.insert(*content, read);
+        }
+        contents
+    }
+
     fn park(&mut self, hash: ChunkHash) -> bool {
         let now = self.now_ms;
         let fetch = self.fetches.get_mut(&hash).expect("a fetch being routed");
@@ -251,38 +367,57 @@ impl Site {
     }
 
     /// Asks a connected holder of `from_region` not in `tried` where `content` is staged for
-    /// this region. Every reader asks the same one, so the version goes up once: the site that
-    /// wrote it (which keeps what it wrote), else the first holder in site order.
+    /// this region (with the files read ahead of it, if `read_ahead`). Every reader asks the
+    /// same one, so the version goes up once: the site that wrote it (which keeps what it
+    /// wrote), else the first holder in site order.
     fn ask_to_stage(
         &mut self,
         content: ContentId,
         from_region: String,
         spoiled: Option<Vec<u8>>,
         tried: BTreeSet<SiteId>,
+        read_ahead: bool,
     ) {
-        let writer = self.reads.values().find(|r| r.content == content).and_then(|r| r.writer.clone());
+        let reader = self.reads.values().find(|r| r.content == content);
+        let path = reader.map(|r| r.path.clone());
+        let writer = reader.and_then(|r| r.writer.clone());
         let holder = writer
             .iter()
             .chain(self.holders.get(&content).into_iter().flatten())
             .find(|h| self.peers.contains_key(*h) && self.region_of(h) == from_region && !tried.contains(*h))
             .cloned();
         let now = self.now_ms;
-        let state = match holder {
-            Some(from) => {
-                let region = self.config.region.clone();
-                let message = Message::Stage { content, region, spoiled: spoiled.clone() };
-                self.emit(Output::Send { to: from.clone(), message });
-                Stage::Requested { from, since_ms: now, last_ask_ms: now, spoiled, tried }
-            }
+        self.leave_pack(content);
+        let stager = self.stage.reads.get(&content).and_then(|r| r.stager.clone());
+        let state = match &holder {
+            Some(from) => Stage::Requested {
+                from: from.clone(),
+                since_ms: now,
+                last_ask_ms: now,
+                spoiled: spoiled.clone(),
+                tried,
+            },
             None => Stage::Failed {
                 reason: format!("no site of region {from_region} is connected to stage it"),
                 since_ms: now,
-                spoiled,
+                spoiled: spoiled.clone(),
             },
         };
-        self.leave_pack(content);
-        let stager = self.stage.reads.get(&content).and_then(|r| r.stager.clone());
-        self.stage.reads.insert(content, StagedRead { from_region, stager, state });
+        let read = StagedRead {
+            from_region: from_region.clone(),
+            stager,
+            state,
+            ahead_since_ms: None,
+            trigger: false,
+        };
+        self.stage.reads.insert(content, read);
+        let Some(from) = holder else { return };
+        let mut contents = vec![content];
+        if read_ahead && let Some(path) = path {
+            contents.extend(self.read_ahead(&path, &from, &from_region));
+        }
+        let message = Message::Stage { region: self.config.region.clone(), contents, spoiled };
+        self.emit(Output::Send { to: from, message });
     }
 
     /// Staging does not work for `content` right now: in `auto` mode the fetch goes direct
@@ -321,71 +456,120 @@ impl Site {
         }
     }
 
+    /// Forgets a version read ahead that no read wants: its pack, its manifest, and (if it was
+    /// staged) the holder is told this site no longer needs it.
+    fn let_go(&mut self, content: ContentId) {
+        self.leave_pack(content);
+        let Some(read) = self.stage.reads.remove(&content) else { return };
+        if !self.reads.values().any(|r| r.content == content) {
+            self.manifests.remove(&content);
+        }
+        if let (Stage::InPack { .. }, Some(stager)) = (read.state, read.stager) {
+            self.queue_unstage(stager, content);
+        }
+    }
+
     /// A pack is unusable. A spoiled one is reported to its holder at once, which stages its
     /// versions again (once: if that pack is spoiled too, or the bucket failed, the versions are
     /// read another way for now, and the holder is asked again after [`STAGE_RETRY_MS`]).
+    /// Versions in it only read ahead are let go.
     fn fail_pack(&mut self, name: &[u8], error: BucketError) {
         let Some(pack) = self.stage.packs_in.remove(name) else { return };
         for content in &pack.contents {
             let Some(read) = self.stage.reads.get_mut(content) else { continue };
+            if read.ahead_since_ms.is_some() {
+                self.stage.reads.remove(content);
+                continue;
+            }
             let spoiled = error.spoiled.then(|| name.to_vec());
             if error.spoiled && matches!(read.state, Stage::InPack { restaged: false, .. }) {
                 let from_region = read.from_region.clone();
-                self.ask_to_stage(*content, from_region, spoiled, BTreeSet::new());
+                self.ask_to_stage(*content, from_region, spoiled, BTreeSet::new(), false);
             } else {
                 read.state = Stage::Failed { reason: error.reason.clone(), since_ms: self.now_ms, spoiled };
             }
         }
-        for content in pack.contents {
-            self.resend_parked(Some(content));
+        self.resend_parked_of(&pack.contents);
+    }
+
+    /// Sends again the fetches of these versions that wait.
+    fn resend_parked_of(&mut self, contents: &BTreeSet<ContentId>) {
+        if contents.len() == 1 {
+            self.resend_parked(contents.first().copied());
+        } else if !contents.is_empty() {
+            let parked: Vec<ChunkHash> = self
+                .fetches
+                .iter()
+                .filter(|(_, f)| f.parked_since_ms.is_some() && contents.contains(&f.content))
+                .map(|(h, _)| *h)
+                .collect();
+            for hash in parked {
+                self.send_fetch(hash);
+            }
         }
     }
 
-    /// The answer of a holder asked where `content` is staged.
+    /// The answer of a holder asked where versions are staged.
     pub(super) fn on_staged(
         &mut self,
         from: &SiteId,
-        content: ContentId,
         region: String,
         pack: Result<Vec<u8>, String>,
+        versions: Vec<StagedVersion>,
     ) {
         if region != self.config.region {
             return;
         }
-        let Some(read) = self.stage.reads.get_mut(&content) else { return };
-        let Stage::Requested { from: asked, tried, spoiled, .. } = &mut read.state else { return };
-        if asked != from {
-            return;
-        }
-        match pack {
-            Ok(name) => {
-                read.state = Stage::InPack { name: name.clone(), restaged: spoiled.is_some() };
-                read.stager = Some(from.clone());
-                match self.stage.packs_in.entry(name.clone()) {
-                    Entry::Occupied(mut pack) => {
-                        pack.get_mut().contents.insert(content);
+        let mut answered = BTreeSet::new();
+        for StagedVersion { content, manifest } in versions {
+            let Some(read) = self.stage.reads.get_mut(&content) else { continue };
+            let Stage::Requested { from: asked, tried, spoiled, .. } = &mut read.state else { continue };
+            if asked != from {
+                continue;
+            }
+            answered.insert(content);
+            match &pack {
+                Ok(name) => {
+                    read.state = Stage::InPack { name: name.clone(), restaged: spoiled.is_some() };
+                    read.stager = Some(from.clone());
+                    match self.stage.packs_in.entry(name.clone()) {
+                        Entry::Occupied(mut pack) => {
+                            pack.get_mut().contents.insert(content);
+                        }
+                        Entry::Vacant(pack) => {
+                            pack.insert(PackIn { index: None, contents: BTreeSet::from([content]) });
+                            self.emit(Output::StageOpen { name: name.clone() });
+                        }
                     }
-                    Entry::Vacant(pack) => {
-                        pack.insert(PackIn { index: None, contents: BTreeSet::from([content]) });
-                        self.emit(Output::StageOpen { name });
+                    if let Some(bytes) = manifest
+                        && !self.held.contains_key(&content)
+                    {
+                        self.learn_holder(from, content, &bytes);
+                        if !self.peers.contains_key(from) {
+                            // Disconnected for a bad manifest.
+                            return;
+                        }
+                    }
+                }
+                Err(_) if read.ahead_since_ms.is_some() => {
+                    self.stage.reads.remove(&content);
+                }
+                Err(reason) => {
+                    // Another holder may do it (the writer may no longer hold what it wrote);
+                    // with none left, the refusal is the reason.
+                    let mut tried = std::mem::take(tried);
+                    tried.insert(from.clone());
+                    let (from_region, spoiled) = (read.from_region.clone(), spoiled.take());
+                    self.ask_to_stage(content, from_region, spoiled, tried, false);
+                    if let Some(StagedRead { state: Stage::Failed { reason: why, .. }, .. }) =
+                        self.stage.reads.get_mut(&content)
+                    {
+                        *why = format!("{from} could not stage it: {reason}");
                     }
                 }
             }
-            Err(reason) => {
-                // Another holder may do it (the writer may no longer hold what it wrote); with
-                // none left, the refusal is the reason.
-                let mut tried = std::mem::take(tried);
-                tried.insert(from.clone());
-                let (from_region, spoiled) = (read.from_region.clone(), spoiled.take());
-                self.ask_to_stage(content, from_region, spoiled, tried);
-                if let Some(StagedRead { state: Stage::Failed { reason: why, .. }, .. }) =
-                    self.stage.reads.get_mut(&content)
-                {
-                    *why = format!("{from} could not stage it: {reason}");
-                }
-            }
         }
-        self.resend_parked(Some(content));
+        self.resend_parked_of(&answered);
     }
 
     /// The result of an [`Output::StageOpen`]: the pack's chunks, `None` if it is not in the
@@ -404,10 +588,8 @@ impl Site {
         match opened {
             Ok(Some(chunks)) => {
                 pack.index = Some(chunks.into_iter().enumerate().map(|(i, h)| (h, i as u32)).collect());
-                let contents: Vec<ContentId> = pack.contents.iter().copied().collect();
-                for content in contents {
-                    self.resend_parked(Some(content));
-                }
+                let contents = pack.contents.clone();
+                self.resend_parked_of(&contents);
             }
             Ok(None) => {
                 let error = BucketError::spoiled("its holder staged it, but the bucket does not have it");
@@ -456,68 +638,145 @@ impl Site {
     pub(super) fn confirm_staged(&mut self, content: ContentId) {
         self.leave_pack(content);
         let Some(read) = self.stage.reads.remove(&content) else { return };
-        let region = self.config.region.clone();
         let to: Vec<SiteId> = match read.stager.filter(|s| self.peers.contains_key(s)) {
             Some(stager) => vec![stager],
             None => self.peers.keys().filter(|p| self.region_of(p) == read.from_region).cloned().collect(),
         };
         for to in to {
-            self.emit(Output::Send { to, message: Message::Unstage { content, region: region.clone() } });
+            self.queue_unstage(to, content);
+        }
+        // Confirmations go together while reads through the bucket go on, at once after the last.
+        if !self.stage.reads.values().any(|r| r.ahead_since_ms.is_none()) {
+            self.send_unstaged();
         }
     }
 
-    /// A site of another region asks where version `content` is staged for it.
+    /// Queues a confirmation for `to`; a full batch goes at once.
+    fn queue_unstage(&mut self, to: SiteId, content: ContentId) {
+        let queued = self.stage.unstage.entry(to.clone()).or_default();
+        queued.push(content);
+        if queued.len() >= UNSTAGE_BATCH_MAX {
+            let contents = self.stage.unstage.remove(&to).expect("just queued");
+            let message = Message::Unstage { region: self.config.region.clone(), contents };
+            self.emit(Output::Send { to, message });
+        }
+    }
+
+    /// Sends the confirmations queued.
+    fn send_unstaged(&mut self) {
+        for (to, contents) in std::mem::take(&mut self.stage.unstage) {
+            if self.peers.contains_key(&to) {
+                let message = Message::Unstage { region: self.config.region.clone(), contents };
+                self.emit(Output::Send { to, message });
+            }
+        }
+    }
+
+    /// The answer naming `pack` for `contents`, with the manifests of the small ones.
+    fn staged_answer(
+        &self,
+        region: &str,
+        pack: Result<Vec<u8>, String>,
+        contents: Vec<ContentId>,
+    ) -> Message {
+        let with_manifests = pack.is_ok();
+        let versions = contents
+            .into_iter()
+            .map(|content| StagedVersion {
+                content,
+                manifest: self
+                    .held
+                    .get(&content)
+                    .filter(|m| with_manifests && m.size <= READ_AHEAD_FILE_BYTES_MAX)
+                    .map(|m| m.encode()),
+            })
+            .collect();
+        Message::Staged { region: region.to_owned(), pack, versions }
+    }
+
+    /// A site of another region asks where versions are staged for it.
     pub(super) fn stage_for(
         &mut self,
         from: &SiteId,
-        content: ContentId,
         region: String,
+        contents: Vec<ContentId>,
         spoiled: Option<Vec<u8>>,
     ) {
-        let refuse = |reason: String| Output::Send {
-            to: from.clone(),
-            message: Message::Staged { content, region: region.clone(), pack: Err(reason) },
-        };
         if !self.config.staging {
-            return self.emit(refuse(format!("site {} has no staging bucket", self.config.site)));
+            let why = format!("site {} has no staging bucket", self.config.site);
+            let message = self.staged_answer(&region, Err(why), contents);
+            return self.emit(Output::Send { to: from.clone(), message });
         }
-        if !self.held.contains_key(&content) {
-            return self.emit(refuse(format!("site {} does not hold version {content}", self.config.site)));
-        }
-        let key = (content, region.clone());
         if let Some(bad) = spoiled
-            && self.stage.staged_out.get(&key) == Some(&bad)
+            && contents.iter().any(|c| self.stage.staged_out.get(&(*c, region.clone())) == Some(&bad))
             && self.stage.packs_out.get(&bad).is_some_and(|p| p.uploaded)
         {
             tracing::warn!(site = %from, "a staged pack was found spoiled: staging its versions again");
             self.drop_pack(&bad);
         }
-        let in_pack = match self.stage.staged_out.get(&key) {
-            Some(name) => {
-                let pack = self.stage.packs_out.get_mut(name).expect("a staged version is in a pack");
-                if pack.uploaded {
-                    pack.last_ms = self.now_ms;
-                    let message = Message::Staged { content, region, pack: Ok(name.clone()) };
-                    return self.emit(Output::Send { to: from.clone(), message });
-                }
-                true
+        let mut refused = Vec::new();
+        let mut ready: BTreeMap<Vec<u8>, Vec<ContentId>> = BTreeMap::new();
+        let mut seen = HashSet::new();
+        for content in contents {
+            if !seen.insert(content) {
+                continue;
             }
-            None => false,
-        };
-        let waiting = self.stage.waiting.entry(key).or_default();
-        if waiting.is_empty() && !in_pack {
-            self.stage.queue.entry(region.clone()).or_default().push_back(content);
+            if !self.held.contains_key(&content) {
+                refused.push(content);
+                continue;
+            }
+            let key = (content, region.clone());
+            let in_pack = match self.stage.staged_out.get(&key) {
+                Some(name) => {
+                    let pack = self.stage.packs_out.get_mut(name).expect("a staged version is in a pack");
+                    if pack.uploaded {
+                        pack.last_ms = self.now_ms;
+                        ready.entry(name.clone()).or_default().push(content);
+                        continue;
+                    }
+                    true
+                }
+                None => false,
+            };
+            let waiting = self.stage.waiting.entry(key).or_default();
+            if waiting.is_empty() && !in_pack {
+                self.stage.queue.entry(region.clone()).or_default().push_back(content);
+            }
+            if !waiting.contains(from) {
+                waiting.push(from.clone());
+            }
         }
-        if !waiting.contains(from) {
-            waiting.push(from.clone());
+        if !refused.is_empty() {
+            let why = format!("site {} does not hold this version", self.config.site);
+            let message = self.staged_answer(&region, Err(why), refused);
+            self.emit(Output::Send { to: from.clone(), message });
+        }
+        for (name, contents) in ready {
+            let message = self.staged_answer(&region, Ok(name), contents);
+            self.emit(Output::Send { to: from.clone(), message });
         }
         self.start_uploads(&region);
+    }
+
+    /// Tells the sites waiting for `contents` (staged for `region`) the answer.
+    fn answer_waiting(&mut self, region: &str, answer: Result<Vec<u8>, String>, contents: &[ContentId]) {
+        let mut to_site: BTreeMap<SiteId, Vec<ContentId>> = BTreeMap::new();
+        for content in contents {
+            for to in self.stage.waiting.remove(&(*content, region.to_owned())).unwrap_or_default() {
+                to_site.entry(to).or_default().push(*content);
+            }
+        }
+        for (to, contents) in to_site {
+            let message = self.staged_answer(region, answer.clone(), contents);
+            self.emit(Output::Send { to, message });
+        }
     }
 
     /// Starts uploading the versions queued for `region`, in packs, up to the bound of uploads
     /// in flight.
     fn start_uploads(&mut self, region: &str) {
         let Some(mut queue) = self.stage.queue.remove(region) else { return };
+        let mut gone = Vec::new();
         while self.stage.uploading.get(region).copied().unwrap_or(0) < self.config.stage_uploads_in_flight {
             let mut contents = Vec::new();
             let mut chunks: Vec<ChunkRef> = Vec::new();
@@ -526,12 +785,7 @@ impl Site {
             while let Some(&content) = queue.front() {
                 let Some(manifest) = self.held.get(&content) else {
                     queue.pop_front();
-                    let reason = format!("site {} no longer holds version {content}", self.config.site);
-                    for to in self.stage.waiting.remove(&(content, region.to_owned())).unwrap_or_default() {
-                        let message =
-                            Message::Staged { content, region: region.to_owned(), pack: Err(reason.clone()) };
-                        self.emit(Output::Send { to, message });
-                    }
+                    gone.push(content);
                     continue;
                 };
                 if !contents.is_empty()
@@ -568,6 +822,10 @@ impl Site {
         if !queue.is_empty() {
             self.stage.queue.insert(region.to_owned(), queue);
         }
+        if !gone.is_empty() {
+            let reason = format!("site {} no longer holds this version", self.config.site);
+            self.answer_waiting(region, Err(reason), &gone);
+        }
     }
 
     /// The result of an [`Output::StageUpload`]: the bytes uploaded, or why it failed.
@@ -596,35 +854,37 @@ impl Site {
                 pack.contents
             }
         };
-        let answer = uploaded.map(|_| name);
-        for content in contents {
-            for to in self.stage.waiting.remove(&(content, region.clone())).unwrap_or_default() {
-                let message = Message::Staged { content, region: region.clone(), pack: answer.clone() };
-                self.emit(Output::Send { to, message });
-            }
-        }
+        self.answer_waiting(&region, uploaded.map(|_| name), &contents);
         self.start_uploads(&region);
     }
 
-    /// A site of `region` holds `content` now, read from the bucket.
-    pub(super) fn on_unstage(&mut self, from: &SiteId, content: ContentId, region: String) {
+    /// A site of `region` holds these versions now, read from the bucket (or no longer needs
+    /// them).
+    pub(super) fn on_unstage(&mut self, from: &SiteId, region: String, contents: Vec<ContentId>) {
         if self.config.regions.get(from) != Some(&region) {
             return;
         }
-        let Some(name) = self.stage.staged_out.get(&(content, region.clone())).cloned() else { return };
-        let pack = self.stage.packs_out.get_mut(&name).expect("a staged version is in a pack");
-        if !pack.uploaded {
-            return;
-        }
-        pack.last_ms = self.now_ms;
-        let confirmed = pack.confirmed.entry(content).or_default();
-        if confirmed.insert(from.clone())
-            && self.config.regions.iter().filter(|(_, r)| **r == region).all(|(s, _)| confirmed.contains(s))
-        {
-            pack.complete += 1;
-        }
-        if pack.complete == pack.contents.len() {
-            self.drop_pack(&name);
+        for content in contents {
+            let Some(name) = self.stage.staged_out.get(&(content, region.clone())).cloned() else { continue };
+            let pack = self.stage.packs_out.get_mut(&name).expect("a staged version is in a pack");
+            if !pack.uploaded {
+                continue;
+            }
+            pack.last_ms = self.now_ms;
+            let confirmed = pack.confirmed.entry(content).or_default();
+            if confirmed.insert(from.clone())
+                && self
+                    .config
+                    .regions
+                    .iter()
+                    .filter(|(_, r)| **r == region)
+                    .all(|(s, _)| confirmed.contains(s))
+            {
+                pack.complete += 1;
+            }
+            if pack.complete == pack.contents.len() {
+                self.drop_pack(&name);
+            }
         }
     }
 
@@ -640,27 +900,32 @@ impl Site {
         self.emit(Output::StageDelete { name: name.to_vec() });
     }
 
-    /// A peer is gone: the versions it was asked to stage are asked of another holder.
+    /// A peer is gone: the versions it was asked to stage are asked of another holder (those
+    /// only read ahead are let go).
     pub(super) fn staging_peer_down(&mut self, peer: &SiteId) {
-        let asked: Vec<(ContentId, String, Option<Vec<u8>>)> = self
+        let asked: Vec<(ContentId, String, Option<Vec<u8>>, bool)> = self
             .stage
             .reads
             .iter()
             .filter_map(|(content, read)| match &read.state {
                 Stage::Requested { from, spoiled, .. } if from == peer => {
-                    Some((*content, read.from_region.clone(), spoiled.clone()))
+                    Some((*content, read.from_region.clone(), spoiled.clone(), read.ahead_since_ms.is_some()))
                 }
                 _ => None,
             })
             .collect();
-        for (content, from_region, spoiled) in asked {
-            self.ask_to_stage(content, from_region, spoiled, BTreeSet::new());
+        for (content, from_region, spoiled, ahead) in asked {
+            if ahead {
+                self.stage.reads.remove(&content);
+                continue;
+            }
+            self.ask_to_stage(content, from_region, spoiled, BTreeSet::new(), false);
             self.resend_parked(Some(content));
         }
     }
 
-    /// Time passes: ask again, give up on holders that do not answer, delete packs no longer
-    /// needed.
+    /// Time passes: send confirmations, ask again, give up on holders that do not answer, let
+    /// go of what was read ahead and not read, delete packs no longer needed.
     pub(super) fn staging_timeout(&mut self, now_ms: u64) {
         let done: Vec<Vec<u8>> = self
             .stage
@@ -677,24 +942,38 @@ impl Site {
             self.drop_pack(&name);
         }
         let retry = self.config.who_has_retry_ms;
-        let mut ask_again = Vec::new();
+        let mut ask_again: BTreeMap<(SiteId, Option<Vec<u8>>), Vec<ContentId>> = BTreeMap::new();
         let mut stalled = Vec::new();
+        let mut idle = Vec::new();
         for (content, read) in &mut self.stage.reads {
-            if let Stage::Requested { from, since_ms, last_ask_ms, spoiled, .. } = &mut read.state {
+            if read.ahead_since_ms.is_some_and(|since| now_ms.saturating_sub(since) >= READ_AHEAD_IDLE_MS) {
+                idle.push(*content);
+            } else if let Stage::Requested { from, since_ms, last_ask_ms, spoiled, .. } = &mut read.state {
                 if now_ms.saturating_sub(*since_ms) >= self.config.stage_timeout_ms {
                     stalled.push(*content);
                 } else if now_ms.saturating_sub(*last_ask_ms) >= retry {
                     *last_ask_ms = now_ms;
-                    ask_again.push((from.clone(), *content, spoiled.clone()));
+                    ask_again.entry((from.clone(), spoiled.clone())).or_default().push(*content);
                 }
             }
         }
-        for (to, content, spoiled) in ask_again {
-            let region = self.config.region.clone();
-            self.emit(Output::Send { to, message: Message::Stage { content, region, spoiled } });
+        for content in idle {
+            self.let_go(content);
+        }
+        for ((to, spoiled), contents) in ask_again {
+            for contents in contents.chunks(transport::proto::STAGE_VERSIONS_MAX) {
+                let region = self.config.region.clone();
+                let message =
+                    Message::Stage { region, contents: contents.to_vec(), spoiled: spoiled.clone() };
+                self.emit(Output::Send { to: to.clone(), message });
+            }
         }
         for content in stalled {
             let read = self.stage.reads.get_mut(&content).expect("listed above");
+            if read.ahead_since_ms.is_some() {
+                self.stage.reads.remove(&content);
+                continue;
+            }
             read.state = Stage::Failed {
                 reason: "the holder asked to stage it did not answer in time".into(),
                 since_ms: now_ms,
@@ -702,5 +981,6 @@ impl Site {
             };
             self.resend_parked(Some(content));
         }
+        self.send_unstaged();
     }
 }
