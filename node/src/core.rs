@@ -540,6 +540,12 @@ impl Site {
         self.now_ms
     }
 
+    /// Versions this site tracks as read (or read ahead) through the bucket, and packs it
+    /// reads from: both drop to zero a minute after the last read, whatever happened.
+    pub fn staged_reads(&self) -> (usize, usize) {
+        self.stage.read_backlog()
+    }
+
     /// Whether chunk requests are in flight.
     pub fn fetching(&self) -> bool {
         !self.fetches.is_empty()
@@ -782,11 +788,19 @@ impl Site {
         {
             fetch.tried.clear();
         }
+        let none_connected = connected.is_empty();
         let holder = connected.into_iter().find(|h| !fetch.tried.contains(*h)).cloned();
         let Some(holder) = holder else {
+            let newly_parked = fetch.parked_since_ms.is_none();
             let parked_since = *fetch.parked_since_ms.get_or_insert(self.now_ms);
             let waited = self.now_ms.saturating_sub(parked_since);
             if fetch.attempts < FETCH_ATTEMPTS_MAX && waited < self.config.who_has_timeout_ms {
+                if newly_parked && none_connected {
+                    // Every holder known is gone (or the manifest came with a staging answer,
+                    // from one holder): others may hold it.
+                    let content = fetch.content;
+                    self.ask_who_has(content);
+                }
                 return;
             }
             let fetch = self.fetches.remove(&hash).expect("checked above");
@@ -1055,9 +1069,13 @@ impl Site {
             Ok(_) => return self.disconnect(from, format!("manifest does not match version {content}")),
             Err(e) => return self.disconnect(from, format!("bad manifest: {e}")),
         };
-        self.holders.entry(content).or_default().insert(from.clone());
+        let new_holder = self.holders.entry(content).or_default().insert(from.clone());
         if !self.held.contains_key(&content) {
             self.manifests.insert(content, manifest.clone());
+        }
+        if new_holder {
+            // Fetches that waited for a holder go to this one.
+            self.resend_parked(Some(content));
         }
         let waiting: Vec<RequestId> = self
             .reads

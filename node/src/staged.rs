@@ -73,10 +73,11 @@ struct OpenPacks {
 impl OpenPacks {
     fn insert(&mut self, name: Vec<u8>, pack: StagedPack) {
         self.bytes += pack.resident_bytes();
-        match self.packs.insert(name.clone(), pack) {
-            Some(old) => self.bytes -= old.resident_bytes(),
-            None => self.order.push_back(name),
+        if let Some(old) = self.packs.insert(name.clone(), pack) {
+            self.bytes -= old.resident_bytes();
+            self.order.retain(|n| *n != name);
         }
+        self.order.push_back(name);
         // The newest stays, whatever its size.
         while self.order.len() > 1 && (self.order.len() > PACKS_OPEN_MAX || self.bytes > PACKS_OPEN_BYTES_MAX)
         {

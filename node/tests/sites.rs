@@ -860,6 +860,28 @@ fn files_read_ahead_and_never_read_are_let_go_and_their_pack_deleted() {
 }
 
 #[test]
+fn files_read_ahead_are_still_read_when_the_holder_that_staged_them_goes_away() {
+    let sites = [("west", "eu"), ("west2", "eu"), ("east", "us")];
+    let mut mesh = Mesh::regions_tuned(&sites, Transfer::Staged, |c| c.stage_read_ahead = 8);
+    let files: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(800 + i, 360 + i as u64)).collect();
+    mesh.ok(0, Request::Mkdir { path: "/d".into(), parents: false, mode: 0o755 });
+    for (i, data) in files.iter().enumerate() {
+        mesh.put(0, &format!("/d/f{i}"), data);
+        assert_eq!(&mesh.read(1, &format!("/d/f{i}"), None).unwrap(), data, "west2 holds them too");
+    }
+    assert_eq!(mesh.read(2, "/d/f0", None).unwrap(), files[0]);
+    assert_eq!(mesh.uploads.len(), 1, "f0 and the three after it, staged by their writer");
+    // The writer goes away: east knew only it as a holder of the files read ahead; it asks who
+    // else holds them and reads them all the same, from the pack already in the bucket.
+    mesh.drop_link(0, 2);
+    for (i, data) in files.iter().enumerate().skip(1) {
+        assert_eq!(&mesh.read(2, &format!("/d/f{i}"), None).unwrap(), data);
+    }
+    assert!(sent(&mesh, 0, is_get_chunk).iter().all(|(f, t)| *f != 2 && *t != 2), "nothing directly across");
+    assert_eq!(mesh.uploads.len(), 1);
+}
+
+#[test]
 fn a_pack_found_missing_is_reported_and_the_holder_stages_the_version_again() {
     let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Staged);
     let data = random_bytes(25_000, 26);

@@ -410,6 +410,7 @@ impl World {
             }
         }
         self.check_liveness()?;
+        self.check_staging_settles()?;
         Ok(Report {
             seed: self.seed,
             sites: self.sites.len(),
@@ -1089,6 +1090,33 @@ impl World {
                     return Err(format!(
                         "{path} cannot be read at {} after healing: {e}",
                         self.sites[s].name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A while after the last read, no site still tracks a version read (or read ahead)
+    /// through the bucket, nor a pack to read from.
+    fn check_staging_settles(&mut self) -> Result<(), String> {
+        // 65 s of every site's own time, which may run ahead after clock jumps.
+        let ahead = (0..self.sites.len())
+            .map(|s| {
+                let site_now = self.site_now(s);
+                self.sites[s].core.as_ref().map_or(0, |c| c.now_ms().saturating_sub(site_now))
+            })
+            .max()
+            .unwrap_or(0);
+        let later = self.now + ahead + 65_000;
+        self.run_until(later, |_| false)?;
+        for site in &self.sites {
+            if let Some(core) = &site.core {
+                let (reads, packs) = core.staged_reads();
+                if reads + packs > 0 {
+                    return Err(format!(
+                        "{} still tracks {reads} staged reads and {packs} packs a minute after the last read",
+                        site.name
                     ));
                 }
             }

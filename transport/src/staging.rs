@@ -566,12 +566,14 @@ impl Staging {
         let mut head = probe;
         let covered = head.len() as u64;
         if covered == OPEN_PROBE_BYTES && covered < size && size <= WHOLE_PACK_BYTES {
-            // A truncated object gives less: the chunks past its end fail when read.
-            let rest = self.get_range(&key, covered..size).await?;
-            let mut whole = bytes::BytesMut::with_capacity(size as usize);
-            whole.extend_from_slice(&head);
-            whole.extend_from_slice(&rest);
-            head = whole.freeze();
+            // If this fails (or the object is truncated), the chunks past what was read are
+            // read one by one, and fail then if they are not there.
+            if let Ok(rest) = self.get_range(&key, covered..size).await {
+                let mut whole = bytes::BytesMut::with_capacity(covered as usize + rest.len());
+                whole.extend_from_slice(&head);
+                whole.extend_from_slice(&rest);
+                head = whole.freeze();
+            }
         }
         Ok(Some(StagedPack { key, entries, size, head }))
     }

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::EntryKind;
 use crdt_namespace::{ContentId, SiteId};
-use transport::proto::{Message, StagedVersion};
+use transport::proto::{Message, STAGE_VERSIONS_MAX, StagedVersion};
 
 use super::{Output, Site, SiteError, Transfer};
 use crate::content::{ChunkHash, ChunkRef};
@@ -197,6 +197,11 @@ impl StageState {
     pub(super) fn packs(&self) -> usize {
         self.packs_in.len() + self.packs_out.len()
     }
+
+    /// Versions read through the bucket and packs read from, still tracked.
+    pub(super) fn read_backlog(&self) -> (usize, usize) {
+        (self.reads.len(), self.packs_in.len())
+    }
 }
 
 impl Site {
@@ -280,7 +285,15 @@ impl Site {
     /// the first read to want the one marked so asks for the next files ahead.
     fn wanted(&mut self, content: ContentId, hash: ChunkHash) {
         let Some(read) = self.stage.reads.get_mut(&content) else { return };
-        if read.ahead_since_ms.take().is_none() || !std::mem::take(&mut read.trigger) {
+        if read.ahead_since_ms.take().is_none() {
+            return;
+        }
+        let now = self.now_ms;
+        if let Stage::Requested { since_ms, last_ask_ms, .. } = &mut read.state {
+            // The wait for the answer counts from now, for this read.
+            (*since_ms, *last_ask_ms) = (now, now);
+        }
+        if !read.trigger {
             return;
         }
         let holder = match &read.state {
@@ -294,6 +307,9 @@ impl Site {
         let (Some(holder), Some(path)) = (holder, path.map(|r| r.path.clone())) else { return };
         if !self.peers.contains_key(&holder) {
             return;
+        }
+        if let Some(read) = self.stage.reads.get_mut(&content) {
+            read.trigger = false;
         }
         let contents = self.read_ahead(&path, &holder, &from_region);
         if !contents.is_empty() {
@@ -456,16 +472,21 @@ impl Site {
         }
     }
 
-    /// Forgets a version read ahead that no read wants: its pack, its manifest, and (if it was
-    /// staged) the holder is told this site no longer needs it.
+    /// Forgets a version read ahead (or no longer read) that no read wants: its pack, its
+    /// manifest, and the holder asked or that staged it is told this site no longer needs it.
     fn let_go(&mut self, content: ContentId) {
         self.leave_pack(content);
         let Some(read) = self.stage.reads.remove(&content) else { return };
         if !self.reads.values().any(|r| r.content == content) {
             self.manifests.remove(&content);
         }
-        if let (Stage::InPack { .. }, Some(stager)) = (read.state, read.stager) {
-            self.queue_unstage(stager, content);
+        let holder = match read.state {
+            Stage::InPack { .. } => read.stager,
+            Stage::Requested { from, .. } => Some(from),
+            Stage::Failed { .. } => None,
+        };
+        if let Some(holder) = holder {
+            self.queue_unstage(holder, content);
         }
     }
 
@@ -478,7 +499,7 @@ impl Site {
         for content in &pack.contents {
             let Some(read) = self.stage.reads.get_mut(content) else { continue };
             if read.ahead_since_ms.is_some() {
-                self.stage.reads.remove(content);
+                self.let_go(*content);
                 continue;
             }
             let spoiled = error.spoiled.then(|| name.to_vec());
@@ -662,36 +683,49 @@ impl Site {
         }
     }
 
-    /// Sends the confirmations queued.
+    /// Sends the confirmations queued (those for a site no longer connected to every connected
+    /// site of its region).
     fn send_unstaged(&mut self) {
         for (to, contents) in std::mem::take(&mut self.stage.unstage) {
-            if self.peers.contains_key(&to) {
-                let message = Message::Unstage { region: self.config.region.clone(), contents };
+            let to: Vec<SiteId> = if self.peers.contains_key(&to) {
+                vec![to]
+            } else {
+                let region = self.region_of(&to).to_owned();
+                self.peers.keys().filter(|p| self.region_of(p) == region).cloned().collect()
+            };
+            for to in to {
+                let message =
+                    Message::Unstage { region: self.config.region.clone(), contents: contents.clone() };
                 self.emit(Output::Send { to, message });
             }
         }
     }
 
-    /// The answer naming `pack` for `contents`, with the manifests of the small ones.
-    fn staged_answer(
-        &self,
+    /// The answers naming `pack` for `contents` (as many messages as the bound per message
+    /// needs), with the manifests of the small versions, to `to`.
+    fn send_staged(
+        &mut self,
+        to: &SiteId,
         region: &str,
         pack: Result<Vec<u8>, String>,
-        contents: Vec<ContentId>,
-    ) -> Message {
+        contents: &[ContentId],
+    ) {
         let with_manifests = pack.is_ok();
-        let versions = contents
-            .into_iter()
-            .map(|content| StagedVersion {
-                content,
-                manifest: self
-                    .held
-                    .get(&content)
-                    .filter(|m| with_manifests && m.size <= READ_AHEAD_FILE_BYTES_MAX)
-                    .map(|m| m.encode()),
-            })
-            .collect();
-        Message::Staged { region: region.to_owned(), pack, versions }
+        for part in contents.chunks(STAGE_VERSIONS_MAX) {
+            let versions = part
+                .iter()
+                .map(|content| StagedVersion {
+                    content: *content,
+                    manifest: self
+                        .held
+                        .get(content)
+                        .filter(|m| with_manifests && m.size <= READ_AHEAD_FILE_BYTES_MAX)
+                        .map(|m| m.encode()),
+                })
+                .collect();
+            let message = Message::Staged { region: region.to_owned(), pack: pack.clone(), versions };
+            self.emit(Output::Send { to: to.clone(), message });
+        }
     }
 
     /// A site of another region asks where versions are staged for it.
@@ -704,8 +738,7 @@ impl Site {
     ) {
         if !self.config.staging {
             let why = format!("site {} has no staging bucket", self.config.site);
-            let message = self.staged_answer(&region, Err(why), contents);
-            return self.emit(Output::Send { to: from.clone(), message });
+            return self.send_staged(from, &region, Err(why), &contents);
         }
         if let Some(bad) = spoiled
             && contents.iter().any(|c| self.stage.staged_out.get(&(*c, region.clone())) == Some(&bad))
@@ -748,12 +781,10 @@ impl Site {
         }
         if !refused.is_empty() {
             let why = format!("site {} does not hold this version", self.config.site);
-            let message = self.staged_answer(&region, Err(why), refused);
-            self.emit(Output::Send { to: from.clone(), message });
+            self.send_staged(from, &region, Err(why), &refused);
         }
         for (name, contents) in ready {
-            let message = self.staged_answer(&region, Ok(name), contents);
-            self.emit(Output::Send { to: from.clone(), message });
+            self.send_staged(from, &region, Ok(name), &contents);
         }
         self.start_uploads(&region);
     }
@@ -767,8 +798,7 @@ impl Site {
             }
         }
         for (to, contents) in to_site {
-            let message = self.staged_answer(region, answer.clone(), contents);
-            self.emit(Output::Send { to, message });
+            self.send_staged(&to, region, answer.clone(), &contents);
         }
     }
 
@@ -854,22 +884,34 @@ impl Site {
                 pack.contents
             }
         };
-        self.answer_waiting(&region, uploaded.map(|_| name), &contents);
+        let done = self.stage.packs_out.get(&name).is_some_and(|p| p.complete == p.contents.len());
+        self.answer_waiting(&region, uploaded.map(|_| name.clone()), &contents);
+        if done {
+            // Every site of the region said it no longer needs any of it while it went up.
+            self.drop_pack(&name);
+        }
         self.start_uploads(&region);
     }
 
-    /// A site of `region` holds these versions now, read from the bucket (or no longer needs
-    /// them).
+    /// A site of `region` holds these versions now, read from the bucket, or no longer needs
+    /// them: it stops waiting for them, and a pack every site of the region is done with is
+    /// deleted (once uploaded).
     pub(super) fn on_unstage(&mut self, from: &SiteId, region: String, contents: Vec<ContentId>) {
         if self.config.regions.get(from) != Some(&region) {
             return;
         }
+        let mut unqueue = HashSet::new();
         for content in contents {
-            let Some(name) = self.stage.staged_out.get(&(content, region.clone())).cloned() else { continue };
-            let pack = self.stage.packs_out.get_mut(&name).expect("a staged version is in a pack");
-            if !pack.uploaded {
-                continue;
+            let key = (content, region.clone());
+            if let Some(waiting) = self.stage.waiting.get_mut(&key) {
+                waiting.retain(|s| s != from);
+                if waiting.is_empty() {
+                    self.stage.waiting.remove(&key);
+                    unqueue.insert(content);
+                }
             }
+            let Some(name) = self.stage.staged_out.get(&key).cloned() else { continue };
+            let pack = self.stage.packs_out.get_mut(&name).expect("a staged version is in a pack");
             pack.last_ms = self.now_ms;
             let confirmed = pack.confirmed.entry(content).or_default();
             if confirmed.insert(from.clone())
@@ -882,9 +924,15 @@ impl Site {
             {
                 pack.complete += 1;
             }
-            if pack.complete == pack.contents.len() {
+            if pack.uploaded && pack.complete == pack.contents.len() {
                 self.drop_pack(&name);
             }
+        }
+        // Versions nobody waits for any more are not staged.
+        if !unqueue.is_empty()
+            && let Some(queue) = self.stage.queue.get_mut(&region)
+        {
+            queue.retain(|c| !unqueue.contains(c));
         }
     }
 
@@ -945,7 +993,14 @@ impl Site {
         let mut ask_again: BTreeMap<(SiteId, Option<Vec<u8>>), Vec<ContentId>> = BTreeMap::new();
         let mut stalled = Vec::new();
         let mut idle = Vec::new();
+        let wanted: HashSet<ContentId> =
+            self.reads.values().map(|r| r.content).chain(self.fetches.values().map(|f| f.content)).collect();
         for (content, read) in &mut self.stage.reads {
+            if read.ahead_since_ms.is_none() && !wanted.contains(content) {
+                // The reads that wanted it ended without holding it (a byte range, a failure):
+                // kept like a version read ahead, for a while.
+                read.ahead_since_ms = Some(now_ms);
+            }
             if read.ahead_since_ms.is_some_and(|since| now_ms.saturating_sub(since) >= READ_AHEAD_IDLE_MS) {
                 idle.push(*content);
             } else if let Stage::Requested { from, since_ms, last_ask_ms, spoiled, .. } = &mut read.state {
@@ -961,7 +1016,7 @@ impl Site {
             self.let_go(content);
         }
         for ((to, spoiled), contents) in ask_again {
-            for contents in contents.chunks(transport::proto::STAGE_VERSIONS_MAX) {
+            for contents in contents.chunks(STAGE_VERSIONS_MAX) {
                 let region = self.config.region.clone();
                 let message =
                     Message::Stage { region, contents: contents.to_vec(), spoiled: spoiled.clone() };
