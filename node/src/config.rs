@@ -162,6 +162,13 @@ impl Staging {
         if self.bucket.is_empty() {
             bail!("staging.bucket is empty");
         }
+        if self.read_ahead >= transport::proto::STAGE_VERSIONS_MAX {
+            bail!(
+                "staging.read_ahead is {}; at most {} files are read ahead per ask",
+                self.read_ahead,
+                transport::proto::STAGE_VERSIONS_MAX - 1
+            );
+        }
         let mut config = StagingConfig::new(self.endpoint.clone(), &self.region, &self.bucket, credentials);
         config.prefix = self.prefix.clone();
         config.path_style = self.path_style;
@@ -436,6 +443,7 @@ mod tests {
         };
         refused(&|s| s.secret = "abc".into(), "hexadecimal");
         refused(&|s| s.secret_key = None, "needs staging.access_key");
+        refused(&|s| s.read_ahead = 5_000, "staging.read_ahead");
         refused(&|s| s.credentials = "imds".into(), "must be \"config\" or \"environment\"");
         refused(&|s| s.endpoint = Some("127.0.0.1:9000".into()), "http://");
         std::fs::write(&path, "site = \"west\"\nregion = \"eu\"\ntransfer = \"sometimes\"\n").unwrap();

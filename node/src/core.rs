@@ -1095,10 +1095,15 @@ impl Site {
 
     /// Sends again the fetches that wait (of `content` only, if given).
     fn resend_parked(&mut self, content: Option<ContentId>) {
+        self.resend_parked_if(|c| content.is_none_or(|content| *c == content));
+    }
+
+    /// Sends again the fetches that wait whose version `wanted` picks.
+    fn resend_parked_if(&mut self, wanted: impl Fn(&ContentId) -> bool) {
         let parked: Vec<ChunkHash> = self
             .fetches
             .iter()
-            .filter(|(_, f)| f.parked_since_ms.is_some() && content.is_none_or(|c| f.content == c))
+            .filter(|(_, f)| f.parked_since_ms.is_some() && wanted(&f.content))
             .map(|(h, _)| *h)
             .collect();
         for hash in parked {

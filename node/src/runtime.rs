@@ -127,7 +127,7 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     site_config.transfer = config.transfer;
     site_config.staging = config.staging.is_some();
     if let Some(staging) = &config.staging {
-        site_config.stage_read_ahead = staging.read_ahead.min(transport::proto::STAGE_VERSIONS_MAX - 1);
+        site_config.stage_read_ahead = staging.read_ahead;
     }
     let site = Site::new(site_config, ns, versions, index);
     Ok(Opened { site, db, chunks })

@@ -227,19 +227,18 @@ impl Site {
         let content = fetch.content;
         let Some(from_region) = self.staging_region(&content) else { return false };
         let now = self.now_ms;
+        // New (then the files that follow it are asked for too), or failed long enough ago to
+        // try again: (the pack found spoiled, whether to read ahead).
         let ask = match self.stage.reads.get(&content) {
-            None => Some(None),
+            None => Some((None, true)),
             Some(StagedRead { state: Stage::Failed { since_ms, spoiled, .. }, .. })
                 if now.saturating_sub(*since_ms) >= STAGE_RETRY_MS =>
             {
-                Some(spoiled.clone())
+                Some((spoiled.clone(), false))
             }
             Some(_) => None,
         };
-        if let Some(spoiled) = ask {
-            // New (then the files that follow it are asked for too), or failed long enough ago
-            // to try again.
-            let read_ahead = spoiled.is_none() && !self.stage.reads.contains_key(&content);
+        if let Some((spoiled, read_ahead)) = ask {
             self.ask_to_stage(content, from_region, spoiled, BTreeSet::new(), read_ahead);
         } else {
             self.wanted(content, hash);
@@ -510,24 +509,7 @@ impl Site {
                 read.state = Stage::Failed { reason: error.reason.clone(), since_ms: self.now_ms, spoiled };
             }
         }
-        self.resend_parked_of(&pack.contents);
-    }
-
-    /// Sends again the fetches of these versions that wait.
-    fn resend_parked_of(&mut self, contents: &BTreeSet<ContentId>) {
-        if contents.len() == 1 {
-            self.resend_parked(contents.first().copied());
-        } else if !contents.is_empty() {
-            let parked: Vec<ChunkHash> = self
-                .fetches
-                .iter()
-                .filter(|(_, f)| f.parked_since_ms.is_some() && contents.contains(&f.content))
-                .map(|(h, _)| *h)
-                .collect();
-            for hash in parked {
-                self.send_fetch(hash);
-            }
-        }
+        self.resend_parked_if(|c| pack.contents.contains(c));
     }
 
     /// The answer of a holder asked where versions are staged.
@@ -590,7 +572,7 @@ impl Site {
                 }
             }
         }
-        self.resend_parked_of(&answered);
+        self.resend_parked_if(|c| answered.contains(c));
     }
 
     /// The result of an [`Output::StageOpen`]: the pack's chunks, `None` if it is not in the
@@ -610,7 +592,7 @@ impl Site {
             Ok(Some(chunks)) => {
                 pack.index = Some(chunks.into_iter().enumerate().map(|(i, h)| (h, i as u32)).collect());
                 let contents = pack.contents.clone();
-                self.resend_parked_of(&contents);
+                self.resend_parked_if(|c| contents.contains(c));
             }
             Ok(None) => {
                 let error = BucketError::spoiled("its holder staged it, but the bucket does not have it");
