@@ -98,7 +98,7 @@ impl Site {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.log()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 
@@ -110,16 +110,48 @@ pub struct Cluster {
     sites: Vec<Site>,
 }
 
-/// A port free for both TCP and UDP on 127.0.0.1 right now.
+/// A port free for both TCP and UDP on 127.0.0.1 right now, never the same twice in one
+/// process, and outside the kernel's ephemeral range: between the moment a cluster picks a
+/// site's port and the moment the site listens on it, neither another cluster of the same
+/// test process nor an outgoing connection (which gets an ephemeral port) can take it.
 pub fn free_port() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-        let port = tcp.local_addr()?.port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let (low, high) = port_range();
+    let span = u32::from(high - low);
+    // Processes running at once (two test binaries, a demo) start at different places.
+    let start = *START.get_or_init(|| {
+        use std::hash::BuildHasher;
+        let seed = (std::process::id(), std::time::SystemTime::now());
+        (std::collections::hash_map::RandomState::new().hash_one(seed) % u64::from(span)) as u32
+    });
+    for _ in 0..span {
+        let port = low + ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        if tcp.is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
     }
-    bail!("no port free for both TCP and UDP on 127.0.0.1")
+    bail!("no port in {low}..{high} is free for both TCP and UDP on 127.0.0.1")
+}
+
+/// The ports [`free_port`] hands out: from 10000 up to the start of the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default), or above its end when it
+/// starts lower.
+fn port_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(str::parse::<u16>);
+            Some((parts.next()?.ok()?, parts.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999));
+    match ephemeral {
+        (first, _) if first >= 12_000 => (10_000, first),
+        (_, last) if last <= 63_000 => (last + 1, 65_535),
+        _ => (10_000, 32_768),
+    }
 }
 
 impl Cluster {
@@ -386,6 +418,12 @@ impl Drop for Cluster {
                 }
                 let _ = child.kill();
                 let _ = child.wait();
+            }
+        }
+        // A failing test shows what the sites said before its temporary directory goes.
+        if std::thread::panicking() {
+            for site in &self.sites {
+                eprintln!("--- the end of site {}'s log ---\n{}", site.name, site.log_tail());
             }
         }
     }

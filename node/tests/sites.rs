@@ -777,6 +777,35 @@ fn versions_asked_for_while_uploads_are_in_flight_go_up_together_in_one_pack() {
     assert_eq!(east.staged_packs, 0);
 }
 
+#[test]
+fn a_link_reset_while_a_version_is_being_staged_does_not_turn_the_read_direct_or_fail_it() {
+    // Seen on real nodes: two sites dialling each other at once close the duplicate connection,
+    // which resets the link between them while the reader waits for the holder's upload.
+    for transfer in [Transfer::Auto, Transfer::Staged] {
+        let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us")], transfer);
+        let data = random_bytes(40_000, 24);
+        mesh.put(0, "/f", &data);
+        let (west, east) = (mesh.names[0].clone(), mesh.names[1].clone());
+        mesh.held_uploads = Some(Vec::new());
+        let since = mesh.log.len();
+        let id = mesh.start_read(1, "/f");
+        mesh.run();
+        assert_eq!(mesh.held_uploads.as_ref().unwrap().len(), 1, "west is uploading it");
+        mesh.drop_link(0, 1);
+        mesh.run();
+        mesh.now += 5;
+        mesh.sites[0].handle_peer_up(mesh.now, east.clone());
+        mesh.sites[1].handle_peer_up(mesh.now, west.clone());
+        mesh.run();
+        mesh.finish_uploads();
+        let read = mesh.reads.remove(&id).unwrap();
+        assert_eq!(read.done, Some(Ok(())), "{transfer:?}");
+        assert_eq!(read.data, data);
+        assert!(sent(&mesh, since, is_get_chunk).is_empty(), "{transfer:?}: nothing came directly");
+        assert_eq!(mesh.uploads.len(), 1, "{transfer:?}: the upload in flight served the read");
+    }
+}
+
 fn stage_asks(mesh: &Mesh, since: usize) -> Vec<usize> {
     mesh.log[since..]
         .iter()

@@ -294,27 +294,41 @@ impl MeshHandle {
     }
 }
 
+/// An error and its causes, `outer: inner: ...` (libp2p's `TransportError::Other` shows nothing
+/// of its own, only through its source).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        parts.push(e.to_string());
+        cause = e.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.dedup();
+    parts.join(": ")
+}
+
 /// Starts the mesh on the current tokio runtime. Events go to `events`; the mesh stops when
 /// [`MeshHandle::stop`] is called or `events` is closed.
 pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Result<MeshHandle, StartError> {
     let local_peer = config.keypair.public().to_peer_id();
     let mut swarm = build_swarm(config.keypair)?;
     let mut listening = Vec::new();
+    let mut listeners = HashMap::new();
     for addr in &config.listen {
-        swarm
+        let id = swarm
             .listen_on(addr.clone())
-            .map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+            .map_err(|e| StartError::Listen { addr: addr.clone(), reason: with_causes(&e) })?;
+        listeners.insert(id, addr.clone());
     }
     // Wait until every listener is bound, so callers (and `init`) can show real addresses.
     while listening.len() < config.listen.len() {
         match swarm.next().await {
             Some(SwarmEvent::NewListenAddr { address, .. }) => listening.push(address),
-            Some(SwarmEvent::ListenerError { error, .. })
-            | Some(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
-                return Err(StartError::Listen {
-                    addr: config.listen[listening.len()].clone(),
-                    reason: error.to_string(),
-                });
+            Some(SwarmEvent::ListenerError { listener_id, error })
+            | Some(SwarmEvent::ListenerClosed { listener_id, reason: Err(error), .. }) => {
+                let addr = listeners.remove(&listener_id).unwrap_or_else(|| config.listen[0].clone());
+                return Err(StartError::Listen { addr, reason: with_causes(&error) });
             }
             Some(_) => {}
             None => return Err(StartError::Transport("the swarm ended".into())),

@@ -381,10 +381,25 @@ impl Site {
         true
     }
 
+    /// The connected holder of `from_region` not in `tried` to ask to stage `content`: the
+    /// site that wrote it (which keeps what it wrote), else the first holder in site order.
+    fn stage_holder(
+        &self,
+        content: ContentId,
+        from_region: &str,
+        tried: &BTreeSet<SiteId>,
+    ) -> Option<SiteId> {
+        let writer = self.reads.values().find(|r| r.content == content).and_then(|r| r.writer.as_ref());
+        writer
+            .into_iter()
+            .chain(self.holders.get(&content).into_iter().flatten())
+            .find(|h| self.peers.contains_key(*h) && self.region_of(h) == from_region && !tried.contains(*h))
+            .cloned()
+    }
+
     /// Asks a connected holder of `from_region` not in `tried` where `content` is staged for
     /// this region (with the files read ahead of it, if `read_ahead`). Every reader asks the
-    /// same one, so the version goes up once: the site that wrote it (which keeps what it
-    /// wrote), else the first holder in site order.
+    /// same one ([`Site::stage_holder`]), so the version goes up once.
     fn ask_to_stage(
         &mut self,
         content: ContentId,
@@ -393,14 +408,8 @@ impl Site {
         tried: BTreeSet<SiteId>,
         read_ahead: bool,
     ) {
-        let reader = self.reads.values().find(|r| r.content == content);
-        let path = reader.map(|r| r.path.clone());
-        let writer = reader.and_then(|r| r.writer.clone());
-        let holder = writer
-            .iter()
-            .chain(self.holders.get(&content).into_iter().flatten())
-            .find(|h| self.peers.contains_key(*h) && self.region_of(h) == from_region && !tried.contains(*h))
-            .cloned();
+        let path = self.reads.values().find(|r| r.content == content).map(|r| r.path.clone());
+        let holder = self.stage_holder(content, &from_region, &tried);
         let now = self.now_ms;
         self.leave_pack(content);
         let stager = self.stage.reads.get(&content).and_then(|r| r.stager.clone());
@@ -949,7 +958,14 @@ impl Site {
                 self.stage.reads.remove(&content);
                 continue;
             }
-            self.ask_to_stage(content, from_region, spoiled, BTreeSet::new(), false);
+            if self.stage_holder(content, &from_region, &BTreeSet::new()).is_none() {
+                // No one else to ask: a lost link is not a failure of staging (it is often
+                // reset and back at once). The read starts over when a holder is connected,
+                // and fails as any read does if none comes back.
+                self.stage.reads.remove(&content);
+            } else {
+                self.ask_to_stage(content, from_region, spoiled, BTreeSet::new(), false);
+            }
             self.resend_parked(Some(content));
         }
     }
