@@ -772,14 +772,23 @@ impl Site {
         if self.fetch_through_staging(hash) {
             return;
         }
-        let Some(fetch) = self.fetches.get_mut(&hash) else { return };
-        let connected: Vec<&SiteId> = self
+        let Some(content) = self.fetches.get(&hash).map(|f| f.content) else { return };
+        let mut connected: Vec<&SiteId> = self
             .holders
-            .get(&fetch.content)
+            .get(&content)
             .into_iter()
             .flatten()
             .filter(|h| self.peers.contains_key(*h))
             .collect();
+        // With staging on, a region reads from its own holders when it has any connected: a
+        // holder of another region is asked directly only when staging is off or failed.
+        if self.config.staging
+            && self.config.transfer != Transfer::Direct
+            && connected.iter().any(|h| self.region_of(h) == self.config.region)
+        {
+            connected.retain(|h| self.region_of(h) == self.config.region);
+        }
+        let fetch = self.fetches.get_mut(&hash).expect("checked above");
         // Every connected holder tried already (a link that was reset, a holder that came back):
         // start over with them, up to a bound of attempts.
         if !connected.is_empty()

@@ -672,6 +672,25 @@ fn a_version_crosses_regions_once_through_the_bucket_and_goes_when_the_region_ha
 }
 
 #[test]
+fn a_region_reads_from_its_own_holder_even_when_a_holder_of_another_region_sorts_first() {
+    // Found by the simulator's check that staged mode never moves a chunk across regions
+    // directly: with holders in both regions, the fetch went to the first in site order.
+    for transfer in [Transfer::Auto, Transfer::Staged] {
+        let mut mesh = Mesh::regions(&[("ams", "eu"), ("bos", "us"), ("cdg", "us")], transfer);
+        let data = random_bytes(50_000, 25);
+        mesh.put(0, "/f", &data);
+        assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
+        let since = mesh.log.len();
+        assert_eq!(mesh.read(2, "/f", None).unwrap(), data);
+        let direct = sent(&mesh, since, is_get_chunk);
+        assert!(
+            !direct.is_empty() && direct.iter().all(|(f, t)| (*f, *t) == (2, 1)),
+            "{transfer:?}: {direct:?}"
+        );
+    }
+}
+
+#[test]
 fn a_bad_pack_is_discarded_and_auto_mode_reads_directly_instead() {
     let mut mesh = Mesh::regions(&[("west", "eu"), ("east", "us")], Transfer::Auto);
     let data = random_bytes(30_000, 22);

@@ -51,6 +51,9 @@ pub struct Faults {
     pub partition: f64,
     /// Probability per fault step that a link starts or stops holding its messages.
     pub hold: f64,
+    /// Probability per fault step that a link drops and is back a moment later (as when two
+    /// sites dial each other at once and the duplicate connection is closed).
+    pub reset: f64,
     /// Probability per fault step that a site crashes (and restarts later).
     pub crash: f64,
     /// Probability per fault step that a site's clock jumps.
@@ -64,7 +67,8 @@ pub struct Faults {
 
 impl Faults {
     /// All faults at the given rates' defaults, restricted to the names in `list`
-    /// (`drop,duplicate,jitter,partition,hold,crash,clock,corrupt,staging`, or `none`, or `all`).
+    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging`, or `none`, or
+    /// `all`).
     pub fn parse(list: &str) -> Result<Faults, String> {
         let all = Faults {
             drop: 0.02,
@@ -72,6 +76,7 @@ impl Faults {
             jitter_ms: 40,
             partition: 0.05,
             hold: 0.03,
+            reset: 0.5,
             crash: 0.02,
             clock: 0.03,
             corrupt: 0.01,
@@ -87,6 +92,7 @@ impl Faults {
                 "jitter" => f.jitter_ms = all.jitter_ms,
                 "partition" => f.partition = all.partition,
                 "hold" => f.hold = all.hold,
+                "reset" => f.reset = all.reset,
                 "crash" => f.crash = all.crash,
                 "clock" => f.clock = all.clock,
                 "corrupt" => f.corrupt = all.corrupt,
@@ -112,6 +118,7 @@ impl Faults {
             clock: on(rng, 0.04),
             corrupt: on(rng, 0.02),
             staging: on(rng, 0.08),
+            reset: on(rng, 0.5),
         }
     }
 }
@@ -261,6 +268,8 @@ struct World {
     acknowledged: BTreeSet<ContentId>,
     /// Versions a later write at the same site replaced, or a remove had seen.
     discarded: BTreeSet<ContentId>,
+    /// Chunks delivered from a site of one region to a site of another.
+    chunks_across_regions: u64,
 }
 
 enum Pending {
@@ -328,6 +337,7 @@ impl World {
             reads: HashMap::new(),
             contents: HashMap::new(),
             bucket: HashMap::new(),
+            chunks_across_regions: 0,
             failed_reads: HashMap::new(),
             acknowledged: BTreeSet::new(),
             discarded: BTreeSet::new(),
@@ -438,6 +448,12 @@ impl World {
                 }
                 let message =
                     Message::decode(&bytes).map_err(|e| format!("undecodable message in flight: {e}"))?;
+                if matches!(message, Message::Chunk { .. })
+                    && self.sites[from].config.region != self.sites[to].config.region
+                {
+                    self.chunks_across_regions += 1;
+                    self.check_regions_use_the_bucket(from, to)?;
+                }
                 let name = self.sites[from].name.clone();
                 let t = self.site_now(to);
                 self.sites[to].core.as_mut().expect("up").handle_message(t, &name, message);
@@ -728,6 +744,14 @@ impl World {
                         self.held.insert((a, b), Vec::new());
                     }
                 }
+            }
+        }
+        if n >= 2 && self.rng.chance(f.reset) {
+            let (a, b) = (self.rng.index(n), self.rng.index(n));
+            if a != b && self.up.contains(&key(a, b)) {
+                self.disconnect(a, b);
+                let at = self.now + 1 + self.rng.below(50);
+                self.schedule(at, Event::Reconnect { a, b });
             }
         }
         if self.rng.chance(f.crash) {
@@ -1095,6 +1119,24 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// A chunk went from `from` to `to`, of another region. In `staged` mode that never
+    /// happens; in `auto` mode only when the bucket failed, or a holder asked to stage did not
+    /// answer in time (lost or held messages, a clock jump) — not because links went down and
+    /// came back, or sites crashed.
+    fn check_regions_use_the_bucket(&self, from: usize, to: usize) -> Result<(), String> {
+        let f = &self.faults;
+        let may_fall_back = f.staging > 0.0 || f.drop > 0.0 || f.hold > 0.0 || f.clock > 0.0;
+        match self.sites[to].config.transfer {
+            Transfer::Staged => {}
+            Transfer::Auto if !may_fall_back => {}
+            _ => return Ok(()),
+        }
+        Err(format!(
+            "a chunk went directly from {} to {} across regions ({:?} mode)",
+            self.sites[from].name, self.sites[to].name, self.sites[to].config.transfer
+        ))
     }
 
     /// A while after the last read, no site still tracks a version read (or read ahead)

@@ -11,7 +11,7 @@ use sim::{Faults, Options, run};
 fn usage() -> ! {
     eprintln!(
         "usage: sim (--seed N | --seeds A..B) [--sites K] [--ops M] [--faults LIST] [--check-determinism]\n\
-         LIST: none, all, or drop,duplicate,jitter,partition,hold,crash,clock,corrupt"
+         LIST: none, all, or drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging"
     );
     std::process::exit(2)
 }

@@ -1,7 +1,7 @@
 //! The checkers are checked: with moves allowed to form cycles (a contract rule broken on
 //! purpose), the simulator must fail within 3,000 seeds. (It takes crossing concurrent moves
 //! that the random workload makes rarely: seed 255 caught it before the regions were added to
-//! the sim, seed 978 since; a workload that crosses moves more often would catch it sooner.)
+//! the sim, seed 978 after, seed 154 since link resets were added; a workload that crosses moves more often would catch it sooner.)
 
 #[test]
 fn breaking_the_cycle_rule_of_moves_is_caught_within_3000_seeds() {
