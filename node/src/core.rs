@@ -773,32 +773,18 @@ impl Site {
             return;
         }
         let Some(content) = self.fetches.get(&hash).map(|f| f.content) else { return };
-        let mut connected: Vec<&SiteId> = self
-            .holders
-            .get(&content)
-            .into_iter()
-            .flatten()
-            .filter(|h| self.peers.contains_key(*h))
-            .collect();
-        // With staging on, a region reads from its own holders when it has any connected: a
-        // holder of another region is asked directly only when staging is off or failed.
-        if self.config.staging
-            && self.config.transfer != Transfer::Direct
-            && connected.iter().any(|h| self.region_of(h) == self.config.region)
-        {
-            connected.retain(|h| self.region_of(h) == self.config.region);
-        }
+        let connected = self.nearest_holders(&content);
         let fetch = self.fetches.get_mut(&hash).expect("checked above");
         // Every connected holder tried already (a link that was reset, a holder that came back):
         // start over with them, up to a bound of attempts.
         if !connected.is_empty()
-            && connected.iter().all(|h| fetch.tried.contains(*h))
+            && connected.iter().all(|h| fetch.tried.contains(h))
             && fetch.attempts < FETCH_ATTEMPTS_MAX
         {
             fetch.tried.clear();
         }
         let none_connected = connected.is_empty();
-        let holder = connected.into_iter().find(|h| !fetch.tried.contains(*h)).cloned();
+        let holder = connected.into_iter().find(|h| !fetch.tried.contains(h));
         let Some(holder) = holder else {
             let newly_parked = fetch.parked_since_ms.is_none();
             let parked_since = *fetch.parked_since_ms.get_or_insert(self.now_ms);
@@ -1100,6 +1086,18 @@ impl Site {
     /// The region of `site`.
     fn region_of<'a>(&'a self, site: &SiteId) -> &'a str {
         self.config.regions.get(site).map_or(self.config.region.as_str(), String::as_str)
+    }
+
+    /// The connected holders of `content` nearest to this site: those of its region if any is
+    /// connected, else all. A holder of another region is then asked directly only when
+    /// staging does not carry the version (off, `direct`, or failed in `auto` mode).
+    fn nearest_holders(&self, content: &ContentId) -> Vec<SiteId> {
+        let connected =
+            self.holders.get(content).into_iter().flatten().filter(|h| self.peers.contains_key(*h));
+        let (near, far): (Vec<&SiteId>, Vec<&SiteId>) =
+            connected.partition(|h| self.region_of(h) == self.config.region);
+        let nearest = if near.is_empty() { far } else { near };
+        nearest.into_iter().cloned().collect()
     }
 
     /// Sends again the fetches that wait (of `content` only, if given).

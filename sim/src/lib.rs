@@ -268,8 +268,6 @@ struct World {
     acknowledged: BTreeSet<ContentId>,
     /// Versions a later write at the same site replaced, or a remove had seen.
     discarded: BTreeSet<ContentId>,
-    /// Chunks delivered from a site of one region to a site of another.
-    chunks_across_regions: u64,
 }
 
 enum Pending {
@@ -337,7 +335,6 @@ impl World {
             reads: HashMap::new(),
             contents: HashMap::new(),
             bucket: HashMap::new(),
-            chunks_across_regions: 0,
             failed_reads: HashMap::new(),
             acknowledged: BTreeSet::new(),
             discarded: BTreeSet::new(),
@@ -451,7 +448,6 @@ impl World {
                 if matches!(message, Message::Chunk { .. })
                     && self.sites[from].config.region != self.sites[to].config.region
                 {
-                    self.chunks_across_regions += 1;
                     self.check_regions_use_the_bucket(from, to)?;
                 }
                 let name = self.sites[from].name.clone();

@@ -211,12 +211,9 @@ impl Site {
         if !self.config.staging || self.config.transfer == Transfer::Direct {
             return None;
         }
-        let connected: Vec<&SiteId> =
-            self.holders.get(content)?.iter().filter(|h| self.peers.contains_key(*h)).collect();
-        if connected.iter().any(|h| self.region_of(h) == self.config.region) {
-            return None;
-        }
-        connected.iter().map(|h| self.region_of(h)).min().map(str::to_owned)
+        let nearest = self.nearest_holders(content);
+        let region = nearest.iter().map(|h| self.region_of(h)).min()?;
+        (region != self.config.region).then(|| region.to_owned())
     }
 
     /// Routes a fetch through the bucket when that is how its version is read: reads the chunk
@@ -650,9 +647,9 @@ impl Site {
     pub(super) fn confirm_staged(&mut self, content: ContentId) {
         self.leave_pack(content);
         let Some(read) = self.stage.reads.remove(&content) else { return };
-        let to: Vec<SiteId> = match read.stager.filter(|s| self.peers.contains_key(s)) {
+        let to = match read.stager {
             Some(stager) => vec![stager],
-            None => self.peers.keys().filter(|p| self.region_of(p) == read.from_region).cloned().collect(),
+            None => self.connected_in(&read.from_region),
         };
         for to in to {
             self.queue_unstage(to, content);
@@ -669,27 +666,34 @@ impl Site {
         queued.push(content);
         if queued.len() >= UNSTAGE_BATCH_MAX {
             let contents = self.stage.unstage.remove(&to).expect("just queued");
-            let message = Message::Unstage { region: self.config.region.clone(), contents };
+            self.send_unstage(to, contents);
+        }
+    }
+
+    /// Sends all the confirmations queued.
+    fn send_unstaged(&mut self) {
+        for (to, contents) in std::mem::take(&mut self.stage.unstage) {
+            self.send_unstage(to, contents);
+        }
+    }
+
+    /// Sends confirmations for `to` — to every connected site of its region if it is gone.
+    fn send_unstage(&mut self, to: SiteId, contents: Vec<ContentId>) {
+        let to = if self.peers.contains_key(&to) {
+            vec![to]
+        } else {
+            let region = self.region_of(&to).to_owned();
+            self.connected_in(&region)
+        };
+        for to in to {
+            let message = Message::Unstage { region: self.config.region.clone(), contents: contents.clone() };
             self.emit(Output::Send { to, message });
         }
     }
 
-    /// Sends the confirmations queued (those for a site no longer connected to every connected
-    /// site of its region).
-    fn send_unstaged(&mut self) {
-        for (to, contents) in std::mem::take(&mut self.stage.unstage) {
-            let to: Vec<SiteId> = if self.peers.contains_key(&to) {
-                vec![to]
-            } else {
-                let region = self.region_of(&to).to_owned();
-                self.peers.keys().filter(|p| self.region_of(p) == region).cloned().collect()
-            };
-            for to in to {
-                let message =
-                    Message::Unstage { region: self.config.region.clone(), contents: contents.clone() };
-                self.emit(Output::Send { to, message });
-            }
-        }
+    /// The connected sites of `region`.
+    fn connected_in(&self, region: &str) -> Vec<SiteId> {
+        self.peers.keys().filter(|p| self.region_of(p) == region).cloned().collect()
     }
 
     /// The answers naming `pack` for `contents` (as many messages as the bound per message
