@@ -8,10 +8,10 @@
 use std::collections::HashSet;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use node::content::{ChunkHash, ChunkerConfig, Manifest, cut};
+use site_core::content::{ChunkHash, ChunkerConfig, Manifest, cut};
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    node::sample::pseudo_random(seed, len)
+    site_core::sample::pseudo_random(seed, len)
 }
 
 fn configs() -> Vec<(&'static str, ChunkerConfig)> {

@@ -81,7 +81,7 @@ impl Drop for Site {
 
 fn random_file(path: &Path, len: usize) {
     let mut file = std::fs::File::create(path).unwrap();
-    node::sample::write_to(0x9e37_79b9_7f4a_7c15, len as u64, &mut file).unwrap();
+    site_core::sample::write_to(0x9e37_79b9_7f4a_7c15, len as u64, &mut file).unwrap();
 }
 
 fn run(cmd: &mut Command) {

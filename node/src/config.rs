@@ -10,8 +10,8 @@ use libp2p_identity::PeerId;
 use transport::p2p::Member;
 use transport::p2p::multiaddr::{Multiaddr, Protocol};
 
-use crate::content::ChunkerConfig;
-use crate::core::Transfer;
+use site_core::Transfer;
+use site_core::content::ChunkerConfig;
 use transport::staging::{StagingConfig, StagingCredentials};
 
 /// Name of the configuration file `meridian init` writes.
@@ -86,10 +86,9 @@ pub struct Staging {
     /// Path-style addressing (`endpoint/bucket/key`).
     #[serde(default = "default_path_style")]
     pub path_style: bool,
-    /// `config` (the keys below) or `environment` (`AWS_ACCESS_KEY_ID`,
-    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`).
-    #[serde(default = "default_credentials")]
-    pub credentials: String,
+    /// Where the bucket's credentials come from.
+    #[serde(default)]
+    pub credentials: CredentialSource,
     /// Access key id, with `credentials = "config"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key: Option<String>,
@@ -117,8 +116,16 @@ fn default_path_style() -> bool {
     true
 }
 
-fn default_credentials() -> String {
-    "config".to_owned()
+/// Where the staging bucket's credentials come from (`staging.credentials`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialSource {
+    /// `staging.access_key` and `staging.secret_key`.
+    #[default]
+    Config,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`; never the SDK's
+    /// default chain (instance metadata, profiles).
+    Environment,
 }
 
 fn default_ttl_hours() -> u64 {
@@ -141,8 +148,8 @@ impl Staging {
 
     /// The staging client's configuration; errors name what is wrong.
     pub fn client_config(&self) -> anyhow::Result<StagingConfig> {
-        let credentials = match self.credentials.as_str() {
-            "config" => match (&self.access_key, &self.secret_key) {
+        let credentials = match self.credentials {
+            CredentialSource::Config => match (&self.access_key, &self.secret_key) {
                 (Some(access_key), Some(secret_key)) => StagingCredentials::Static {
                     access_key: access_key.clone(),
                     secret_key: secret_key.clone(),
@@ -151,8 +158,7 @@ impl Staging {
                     bail!("staging.credentials = \"config\" needs staging.access_key and staging.secret_key")
                 }
             },
-            "environment" => StagingCredentials::Environment,
-            other => bail!("staging.credentials must be \"config\" or \"environment\", not {other:?}"),
+            CredentialSource::Environment => StagingCredentials::Environment,
         };
         if let Some(endpoint) = &self.endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
@@ -161,6 +167,9 @@ impl Staging {
         }
         if self.bucket.is_empty() {
             bail!("staging.bucket is empty");
+        }
+        if self.ttl_hours == 0 {
+            bail!("staging.ttl_hours is 0: every staged pack would be swept as soon as it is written");
         }
         if self.read_ahead >= transport::proto::STAGE_VERSIONS_MAX {
             bail!(
@@ -274,9 +283,15 @@ impl Config {
         for addr in &self.listen {
             parse_addr(addr).context("listen")?;
         }
-        if let Some(staging) = &self.staging {
-            staging.secret_bytes()?;
-            staging.client_config()?;
+        match &self.staging {
+            Some(staging) => {
+                staging.secret_bytes()?;
+                staging.client_config()?;
+            }
+            None if self.transfer == Transfer::Staged => {
+                bail!("transfer = \"staged\" needs a [staging] section: the bucket between regions")
+            }
+            None => {}
         }
         let mut seen = std::collections::BTreeSet::new();
         for peer in &self.peers {
@@ -444,9 +459,18 @@ mod tests {
         refused(&|s| s.secret = "abc".into(), "hexadecimal");
         refused(&|s| s.secret_key = None, "needs staging.access_key");
         refused(&|s| s.read_ahead = 5_000, "staging.read_ahead");
-        refused(&|s| s.credentials = "imds".into(), "must be \"config\" or \"environment\"");
         refused(&|s| s.endpoint = Some("127.0.0.1:9000".into()), "http://");
+        refused(&|s| s.ttl_hours = 0, "staging.ttl_hours is 0");
+        let mut unstaged = loaded.clone();
+        unstaged.staging = None;
+        unstaged.save(&path).unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("needs a [staging] section"), "{err}");
         std::fs::write(&path, "site = \"west\"\nregion = \"eu\"\ntransfer = \"sometimes\"\n").unwrap();
         assert!(Config::load(&path).is_err());
+        let imds = text.replace("[staging]\n", "[staging]\ncredentials = \"imds\"\n");
+        std::fs::write(&path, imds).unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("unknown variant `imds`"), "{err}");
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use crate::client::Client;
 use crate::cluster::{Cluster, Program};
 use crate::config::Staging as StagingSection;
-use crate::sample::pseudo_random;
+use site_core::sample::pseudo_random;
 use transport::s3_local::LocalS3;
 use transport::staging::Staging;
 
@@ -251,7 +251,7 @@ fn fresh_section(
         bucket,
         prefix: format!("{prefix}{}/", &secret[..16]),
         path_style: true,
-        credentials: "config".into(),
+        credentials: crate::config::CredentialSource::Config,
         access_key: Some(keys.0),
         secret_key: Some(keys.1),
         secret,

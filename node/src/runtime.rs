@@ -20,10 +20,11 @@ use tokio::sync::mpsc;
 
 use crate::api::{self, ApiRequest};
 use crate::config::Loaded;
-use crate::content::{ChunkRef, ChunkerConfig};
-use crate::core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
-use crate::staged::{StagingDriver, StagingEvent};
+use crate::staged::StagingDriver;
 use crate::store::{ChunkStore, Db, put_stream};
+use site_core::StagingEvent;
+use site_core::content::{ChunkRef, ChunkerConfig};
+use site_core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
 use transport::p2p::{self, MeshConfig, MeshEvent, MeshHandle, MeshKeypair};
 use transport::proto::Message;
 use transport::staging::Staging;
@@ -124,8 +125,7 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
         .iter()
         .map(|p| (SiteId::new(&p.site).expect("checked when loaded"), p.region.clone()))
         .collect();
-    site_config.transfer = config.transfer;
-    site_config.staging = config.staging.is_some();
+    site_config.staging = config.staging.is_some().then_some(config.transfer);
     if let Some(staging) = &config.staging {
         site_config.stage_read_ahead = staging.read_ahead;
     }
@@ -163,7 +163,7 @@ struct CoreThread {
 #[derive(Default)]
 struct CacheBacklog {
     chunks: Vec<ChunkRef>,
-    versions: Vec<crate::content::Manifest>,
+    versions: Vec<site_core::content::Manifest>,
     /// `chunks.len()`, for the status of the site.
     count: Arc<AtomicUsize>,
 }
@@ -387,7 +387,7 @@ enum Job {
 #[derive(Default)]
 struct Commit {
     namespace: Vec<u8>,
-    versions: Vec<crate::content::Manifest>,
+    versions: Vec<site_core::content::Manifest>,
     /// Chunks written (not yet synced) to index.
     refs: Vec<ChunkRef>,
     after_commit: Vec<AfterCommit>,

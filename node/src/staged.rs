@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use transport::staging::{StagedPack, Staging, StagingError};
 
-use crate::content::ChunkHash;
-use crate::core::{BucketError, Output, Site};
 use crate::store::ChunkStore;
+use site_core::content::ChunkHash;
+use site_core::{BucketError, Output, StagingEvent};
 
 /// How often stale packs are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
@@ -20,47 +20,6 @@ const PACKS_OPEN_MAX: usize = 32;
 
 /// Bytes of open packs kept in memory (a small pack is read whole when opened).
 const PACKS_OPEN_BYTES_MAX: usize = 64 << 20;
-
-/// The result of a staging output, for the core.
-#[derive(Debug)]
-pub enum StagingEvent {
-    /// A pack was looked for.
-    Opened {
-        /// The pack.
-        name: Vec<u8>,
-        /// Its chunks, `None` if not in the bucket, or why it could not be opened.
-        opened: Result<Option<Vec<ChunkHash>>, BucketError>,
-    },
-    /// A chunk was read.
-    Chunk {
-        /// The fetch's request id.
-        request: u64,
-        /// The chunk.
-        chunk: ChunkHash,
-        /// Its bytes, or why not.
-        read: Result<Vec<u8>, BucketError>,
-    },
-    /// A pack was uploaded.
-    Uploaded {
-        /// The pack.
-        name: Vec<u8>,
-        /// Bytes uploaded, or why not.
-        uploaded: Result<u64, String>,
-    },
-}
-
-impl StagingEvent {
-    /// Hands the result to the core.
-    pub fn deliver(self, site: &mut Site, now_ms: u64) {
-        match self {
-            StagingEvent::Opened { name, opened } => site.handle_stage_opened(now_ms, name, opened),
-            StagingEvent::Chunk { request, chunk, read } => {
-                site.handle_stage_chunk(now_ms, request, chunk, read)
-            }
-            StagingEvent::Uploaded { name, uploaded } => site.handle_stage_uploaded(now_ms, name, uploaded),
-        }
-    }
-}
 
 /// Packs opened, by name, oldest first out.
 #[derive(Default)]

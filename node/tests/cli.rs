@@ -88,7 +88,7 @@ fn init(dir: &Path, site: &str) -> PathBuf {
 }
 
 fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
-    let data = node::sample::pseudo_random(seed, len);
+    let data = site_core::sample::pseudo_random(seed, len);
     std::fs::write(path, &data).unwrap();
     data
 }

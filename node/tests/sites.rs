@@ -5,14 +5,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{EntryKind, Namespace, SiteId};
-use node::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use node::core::{BucketError, Output, Reply, Request, Site, SiteConfig, Transfer};
-use transport::proto::Message;
+use proto::Message;
+use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
+use site_core::{BucketError, Output, Reply, Request, Site, SiteConfig, Transfer};
 
 const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    node::sample::pseudo_random(seed, len)
+    site_core::sample::pseudo_random(seed, len)
 }
 
 #[derive(Default)]
@@ -84,8 +84,7 @@ impl Mesh {
             config.region = regions[name].clone();
             config.regions =
                 regions.iter().filter(|(n, _)| *n != name).map(|(n, r)| (n.clone(), r.clone())).collect();
-            config.transfer = transfer;
-            config.staging = true;
+            config.staging = Some(transfer);
             tune(&mut config);
             config
         })
@@ -742,8 +741,7 @@ fn a_member_added_live_is_read_through_the_bucket_once_its_region_is_known() {
     // east does not know west's region yet (west joined with `mesh add` while east ran).
     let mut mesh = Mesh::configured(&["west", "east"], |name| {
         let mut config = SiteConfig::new(name.clone());
-        config.staging = true;
-        config.transfer = Transfer::Staged;
+        config.staging = Some(Transfer::Staged);
         if name.as_str() == "west" {
             config.region = "eu".into();
             config.regions.insert(SiteId::new("east").unwrap(), "us".into());
@@ -991,9 +989,8 @@ fn a_writer_that_cannot_stage_hands_the_reader_to_another_holder_of_its_region()
         let mut config = SiteConfig::new(name.clone());
         config.region = regions[name].clone();
         config.regions = regions.clone();
-        config.transfer = Transfer::Staged;
         // The writer has no bucket configured.
-        config.staging = name.as_str() != "west";
+        config.staging = (name.as_str() != "west").then_some(Transfer::Staged);
         config
     });
     let data = random_bytes(20_000, 28);

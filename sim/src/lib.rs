@@ -1,6 +1,6 @@
 //! Sim: deterministic simulation of a meridian mesh.
 //!
-//! Many `node::core::Site` cores — the code production runs — live in one process on a simulated
+//! Many `site_core::Site` cores — the code production runs — live in one process on a simulated
 //! network, disk and clock, all driven by one seed. Faults (dropped, duplicated, reordered, held
 //! and corrupted messages, partitions, crashes that lose unsynced writes and tear files, clock
 //! skew and jumps) are injected during a fault phase; then everything heals and the mesh must
@@ -16,10 +16,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use crdt_namespace::{ContentId, EntryKind, Namespace, SiteId};
-use node::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use node::core::{BucketError, Output, Reply, Request, Site, SiteConfig, Transfer};
-use node::staged::StagingEvent;
-use transport::proto::Message;
+use proto::Message;
+use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
+use site_core::{BucketError, Output, Reply, Request, Site, SiteConfig, StagingEvent, Transfer};
 
 pub use rng::Rng;
 
@@ -299,8 +298,7 @@ impl World {
                 config.region = region_of(i);
                 config.regions =
                     (0..n).filter(|j| *j != i).map(|j| (names[j].clone(), region_of(j))).collect();
-                config.staging = regions > 1;
-                config.transfer = transfer;
+                config.staging = (regions > 1).then_some(transfer);
                 config
             })
             .collect();
@@ -985,7 +983,7 @@ impl World {
         let _ = self.request(s, request, Pending::Write { content, replaced: current });
     }
 
-    fn on_reply(&mut self, s: usize, id: u64, reply: Result<Reply, node::core::SiteError>) {
+    fn on_reply(&mut self, s: usize, id: u64, reply: Result<Reply, site_core::SiteError>) {
         if let Ok(Reply::ReadStarted { size, range }) = &reply {
             if let Some(read) = self.reads.get_mut(&id) {
                 read.size = *size;
@@ -1124,14 +1122,15 @@ impl World {
     fn check_regions_use_the_bucket(&self, from: usize, to: usize) -> Result<(), String> {
         let f = &self.faults;
         let may_fall_back = f.staging > 0.0 || f.drop > 0.0 || f.hold > 0.0 || f.clock > 0.0;
-        match self.sites[to].config.transfer {
+        let transfer = self.sites[to].config.staging.unwrap_or(Transfer::Direct);
+        match transfer {
             Transfer::Staged => {}
             Transfer::Auto if !may_fall_back => {}
             _ => return Ok(()),
         }
         Err(format!(
-            "a chunk went directly from {} to {} across regions ({:?} mode)",
-            self.sites[from].name, self.sites[to].name, self.sites[to].config.transfer
+            "a chunk went directly from {} to {} across regions ({transfer:?} mode)",
+            self.sites[from].name, self.sites[to].name
         ))
     }
 

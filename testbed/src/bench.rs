@@ -23,8 +23,8 @@ use node::api::ApiRequest;
 use node::client::Client;
 use node::cluster::Cluster;
 use node::demo::{StagingStore, use_staging, wait_until};
-use node::sample::pseudo_random;
 use serde_json::json;
+use site_core::sample::pseudo_random;
 
 const ALL: [&str; 6] =
     ["propagation", "pull_1gib", "delta", "small_files", "staged_pull_1gib", "staged_small_files"];

@@ -8,7 +8,7 @@ use node::client::Client;
 use node::cluster::{Cluster, Program};
 use node::config::Config;
 use node::demo::wait_until;
-use node::sample::pseudo_random;
+use site_core::sample::pseudo_random;
 use testbed::rogue::{self, Outcome};
 
 const TIMEOUT: Duration = Duration::from_secs(60);

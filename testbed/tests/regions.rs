@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use node::client::Client;
 use node::cluster::Cluster;
-use node::core::Transfer;
 use node::demo::{StagingStore, use_staging, wait_until};
-use node::sample::pseudo_random;
+use site_core::Transfer;
+use site_core::sample::pseudo_random;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 

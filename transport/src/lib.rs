@@ -1,6 +1,7 @@
 //! Transport: how meridian sites talk to each other.
 //!
-//! - [`proto`]: the site-to-site wire protocol, pure and versioned — namespace sync sessions,
+//! - [`proto`] (its own crate, `transport/proto`, re-exported): the site-to-site wire protocol,
+//!   pure and versioned — namespace sync sessions,
 //!   pushes of fresh changes, "which sites hold version V", chunk requests and responses with
 //!   priorities. Every message is length-bounded and decoding hostile bytes returns an error.
 //!
@@ -12,13 +13,13 @@
 //!   sealed with a key of the mesh, ranged reads checked against their hashes, multipart
 //!   uploads, bounded concurrency, retries, cleanup.
 //!
-//! - [`s3_local`]: a real S3-compatible server on loopback inside the process (s3s + s3s-fs),
-//!   the demo's staging store and the tests' server.
+//! - `s3_local` (feature `local-s3`): a real S3-compatible server on loopback inside the process
+//!   (s3s + s3s-fs), the demo's staging store and the tests' server.
 
 pub mod p2p;
-pub mod proto;
+pub use proto;
+#[cfg(feature = "local-s3")]
 pub mod s3_local;
 pub mod staging;
 
-/// Version of the site-to-site protocol. Bumped on any incompatible change of a message.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub use proto::PROTOCOL_VERSION;

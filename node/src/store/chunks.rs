@@ -18,7 +18,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::content::ChunkHash;
+use site_core::content::ChunkHash;
 
 /// Errors of the chunk store.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,8 @@ use std::path::Path;
 use crdt_namespace::ContentId;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::content::{ChunkHash, ChunkRef, Manifest};
 use crate::store::chunks::{ChunkError, ChunkStore};
+use site_core::content::{ChunkHash, ChunkRef, Manifest};
 
 /// The namespace as saved: a whole save under key 0, then incremental saves in order.
 const NAMESPACE: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("namespace");
@@ -231,7 +231,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::content::ChunkerConfig;
+    use site_core::content::ChunkerConfig;
 
     #[test]
     fn commits_are_read_back_and_recovery_removes_leftovers() {

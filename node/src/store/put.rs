@@ -9,8 +9,8 @@
 use std::io::Read;
 use std::sync::Mutex;
 
-use crate::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
 use crate::store::chunks::{ChunkError, ChunkStore};
+use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
 
 /// Chunks queued per worker: enough to keep every worker busy while the reader cuts the next.
 pub const PUT_QUEUE_CHUNKS_PER_WORKER: usize = 2;

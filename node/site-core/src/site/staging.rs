@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::EntryKind;
 use crdt_namespace::{ContentId, SiteId};
-use transport::proto::{Message, STAGE_VERSIONS_MAX, StagedVersion};
+use proto::{Message, STAGE_VERSIONS_MAX, StagedVersion};
 
 use super::{Output, Site, SiteError, Transfer};
 use crate::content::{ChunkHash, ChunkRef};
@@ -109,6 +109,47 @@ impl BucketError {
     /// The object is unusable.
     pub fn spoiled(reason: impl Into<String>) -> BucketError {
         BucketError { reason: reason.into(), spoiled: true }
+    }
+}
+
+/// The result of a staging output, for the core.
+#[derive(Debug)]
+pub enum StagingEvent {
+    /// A pack was looked for.
+    Opened {
+        /// The pack.
+        name: Vec<u8>,
+        /// Its chunks, `None` if not in the bucket, or why it could not be opened.
+        opened: Result<Option<Vec<ChunkHash>>, BucketError>,
+    },
+    /// A chunk was read.
+    Chunk {
+        /// The fetch's request id.
+        request: u64,
+        /// The chunk.
+        chunk: ChunkHash,
+        /// Its bytes, or why not.
+        read: Result<Vec<u8>, BucketError>,
+    },
+    /// A pack was uploaded.
+    Uploaded {
+        /// The pack.
+        name: Vec<u8>,
+        /// Bytes uploaded, or why not.
+        uploaded: Result<u64, String>,
+    },
+}
+
+impl StagingEvent {
+    /// Hands the result to the core.
+    pub fn deliver(self, site: &mut Site, now_ms: u64) {
+        match self {
+            StagingEvent::Opened { name, opened } => site.handle_stage_opened(now_ms, name, opened),
+            StagingEvent::Chunk { request, chunk, read } => {
+                site.handle_stage_chunk(now_ms, request, chunk, read)
+            }
+            StagingEvent::Uploaded { name, uploaded } => site.handle_stage_uploaded(now_ms, name, uploaded),
+        }
     }
 }
 
@@ -208,7 +249,7 @@ impl Site {
     /// The region to read `content` from through the bucket, if that is how it is read now:
     /// staging is on, holders are connected, none of them in this region.
     fn staging_region(&self, content: &ContentId) -> Option<String> {
-        if !self.config.staging || self.config.transfer == Transfer::Direct {
+        if !matches!(self.config.staging, Some(Transfer::Auto | Transfer::Staged)) {
             return None;
         }
         let nearest = self.nearest_holders(content);
@@ -449,7 +490,7 @@ impl Site {
         {
             read.state = Stage::Failed { reason: reason.clone(), since_ms: self.now_ms, spoiled: None };
         }
-        if self.config.transfer != Transfer::Staged {
+        if self.config.staging != Some(Transfer::Staged) {
             return false;
         }
         let fetch = self.fetches.remove(&hash).expect("a fetch being routed");
@@ -731,7 +772,7 @@ impl Site {
         contents: Vec<ContentId>,
         spoiled: Option<Vec<u8>>,
     ) {
-        if !self.config.staging {
+        if self.config.staging.is_none() {
             let why = format!("site {} has no staging bucket", self.config.site);
             return self.send_staged(from, &region, Err(why), &contents);
         }

@@ -16,14 +16,14 @@ use crdt_namespace::{
     ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Namespace, OpError, Query, SiteId, Stat,
     SyncSession,
 };
-use transport::proto::{Message, Priority};
+use proto::{Message, Priority};
 
 use crate::content::{ChunkHash, ChunkRef, Manifest};
 
 mod staging;
 
 use staging::StageState;
-pub use staging::{BucketError, pack_name};
+pub use staging::{BucketError, StagingEvent, pack_name};
 
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
@@ -72,10 +72,10 @@ pub struct SiteConfig {
     /// The region of every other site (from the membership); a site missing here is taken to
     /// be in this site's region.
     pub regions: BTreeMap<SiteId, String>,
-    /// How payload crosses regions.
-    pub transfer: Transfer,
-    /// Whether a staging bucket is configured.
-    pub staging: bool,
+    /// The staging bucket between regions, if one is configured, and how this site's reads
+    /// use it. Without one, payload crosses regions directly; with one, this site also stages
+    /// what it holds for the sites of other regions that ask, whatever its own `Transfer`.
+    pub staging: Option<Transfer>,
     /// A holder asked to stage a version that has not answered after this long is given up on.
     pub stage_timeout_ms: u64,
     /// Packs uploading at once for one region: the versions asked for meanwhile wait and go up
@@ -99,8 +99,7 @@ impl SiteConfig {
             sync_interval_ms: 5_000,
             region: "local".to_owned(),
             regions: BTreeMap::new(),
-            transfer: Transfer::Auto,
-            staging: false,
+            staging: None,
             stage_timeout_ms: 120_000,
             stage_uploads_in_flight: 2,
             stage_read_ahead: 256,

@@ -7,7 +7,8 @@
 use crdt_namespace::wire::{Reader, push_bytes, push_varint};
 use crdt_namespace::{ContentId, DecodeError};
 
-use crate::PROTOCOL_VERSION;
+/// Version of the site-to-site protocol. Bumped on any incompatible change of a message.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest encoded message. A chunk is at most 16 MiB; a first sync of a large namespace sends
 /// the document in one message (about 18 MB per million entries), so the bound leaves room for

@@ -1,0 +1,17 @@
+//! The core of a meridian site, pure: what production runs and the simulator drives.
+//!
+//! - [`Site`] (`site.rs`, and `site/staging.rs` for reads across regions through the bucket):
+//!   the sans-IO state machine that makes every decision of a site. Inputs come in through
+//!   `handle_*` methods, effects go out through [`Site::poll_output`].
+//! - [`content`]: FastCDC chunking, BLAKE3 hashing and manifests.
+//! - [`sample`]: deterministic incompressible sample data for the demo, benchmarks and tests.
+//!
+//! This crate must never do I/O, read a clock or draw randomness, and its dependency tree holds
+//! no async runtime, network stack, database or S3 client (CI checks the simulator's tree,
+//! which is this crate's plus the wire protocol's).
+
+pub mod content;
+pub mod sample;
+mod site;
+
+pub use site::*;
