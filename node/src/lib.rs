@@ -10,17 +10,15 @@
 //!   local control API ([`api`]) on a Unix socket. [`config`] is `meridian.toml`.
 //!   It meets the other sites through `transport::p2p`, and other regions' payload through the
 //!   staging bucket ([`staged`] carries out the core's staging outputs with `transport::staging`).
-//! - [`cli`]: the `meridian` command line (daemon, client, `mesh`, `demo`); `src/main.rs` only
-//!   calls it, so the testbed can run the same code as a child process of its own binary.
-//! - [`cluster`]: starts several real `meridian` processes on loopback and talks to them
-//!   ([`client`]) — the demo and the testbed are built on it. [`demo`] is `meridian demo`.
+//! - [`client`]: a blocking client of the control API, for the demo, the testbed and tests.
+//!
+//! The `meridian` binary (its command line and `meridian demo`) is the crate `meridian`
+//! (`node/meridian`); the harness that runs real sites as processes is `cluster`
+//! (`testbed/cluster`). Neither is part of this library.
 
 pub mod api;
-pub mod cli;
 pub mod client;
-pub mod cluster;
 pub mod config;
-pub mod demo;
 pub mod runtime;
 pub mod staged;
 pub mod store;

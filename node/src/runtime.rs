@@ -29,6 +29,11 @@ use transport::p2p::{self, MeshConfig, MeshEvent, MeshHandle, MeshKeypair};
 use transport::proto::Message;
 use transport::staging::Staging;
 
+/// The node's log filter unless `RUST_LOG` says otherwise. automerge opens an info-level span
+/// around every load and transaction and formats its arguments for it: at info that costs the
+/// core more than the change itself.
+pub const DEFAULT_LOG: &str = "info,automerge=warn";
+
 /// How often the core gets a timeout input: fetch retries and anti-entropy are timed in seconds,
 /// so a fifth of a second is fine-grained enough.
 const TICK: Duration = Duration::from_millis(200);

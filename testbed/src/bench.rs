@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use cluster::Cluster;
+use cluster::{StagingStore, use_staging, wait_until};
 use node::api::ApiRequest;
 use node::client::Client;
-use node::cluster::Cluster;
-use node::demo::{StagingStore, use_staging, wait_until};
 use serde_json::json;
 use site_core::sample::pseudo_random;
 

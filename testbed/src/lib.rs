@@ -1,8 +1,8 @@
 //! Testbed: real meridian meshes on one machine.
 //!
 //! The `testbed` binary runs `meridian` itself (`testbed meridian ARGS…` is `meridian ARGS…`, the
-//! same [`node::cli`] code), so a mesh needs no other build product: [`program`] tells
-//! [`node::cluster::Cluster`] to start every site as a child process of this binary. The
+//! same `meridian::cli` code), so a mesh needs no other build product: [`program`] tells
+//! [`cluster::Cluster`] to start every site as a child process of this binary. The
 //! integration tests (`tests/`) and the benchmarks (`testbed bench`, [`bench`]) are built on it.
 
 pub mod bench;
@@ -11,7 +11,7 @@ pub mod rogue;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use node::cluster::{Cluster, Program};
+use cluster::{Cluster, Program};
 
 /// How to run `meridian` through the testbed binary at `exe`.
 pub fn program_at(exe: impl Into<PathBuf>) -> Program {

@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     match args.get(1).and_then(|a| a.to_str()) {
         Some("meridian") => {
             args.remove(0);
-            node::cli::main(args)
+            meridian::cli::main(args)
         }
         Some("bench") => match testbed::bench::main(&args[2..]) {
             Ok(()) => ExitCode::SUCCESS,

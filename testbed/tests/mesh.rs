@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use cluster::wait_until;
+use cluster::{Cluster, Program};
 use node::api::ApiRequest;
 use node::client::Client;
-use node::cluster::{Cluster, Program};
 use node::config::Config;
-use node::demo::wait_until;
 use site_core::sample::pseudo_random;
 use testbed::rogue::{self, Outcome};
 

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use cluster::Cluster;
+use cluster::{StagingStore, use_staging, wait_until};
 use node::client::Client;
-use node::cluster::Cluster;
-use node::demo::{StagingStore, use_staging, wait_until};
 use site_core::Transfer;
 use site_core::sample::pseudo_random;
 

@@ -1,6 +1,10 @@
 //! Several real `meridian` sites on this machine, on loopback: created with `meridian init`,
 //! joined with `meridian mesh add`, run as child processes (`meridian node`), driven through
-//! their control sockets. `meridian demo` and the testbed are built on it.
+//! their control sockets. `meridian demo` and the testbed are built on it; the daemon's own
+//! library (`node`) never uses it.
+//!
+//! [`StagingStore`] is a staging bucket for them: a real S3 server in the process, or any
+//! endpoint named by `MERIDIAN_S3_*`.
 //!
 //! Every process it starts is stopped when the [`Cluster`] is dropped (also when a test
 //! fails), unless [`Cluster::keep_running`] hands them over to the user.
@@ -12,8 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::client::Client;
-use crate::config::{CONFIG_FILE, Config};
+use node::client::Client;
+use node::config::{CONFIG_FILE, Config};
+
+mod staging;
+
+pub use staging::{StagingStore, use_staging};
 
 /// How long a node may take to open its store and answer on its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -295,7 +303,7 @@ impl Cluster {
             .arg("node")
             .env(
                 "RUST_LOG",
-                std::env::var("MERIDIAN_NODE_LOG").unwrap_or_else(|_| crate::cli::DEFAULT_LOG.into()),
+                std::env::var("MERIDIAN_NODE_LOG").unwrap_or_else(|_| node::runtime::DEFAULT_LOG.into()),
             )
             // Belt and braces: the staging client never asks the AWS SDK's default chain.
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -426,5 +434,22 @@ impl Drop for Cluster {
                 eprintln!("--- the end of site {}'s log ---\n{}", site.name, site.log_tail());
             }
         }
+    }
+}
+
+/// Polls until `check` holds; returns how long it took.
+pub fn wait_until(
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if check()? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!("not reached within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }

@@ -8,11 +8,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::api::{self, ApiRequest};
-use crate::config::{CONFIG_FILE, Config, DEFAULT_PORT, PeerConfig, listen_addrs};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use node::api::{self, ApiRequest};
+use node::config::{CONFIG_FILE, Config, DEFAULT_PORT, PeerConfig, listen_addrs};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -298,25 +298,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     file.sync_all().with_context(|| format!("writing {}", path.display()))
 }
 
-/// The node's log filter unless `RUST_LOG` says otherwise. automerge opens an info-level span
-/// around every load and transaction and formats its arguments for it: at info that costs the
-/// core more than the change itself.
-pub const DEFAULT_LOG: &str = "info,automerge=warn";
-
 fn run_node(cli: &Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| node::runtime::DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let loaded = Config::load(&config_path(cli))?;
-    crate::runtime::load_keypair(&loaded)?;
+    node::runtime::load_keypair(&loaded)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(crate::runtime::run(loaded))
+        .block_on(node::runtime::run(loaded))
 }
 
 fn mesh_add(cli: &Cli, peer: PeerConfig) -> anyhow::Result<()> {

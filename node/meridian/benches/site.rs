@@ -1,7 +1,7 @@
 //! One site, end to end through the daemon: put and get of a 1 GiB file compared with `cp` of
 //! the same file in the same run, and putting 10,000 files of 4 KiB.
 //!
-//! `cargo bench -p node --bench site`
+//! `cargo bench -p meridian --bench site`
 //!
 //! Each sample runs against a fresh site (a new `meridian node` process), so deduplication never
 //! turns a put into a no-op. Put is compared with `cp` followed by `sync` of the copy (a put makes

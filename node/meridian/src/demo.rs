@@ -15,12 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::client::Client;
-use crate::cluster::{Cluster, Program};
-use crate::config::Staging as StagingSection;
+use cluster::{Cluster, Program, StagingStore, use_staging, wait_until};
+use node::client::Client;
 use site_core::sample::pseudo_random;
-use transport::s3_local::LocalS3;
-use transport::staging::Staging;
 
 /// Site names of the demo, in order; more sites are `site-N`.
 const SITE_NAMES: [&str; 5] = ["east", "west", "north", "south", "central"];
@@ -42,23 +39,6 @@ pub struct DemoArgs {
     /// Size of the large file, in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub size_mib: u32,
-}
-
-/// Polls until `check` holds; returns how long it took.
-pub fn wait_until(
-    timeout: Duration,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if check()? {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            bail!("not reached within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
 }
 
 fn ms(d: Duration) -> String {
@@ -137,7 +117,7 @@ fn tree_scene(cluster: &Cluster) -> anyhow::Result<()> {
     let mut entries = 0;
     for shot in 1..=8 {
         let dir = format!("/shots/sq010/sh{:03}0", shot);
-        east.call(&crate::api::ApiRequest::Mkdir { path: dir.clone(), parents: true })?;
+        east.call(&node::api::ApiRequest::Mkdir { path: dir.clone(), parents: true })?;
         entries += 1;
         for take in 1..=3 {
             let clip = format!("<clip shot=\"sh{shot:03}0\" take=\"{take}\"/>\n");
@@ -166,7 +146,7 @@ fn large_file_scene(cluster: &Cluster, size: usize) -> anyhow::Result<Vec<u8>> {
     println!();
     println!("2. {} reads a large file written at {} while it arrives, chunk by chunk", west.name, east.name);
     let data = pseudo_random(1, size);
-    east.client.call(&crate::api::ApiRequest::Mkdir { path: "/renders".into(), parents: true })?;
+    east.client.call(&node::api::ApiRequest::Mkdir { path: "/renders".into(), parents: true })?;
     let started = Instant::now();
     east.client.put("/renders/plate.exr", &data)?;
     println!("   {} stored /renders/plate.exr ({}) in {}", east.name, mb(size as u64), ms(started.elapsed()));
@@ -226,98 +206,6 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// A staging bucket for the demo, the testbed and tests: a real S3 server in this process on
-/// loopback, run by a runtime of its own, with a bucket and a fresh mesh secret.
-pub struct StagingStore {
-    server: Option<LocalS3>,
-    section: StagingSection,
-    /// Runs the local server, if there is one; dropped after it.
-    _runtime: Option<tokio::runtime::Runtime>,
-}
-
-/// A `[staging]` section with static credentials and a fresh mesh secret.
-fn fresh_section(
-    endpoint: String,
-    region: String,
-    bucket: String,
-    prefix: &str,
-    keys: (String, String),
-) -> StagingSection {
-    let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
-    let secret = blake3::hash(seed.as_bytes()).to_hex().to_string();
-    StagingSection {
-        endpoint: Some(endpoint),
-        region,
-        bucket,
-        prefix: format!("{prefix}{}/", &secret[..16]),
-        path_style: true,
-        credentials: crate::config::CredentialSource::Config,
-        access_key: Some(keys.0),
-        secret_key: Some(keys.1),
-        secret,
-        ttl_hours: 24,
-        read_ahead: 256,
-    }
-}
-
-impl StagingStore {
-    /// Starts a server keeping its data in `dir`, and makes the bucket.
-    pub fn start(dir: &std::path::Path) -> anyhow::Result<StagingStore> {
-        let runtime = tokio::runtime::Runtime::new().context("starting the staging store's runtime")?;
-        let (access_key, secret_key) = ("meridian-demo", "meridian-demo-secret-key");
-        let server = runtime.block_on(LocalS3::start(dir, access_key, secret_key))?;
-        let keys = (access_key.to_owned(), secret_key.to_owned());
-        let section =
-            fresh_section(server.endpoint(), "us-east-1".into(), "meridian-demo".into(), "meridian-", keys);
-        let client = Staging::new(&section.client_config()?, &section.secret_bytes()?)?;
-        runtime.block_on(client.ensure_bucket())?;
-        Ok(StagingStore { server: Some(server), section, _runtime: Some(runtime) })
-    }
-
-    /// The bucket named by `MERIDIAN_S3_ENDPOINT`, `MERIDIAN_S3_BUCKET`,
-    /// `MERIDIAN_S3_ACCESS_KEY`, `MERIDIAN_S3_SECRET_KEY` (and `MERIDIAN_S3_REGION`, default
-    /// `us-east-1`) if they are set — any S3 endpoint, used under a prefix of its own — else a
-    /// local server as [`StagingStore::start`] makes it.
-    pub fn any(dir: &std::path::Path) -> anyhow::Result<StagingStore> {
-        let Ok(endpoint) = std::env::var("MERIDIAN_S3_ENDPOINT") else { return StagingStore::start(dir) };
-        let var = |name: &str| {
-            std::env::var(name).with_context(|| format!("MERIDIAN_S3_ENDPOINT is set, {name} is not"))
-        };
-        let region = std::env::var("MERIDIAN_S3_REGION").unwrap_or_else(|_| "us-east-1".into());
-        let keys = (var("MERIDIAN_S3_ACCESS_KEY")?, var("MERIDIAN_S3_SECRET_KEY")?);
-        let section = fresh_section(endpoint, region, var("MERIDIAN_S3_BUCKET")?, "meridian-test-", keys);
-        Ok(StagingStore { server: None, section, _runtime: None })
-    }
-
-    /// The `[staging]` section that points a site at it.
-    pub fn section(&self) -> &StagingSection {
-        &self.section
-    }
-
-    /// The endpoint URL.
-    pub fn endpoint(&self) -> String {
-        self.section.endpoint.clone().unwrap_or_default()
-    }
-
-    /// The server itself (request counts, injected `SlowDown`s), while it runs.
-    pub fn server(&self) -> Option<&LocalS3> {
-        self.server.as_ref()
-    }
-
-    /// Stops the server: the bucket becomes unreachable.
-    pub fn stop(&mut self) {
-        self.server = None;
-    }
-}
-
-/// Points every site of `cluster` at `store`.
-pub fn use_staging(cluster: &Cluster, store: &StagingStore) -> anyhow::Result<()> {
-    for i in 0..cluster.sites().len() {
-        cluster.configure(i, |c| c.staging = Some(store.section().clone()))?;
-    }
-    Ok(())
-}
-
 fn number(client: &Client, key: &str) -> anyhow::Result<u64> {
     Ok(client.status()?[key].as_u64().unwrap_or(0))
 }
@@ -374,7 +262,7 @@ fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
 
 /// Whether `a` sees the same version of the plate as `b`.
 fn is_new_version(a: &Client, b: &Client) -> anyhow::Result<bool> {
-    let stat = |c: &Client| c.call(&crate::api::ApiRequest::Stat { path: "/renders/plate.exr".into() });
+    let stat = |c: &Client| c.call(&node::api::ApiRequest::Stat { path: "/renders/plate.exr".into() });
     Ok(stat(a)?["version"]["id"] == stat(b)?["version"]["id"])
 }
 
@@ -412,7 +300,7 @@ fn partition_scene(cluster: &Cluster) -> anyhow::Result<()> {
     for other in &sites[1..] {
         cluster.meridian(0, &["mesh", "unblock", &other.name])?;
     }
-    let listing = |site: &crate::cluster::Site| site.client.list("/shots/sq010/sh0010");
+    let listing = |site: &cluster::Site| site.client.list("/shots/sq010/sh0010");
     let took = wait_until(VISIBLE_TIMEOUT, || {
         let first = listing(&sites[0])?;
         if !first.iter().any(|n| n.contains(".conflict-")) {

@@ -3,7 +3,7 @@
 //! each part alone, and how many bytes a 1 MiB edit inside a 256 MiB file changes under each
 //! configuration.
 //!
-//! `cargo bench -p node --bench content`
+//! `cargo bench -p site-core --bench content`
 
 use std::collections::HashSet;
 
