@@ -61,7 +61,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
 }
 
-fn main() {
+/// `--entries N`, or the default.
+fn entries_arg() -> usize {
     let mut entries: usize = 1_000_000;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -78,22 +79,29 @@ fn main() {
             }
         }
     }
-    let dirs = TOP_DIRS * SUB_DIRS;
-    let files_per_dir = entries.saturating_sub(dirs + TOP_DIRS).div_ceil(dirs).max(1);
-    let west = SiteId::new("west").unwrap();
-    let mut ms = 1_700_000_000_000u64;
-    let mut tick = || {
-        ms += 1;
-        Hlc::new(ms, 0)
-    };
+    entries
+}
 
-    // Build.
+/// The writing site's clock: one millisecond per operation.
+struct Clock(u64);
+
+impl Clock {
+    fn tick(&mut self) -> Hlc {
+        self.0 += 1;
+        Hlc::new(self.0, 0)
+    }
+}
+
+/// Builds a namespace of `entries` entries at `west`: the time it took and the bytes of
+/// memory per entry.
+fn build(west: SiteId, entries: usize, files_per_dir: usize, clock: &mut Clock) -> (Namespace, f64, f64) {
+    let dirs = TOP_DIRS * SUB_DIRS;
     let rss_before = rss_bytes();
     let started = Instant::now();
-    let mut ns = Namespace::new(west.clone());
+    let mut ns = Namespace::new(west);
     let mut ops = 0usize;
     for d in 0..dirs {
-        ns.mkdir(&dir_path(d), true, 0o755, 0, tick()).unwrap();
+        ns.mkdir(&dir_path(d), true, 0o755, 0, clock.tick()).unwrap();
     }
     ns.commit();
     'build: for f in 0..files_per_dir {
@@ -101,7 +109,7 @@ fn main() {
             if ns.len() >= entries {
                 break 'build;
             }
-            ns.write_file(&file_path(d, f), version(ops as u64), tick()).unwrap();
+            ns.write_file(&file_path(d, f), version(ops as u64), clock.tick()).unwrap();
             ops += 1;
             if ops.is_multiple_of(BUILD_BATCH_OPS) {
                 ns.commit();
@@ -110,9 +118,85 @@ fn main() {
     }
     ns.commit();
     let build_s = started.elapsed().as_secs_f64();
+    let bytes_per_entry = rss_bytes().saturating_sub(rss_before) as f64 / ns.len() as f64;
+    (ns, build_s, bytes_per_entry)
+}
+
+/// Runs sync sessions between two replicas until neither has anything to say: the bytes sent
+/// and the round trips.
+fn settle(
+    a: &mut Namespace,
+    sa: &mut SyncSession,
+    b: &mut Namespace,
+    sb: &mut SyncSession,
+) -> (usize, usize) {
+    let (mut bytes, mut round_trips) = (0usize, 0usize);
+    loop {
+        let mut spoke = false;
+        if let Some(m) = a.generate_sync_message(sa) {
+            bytes += m.len();
+            b.receive_sync_message(sb, &m).unwrap();
+            spoke = true;
+        }
+        if let Some(m) = b.generate_sync_message(sb) {
+            bytes += m.len();
+            a.receive_sync_message(sa, &m).unwrap();
+            spoke = true;
+        }
+        if !spoke {
+            return (bytes, round_trips);
+        }
+        round_trips += 1;
+        assert!(round_trips < 100, "sync did not settle");
+    }
+}
+
+/// Remote changes applied one at a time at `ns`: creates, new versions, renames and tags made
+/// at `east`, each its own change. The p50 and p99 time to apply one, in milliseconds.
+fn apply_remote_changes(
+    ns: &mut Namespace,
+    east: &mut Namespace,
+    picker: &mut Picker,
+    clock: &mut Clock,
+) -> (f64, f64) {
+    let dirs = TOP_DIRS * SUB_DIRS;
+    let mut heads = east.heads();
+    let mut exports = Vec::with_capacity(REMOTE_CHANGES);
+    for i in 0..REMOTE_CHANGES {
+        let d = picker.next(dirs);
+        match i % 4 {
+            0 | 1 => east.write_file(
+                &format!("{}/remote_{i:06}.exr", dir_path(d)),
+                version(i as u64),
+                clock.tick(),
+            ),
+            2 => east.write_file(&file_path(d, 0), version(i as u64), clock.tick()),
+            _ => east.set_tag(&dir_path(d), "stage", &format!("review-{i}"), clock.tick()),
+        }
+        .unwrap();
+        exports.push(east.export_since(&heads));
+        heads = east.heads();
+    }
+    let mut applied: Vec<Duration> = Vec::with_capacity(REMOTE_CHANGES);
+    for export in &exports {
+        let started = Instant::now();
+        let report = ns.import(export).unwrap();
+        applied.push(started.elapsed());
+        assert_eq!(report.ops, 1);
+    }
+    applied.sort();
+    (percentile(&applied, 0.5).as_secs_f64() * 1e3, percentile(&applied, 0.99).as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let entries = entries_arg();
+    let dirs = TOP_DIRS * SUB_DIRS;
+    let files_per_dir = entries.saturating_sub(dirs + TOP_DIRS).div_ceil(dirs).max(1);
+    let west = SiteId::new("west").unwrap();
+    let mut clock = Clock(1_700_000_000_000);
+
+    let (mut ns, build_s, bytes_per_entry) = build(west, entries, files_per_dir, &mut clock);
     let built = ns.len();
-    let rss_built = rss_bytes();
-    let bytes_per_entry = rss_built.saturating_sub(rss_before) as f64 / built as f64;
     eprintln!("built {built} entries in {build_s:.2} s, {bytes_per_entry:.0} B/entry");
 
     // Save and load.
@@ -149,65 +233,19 @@ fn main() {
 
     // Sync sessions between the two replicas, already in sync; then one change.
     let (mut s_west, mut s_east) = (SyncSession::new(), SyncSession::new());
-    let settle = |a: &mut Namespace, sa: &mut SyncSession, b: &mut Namespace, sb: &mut SyncSession| {
-        let (mut bytes, mut round_trips) = (0usize, 0usize);
-        loop {
-            let mut spoke = false;
-            if let Some(m) = a.generate_sync_message(sa) {
-                bytes += m.len();
-                b.receive_sync_message(sb, &m).unwrap();
-                spoke = true;
-            }
-            if let Some(m) = b.generate_sync_message(sb) {
-                bytes += m.len();
-                a.receive_sync_message(sa, &m).unwrap();
-                spoke = true;
-            }
-            if !spoke {
-                return (bytes, round_trips);
-            }
-            round_trips += 1;
-            assert!(round_trips < 100, "sync did not settle");
-        }
-    };
     let started = Instant::now();
     let (first_bytes, first_round_trips) = settle(&mut east, &mut s_east, &mut ns, &mut s_west);
     eprintln!(
         "first sync of replicas in sync: {first_bytes} bytes, {first_round_trips} round trips, {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    east.write_file("/show00/shot000/one-change.exr", version(u64::MAX), tick()).unwrap();
+    east.write_file("/show00/shot000/one-change.exr", version(u64::MAX), clock.tick()).unwrap();
     let (sync_one_change_bytes, sync_one_change_round_trips) =
         settle(&mut east, &mut s_east, &mut ns, &mut s_west);
     assert!(ns.exists("/show00/shot000/one-change.exr"));
 
-    // Remote changes applied one at a time: creates, new versions, renames and tags made at
-    // the other site, each its own change.
-    let mut heads = east.heads();
-    let mut exports = Vec::with_capacity(REMOTE_CHANGES);
-    for i in 0..REMOTE_CHANGES {
-        let d = picker.next(dirs);
-        match i % 4 {
-            0 | 1 => {
-                east.write_file(&format!("{}/remote_{i:06}.exr", dir_path(d)), version(i as u64), tick())
-            }
-            2 => east.write_file(&file_path(d, 0), version(i as u64), tick()),
-            _ => east.set_tag(&dir_path(d), "stage", &format!("review-{i}"), tick()),
-        }
-        .unwrap();
-        exports.push(east.export_since(&heads));
-        heads = east.heads();
-    }
-    let mut applied: Vec<Duration> = Vec::with_capacity(REMOTE_CHANGES);
-    for export in &exports {
-        let started = Instant::now();
-        let report = ns.import(export).unwrap();
-        applied.push(started.elapsed());
-        assert_eq!(report.ops, 1);
-    }
-    applied.sort();
-    let apply_remote_ms_p50 = percentile(&applied, 0.5).as_secs_f64() * 1e3;
-    let apply_remote_ms_p99 = percentile(&applied, 0.99).as_secs_f64() * 1e3;
+    let (apply_remote_ms_p50, apply_remote_ms_p99) =
+        apply_remote_changes(&mut ns, &mut east, &mut picker, &mut clock);
     eprintln!("apply one remote change: p50 {apply_remote_ms_p50:.3} ms, p99 {apply_remote_ms_p99:.3} ms");
     assert_eq!(ns.len(), east.len());
 

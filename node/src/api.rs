@@ -1,10 +1,23 @@
-//! The local control API between the `meridian` CLI and its daemon: length-prefixed frames over
-//! a Unix socket. A request is one JSON frame; the answer is one JSON frame `{"ok": ...}` or
-//! `{"error": "..."}`. A put sends data frames after the server's `ready` answer, ended by an
-//! empty frame; a read answers with a header, data frames, an empty frame and a final status.
+//! The local control API between the `meridian` CLI (and other clients) and its daemon:
+//! length-prefixed frames over a Unix socket, typed on both sides.
+//!
+//! A request is one JSON frame, an [`ApiRequest`]. Its answer is one JSON frame, `{"ok": T}`
+//! with the request's own answer type (named on each variant) or `{"error": {"kind": ...,
+//! "message": ...}}` ([`ApiError`]): clients act on the [`ErrorKind`], never on the text.
+//! A put sends data frames after the daemon's `ok`, ended by an empty frame, then gets a
+//! [`PutAnswer`]; a read gets a [`ReadHeader`], data frames, an empty frame and a final answer.
+//!
+//! Framing exists once: [`frame_header`] and [`frame_len`] are the codec, and the blocking and
+//! async readers and writers below only move its bytes.
 
+use std::fmt;
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crdt_namespace::{EffectiveTag, EntryKind, FindHit, OpError, Stat, TagValue};
+use site_core::SiteError;
 
 /// Largest frame: a data frame carries at most a chunk (16 MiB); JSON answers (a listing of a
 /// large directory) get the same room.
@@ -12,18 +25,19 @@ pub const FRAME_MAX_BYTES: usize = 64 << 20;
 /// Size of the data frames a sender cuts a stream into.
 pub const DATA_FRAME_BYTES: usize = 1 << 20;
 
-/// A request to the daemon.
+/// A request to the daemon. Each variant names the type its `ok` answer carries.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiRequest {
-    /// Store a new version of a file; data frames follow the server's `ready`.
+    /// Store a new version of a file: `()` once the path can take a file, then data frames,
+    /// then a [`PutAnswer`].
     Put {
         /// Where.
         path: String,
         /// Permission bits.
         mode: u32,
     },
-    /// Read a file (or bytes `start..end` of it).
+    /// Read a file (or bytes `start..end` of it): a [`ReadHeader`], data frames, `()`.
     Read {
         /// Which file.
         path: String,
@@ -32,38 +46,38 @@ pub enum ApiRequest {
         /// One past the last byte.
         end: Option<u64>,
     },
-    /// Make a directory.
+    /// Make a directory: `()`.
     Mkdir {
         /// Where.
         path: String,
         /// With parents.
         parents: bool,
     },
-    /// Move or rename.
+    /// Move or rename: `()`.
     Mv {
         /// From.
         from: String,
         /// To.
         to: String,
     },
-    /// Remove.
+    /// Remove: `()`.
     Rm {
         /// What.
         path: String,
         /// Directories with entries too.
         recursive: bool,
     },
-    /// List a directory.
+    /// List a directory: `Vec<`[`ListEntry`]`>`.
     Ls {
         /// Which.
         path: String,
     },
-    /// Stat an entry.
+    /// Stat an entry: a [`StatAnswer`].
     Stat {
         /// Which.
         path: String,
     },
-    /// Set a tag.
+    /// Set a tag: `()`.
     TagSet {
         /// On what.
         path: String,
@@ -72,93 +86,543 @@ pub enum ApiRequest {
         /// Value.
         value: String,
     },
-    /// Unset a tag explicitly.
+    /// Unset a tag explicitly: `()`.
     TagUnset {
         /// On what.
         path: String,
         /// Key.
         key: String,
     },
-    /// Effective tags.
+    /// Effective tags: `Vec<`[`TagAnswer`]`>`.
     TagGet {
         /// Of what.
         path: String,
     },
-    /// Find by tags and glob.
+    /// Find by tags and glob: `Vec<`[`FindAnswer`]`>`.
     Find {
         /// Predicates `k=v`, `k!=v`, `k`.
         tags: Vec<String>,
         /// Glob over paths.
         path: Option<String>,
     },
-    /// The site's state.
+    /// The site's state: a [`StatusAnswer`].
     Status,
-    /// The mesh members and their links.
+    /// The mesh members and their links: `Vec<`[`MeshLink`]`>`.
     MeshLs,
-    /// Cut (or restore) the link to a member until the node restarts.
+    /// Cut (or restore) the link to a member until the node restarts: `()`.
     MeshBlock {
         /// The member's site id.
         site: String,
         /// Cut if true, restore if false.
         blocked: bool,
     },
-    /// Admit a new mesh member (already written to the configuration).
+    /// Admit a new mesh member (already written to the configuration): `()`.
     MeshAdd {
         /// The member.
         peer: crate::config::PeerConfig,
     },
 }
 
-/// Writes one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("frame too large"))?;
-    w.write_all(&len.to_le_bytes()).await?;
-    w.write_all(payload).await?;
-    Ok(())
+/// What kind of failure an [`ApiError`] is: what a client acts on.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// No such entry.
+    NotFound,
+    /// Something is already there.
+    AlreadyExists,
+    /// A path component (or the target) is not a directory.
+    NotADirectory,
+    /// The target is a directory.
+    IsADirectory,
+    /// The target is neither a file nor a directory (a symlink), or not a file to read.
+    NotAFile,
+    /// A directory that is not empty.
+    NotEmpty,
+    /// A bad argument: path, name, tag, glob, predicate, a move into itself, the root.
+    InvalidArgument,
+    /// The content cannot be had right now: no reachable site holds it, or the staging bucket
+    /// failed.
+    Unavailable,
+    /// A local read or write failed (a chunk unreadable here, a put that could not store).
+    Io,
+    /// A site that is not a member of the mesh.
+    NotMember,
+    /// The request could not be decoded.
+    BadRequest,
+    /// No daemon answers on the control socket (reported by clients).
+    NodeNotRunning,
+    /// The daemon failed otherwise.
+    Internal,
 }
 
-/// Writes a JSON frame.
-pub async fn write_json<W: AsyncWrite + Unpin>(w: &mut W, value: &serde_json::Value) -> std::io::Result<()> {
-    write_frame(w, &serde_json::to_vec(value).expect("JSON values serialize")).await
+/// A failed request: its kind and a message for people.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// What a client acts on.
+    pub kind: ErrorKind,
+    /// One line for a person.
+    pub message: String,
 }
 
-/// Reads one frame; `None` at a clean end of stream.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+impl ApiError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl fmt::Display) -> ApiError {
+        ApiError { kind, message: message.to_string() }
     }
-    let len = u32::from_le_bytes(len) as usize;
+
+    /// The kind of the daemon's answer inside `error`, if it is one.
+    pub fn kind_of(error: &anyhow::Error) -> Option<ErrorKind> {
+        error.downcast_ref::<ApiError>().map(|e| e.kind)
+    }
+}
+
+impl From<&OpError> for ErrorKind {
+    fn from(error: &OpError) -> ErrorKind {
+        match error {
+            OpError::NotFound { .. } => ErrorKind::NotFound,
+            OpError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            OpError::NotADirectory { .. } => ErrorKind::NotADirectory,
+            OpError::IsADirectory { .. } => ErrorKind::IsADirectory,
+            OpError::IsASymlink { .. } => ErrorKind::NotAFile,
+            OpError::NotEmpty { .. } => ErrorKind::NotEmpty,
+            _ => ErrorKind::InvalidArgument,
+        }
+    }
+}
+
+impl From<SiteError> for ApiError {
+    fn from(error: SiteError) -> ApiError {
+        let kind = match &error {
+            SiteError::Namespace(e) => e.into(),
+            SiteError::NotAFile { .. } => ErrorKind::NotAFile,
+            SiteError::NoHolder { .. } | SiteError::Staging { .. } => ErrorKind::Unavailable,
+            SiteError::Chunk { .. } => ErrorKind::Io,
+        };
+        ApiError::new(kind, error)
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(error: OpError) -> ApiError {
+        ApiError::new((&error).into(), error)
+    }
+}
+
+/// An answer as it travels: `{"ok": T}` or `{"error": ApiError}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Wire<T> {
+    Ok(T),
+    Error(ApiError),
+}
+
+/// What a kind of entry is called in answers.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::File => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink => "symlink",
+        })
+    }
+}
+
+impl From<EntryKind> for Kind {
+    fn from(kind: EntryKind) -> Kind {
+        match kind {
+            EntryKind::File => Kind::File,
+            EntryKind::Dir => Kind::Dir,
+            EntryKind::Symlink => Kind::Symlink,
+        }
+    }
+}
+
+/// A file's current version.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionAnswer {
+    /// `<hlc>.<site>`, the same at every site.
+    pub id: String,
+    /// BLAKE3 of the manifest, in hexadecimal.
+    pub content: String,
+    /// Bytes.
+    pub size: u64,
+    /// The site that wrote it.
+    pub site: String,
+    /// When it was written (hybrid logical clock).
+    pub hlc: String,
+}
+
+/// A tag set on the entry itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnTag {
+    /// Key.
+    pub key: String,
+    /// Value; `None` when the tag is explicitly unset here (blocking inheritance).
+    pub value: Option<String>,
+}
+
+/// What is known of an entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatAnswer {
+    /// Stable id, the same at every site.
+    pub id: String,
+    /// File, directory or symlink.
+    pub kind: Kind,
+    /// A file's size in bytes; 0 otherwise.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// A file's current version.
+    pub version: Option<VersionAnswer>,
+    /// A symlink's target.
+    pub symlink_target: Option<String>,
+    /// The entry's own tags.
+    pub tags: Vec<OwnTag>,
+}
+
+impl From<Stat> for StatAnswer {
+    fn from(stat: Stat) -> StatAnswer {
+        StatAnswer {
+            id: stat.id,
+            kind: stat.kind.into(),
+            size: stat.size,
+            mode: stat.mode,
+            mtime_ns: stat.mtime_ns,
+            version: stat.version.map(|v| VersionAnswer {
+                id: v.id,
+                content: v.content.to_string(),
+                size: v.size,
+                site: v.site,
+                hlc: v.hlc.to_string(),
+            }),
+            symlink_target: stat.symlink_target,
+            tags: stat
+                .tags
+                .into_iter()
+                .map(|(key, value)| OwnTag {
+                    key,
+                    value: match value {
+                        TagValue::Set(v) => Some(v.to_string()),
+                        TagValue::Unset => None,
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One entry of a listing.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListEntry {
+    /// Its name.
+    pub name: String,
+    /// Its stat.
+    pub stat: StatAnswer,
+}
+
+/// An effective tag and where it comes from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagAnswer {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: String,
+    /// The path of the entry that sets it.
+    pub source: String,
+}
+
+impl From<EffectiveTag> for TagAnswer {
+    fn from(tag: EffectiveTag) -> TagAnswer {
+        TagAnswer { key: tag.key, value: tag.value, source: tag.source }
+    }
+}
+
+/// One entry found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FindAnswer {
+    /// Its path.
+    pub path: String,
+    /// Its effective tags.
+    pub tags: Vec<TagAnswer>,
+}
+
+impl From<FindHit> for FindAnswer {
+    fn from(hit: FindHit) -> FindAnswer {
+        FindAnswer { path: hit.path, tags: hit.tags.into_iter().map(TagAnswer::from).collect() }
+    }
+}
+
+/// A connected peer and how far behind it is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerLag {
+    /// Its site id.
+    pub site: String,
+    /// This site's namespace changes it had not confirmed at the last sync round.
+    pub lag_changes: usize,
+}
+
+/// The site's state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusAnswer {
+    /// This site.
+    pub site: String,
+    /// Connected peers.
+    pub peers: Vec<PeerLag>,
+    /// Live namespace entries.
+    pub entries: usize,
+    /// Versions held here.
+    pub versions_held: usize,
+    /// Chunks held here.
+    pub chunks_held: usize,
+    /// Reads in progress.
+    pub reads: usize,
+    /// Chunk requests in flight.
+    pub fetches: usize,
+    /// Chunks received from peers since the node started.
+    pub chunks_fetched: u64,
+    /// Bytes of those chunks.
+    pub bytes_fetched: u64,
+    /// Bytes read from the staging bucket since the node started.
+    pub bytes_from_staging: u64,
+    /// Bytes uploaded to the staging bucket since the node started.
+    pub bytes_to_staging: u64,
+    /// Staged packs read from or uploaded and not deleted.
+    pub staged_packs: usize,
+    /// Fetched chunks written but not yet made durable.
+    pub fetched_chunks_not_yet_durable: usize,
+}
+
+impl StatusAnswer {
+    /// The core's status, with what the daemon adds.
+    pub fn new(s: site_core::Status, fetched_chunks_not_yet_durable: usize) -> StatusAnswer {
+        StatusAnswer {
+            site: s.site,
+            peers: s.peers.into_iter().map(|(site, lag_changes)| PeerLag { site, lag_changes }).collect(),
+            entries: s.entries,
+            versions_held: s.versions_held,
+            chunks_held: s.chunks_held,
+            reads: s.reads,
+            fetches: s.fetches,
+            chunks_fetched: s.chunks_fetched,
+            bytes_fetched: s.bytes_fetched,
+            bytes_from_staging: s.bytes_from_staging,
+            bytes_to_staging: s.bytes_to_staging,
+            staged_packs: s.staged_packs,
+            fetched_chunks_not_yet_durable,
+        }
+    }
+}
+
+/// A member of the mesh and the link to it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshLink {
+    /// Its site id.
+    pub site: String,
+    /// Its region.
+    pub region: String,
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its configured addresses.
+    pub addrs: Vec<String>,
+    /// The link: `up (quic)`, `connecting`, `down: ...`, `blocked`, `not admitted`, or `node not
+    /// running` when the CLI read the configuration instead.
+    pub link: String,
+    /// The address the link uses, when up.
+    pub addr: Option<String>,
+    /// Milliseconds in the link's current state.
+    pub since_ms: Option<u64>,
+    /// This site's changes the member had not confirmed at the last sync round.
+    pub lag_changes: Option<usize>,
+}
+
+/// The answer to a put.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PutAnswer {
+    /// Where the file is.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Chunks this site did not hold before.
+    pub new_chunks: usize,
+    /// Their bytes.
+    pub new_bytes: u64,
+}
+
+/// The start of a read: these bytes of a file of this size follow.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReadHeader {
+    /// The file's size.
+    pub size: u64,
+    /// First byte that follows.
+    pub start: u64,
+    /// One past the last.
+    pub end: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing: the codec, then the blocking and async movers of its bytes.
+
+/// The header of a frame of `len` bytes.
+pub fn frame_header(len: usize) -> std::io::Result<[u8; 4]> {
+    if len > FRAME_MAX_BYTES {
+        return Err(std::io::Error::other(format!(
+            "frame of {len} bytes is over the bound of {FRAME_MAX_BYTES}"
+        )));
+    }
+    Ok((len as u32).to_le_bytes())
+}
+
+/// The length a frame header announces, checked against the bound.
+pub fn frame_len(header: [u8; 4]) -> std::io::Result<usize> {
+    let len = u32::from_le_bytes(header) as usize;
     if len > FRAME_MAX_BYTES {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame of {len} bytes is over the bound of {FRAME_MAX_BYTES}"),
         ));
     }
-    let mut buf = vec![0u8; len];
+    Ok(len)
+}
+
+/// An answer's frame.
+pub fn encode_answer<T: Serialize>(answer: Result<T, ApiError>) -> Vec<u8> {
+    let wire = match answer {
+        Ok(value) => Wire::Ok(value),
+        Err(error) => Wire::Error(error),
+    };
+    serde_json::to_vec(&wire).expect("answers serialize")
+}
+
+/// The answer a frame carries: its value, or the daemon's [`ApiError`] inside the error.
+pub fn decode_answer<T: DeserializeOwned>(frame: Option<Vec<u8>>) -> anyhow::Result<T> {
+    let frame = frame.ok_or_else(|| anyhow::anyhow!("the node closed the connection"))?;
+    match serde_json::from_slice(&frame) {
+        Ok(Wire::Ok(value)) => Ok(value),
+        Ok(Wire::Error(error)) => Err(error.into()),
+        Err(e) => anyhow::bail!("the node sent an answer this client does not understand: {e}"),
+    }
+}
+
+/// A request's frame.
+pub fn encode_request(request: &ApiRequest) -> Vec<u8> {
+    serde_json::to_vec(request).expect("requests serialize")
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&frame_header(payload.len())?).await?;
+    w.write_all(payload).await
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+    let mut header = [0u8; 4];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; frame_len(header)?];
     r.read_exact(&mut buf).await?;
     Ok(Some(buf))
 }
 
-/// Reads a JSON answer frame: the `ok` value, or the error as `Err`.
-pub async fn read_answer<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<serde_json::Value> {
-    let frame = read_frame(r).await?.ok_or_else(|| anyhow::anyhow!("the node closed the connection"))?;
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&frame).map_err(|e| anyhow::anyhow!("the node sent a bad answer: {e}"))?;
-    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
-        anyhow::bail!("{error}");
+/// Writes an answer.
+pub async fn write_answer<T: Serialize>(
+    w: &mut (impl AsyncWrite + Unpin),
+    answer: Result<T, ApiError>,
+) -> std::io::Result<()> {
+    write_frame(w, &encode_answer(answer)).await
+}
+
+/// Reads an answer.
+pub async fn read_answer<T: DeserializeOwned>(r: &mut (impl AsyncRead + Unpin)) -> anyhow::Result<T> {
+    decode_answer(read_frame(r).await?)
+}
+
+/// The blocking movers, for clients without an async runtime.
+pub mod blocking {
+    use std::io::{Read, Write};
+
+    use serde::de::DeserializeOwned;
+
+    /// Writes one frame.
+    pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
+        w.write_all(&super::frame_header(payload.len())?)?;
+        w.write_all(payload)
     }
-    Ok(value.get_mut("ok").map(serde_json::Value::take).unwrap_or(serde_json::Value::Null))
+
+    /// Reads one frame; `None` at a clean end of stream.
+    pub fn read_frame(r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+        let mut header = [0u8; 4];
+        match r.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut buf = vec![0u8; super::frame_len(header)?];
+        r.read_exact(&mut buf)?;
+        Ok(Some(buf))
+    }
+
+    /// Reads an answer.
+    pub fn read_answer<T: DeserializeOwned>(r: &mut impl Read) -> anyhow::Result<T> {
+        super::decode_answer(read_frame(r)?)
+    }
 }
 
-/// `{"ok": value}`.
-pub fn ok(value: serde_json::Value) -> serde_json::Value {
-    serde_json::json!({ "ok": value })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// `{"error": message}`.
-pub fn error(message: impl std::fmt::Display) -> serde_json::Value {
-    serde_json::json!({ "error": message.to_string() })
+    #[test]
+    fn answers_round_trip_and_errors_keep_their_kind() {
+        let frame = encode_answer::<ReadHeader>(Ok(ReadHeader { size: 10, start: 2, end: 5 }));
+        assert_eq!(String::from_utf8_lossy(&frame), r#"{"ok":{"size":10,"start":2,"end":5}}"#);
+        let header: ReadHeader = decode_answer(Some(frame)).unwrap();
+        assert_eq!(header, ReadHeader { size: 10, start: 2, end: 5 });
+        let frame = encode_answer::<()>(Err(ApiError::new(ErrorKind::NotFound, "no such file: /a")));
+        let error = decode_answer::<()>(Some(frame)).unwrap_err();
+        assert_eq!(ApiError::kind_of(&error), Some(ErrorKind::NotFound));
+        assert_eq!(error.to_string(), "no such file: /a");
+        let error = decode_answer::<()>(Some(b"{\"ok\":".to_vec())).unwrap_err();
+        assert_eq!(ApiError::kind_of(&error), None);
+        assert!(decode_answer::<()>(None).is_err());
+    }
+
+    #[test]
+    fn frames_over_the_bound_are_refused_both_ways() {
+        assert!(frame_header(FRAME_MAX_BYTES + 1).is_err());
+        assert!(frame_len(((FRAME_MAX_BYTES + 1) as u32).to_le_bytes()).is_err());
+        let mut bytes = Vec::new();
+        blocking::write_frame(&mut bytes, b"abc").unwrap();
+        blocking::write_frame(&mut bytes, b"").unwrap();
+        let mut r = bytes.as_slice();
+        assert_eq!(blocking::read_frame(&mut r).unwrap(), Some(b"abc".to_vec()));
+        assert_eq!(blocking::read_frame(&mut r).unwrap(), Some(Vec::new()));
+        assert_eq!(blocking::read_frame(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn namespace_errors_map_to_kinds() {
+        let e = ApiError::from(SiteError::Namespace(OpError::NotFound { path: "/x".into() }));
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        let e = ApiError::from(SiteError::NotAFile { path: "/d".into() });
+        assert_eq!(e.kind, ErrorKind::NotAFile);
+    }
 }

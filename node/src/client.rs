@@ -1,48 +1,24 @@
 //! A blocking client of the control API, for programs that drive sites: the demo, the testbed
-//! and tests. The `meridian` CLI speaks the same protocol ([`crate::api`]) asynchronously.
+//! and tests. The `meridian` CLI speaks the same protocol ([`crate::api`]) asynchronously; both
+//! use its one codec.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
-use crate::api::{self, ApiRequest};
+use crate::api::{
+    self, ApiError, ApiRequest, ErrorKind, ListEntry, PutAnswer, ReadHeader, StatAnswer, StatusAnswer,
+    blocking,
+};
 
 /// A client of one site's daemon.
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
-}
-
-fn write_frame(stream: &mut UnixStream, payload: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("frame too large"))?;
-    stream.write_all(&len.to_le_bytes())?;
-    stream.write_all(payload)
-}
-
-fn read_frame(stream: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).context("the node closed the connection")?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > api::FRAME_MAX_BYTES {
-        bail!("the node sent a frame of {len} bytes, over the bound of {}", api::FRAME_MAX_BYTES);
-    }
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf).context("the node closed the connection inside a frame")?;
-    Ok(buf)
-}
-
-fn read_answer(stream: &mut UnixStream) -> anyhow::Result<Value> {
-    let frame = read_frame(stream)?;
-    let mut value: Value =
-        serde_json::from_slice(&frame).map_err(|e| anyhow::anyhow!("the node sent a bad answer: {e}"))?;
-    if let Some(error) = value.get("error").and_then(Value::as_str) {
-        bail!("{error}");
-    }
-    Ok(value.get_mut("ok").map(Value::take).unwrap_or(Value::Null))
 }
 
 impl Client {
@@ -59,44 +35,59 @@ impl Client {
     fn connect(&self, request: &ApiRequest) -> anyhow::Result<UnixStream> {
         let mut stream = UnixStream::connect(&self.socket)
             .with_context(|| format!("connecting to {}", self.socket.display()))?;
-        write_frame(&mut stream, &serde_json::to_vec(request)?)?;
+        blocking::write_frame(&mut stream, &api::encode_request(request))?;
         Ok(stream)
     }
 
-    /// Sends a request and returns its answer.
-    pub fn call(&self, request: &ApiRequest) -> anyhow::Result<Value> {
+    /// Sends a request and returns its answer, of the type the request names.
+    pub fn call<T: DeserializeOwned>(&self, request: &ApiRequest) -> anyhow::Result<T> {
         let mut stream = self.connect(request)?;
-        read_answer(&mut stream)
+        blocking::read_answer(&mut stream)
+    }
+
+    /// What is known of `path`.
+    pub fn stat(&self, path: &str) -> anyhow::Result<StatAnswer> {
+        self.call(&ApiRequest::Stat { path: path.to_owned() })
+    }
+
+    /// The id of the current version of the file at `path`, if it is one.
+    pub fn version_id(&self, path: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.stat(path)?.version.map(|v| v.id))
     }
 
     /// Whether `path` exists at this site.
     pub fn exists(&self, path: &str) -> anyhow::Result<bool> {
-        match self.call(&ApiRequest::Stat { path: path.to_owned() }) {
+        match self.stat(path) {
             Ok(_) => Ok(true),
-            Err(e) if e.to_string().contains("no such") => Ok(false),
+            Err(e) if ApiError::kind_of(&e) == Some(ErrorKind::NotFound) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    /// Stores `data` at `path`; returns the answer (`size`, `new_chunks`, `new_bytes`).
-    pub fn put(&self, path: &str, data: &[u8]) -> anyhow::Result<Value> {
+    /// Makes directory `path` and its parents.
+    pub fn mkdir_p(&self, path: &str) -> anyhow::Result<()> {
+        self.call(&ApiRequest::Mkdir { path: path.to_owned(), parents: true })
+    }
+
+    /// Stores `data` at `path`.
+    pub fn put(&self, path: &str, data: &[u8]) -> anyhow::Result<PutAnswer> {
         self.put_from(path, &mut std::io::Cursor::new(data))
     }
 
     /// Stores what `source` yields at `path`.
-    pub fn put_from(&self, path: &str, source: &mut dyn Read) -> anyhow::Result<Value> {
+    pub fn put_from(&self, path: &str, source: &mut dyn Read) -> anyhow::Result<PutAnswer> {
         let mut stream = self.connect(&ApiRequest::Put { path: path.to_owned(), mode: 0o644 })?;
-        read_answer(&mut stream)?;
+        blocking::read_answer::<()>(&mut stream)?;
         let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
         loop {
             let n = source.read(&mut buf).context("reading the data to put")?;
             if n == 0 {
                 break;
             }
-            write_frame(&mut stream, &buf[..n])?;
+            blocking::write_frame(&mut stream, &buf[..n])?;
         }
-        write_frame(&mut stream, &[])?;
-        read_answer(&mut stream)
+        blocking::write_frame(&mut stream, &[])?;
+        blocking::read_answer(&mut stream)
     }
 
     /// Reads `path` (or `range` of it), handing the bytes to `sink` as they arrive; returns the
@@ -113,18 +104,19 @@ impl Client {
             end: range.as_ref().map(|r| r.end),
         };
         let mut stream = self.connect(&request)?;
-        let header = read_answer(&mut stream)?;
-        let expected = header["end"].as_u64().unwrap_or(0) - header["start"].as_u64().unwrap_or(0);
+        let header: ReadHeader = blocking::read_answer(&mut stream)?;
         let mut read = 0u64;
         loop {
-            let frame = read_frame(&mut stream)?;
+            let frame =
+                blocking::read_frame(&mut stream)?.context("the node closed the connection inside a read")?;
             if frame.is_empty() {
                 break;
             }
             read += frame.len() as u64;
             sink(&frame);
         }
-        read_answer(&mut stream)?;
+        blocking::read_answer::<()>(&mut stream)?;
+        let expected = header.end - header.start;
         if read != expected {
             bail!("read {read} bytes of {path}, expected {expected}");
         }
@@ -140,12 +132,12 @@ impl Client {
 
     /// Names in directory `path`, sorted.
     pub fn list(&self, path: &str) -> anyhow::Result<Vec<String>> {
-        let v = self.call(&ApiRequest::Ls { path: path.to_owned() })?;
-        Ok(v.as_array().into_iter().flatten().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect())
+        let entries: Vec<ListEntry> = self.call(&ApiRequest::Ls { path: path.to_owned() })?;
+        Ok(entries.into_iter().map(|e| e.name).collect())
     }
 
     /// The site's status.
-    pub fn status(&self) -> anyhow::Result<Value> {
+    pub fn status(&self) -> anyhow::Result<StatusAnswer> {
         self.call(&ApiRequest::Status)
     }
 }

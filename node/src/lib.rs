@@ -7,7 +7,8 @@
 //!   and the put path that streams a file into it.
 //!
 //! - [`runtime`]: the daemon — opens the store, drives the core on its own thread, serves the
-//!   local control API ([`api`]) on a Unix socket. [`config`] is `meridian.toml`.
+//!   local control API ([`api`], typed requests, answers and errors; served by `control.rs`)
+//!   on a Unix socket. [`config`] is `meridian.toml`.
 //!   It meets the other sites through `transport::p2p`, and other regions' payload through the
 //!   staging bucket ([`staged`] carries out the core's staging outputs with `transport::staging`).
 //! - [`client`]: a blocking client of the control API, for the demo, the testbed and tests.
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+mod control;
 pub mod runtime;
 pub mod staged;
 pub mod store;

@@ -7,21 +7,18 @@
 //! the core to commit the version.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use crdt_namespace::{Glob, Namespace, Query, SiteId, Stat, TagPredicate};
-use serde_json::{Value, json};
+use crdt_namespace::{Namespace, SiteId};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::api::{self, ApiRequest};
 use crate::config::Loaded;
 use crate::staged::StagingDriver;
-use crate::store::{ChunkStore, Db, put_stream};
+use crate::store::{ChunkStore, Db};
 use site_core::StagingEvent;
 use site_core::content::{ChunkRef, ChunkerConfig};
 use site_core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
@@ -71,7 +68,7 @@ enum Command {
     Stop,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -485,19 +482,19 @@ impl Committer {
 #[derive(Clone)]
 pub struct Handle {
     commands: mpsc::Sender<Command>,
-    mesh: MeshHandle,
-    config: Loaded,
-    chunks: Arc<ChunkStore>,
-    chunker: ChunkerConfig,
+    pub(crate) mesh: MeshHandle,
+    pub(crate) config: Loaded,
+    pub(crate) chunks: Arc<ChunkStore>,
+    pub(crate) chunker: ChunkerConfig,
     /// Fetched chunks not yet durable.
-    cache_backlog: Arc<AtomicUsize>,
+    pub(crate) cache_backlog: Arc<AtomicUsize>,
     /// Threads hashing and storing the chunks of one put.
-    put_workers: usize,
+    pub(crate) put_workers: usize,
 }
 
 impl Handle {
     /// Sends a request; events come back on the returned channel.
-    async fn submit(&self, request: Request) -> anyhow::Result<mpsc::Receiver<Event>> {
+    pub(crate) async fn submit(&self, request: Request) -> anyhow::Result<mpsc::Receiver<Event>> {
         let (events, rx) = mpsc::channel(EVENT_QUEUE);
         self.commands
             .send(Command::Local { request, events })
@@ -507,7 +504,7 @@ impl Handle {
     }
 
     /// Sends a request and waits for its answer.
-    async fn call(&self, request: Request) -> anyhow::Result<Result<Reply, SiteError>> {
+    pub(crate) async fn call(&self, request: Request) -> anyhow::Result<Result<Reply, SiteError>> {
         let mut rx = self.submit(request).await?;
         match rx.recv().await {
             Some(Event::Reply(reply)) => Ok(reply),
@@ -553,20 +550,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
-    let staging = loaded
-        .config
-        .staging
-        .as_ref()
-        .map(|section| {
-            Staging::new(&section.client_config()?, &section.secret_bytes()?)
-                .context("setting up the staging bucket")
-        })
-        .transpose()?;
     let runtime = tokio::runtime::Handle::current();
-    let (staging, staging_rx) = StagingDriver::new(staging, opened.chunks.clone(), runtime.clone());
-    if let Some(section) = &loaded.config.staging {
-        staging.start_sweeper(Duration::from_secs(section.ttl_hours.saturating_mul(3600)));
-    }
+    let (staging, staging_rx) = staging_driver(&loaded, &opened.chunks, &runtime)?;
     let (commits, commit_rx) = std::sync::mpsc::sync_channel(COMMIT_QUEUE);
     let namespace_saves = opened.db.namespace_saves()?;
     let committer = Committer { db: opened.db, chunks: opened.chunks.clone(), mesh: mesh.clone() };
@@ -582,7 +567,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         staging,
     };
     // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
-    let (failed, mut core_failed) = mpsc::unbounded_channel::<String>();
+    let (failed, core_failed) = mpsc::unbounded_channel::<String>();
     let committer_failed = failed.clone();
     let committer_thread = std::thread::Builder::new().name("meridian-commit".into()).spawn(move || {
         let result = committer.run(commit_rx);
@@ -603,6 +588,46 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         result.and(committed)
     })?;
 
+    serve_until_stopped(listener, handle, core_failed).await?;
+    tracing::info!("stopping");
+    mesh.stop();
+    let _ = commands.send(Command::Stop).await;
+    let result = tokio::task::spawn_blocking(move || core_thread.join()).await?;
+    let _ = std::fs::remove_file(&socket);
+    match result {
+        Ok(result) => result,
+        Err(_) => bail!("the core thread panicked"),
+    }
+}
+
+/// The staging driver, with the bucket of the configuration if it has one (and its sweeper).
+fn staging_driver(
+    loaded: &Loaded,
+    chunks: &Arc<ChunkStore>,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<(StagingDriver, mpsc::UnboundedReceiver<StagingEvent>)> {
+    let staging = loaded
+        .config
+        .staging
+        .as_ref()
+        .map(|section| {
+            Staging::new(&section.client_config()?, &section.secret_bytes()?)
+                .context("setting up the staging bucket")
+        })
+        .transpose()?;
+    let (driver, events) = StagingDriver::new(staging, chunks.clone(), runtime.clone());
+    if let Some(section) = &loaded.config.staging {
+        driver.start_sweeper(Duration::from_secs(section.ttl_hours.saturating_mul(3600)));
+    }
+    Ok((driver, events))
+}
+
+/// Serves control connections until SIGINT, SIGTERM or the core's failure.
+async fn serve_until_stopped(
+    listener: UnixListener,
+    handle: Handle,
+    mut core_failed: mpsc::UnboundedReceiver<String>,
+) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -617,7 +642,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 Ok((stream, _)) => {
                     let handle = handle.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, handle).await {
+                        if let Err(e) = crate::control::serve(stream, handle).await {
                             tracing::debug!("control connection ended: {e:#}");
                         }
                     });
@@ -626,307 +651,5 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             },
         }
     }
-    tracing::info!("stopping");
-    mesh.stop();
-    let _ = commands.send(Command::Stop).await;
-    let result = tokio::task::spawn_blocking(move || core_thread.join()).await?;
-    let _ = std::fs::remove_file(&socket);
-    match result {
-        Ok(result) => result,
-        Err(_) => bail!("the core thread panicked"),
-    }
-}
-
-fn reply_json(reply: Result<Reply, SiteError>) -> Value {
-    match reply {
-        Ok(reply) => api::ok(reply_value(reply)),
-        Err(e) => api::error(e),
-    }
-}
-
-/// A reply as JSON.
-pub fn reply_value(reply: Reply) -> Value {
-    match reply {
-        Reply::Done => Value::Null,
-        Reply::Stat(stat) => stat_value(&stat),
-        Reply::List(entries) => Value::Array(
-            entries.iter().map(|e| json!({ "name": e.name, "stat": stat_value(&e.stat) })).collect(),
-        ),
-        Reply::Tags(tags) => {
-            Value::Array(tags.iter().map(|t| json!({ "key": t.key, "value": t.value, "source": t.source })).collect())
-        }
-        Reply::Found(hits) => Value::Array(
-            hits.iter()
-                .map(|h| {
-                    json!({
-                        "path": h.path,
-                        "tags": h.tags.iter().map(|t| json!({ "key": t.key, "value": t.value, "source": t.source })).collect::<Vec<_>>(),
-                    })
-                })
-                .collect(),
-        ),
-        Reply::ReadStarted { size, range } => json!({ "size": size, "start": range.start, "end": range.end }),
-        Reply::Status(s) => json!({
-            "site": s.site,
-            "peers": s.peers.iter().map(|(site, lag)| json!({ "site": site, "lag_changes": lag })).collect::<Vec<_>>(), "entries": s.entries, "versions_held": s.versions_held,
-            "chunks_held": s.chunks_held, "reads": s.reads, "fetches": s.fetches,
-            "chunks_fetched": s.chunks_fetched, "bytes_fetched": s.bytes_fetched,
-            "bytes_from_staging": s.bytes_from_staging, "bytes_to_staging": s.bytes_to_staging, "staged_packs": s.staged_packs,
-        }),
-    }
-}
-
-fn stat_value(stat: &Stat) -> Value {
-    json!({
-        "id": stat.id,
-        "kind": format!("{:?}", stat.kind).to_lowercase(),
-        "size": stat.size,
-        "mode": stat.mode,
-        "mtime_ns": stat.mtime_ns,
-        "version": stat.version.as_ref().map(|v| json!({
-            "id": v.id, "content": v.content.to_string(), "size": v.size, "site": v.site, "hlc": v.hlc.to_string(),
-        })),
-        "symlink_target": stat.symlink_target,
-        "tags": stat.tags.iter().map(|(k, v)| match v {
-            crdt_namespace::TagValue::Set(v) => json!({ "key": k, "value": &**v }),
-            crdt_namespace::TagValue::Unset => json!({ "key": k, "unset": true }),
-        }).collect::<Vec<_>>(),
-    })
-}
-
-/// Serves one control connection.
-async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
-    let Some(frame) = api::read_frame(&mut stream).await? else { return Ok(()) };
-    let request: ApiRequest = match serde_json::from_slice(&frame) {
-        Ok(r) => r,
-        Err(e) => return Ok(api::write_json(&mut stream, &api::error(format!("bad request: {e}"))).await?),
-    };
-    let simple = |r: Request| Some(r);
-    let request = match request {
-        ApiRequest::Put { path, mode } => return serve_put(stream, handle, path, mode).await,
-        ApiRequest::Read { path, start, end } => {
-            let range = match (start, end) {
-                (None, None) => None,
-                (s, e) => Some(s.unwrap_or(0)..e.unwrap_or(u64::MAX)),
-            };
-            return serve_read(stream, handle, Request::Read { path, range }).await;
-        }
-        ApiRequest::Mkdir { path, parents } => simple(Request::Mkdir { path, parents, mode: 0o755 }),
-        ApiRequest::Mv { from, to } => simple(Request::Rename { from, to }),
-        ApiRequest::Rm { path, recursive } => simple(Request::Remove { path, recursive }),
-        ApiRequest::Ls { path } => simple(Request::List { path }),
-        ApiRequest::Stat { path } => simple(Request::Stat { path }),
-        ApiRequest::TagSet { path, key, value } => simple(Request::SetTag { path, key, value }),
-        ApiRequest::TagUnset { path, key } => simple(Request::UnsetTag { path, key }),
-        ApiRequest::TagGet { path } => simple(Request::Tags { path }),
-        ApiRequest::Find { tags, path } => {
-            let query = (|| -> Result<Query, crdt_namespace::OpError> {
-                Ok(Query {
-                    tags: tags.iter().map(|t| TagPredicate::parse(t)).collect::<Result<_, _>>()?,
-                    path: path.as_deref().map(Glob::new).transpose()?,
-                })
-            })();
-            match query {
-                Ok(query) => simple(Request::Find { query }),
-                Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
-            }
-        }
-        ApiRequest::Status => {
-            let mut answer = reply_json(handle.call(Request::Status).await?);
-            if let Some(status) = answer.get_mut("ok").and_then(Value::as_object_mut) {
-                let backlog = handle.cache_backlog.load(Ordering::Relaxed);
-                status.insert("fetched_chunks_not_yet_durable".into(), backlog.into());
-            }
-            return Ok(api::write_json(&mut stream, &answer).await?);
-        }
-        ApiRequest::MeshLs => {
-            let answer = match mesh_links(&handle).await {
-                Ok(links) => api::ok(links),
-                Err(e) => api::error(format!("{e:#}")),
-            };
-            return Ok(api::write_json(&mut stream, &answer).await?);
-        }
-        ApiRequest::MeshBlock { site, blocked } => {
-            let answer = match crdt_namespace::SiteId::new(&site) {
-                Ok(id) if handle.mesh.set_blocked(&id, blocked) => api::ok(Value::Null),
-                Ok(_) => api::error(format!("{site} is not a member of this site's mesh")),
-                Err(e) => api::error(e),
-            };
-            return Ok(api::write_json(&mut stream, &answer).await?);
-        }
-        ApiRequest::MeshAdd { peer } => {
-            let answer = match peer.member() {
-                Ok(member) => {
-                    let site = member.site.clone();
-                    handle.mesh.add_member(member);
-                    match handle.call(Request::Member { site, region: peer.region.clone() }).await? {
-                        Ok(_) => api::ok(Value::Null),
-                        Err(e) => api::error(e),
-                    }
-                }
-                Err(e) => api::error(format!("{e:#}")),
-            };
-            return Ok(api::write_json(&mut stream, &answer).await?);
-        }
-    };
-    let reply = handle.call(request.expect("every simple request")).await?;
-    api::write_json(&mut stream, &reply_json(reply)).await?;
     Ok(())
-}
-
-/// The members, their links and lags, as JSON for `meridian mesh ls`.
-async fn mesh_links(handle: &Handle) -> anyhow::Result<Value> {
-    // The file, not the configuration the node started with: `mesh add` may have changed it.
-    let config = crate::config::Config::load(&handle.config.path)?.config;
-    let lags: HashMap<String, usize> = match handle.call(Request::Status).await? {
-        Ok(Reply::Status(status)) => status.peers.into_iter().collect(),
-        _ => HashMap::new(),
-    };
-    let links = handle.mesh.links();
-    let rows = config
-        .peers
-        .iter()
-        .map(|p| {
-            let link = links.iter().find(|l| l.member.site.as_str() == p.site);
-            let (state, addr) = match link.map(|l| &l.state) {
-                Some(p2p::LinkState::Connected { transport, addr }) => {
-                    (format!("up ({transport})"), addr.to_string())
-                }
-                Some(p2p::LinkState::Down { last_error: Some(e) }) => {
-                    (format!("down: {}", e.chars().take(60).collect::<String>()), String::new())
-                }
-                Some(p2p::LinkState::Down { last_error: None }) => ("connecting".to_owned(), String::new()),
-                Some(p2p::LinkState::Blocked) => ("blocked".to_owned(), String::new()),
-                None => ("not admitted".to_owned(), String::new()),
-            };
-            json!({
-                "site": p.site,
-                "region": p.region,
-                "peer_id": p.peer_id,
-                "addrs": p.addrs,
-                "link": state,
-                "addr": addr,
-                "since_ms": link.map(|l| l.since_ms),
-                "lag_changes": lags.get(&p.site),
-            })
-        })
-        .collect();
-    Ok(Value::Array(rows))
-}
-
-/// Reads data frames from a channel, for the blocking put pipeline.
-struct FrameReader {
-    frames: mpsc::Receiver<Vec<u8>>,
-    current: Vec<u8>,
-    at: usize,
-}
-
-impl Read for FrameReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.current.len() {
-            match self.frames.blocking_recv() {
-                Some(frame) => {
-                    self.current = frame;
-                    self.at = 0;
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
-async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u32) -> anyhow::Result<()> {
-    // Fail before any byte moves if the path cannot take a file.
-    let parent = match path.rfind('/') {
-        Some(0) => "/".to_owned(),
-        Some(i) => path[..i].to_owned(),
-        None => path.clone(),
-    };
-    match handle.call(Request::Stat { path: parent.clone() }).await? {
-        Ok(Reply::Stat(stat)) if stat.kind == crdt_namespace::EntryKind::Dir => {}
-        Ok(_) => {
-            return Ok(api::write_json(&mut stream, &api::error(format!("not a directory: {parent}"))).await?);
-        }
-        Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
-    }
-    if let Ok(Reply::Stat(stat)) = handle.call(Request::Stat { path: path.clone() }).await?
-        && stat.kind != crdt_namespace::EntryKind::File
-    {
-        let what =
-            if stat.kind == crdt_namespace::EntryKind::Dir { "is a directory" } else { "is a symlink" };
-        return Ok(api::write_json(&mut stream, &api::error(format!("{what}: {path}"))).await?);
-    }
-    api::write_json(&mut stream, &api::ok(json!("ready"))).await?;
-    let (frames, frame_rx) = mpsc::channel::<Vec<u8>>(8);
-    let chunks = handle.chunks.clone();
-    let chunker = handle.chunker;
-    let workers = handle.put_workers;
-    let put = tokio::task::spawn_blocking(move || {
-        let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
-        put_stream(reader, chunker, &chunks, workers, &mut |_| {})
-    });
-    let mut complete = false;
-    while let Some(frame) = api::read_frame(&mut stream).await? {
-        if frame.is_empty() {
-            complete = true;
-            break;
-        }
-        if frames.send(frame).await.is_err() {
-            break;
-        }
-    }
-    drop(frames);
-    let outcome = put.await?;
-    if !complete {
-        bail!("the client went away before the end of the data; nothing was recorded");
-    }
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(e) => return Ok(api::write_json(&mut stream, &api::error(e)).await?),
-    };
-    let mtime_ns = (now_ms() as i64).saturating_mul(1_000_000);
-    let size = outcome.manifest.size;
-    let request = Request::CommitVersion { path: path.clone(), manifest: outcome.manifest, mode, mtime_ns };
-    let answer = match handle.call(request).await? {
-        Ok(_) => api::ok(
-            json!({ "path": path, "size": size, "new_chunks": outcome.new_chunks, "new_bytes": outcome.new_bytes }),
-        ),
-        Err(e) => api::error(e),
-    };
-    api::write_json(&mut stream, &answer).await?;
-    Ok(())
-}
-
-async fn serve_read(mut stream: UnixStream, handle: Handle, request: Request) -> anyhow::Result<()> {
-    let mut events = handle.submit(request).await?;
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Reply(reply) => {
-                let failed = reply.is_err();
-                api::write_json(&mut stream, &reply_json(reply)).await?;
-                if failed {
-                    return Ok(());
-                }
-            }
-            Event::Data(data) => {
-                for piece in data.chunks(api::DATA_FRAME_BYTES) {
-                    api::write_frame(&mut stream, piece).await?;
-                }
-            }
-            Event::Done(result) => {
-                api::write_frame(&mut stream, &[]).await?;
-                let status = match result {
-                    Ok(()) => api::ok(Value::Null),
-                    Err(e) => api::error(e),
-                };
-                api::write_json(&mut stream, &status).await?;
-                return Ok(());
-            }
-        }
-    }
-    bail!("the node stopped during the read")
 }

@@ -136,10 +136,6 @@ fn regions_cluster() -> anyhow::Result<(Cluster, StagingStore)> {
     Ok((cluster, store))
 }
 
-fn number(client: &Client, key: &str) -> anyhow::Result<u64> {
-    Ok(client.status()?[key].as_u64().unwrap_or(0))
-}
-
 fn staged_pull(options: &Options) -> anyhow::Result<()> {
     let (cluster, _store) = regions_cluster()?;
     let clients: Vec<&Client> = (0..4).map(|i| &cluster.site(i).client).collect();
@@ -168,8 +164,8 @@ fn staged_pull(options: &Options) -> anyhow::Result<()> {
     });
     let c = c.map_err(|_| anyhow::anyhow!("a reader panicked"))??;
     let d = d.map_err(|_| anyhow::anyhow!("a reader panicked"))??;
-    let uploaded = number(clients[0], "bytes_to_staging")? + number(clients[1], "bytes_to_staging")?;
-    let across_directly = number(clients[2], "bytes_fetched")? + number(clients[3], "bytes_fetched")?;
+    let uploaded = clients[0].status()?.bytes_to_staging + clients[1].status()?.bytes_to_staging;
+    let across_directly = clients[2].status()?.bytes_fetched + clients[3].status()?.bytes_fetched;
     let staged = size as f64 / 1e6 / c.max(d).as_secs_f64();
     let direct_rate = size as f64 / 1e6 / direct.as_secs_f64();
     println!(
@@ -183,7 +179,7 @@ fn staged_pull(options: &Options) -> anyhow::Result<()> {
             "readers_in_region": 2,
             "bytes_uploaded": uploaded,
             "uploads_per_version": round3(uploaded as f64 / size as f64),
-            "bytes_from_staging": number(clients[2], "bytes_from_staging")? + number(clients[3], "bytes_from_staging")?,
+            "bytes_from_staging": clients[2].status()?.bytes_from_staging + clients[3].status()?.bytes_from_staging,
             "bytes_read_directly_across_regions": across_directly,
             "target_uploads_per_version": 1,
         })
@@ -194,7 +190,7 @@ fn staged_pull(options: &Options) -> anyhow::Result<()> {
 fn staged_small_files(options: &Options) -> anyhow::Result<()> {
     let (cluster, _store) = regions_cluster()?;
     let (a, c) = (&cluster.site(0).client, &cluster.site(2).client);
-    a.call(&ApiRequest::Mkdir { path: "/small".into(), parents: true })?;
+    a.mkdir_p("/small")?;
     let n = options.small_files;
     let content = |i: usize| pseudo_random(2_000_000 + i as u64, options.small_file_bytes);
     let path = |i: usize| format!("/small/f{i:05}");
@@ -217,8 +213,8 @@ fn staged_small_files(options: &Options) -> anyhow::Result<()> {
             "parallel_readers": options.parallel,
             "read_in_other_region_s": round3(took.as_secs_f64()),
             "files_per_s": (n as f64 / took.as_secs_f64()).round(),
-            "bytes_uploaded": number(a, "bytes_to_staging")?,
-            "bytes_from_staging": number(c, "bytes_from_staging")?,
+            "bytes_uploaded": a.status()?.bytes_to_staging,
+            "bytes_from_staging": c.status()?.bytes_from_staging,
             "target_files_per_s": 1000,
         })
     );
@@ -233,14 +229,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn propagation(options: &Options) -> anyhow::Result<()> {
     let cluster = new_cluster()?;
     let (a, b) = (&cluster.site(0).client, &cluster.site(1).client);
-    a.call(&ApiRequest::Mkdir { path: "/p".into(), parents: true })?;
+    a.mkdir_p("/p")?;
     wait_until(VISIBLE_TIMEOUT, || b.exists("/p"))?;
     let mut from_commit = Vec::with_capacity(options.creates);
     let mut from_request = Vec::with_capacity(options.creates);
     for i in 0..options.creates {
         let path = format!("/p/d{i}");
         let asked = Instant::now();
-        a.call(&ApiRequest::Mkdir { path: path.clone(), parents: false })?;
+        a.call::<()>(&ApiRequest::Mkdir { path: path.clone(), parents: false })?;
         let committed = Instant::now();
         wait_for(b, &path, Duration::ZERO)?;
         from_commit.push(committed.elapsed().as_secs_f64() * 1e3);
@@ -282,7 +278,7 @@ fn round3(x: f64) -> f64 {
 }
 
 fn fetched(client: &Client) -> anyhow::Result<u64> {
-    Ok(client.status()?["bytes_fetched"].as_u64().unwrap_or(0))
+    Ok(client.status()?.bytes_fetched)
 }
 
 /// MB/s at which the disk under `dir` takes `data` (1 MiB writes, then fsync).
@@ -305,7 +301,7 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
     let (a, b) = (&cluster.site(0).client, &cluster.site(1).client);
     let size = options.pull_mib << 20;
     let mut data = pseudo_random(1, size);
-    a.call(&ApiRequest::Mkdir { path: "/big".into(), parents: true })?;
+    a.mkdir_p("/big")?;
     a.put("/big/file.bin", &data)?;
     wait_until(VISIBLE_TIMEOUT, || b.exists("/big/file.bin"))?;
     let before = fetched(b)?;
@@ -317,7 +313,7 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
     let took = started.elapsed();
     // The reader has every byte; the site makes its copy durable (synced and indexed) once the
     // transfer is over. The disk reference runs after that, on a quiet disk.
-    wait_until(VISIBLE_TIMEOUT, || Ok(b.status()?["fetched_chunks_not_yet_durable"].as_u64() == Some(0)))?;
+    wait_until(VISIBLE_TIMEOUT, || Ok(b.status()?.fetched_chunks_not_yet_durable == 0))?;
     let durable = started.elapsed();
     let moved = fetched(b)? - before;
     if read != size as u64 || moved != size as u64 {
@@ -344,10 +340,8 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
         let at = size / 2;
         data[at..at + (1 << 20)].copy_from_slice(&pseudo_random(2, 1 << 20));
         let answer = a.put("/big/file.bin", &data)?;
-        let want = a.call(&ApiRequest::Stat { path: "/big/file.bin".into() })?["version"]["id"].clone();
-        wait_until(VISIBLE_TIMEOUT, || {
-            Ok(b.call(&ApiRequest::Stat { path: "/big/file.bin".into() })?["version"]["id"] == want)
-        })?;
+        let want = a.version_id("/big/file.bin")?;
+        wait_until(VISIBLE_TIMEOUT, || Ok(b.version_id("/big/file.bin")? == want))?;
         let before = fetched(b)?;
         let read = b.read("/big/file.bin", None)?;
         let moved = fetched(b)? - before;
@@ -360,7 +354,7 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
                 "bench": "delta",
                 "file_bytes": size,
                 "edit_bytes": 1 << 20,
-                "new_bytes_at_writer": answer["new_bytes"],
+                "new_bytes_at_writer": answer.new_bytes,
                 "moved_bytes": moved,
                 "fraction": moved as f64 / size as f64,
                 "target_fraction": 0.02,
@@ -373,7 +367,7 @@ fn pull_and_delta(options: &Options, report_pull: bool, report_delta: bool) -> a
 fn small_files(options: &Options) -> anyhow::Result<()> {
     let cluster = new_cluster()?;
     let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
-    a.call(&ApiRequest::Mkdir { path: "/small".into(), parents: true })?;
+    a.mkdir_p("/small")?;
     wait_until(VISIBLE_TIMEOUT, || b.exists("/small"))?;
     let n = options.small_files;
     let size = options.small_file_bytes;

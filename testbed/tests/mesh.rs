@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cluster::wait_until;
 use cluster::{Cluster, Program};
-use node::api::ApiRequest;
+use node::api::{ApiRequest, FindAnswer, MeshLink, TagAnswer};
 use node::client::Client;
 use node::config::Config;
 use site_core::sample::pseudo_random;
@@ -24,26 +24,22 @@ fn started(n: usize) -> Cluster {
 }
 
 fn mkdir(client: &Client, path: &str) {
-    client.call(&ApiRequest::Mkdir { path: path.into(), parents: true }).unwrap();
+    client.mkdir_p(path).unwrap();
 }
 
 fn fetched(client: &Client) -> u64 {
-    client.status().unwrap()["bytes_fetched"].as_u64().unwrap()
+    client.status().unwrap().bytes_fetched
 }
 
 /// Every path with the version it shows (for files). A change arriving between the listing and
 /// a stat makes it an error: the caller asks again.
 fn tree(client: &Client) -> anyhow::Result<Vec<String>> {
-    let v = client.call(&ApiRequest::Find { tags: vec![], path: Some("/**".into()) })?;
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| {
-            let path = h["path"].as_str().unwrap_or_default().to_owned();
-            let stat = client.call(&ApiRequest::Stat { path: path.clone() })?;
-            Ok(match stat["version"]["id"].as_str() {
-                Some(version) => format!("{path} @{version}"),
-                None => path,
+    let hits: Vec<FindAnswer> = client.call(&ApiRequest::Find { tags: vec![], path: Some("/**".into()) })?;
+    hits.into_iter()
+        .map(|hit| {
+            Ok(match client.version_id(&hit.path)? {
+                Some(version) => format!("{} @{version}", hit.path),
+                None => hit.path,
             })
         })
         .collect()
@@ -69,16 +65,23 @@ fn namespace_changes_reach_every_site() {
     let a = &cluster.site(0).client;
     mkdir(a, "/shots/sq010/sh0010");
     a.put("/shots/sq010/sh0010/take1.clip", b"<clip/>").unwrap();
-    a.call(&ApiRequest::TagSet { path: "/shots".into(), key: "project".into(), value: "apollo".into() })
-        .unwrap();
-    a.call(&ApiRequest::Mv { from: "/shots/sq010/sh0010/take1.clip".into(), to: "/shots/take1.clip".into() })
-        .unwrap();
+    a.call::<()>(&ApiRequest::TagSet {
+        path: "/shots".into(),
+        key: "project".into(),
+        value: "apollo".into(),
+    })
+    .unwrap();
+    a.call::<()>(&ApiRequest::Mv {
+        from: "/shots/sq010/sh0010/take1.clip".into(),
+        to: "/shots/take1.clip".into(),
+    })
+    .unwrap();
     let trees = wait_same_trees(&cluster, &[0, 1, 2]);
     assert!(trees.iter().any(|p| p.starts_with("/shots/take1.clip @")), "{trees:?}");
     for i in 1..3 {
-        let tags =
+        let tags: Vec<TagAnswer> =
             cluster.site(i).client.call(&ApiRequest::TagGet { path: "/shots/take1.clip".into() }).unwrap();
-        assert_eq!(tags[0]["value"], "apollo");
+        assert_eq!(tags[0].value, "apollo");
         // Metadata only: no payload moved.
         assert_eq!(fetched(&cluster.site(i).client), 0);
     }
@@ -93,7 +96,7 @@ fn payload_is_pulled_lazily_range_first_and_only_the_edited_chunks_move() {
     mkdir(a, "/big");
     a.put("/big/f.bin", &data).unwrap();
     wait_until(TIMEOUT, || b.exists("/big/f.bin")).unwrap();
-    assert_eq!(b.status().unwrap()["versions_held"], 0, "nothing is pulled before a read");
+    assert_eq!(b.status().unwrap().versions_held, 0, "nothing is pulled before a read");
     assert_eq!(fetched(b), 0);
 
     // A range in the middle: only the chunks covering it move.
@@ -108,16 +111,13 @@ fn payload_is_pulled_lazily_range_first_and_only_the_edited_chunks_move() {
     // The whole file: every chunk once.
     assert!(b.read("/big/f.bin", None).unwrap() == data);
     assert_eq!(fetched(b), size as u64, "each chunk crosses the network once");
-    assert_eq!(b.status().unwrap()["versions_held"], 1);
+    assert_eq!(b.status().unwrap().versions_held, 1);
 
     // A 64 KiB edit: only the chunks around it move.
     data[5 << 20..(5 << 20) + (64 << 10)].copy_from_slice(&pseudo_random(2, 64 << 10));
     a.put("/big/f.bin", &data).unwrap();
-    let want = a.call(&ApiRequest::Stat { path: "/big/f.bin".into() }).unwrap()["version"]["id"].clone();
-    wait_until(TIMEOUT, || {
-        Ok(b.call(&ApiRequest::Stat { path: "/big/f.bin".into() })?["version"]["id"] == want)
-    })
-    .unwrap();
+    let want = a.version_id("/big/f.bin").unwrap();
+    wait_until(TIMEOUT, || Ok(b.version_id("/big/f.bin")? == want)).unwrap();
     let before = fetched(b);
     assert!(b.read("/big/f.bin", None).unwrap() == data);
     let moved = fetched(b) - before;
@@ -184,7 +184,7 @@ fn stopped_and_partitioned_sites_converge_when_they_return() {
     mkdir(&a, "/shots/from-a");
     wait_until(TIMEOUT, || b.exists("/shots/from-a")).unwrap();
     b.put("/shots/comp.clip", b"v2 from b").unwrap();
-    b.call(&ApiRequest::Rm { path: "/shots/from-a".into(), recursive: true }).unwrap();
+    b.call::<()>(&ApiRequest::Rm { path: "/shots/from-a".into(), recursive: true }).unwrap();
     cluster.start(2).unwrap();
     let trees = wait_same_trees(&cluster, &[0, 1, 2]);
     assert!(!trees.iter().any(|p| p.starts_with("/shots/from-a")), "{trees:?}");
@@ -193,7 +193,7 @@ fn stopped_and_partitioned_sites_converge_when_they_return() {
     // a partition: a is cut off from b and c; both sides write the same file.
     cluster.meridian(0, &["mesh", "block", "b"]).unwrap();
     cluster.meridian(0, &["mesh", "block", "c"]).unwrap();
-    wait_until(TIMEOUT, || Ok(a.status()?["peers"].as_array().unwrap().is_empty())).unwrap();
+    wait_until(TIMEOUT, || Ok(a.status()?.peers.is_empty())).unwrap();
     a.put("/shots/comp.clip", b"v3 from a").unwrap();
     b.put("/shots/comp.clip", b"v3 from b").unwrap();
     cluster.meridian(0, &["mesh", "unblock", "b"]).unwrap();
@@ -230,12 +230,12 @@ fn an_unknown_peer_is_refused() {
     // c dials a and b for a while; both refuse it.
     std::thread::sleep(Duration::from_secs(2));
     assert!(!c.exists("/secret").unwrap(), "a stranger received the namespace");
-    let peers = a.status().unwrap()["peers"].clone();
-    assert_eq!(peers.as_array().unwrap().len(), 1, "only b is connected to a: {peers}");
+    let peers = a.status().unwrap().peers;
+    assert_eq!(peers.len(), 1, "only b is connected to a: {peers:?}");
     let ls = cluster.meridian(2, &["--json", "mesh", "ls"]).unwrap();
-    let ls: serde_json::Value = serde_json::from_str(ls.trim()).unwrap();
-    for link in ls.as_array().unwrap() {
-        assert!(!link["link"].as_str().unwrap().starts_with("up"), "{link}");
+    let ls: Vec<MeshLink> = serde_json::from_str(ls.trim()).unwrap();
+    for link in ls {
+        assert!(!link.link.starts_with("up"), "{link:?}");
     }
 }
 

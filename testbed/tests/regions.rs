@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use cluster::Cluster;
 use cluster::{StagingStore, use_staging, wait_until};
-use node::client::Client;
 use site_core::Transfer;
 use site_core::sample::pseudo_random;
 
@@ -39,10 +38,6 @@ fn local_bucket() -> (StagingStore, tempfile::TempDir) {
     (StagingStore::start(dir.path()).unwrap(), dir)
 }
 
-fn number(client: &Client, key: &str) -> u64 {
-    client.status().unwrap()[key].as_u64().unwrap()
-}
-
 fn write(cluster: &Cluster, at: usize, path: &str, data: &[u8]) {
     cluster.site(at).client.put(path, data).unwrap();
     for i in 0..3 {
@@ -59,18 +54,19 @@ fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly(
     write(&cluster, 0, "/plate.exr", &data);
 
     assert!(east.read("/plate.exr", None).unwrap() == data, "east reads what west wrote");
-    assert_eq!(number(east, "bytes_from_staging"), data.len() as u64);
-    assert_eq!(number(east, "bytes_fetched"), 0, "nothing came from west directly");
-    let uploaded = number(west, "bytes_to_staging");
+    assert_eq!(east.status().unwrap().bytes_from_staging, data.len() as u64);
+    assert_eq!(east.status().unwrap().bytes_fetched, 0, "nothing came from west directly");
+    let uploaded = west.status().unwrap().bytes_to_staging;
     assert!(uploaded >= data.len() as u64 && uploaded < data.len() as u64 + (1 << 20), "{uploaded}");
 
     // north reads it too: from east, its own region's holder, once east's answer to "who holds"
     // is in — until then from the pack, which stays while a site of us may still need it. Never
     // from west directly, and no second upload.
     assert!(north.read("/plate.exr", None).unwrap() == data);
-    let (direct, staged) = (number(north, "bytes_fetched"), number(north, "bytes_from_staging"));
+    let (direct, staged) =
+        (north.status().unwrap().bytes_fetched, north.status().unwrap().bytes_from_staging);
     assert_eq!(direct + staged, data.len() as u64, "{direct} direct + {staged} from the bucket");
-    assert_eq!(number(west, "bytes_to_staging"), uploaded, "one upload for the region pair");
+    assert_eq!(west.status().unwrap().bytes_to_staging, uploaded, "one upload for the region pair");
 }
 
 #[test]
@@ -85,11 +81,11 @@ fn without_the_bucket_auto_reads_directly_and_staged_fails_clearly() {
 
     let east = &auto.site(1).client;
     assert!(east.read("/f", None).unwrap() == data);
-    assert_eq!(number(east, "bytes_fetched"), data.len() as u64, "read from west directly");
+    assert_eq!(east.status().unwrap().bytes_fetched, data.len() as u64, "read from west directly");
 
     let east = &staged.site(1).client;
     let error = east.read("/f", None).unwrap_err().to_string();
     assert!(error.contains("through the staging bucket failed"), "{error}");
-    assert_eq!(number(east, "bytes_fetched"), 0);
+    assert_eq!(east.status().unwrap().bytes_fetched, 0);
     assert!(staged.site(1).is_running(), "a failed read is not a failed site");
 }

@@ -200,11 +200,11 @@ fn small_files(c: &mut Criterion) {
                         data[..8].copy_from_slice(&(i as u64).to_le_bytes());
                         let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
                         let request = ApiRequest::Put { path: format!("/small/f{i:05}"), mode: 0o644 };
-                        api::write_frame(&mut stream, &serde_json::to_vec(&request).unwrap()).await.unwrap();
-                        api::read_answer(&mut stream).await.unwrap();
+                        api::write_frame(&mut stream, &api::encode_request(&request)).await.unwrap();
+                        api::read_answer::<()>(&mut stream).await.unwrap();
                         api::write_frame(&mut stream, &data).await.unwrap();
                         api::write_frame(&mut stream, &[]).await.unwrap();
-                        api::read_answer(&mut stream).await.unwrap();
+                        api::read_answer::<api::PutAnswer>(&mut stream).await.unwrap();
                     }
                 });
                 total += started.elapsed();

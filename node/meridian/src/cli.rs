@@ -11,9 +11,13 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use node::api::{self, ApiRequest};
+use node::api::{
+    self, ApiError, ApiRequest, ErrorKind, FindAnswer, Kind, ListEntry, MeshLink, PutAnswer, ReadHeader,
+    StatAnswer, StatusAnswer, TagAnswer,
+};
 use node::config::{CONFIG_FILE, Config, DEFAULT_PORT, PeerConfig, listen_addrs};
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
@@ -84,23 +88,25 @@ enum Command {
         #[arg(long, value_name = "START..END")]
         range: Option<String>,
     },
-    /// List a directory.
+    /// List directories.
     Ls {
-        /// The directory [default: /]
-        path: Option<String>,
+        /// The directories [default: /]
+        paths: Vec<String>,
         /// Long format: kind, mode, size, modification time.
         #[arg(short)]
         l: bool,
     },
-    /// Show what is known of an entry.
+    /// Show what is known of entries.
     Stat {
-        /// The entry.
-        path: String,
+        /// The entries.
+        #[arg(required = true)]
+        paths: Vec<String>,
     },
-    /// Make a directory.
+    /// Make directories.
     Mkdir {
-        /// The directory.
-        path: String,
+        /// The directories.
+        #[arg(required = true)]
+        paths: Vec<String>,
         /// Make missing parents too; an existing directory is fine.
         #[arg(short)]
         p: bool,
@@ -112,10 +118,11 @@ enum Command {
         /// To (must not exist).
         to: String,
     },
-    /// Remove an entry.
+    /// Remove entries.
     Rm {
-        /// The entry.
-        path: String,
+        /// The entries.
+        #[arg(required = true)]
+        paths: Vec<String>,
         /// Remove a directory and everything below it.
         #[arg(short)]
         r: bool,
@@ -174,14 +181,14 @@ enum MeshCommand {
 
 #[derive(Subcommand)]
 enum TagCommand {
-    /// Set a tag on an entry (inherited by everything below it).
+    /// Set a tag on an entry (inherited by everything below it): `KEY VALUE` or `KEY=VALUE`.
     Set {
         /// The entry.
         path: String,
-        /// The key.
+        /// The key, or `KEY=VALUE`.
         key: String,
-        /// The value.
-        value: String,
+        /// The value (unless given with the key).
+        value: Option<String>,
     },
     /// Explicitly unset a tag on an entry (blocks inheritance).
     Unset {
@@ -337,7 +344,7 @@ fn mesh_add(cli: &Cli, peer: PeerConfig) -> anyhow::Result<()> {
     let live = match std::os::unix::net::UnixStream::connect(loaded.socket()) {
         Ok(_) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(ask(cli, &ApiRequest::MeshAdd { peer: peer.clone() }))?;
+            rt.block_on(ask::<()>(cli, &ApiRequest::MeshAdd { peer: peer.clone() }))?;
             true
         }
         Err(_) => false,
@@ -361,20 +368,32 @@ async fn connect(cli: &Cli) -> anyhow::Result<UnixStream> {
         Err(e)
             if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
         {
-            bail!(
+            let message = format!(
                 "no meridian node is running for {}; start it with `meridian --config {} node`",
                 path.display(),
                 path.display()
-            )
+            );
+            Err(ApiError::new(ErrorKind::NodeNotRunning, message).into())
         }
         Err(e) => Err(e).with_context(|| format!("connecting to {}", loaded.socket().display())),
     }
 }
 
-async fn ask(cli: &Cli, request: &ApiRequest) -> anyhow::Result<Value> {
+/// Sends `request` on a new connection and reads its answer, of the type the request names.
+async fn ask<T: DeserializeOwned>(cli: &Cli, request: &ApiRequest) -> anyhow::Result<T> {
     let mut stream = connect(cli).await?;
-    api::write_frame(&mut stream, &serde_json::to_vec(request)?).await?;
+    api::write_frame(&mut stream, &api::encode_request(request)).await?;
     api::read_answer(&mut stream).await
+}
+
+/// Prints `value` as JSON with `--json`, else as `human` writes it.
+fn show<T: Serialize>(cli: &Cli, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
 }
 
 fn progress(size: u64) -> ProgressBar {
@@ -389,268 +408,287 @@ fn progress(size: u64) -> ProgressBar {
     bar
 }
 
+/// The commands that talk to a running node.
 async fn client(cli: &Cli) -> anyhow::Result<()> {
-    let print = |value: &Value, human: &dyn Fn(&Value)| {
-        if cli.json {
-            println!("{value}");
-        } else {
-            human(value);
-        }
-    };
     match &cli.command {
         Command::Init { .. } | Command::Node | Command::Demo(_) | Command::Mesh(MeshCommand::Add { .. }) => {
             unreachable!("handled in main")
         }
-        Command::Mesh(MeshCommand::Block { name }) | Command::Mesh(MeshCommand::Unblock { name }) => {
-            let blocked = matches!(&cli.command, Command::Mesh(MeshCommand::Block { .. }));
-            let v = ask(cli, &ApiRequest::MeshBlock { site: name.clone(), blocked }).await?;
-            print(&v, &|_| println!("link to {name} {}", if blocked { "cut" } else { "restored" }));
-        }
-        Command::Mesh(MeshCommand::Ls) => {
-            let v =
-                match ask(cli, &ApiRequest::MeshLs).await {
-                    Ok(v) => v,
-                    Err(e) if e.to_string().starts_with("no meridian node is running") => {
-                        let loaded = Config::load(&config_path(cli))?;
-                        let peers: Vec<Value> = loaded
-                        .config
-                        .peers
-                        .iter()
-                        .map(|p| serde_json::json!({
-                            "site": p.site, "region": p.region, "peer_id": p.peer_id, "addrs": p.addrs,
-                            "link": "node not running",
-                        }))
-                        .collect();
-                        Value::Array(peers)
-                    }
-                    Err(e) => return Err(e),
-                };
-            print(&v, &|v| {
-                println!(
-                    "{:<12} {:<8} {:<32} {:<10} {:>10}  peer id / address",
-                    "site", "region", "link", "since", "lag"
-                );
-                for p in v.as_array().into_iter().flatten() {
-                    let lag = match p["lag_changes"].as_u64() {
-                        Some(n) => format!("{n} changes"),
-                        None => "-".into(),
-                    };
-                    let since = p["since_ms"]
-                        .as_u64()
-                        .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
-                        .unwrap_or_default();
-                    println!(
-                        "{:<12} {:<8} {:<32} {:<10} {:>10}  {} {}",
-                        p["site"].as_str().unwrap_or(""),
-                        p["region"].as_str().unwrap_or(""),
-                        p["link"].as_str().unwrap_or(""),
-                        since,
-                        lag,
-                        p["peer_id"].as_str().unwrap_or(""),
-                        p["addr"].as_str().or_else(|| p["addrs"][0].as_str()).unwrap_or(""),
-                    );
-                }
-            });
-        }
-        Command::Put { local, remote, mode } => {
-            let mode = u32::from_str_radix(mode, 8).with_context(|| format!("mode {mode:?} is not octal"))?;
-            let remote = if remote.ends_with('/') {
-                let name = local
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .filter(|_| local.as_os_str() != "-")
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("give the full remote path when putting {}", local.display())
-                    })?;
-                format!("{remote}{name}")
-            } else {
-                remote.clone()
-            };
-            let (mut source, size): (Box<dyn tokio::io::AsyncRead + Unpin>, u64) = if local.as_os_str() == "-"
-            {
-                (Box::new(tokio::io::stdin()), 0)
-            } else {
-                let file = tokio::fs::File::open(local)
-                    .await
-                    .with_context(|| format!("opening {}", local.display()))?;
-                let size = file.metadata().await?.len();
-                (Box::new(file), size)
-            };
-            let mut stream = connect(cli).await?;
-            let request = ApiRequest::Put { path: remote.clone(), mode };
-            api::write_frame(&mut stream, &serde_json::to_vec(&request)?).await?;
-            api::read_answer(&mut stream).await?;
-            let bar = progress(size);
-            let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
-            loop {
-                let n =
-                    source.read(&mut buf).await.with_context(|| format!("reading {}", local.display()))?;
-                if n == 0 {
-                    break;
-                }
-                api::write_frame(&mut stream, &buf[..n]).await?;
-                bar.inc(n as u64);
-            }
-            api::write_frame(&mut stream, &[]).await?;
-            bar.finish_and_clear();
-            let answer = api::read_answer(&mut stream).await?;
-            print(&answer, &|v| {
-                println!("{} ({} bytes, {} new bytes stored)", remote, v["size"], v["new_bytes"])
-            });
-        }
-        Command::Get { remote, local } => {
-            let name = remote.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("download");
-            let local = local.clone().unwrap_or_else(|| PathBuf::from(name));
-            let tmp = local.with_file_name(format!(
-                ".{}.meridian-partial",
-                local.file_name().and_then(|n| n.to_str()).unwrap_or("download")
-            ));
-            let mut file =
-                tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
-            let result = read_into(cli, remote, None, &mut file, true).await;
-            drop(file);
-            match result {
-                Ok(size) => {
-                    tokio::fs::rename(&tmp, &local)
-                        .await
-                        .with_context(|| format!("writing {}", local.display()))?;
-                    print(&serde_json::json!({ "path": remote, "local": local, "size": size }), &|_| {
-                        println!("{} -> {} ({size} bytes)", remote, local.display())
-                    });
-                }
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(e);
-                }
-            }
-        }
-        Command::Cat { remote, range } => {
-            let range = match range {
-                None => None,
-                Some(r) => {
-                    let (a, b) = r
-                        .split_once("..")
-                        .ok_or_else(|| anyhow::anyhow!("--range takes START..END, not {r:?}"))?;
-                    let start = a.parse().with_context(|| format!("bad range start {a:?}"))?;
-                    let end = b.parse().with_context(|| format!("bad range end {b:?}"))?;
-                    Some((start, end))
-                }
-            };
-            let mut stdout = tokio::io::stdout();
-            read_into(cli, remote, range, &mut stdout, false).await?;
-        }
-        Command::Ls { path, l } => {
-            let path = path.clone().unwrap_or_else(|| "/".into());
-            let v = ask(cli, &ApiRequest::Ls { path }).await?;
-            print(&v, &|v| {
-                for e in v.as_array().into_iter().flatten() {
-                    let name = e["name"].as_str().unwrap_or("");
-                    if *l {
-                        let s = &e["stat"];
-                        let kind = match s["kind"].as_str() {
-                            Some("dir") => 'd',
-                            Some("symlink") => 'l',
-                            _ => '-',
-                        };
-                        let mtime = s["mtime_ns"].as_i64().unwrap_or(0) / 1_000_000_000;
-                        println!(
-                            "{kind} {:o} {:>12} {:>11} {name}",
-                            s["mode"].as_u64().unwrap_or(0),
-                            s["size"],
-                            mtime
-                        );
-                    } else {
-                        println!("{name}");
-                    }
-                }
-            });
-        }
-        Command::Stat { path } => {
-            let v = ask(cli, &ApiRequest::Stat { path: path.clone() }).await?;
-            print(&v, &|v| {
-                println!("path:    {path}");
-                println!("id:      {}", v["id"].as_str().unwrap_or(""));
-                println!("kind:    {}", v["kind"].as_str().unwrap_or(""));
-                println!("size:    {}", v["size"]);
-                println!("mode:    {:o}", v["mode"].as_u64().unwrap_or(0));
-                if let Some(version) = v["version"].as_object() {
-                    println!(
-                        "version: {} (written at {})",
-                        version["id"].as_str().unwrap_or(""),
-                        version["site"].as_str().unwrap_or("")
-                    );
-                    println!("content: {}", version["content"].as_str().unwrap_or(""));
-                }
-                for t in v["tags"].as_array().into_iter().flatten() {
-                    match t["value"].as_str() {
-                        Some(value) => println!("tag:     {}={value}", t["key"].as_str().unwrap_or("")),
-                        None => println!("tag:     {} (unset)", t["key"].as_str().unwrap_or("")),
-                    }
-                }
-            });
-        }
-        Command::Mkdir { path, p } => {
-            let v = ask(cli, &ApiRequest::Mkdir { path: path.clone(), parents: *p }).await?;
-            print(&v, &|_| {});
+        Command::Mesh(MeshCommand::Block { name }) => mesh_block(cli, name, true).await,
+        Command::Mesh(MeshCommand::Unblock { name }) => mesh_block(cli, name, false).await,
+        Command::Mesh(MeshCommand::Ls) => mesh_ls(cli).await,
+        Command::Put { local, remote, mode } => put(cli, local, remote, mode).await,
+        Command::Get { remote, local } => get(cli, remote, local.as_deref()).await,
+        Command::Cat { remote, range } => cat(cli, remote, range.as_deref()).await,
+        Command::Ls { paths, l } => ls(cli, paths, *l).await,
+        Command::Stat { paths } => stat(cli, paths).await,
+        Command::Mkdir { paths, p } => {
+            let requests = paths.iter().map(|path| ApiRequest::Mkdir { path: path.clone(), parents: *p });
+            changes(cli, requests).await
         }
         Command::Mv { from, to } => {
-            let v = ask(cli, &ApiRequest::Mv { from: from.clone(), to: to.clone() }).await?;
-            print(&v, &|_| {});
+            changes(cli, [ApiRequest::Mv { from: from.clone(), to: to.clone() }]).await
         }
-        Command::Rm { path, r } => {
-            let v = ask(cli, &ApiRequest::Rm { path: path.clone(), recursive: *r }).await?;
-            print(&v, &|_| {});
+        Command::Rm { paths, r } => {
+            let requests = paths.iter().map(|path| ApiRequest::Rm { path: path.clone(), recursive: *r });
+            changes(cli, requests).await
         }
         Command::Tag(TagCommand::Set { path, key, value }) => {
-            let v =
-                ask(cli, &ApiRequest::TagSet { path: path.clone(), key: key.clone(), value: value.clone() })
-                    .await?;
-            print(&v, &|_| {});
+            let (key, value) = tag_key_value(key, value.as_deref())?;
+            changes(cli, [ApiRequest::TagSet { path: path.clone(), key, value }]).await
         }
         Command::Tag(TagCommand::Unset { path, key }) => {
-            let v = ask(cli, &ApiRequest::TagUnset { path: path.clone(), key: key.clone() }).await?;
-            print(&v, &|_| {});
+            changes(cli, [ApiRequest::TagUnset { path: path.clone(), key: key.clone() }]).await
         }
         Command::Tag(TagCommand::Get { path }) => {
-            let v = ask(cli, &ApiRequest::TagGet { path: path.clone() }).await?;
-            print(&v, &|v| {
-                for t in v.as_array().into_iter().flatten() {
-                    let (k, val, src) = (t["key"].as_str(), t["value"].as_str(), t["source"].as_str());
-                    println!("{}={} (from {})", k.unwrap_or(""), val.unwrap_or(""), src.unwrap_or(""));
+            let tags: Vec<TagAnswer> = ask(cli, &ApiRequest::TagGet { path: path.clone() }).await?;
+            show(cli, &tags, |tags| {
+                for t in tags {
+                    println!("{}={} (from {})", t.key, t.value, t.source);
                 }
-            });
+            })
         }
         Command::Find { tags, path } => {
-            let v = ask(cli, &ApiRequest::Find { tags: tags.clone(), path: path.clone() }).await?;
-            print(&v, &|v| {
-                for hit in v.as_array().into_iter().flatten() {
-                    println!("{}", hit["path"].as_str().unwrap_or(""));
-                }
-            });
+            let hits: Vec<FindAnswer> =
+                ask(cli, &ApiRequest::Find { tags: tags.clone(), path: path.clone() }).await?;
+            show(cli, &hits, |hits| hits.iter().for_each(|hit| println!("{}", hit.path)))
         }
-        Command::Status => {
-            let v = ask(cli, &ApiRequest::Status).await?;
-            print(&v, &|v| {
-                println!("site:          {}", v["site"].as_str().unwrap_or(""));
-                println!("entries:       {}", v["entries"]);
-                println!("versions held: {}", v["versions_held"]);
-                println!("chunks held:   {}", v["chunks_held"]);
-                let peers: Vec<String> = v["peers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| {
-                        format!("{} (lag {} changes)", p["site"].as_str().unwrap_or(""), p["lag_changes"])
-                    })
-                    .collect();
-                println!(
-                    "peers:         {}",
-                    if peers.is_empty() { "none connected".to_owned() } else { peers.join(", ") }
-                );
-            });
-        }
+        Command::Status => status(cli).await,
+    }
+}
+
+/// `KEY VALUE` or `KEY=VALUE`, as `find --tag` writes it.
+fn tag_key_value(key: &str, value: Option<&str>) -> anyhow::Result<(String, String)> {
+    match (value, key.split_once('=')) {
+        (Some(value), _) => Ok((key.to_owned(), value.to_owned())),
+        (None, Some((key, value))) => Ok((key.to_owned(), value.to_owned())),
+        (None, None) => bail!("give the tag as KEY VALUE or KEY=VALUE, not just {key:?}"),
+    }
+}
+
+/// Sends changes in order, stopping at the first that fails.
+async fn changes(cli: &Cli, requests: impl IntoIterator<Item = ApiRequest>) -> anyhow::Result<()> {
+    for request in requests {
+        ask::<()>(cli, &request).await?;
     }
     Ok(())
+}
+
+async fn mesh_block(cli: &Cli, name: &str, blocked: bool) -> anyhow::Result<()> {
+    ask::<()>(cli, &ApiRequest::MeshBlock { site: name.to_owned(), blocked }).await?;
+    show(cli, &(), |_| println!("link to {name} {}", if blocked { "cut" } else { "restored" }))
+}
+
+async fn mesh_ls(cli: &Cli) -> anyhow::Result<()> {
+    let links: Vec<MeshLink> = match ask(cli, &ApiRequest::MeshLs).await {
+        Ok(links) => links,
+        Err(e) if ApiError::kind_of(&e) == Some(ErrorKind::NodeNotRunning) => {
+            let loaded = Config::load(&config_path(cli))?;
+            loaded
+                .config
+                .peers
+                .iter()
+                .map(|p| MeshLink {
+                    site: p.site.clone(),
+                    region: p.region.clone(),
+                    peer_id: p.peer_id.clone(),
+                    addrs: p.addrs.clone(),
+                    link: "node not running".into(),
+                    addr: None,
+                    since_ms: None,
+                    lag_changes: None,
+                })
+                .collect()
+        }
+        Err(e) => return Err(e),
+    };
+    show(cli, &links, |links| {
+        println!(
+            "{:<12} {:<8} {:<32} {:<10} {:>10}  peer id / address",
+            "site", "region", "link", "since", "lag"
+        );
+        for p in links {
+            let lag = p.lag_changes.map_or_else(|| "-".to_owned(), |n| format!("{n} changes"));
+            let since = p.since_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_default();
+            let addr = p.addr.as_deref().or(p.addrs.first().map(String::as_str)).unwrap_or("");
+            println!(
+                "{:<12} {:<8} {:<32} {:<10} {:>10}  {} {addr}",
+                p.site, p.region, p.link, since, lag, p.peer_id
+            );
+        }
+    })
+}
+
+async fn put(cli: &Cli, local: &Path, remote: &str, mode: &str) -> anyhow::Result<()> {
+    let mode = u32::from_str_radix(mode, 8).with_context(|| format!("mode {mode:?} is not octal"))?;
+    let remote = if remote.ends_with('/') {
+        let name =
+            local.file_name().and_then(|n| n.to_str()).filter(|_| local.as_os_str() != "-").ok_or_else(
+                || anyhow::anyhow!("give the full remote path when putting {}", local.display()),
+            )?;
+        format!("{remote}{name}")
+    } else {
+        remote.to_owned()
+    };
+    let (mut source, size): (Box<dyn tokio::io::AsyncRead + Unpin>, u64) = if local.as_os_str() == "-" {
+        (Box::new(tokio::io::stdin()), 0)
+    } else {
+        let file =
+            tokio::fs::File::open(local).await.with_context(|| format!("opening {}", local.display()))?;
+        let size = file.metadata().await?.len();
+        (Box::new(file), size)
+    };
+    let mut stream = connect(cli).await?;
+    let request = ApiRequest::Put { path: remote.clone(), mode };
+    api::write_frame(&mut stream, &api::encode_request(&request)).await?;
+    api::read_answer::<()>(&mut stream).await?;
+    let bar = progress(size);
+    let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
+    loop {
+        let n = source.read(&mut buf).await.with_context(|| format!("reading {}", local.display()))?;
+        if n == 0 {
+            break;
+        }
+        api::write_frame(&mut stream, &buf[..n]).await?;
+        bar.inc(n as u64);
+    }
+    api::write_frame(&mut stream, &[]).await?;
+    bar.finish_and_clear();
+    let answer: PutAnswer = api::read_answer(&mut stream).await?;
+    show(cli, &answer, |a| println!("{} ({} bytes, {} new bytes stored)", a.path, a.size, a.new_bytes))
+}
+
+/// What `get` printed.
+#[derive(Serialize)]
+struct GetAnswer<'a> {
+    path: &'a str,
+    local: &'a Path,
+    size: u64,
+}
+
+async fn get(cli: &Cli, remote: &str, local: Option<&Path>) -> anyhow::Result<()> {
+    let name = remote.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("download");
+    let local = local.map_or_else(|| PathBuf::from(name), Path::to_path_buf);
+    let tmp = local.with_file_name(format!(
+        ".{}.meridian-partial",
+        local.file_name().and_then(|n| n.to_str()).unwrap_or("download")
+    ));
+    let mut file =
+        tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
+    let result = read_into(cli, remote, None, &mut file, true).await;
+    drop(file);
+    let size = match result {
+        Ok(size) => size,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    tokio::fs::rename(&tmp, &local).await.with_context(|| format!("writing {}", local.display()))?;
+    let answer = GetAnswer { path: remote, local: &local, size };
+    show(cli, &answer, |a| println!("{} -> {} ({} bytes)", a.path, a.local.display(), a.size))
+}
+
+async fn cat(cli: &Cli, remote: &str, range: Option<&str>) -> anyhow::Result<()> {
+    let range = match range {
+        None => None,
+        Some(r) => {
+            let (a, b) =
+                r.split_once("..").ok_or_else(|| anyhow::anyhow!("--range takes START..END, not {r:?}"))?;
+            let start = a.parse().with_context(|| format!("bad range start {a:?}"))?;
+            let end = b.parse().with_context(|| format!("bad range end {b:?}"))?;
+            Some((start, end))
+        }
+    };
+    read_into(cli, remote, range, &mut tokio::io::stdout(), false).await?;
+    Ok(())
+}
+
+async fn ls(cli: &Cli, paths: &[String], long: bool) -> anyhow::Result<()> {
+    let paths = if paths.is_empty() { vec!["/".to_owned()] } else { paths.to_vec() };
+    for (i, path) in paths.iter().enumerate() {
+        let entries: Vec<ListEntry> = ask(cli, &ApiRequest::Ls { path: path.clone() }).await?;
+        show(cli, &entries, |entries| {
+            if paths.len() > 1 {
+                println!("{}{path}:", if i > 0 { "\n" } else { "" });
+            }
+            for e in entries {
+                if long {
+                    let kind = match e.stat.kind {
+                        Kind::Dir => 'd',
+                        Kind::Symlink => 'l',
+                        Kind::File => '-',
+                    };
+                    let mtime = utc_minutes(e.stat.mtime_ns);
+                    println!("{kind} {:o} {:>12} {mtime} {}", e.stat.mode, e.stat.size, e.name);
+                } else {
+                    println!("{}", e.name);
+                }
+            }
+        })?;
+    }
+    Ok(())
+}
+
+async fn stat(cli: &Cli, paths: &[String]) -> anyhow::Result<()> {
+    for (i, path) in paths.iter().enumerate() {
+        let stat: StatAnswer = ask(cli, &ApiRequest::Stat { path: path.clone() }).await?;
+        show(cli, &stat, |v| {
+            if i > 0 {
+                println!();
+            }
+            println!("path:     {path}");
+            println!("id:       {}", v.id);
+            println!("kind:     {}", v.kind);
+            println!("size:     {}", v.size);
+            println!("mode:     {:o}", v.mode);
+            println!("modified: {}", utc_minutes(v.mtime_ns));
+            if let Some(version) = &v.version {
+                println!("version:  {} (written at {})", version.id, version.site);
+                println!("content:  {}", version.content);
+            }
+            for t in &v.tags {
+                match &t.value {
+                    Some(value) => println!("tag:      {}={value}", t.key),
+                    None => println!("tag:      {} (unset)", t.key),
+                }
+            }
+        })?;
+    }
+    Ok(())
+}
+
+async fn status(cli: &Cli) -> anyhow::Result<()> {
+    let status: StatusAnswer = ask(cli, &ApiRequest::Status).await?;
+    show(cli, &status, |v| {
+        println!("site:          {}", v.site);
+        println!("entries:       {}", v.entries);
+        println!("versions held: {}", v.versions_held);
+        println!("chunks held:   {}", v.chunks_held);
+        let peers: Vec<String> =
+            v.peers.iter().map(|p| format!("{} (lag {} changes)", p.site, p.lag_changes)).collect();
+        println!(
+            "peers:         {}",
+            if peers.is_empty() { "none connected".to_owned() } else { peers.join(", ") }
+        );
+    })
+}
+
+/// A time as people read it: `YYYY-MM-DD HH:MM` in UTC.
+fn utc_minutes(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}", rest / 3600, rest % 3600 / 60)
 }
 
 /// Streams a read into `out`; returns the bytes written.
@@ -665,9 +703,9 @@ async fn read_into<W: tokio::io::AsyncWrite + Unpin>(
     let mut stream = connect(cli).await?;
     let request =
         ApiRequest::Read { path: remote.to_owned(), start: range.map(|r| r.0), end: range.map(|r| r.1) };
-    api::write_frame(&mut stream, &serde_json::to_vec(&request)?).await?;
-    let header = api::read_answer(&mut stream).await?;
-    let expected = header["end"].as_u64().unwrap_or(0) - header["start"].as_u64().unwrap_or(0);
+    api::write_frame(&mut stream, &api::encode_request(&request)).await?;
+    let header: ReadHeader = api::read_answer(&mut stream).await?;
+    let expected = header.end - header.start;
     let bar = if show_progress { progress(expected) } else { ProgressBar::hidden() };
     let mut written = 0u64;
     loop {
@@ -683,9 +721,29 @@ async fn read_into<W: tokio::io::AsyncWrite + Unpin>(
     }
     out.flush().await?;
     bar.finish_and_clear();
-    api::read_answer(&mut stream).await?;
+    api::read_answer::<()>(&mut stream).await?;
     if written != expected {
         bail!("read {written} bytes of {remote}, expected {expected}");
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_dates() {
+        assert_eq!(utc_minutes(0), "1970-01-01 00:00");
+        assert_eq!(utc_minutes(1_764_600_120 * 1_000_000_000), "2025-12-01 14:42");
+        assert_eq!(utc_minutes(951_782_400 * 1_000_000_000), "2000-02-29 00:00");
+        assert_eq!(utc_minutes(-60 * 1_000_000_000), "1969-12-31 23:59");
+    }
+
+    #[test]
+    fn tags_take_both_forms() {
+        assert_eq!(tag_key_value("project", Some("apollo")).unwrap(), ("project".into(), "apollo".into()));
+        assert_eq!(tag_key_value("project=apollo", None).unwrap(), ("project".into(), "apollo".into()));
+        assert!(tag_key_value("project", None).is_err());
+    }
 }

@@ -50,7 +50,7 @@ fn mb(bytes: u64) -> String {
 }
 
 fn bytes_fetched(client: &Client) -> anyhow::Result<u64> {
-    Ok(client.status()?["bytes_fetched"].as_u64().unwrap_or(0))
+    Ok(client.status()?.bytes_fetched)
 }
 
 /// Runs the demo.
@@ -117,7 +117,7 @@ fn tree_scene(cluster: &Cluster) -> anyhow::Result<()> {
     let mut entries = 0;
     for shot in 1..=8 {
         let dir = format!("/shots/sq010/sh{:03}0", shot);
-        east.call(&node::api::ApiRequest::Mkdir { path: dir.clone(), parents: true })?;
+        east.mkdir_p(&dir)?;
         entries += 1;
         for take in 1..=3 {
             let clip = format!("<clip shot=\"sh{shot:03}0\" take=\"{take}\"/>\n");
@@ -146,7 +146,7 @@ fn large_file_scene(cluster: &Cluster, size: usize) -> anyhow::Result<Vec<u8>> {
     println!();
     println!("2. {} reads a large file written at {} while it arrives, chunk by chunk", west.name, east.name);
     let data = pseudo_random(1, size);
-    east.client.call(&node::api::ApiRequest::Mkdir { path: "/renders".into(), parents: true })?;
+    east.client.mkdir_p("/renders")?;
     let started = Instant::now();
     east.client.put("/renders/plate.exr", &data)?;
     println!("   {} stored /renders/plate.exr ({}) in {}", east.name, mb(size as u64), ms(started.elapsed()));
@@ -185,11 +185,7 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     data[at..at + (1 << 20)].copy_from_slice(&pseudo_random(2, 1 << 20));
     let answer = east.client.put("/renders/plate.exr", &data)?;
     let content = blake3::hash(&data);
-    println!(
-        "   {} stored the new version: {} of new chunks",
-        east.name,
-        mb(answer["new_bytes"].as_u64().unwrap_or(0))
-    );
+    println!("   {} stored the new version: {} of new chunks", east.name, mb(answer.new_bytes));
     wait_until(VISIBLE_TIMEOUT, || is_new_version(&west.client, &east.client))?;
     let before = bytes_fetched(&west.client)?;
     let read = west.client.read("/renders/plate.exr", None)?;
@@ -206,10 +202,6 @@ fn edit_scene(cluster: &Cluster, mut data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
-fn number(client: &Client, key: &str) -> anyhow::Result<u64> {
-    Ok(client.status()?[key].as_u64().unwrap_or(0))
-}
-
 fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
     let (east, north) = (cluster.site(0), cluster.site(2));
     println!();
@@ -219,16 +211,15 @@ fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
     );
     wait_until(VISIBLE_TIMEOUT, || is_new_version(&north.client, &east.client))?;
     let uploaded_before =
-        number(&east.client, "bytes_to_staging")? + number(&cluster.site(1).client, "bytes_to_staging")?;
-    let direct_before = number(&north.client, "bytes_fetched")?;
+        east.client.status()?.bytes_to_staging + cluster.site(1).client.status()?.bytes_to_staging;
+    let direct_before = north.client.status()?.bytes_fetched;
     let started = Instant::now();
     let read = north.client.read("/renders/plate.exr", None)?;
     let took = started.elapsed();
-    let uploaded = number(&east.client, "bytes_to_staging")?
-        + number(&cluster.site(1).client, "bytes_to_staging")?
+    let uploaded = east.client.status()?.bytes_to_staging + cluster.site(1).client.status()?.bytes_to_staging
         - uploaded_before;
-    let from_bucket = number(&north.client, "bytes_from_staging")?;
-    let direct = number(&north.client, "bytes_fetched")? - direct_before;
+    let from_bucket = north.client.status()?.bytes_from_staging;
+    let direct = north.client.status()?.bytes_fetched - direct_before;
     let same = blake3::hash(&read) == blake3::hash(data);
     println!(
         "   eu uploaded {} once (sealed with the mesh key, under a keyed-hash name); {} read {} from the bucket in {} ({:.0} MB/s); {} directly from eu; identical: {}",
@@ -249,9 +240,8 @@ fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
             "   {} (us too) then reads it from {} within the region: {} directly, {} more uploaded; identical: {}",
             south.name,
             north.name,
-            mb(number(&south.client, "bytes_fetched")?),
-            mb(number(&east.client, "bytes_to_staging")?
-                + number(&cluster.site(1).client, "bytes_to_staging")?
+            mb(south.client.status()?.bytes_fetched),
+            mb(east.client.status()?.bytes_to_staging + cluster.site(1).client.status()?.bytes_to_staging
                 - uploaded_before
                 - uploaded),
             if blake3::hash(&read) == blake3::hash(data) { "yes" } else { "NO" }
@@ -262,8 +252,8 @@ fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
 
 /// Whether `a` sees the same version of the plate as `b`.
 fn is_new_version(a: &Client, b: &Client) -> anyhow::Result<bool> {
-    let stat = |c: &Client| c.call(&node::api::ApiRequest::Stat { path: "/renders/plate.exr".into() });
-    Ok(stat(a)?["version"]["id"] == stat(b)?["version"]["id"])
+    let path = "/renders/plate.exr";
+    Ok(a.version_id(path)? == b.version_id(path)?)
 }
 
 fn partition_scene(cluster: &Cluster) -> anyhow::Result<()> {
@@ -285,9 +275,7 @@ fn partition_scene(cluster: &Cluster) -> anyhow::Result<()> {
     // The cut is effective once nobody lists east as connected.
     wait_until(VISIBLE_TIMEOUT, || {
         for site in &sites[1..] {
-            let status = site.client.status()?;
-            let peers = status["peers"].as_array().cloned().unwrap_or_default();
-            if peers.iter().any(|p| p["site"].as_str() == Some(east.name.as_str())) {
+            if site.client.status()?.peers.iter().any(|p| p.site == east.name) {
                 return Ok(false);
             }
         }

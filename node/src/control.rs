@@ -1,0 +1,324 @@
+//! The daemon's side of the control API ([`crate::api`]): one tokio task per connection turns
+//! an [`ApiRequest`] into requests to the core (through the runtime's [`Handle`]) and writes the
+//! typed answer. Puts stream their data frames into the put pipeline on a blocking thread;
+//! reads stream the core's data events out as frames.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::Ordering;
+
+use anyhow::bail;
+use crdt_namespace::{EntryKind, Glob, OpError, Query, SiteId, TagPredicate};
+use site_core::{Reply, Request};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use transport::p2p::LinkState;
+
+use crate::api::{
+    self, ApiError, ApiRequest, ErrorKind, FindAnswer, ListEntry, MeshLink, PutAnswer, ReadHeader,
+    StatAnswer, StatusAnswer, TagAnswer,
+};
+use crate::runtime::{Event, Handle, now_ms};
+use crate::store::put_stream;
+
+/// Serves one control connection.
+pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
+    let Some(frame) = api::read_frame(&mut stream).await? else { return Ok(()) };
+    let request: ApiRequest = match serde_json::from_slice(&frame) {
+        Ok(r) => r,
+        Err(e) => {
+            let error = ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}"));
+            return Ok(api::write_answer::<()>(&mut stream, Err(error)).await?);
+        }
+    };
+    let s = &mut stream;
+    match request {
+        ApiRequest::Put { path, mode } => return serve_put(stream, handle, path, mode).await,
+        ApiRequest::Read { path, start, end } => {
+            let range = match (start, end) {
+                (None, None) => None,
+                (s, e) => Some(s.unwrap_or(0)..e.unwrap_or(u64::MAX)),
+            };
+            return serve_read(stream, handle, Request::Read { path, range }).await;
+        }
+        ApiRequest::Mkdir { path, parents } => {
+            done(s, &handle, Request::Mkdir { path, parents, mode: 0o755 }).await?
+        }
+        ApiRequest::Mv { from, to } => done(s, &handle, Request::Rename { from, to }).await?,
+        ApiRequest::Rm { path, recursive } => done(s, &handle, Request::Remove { path, recursive }).await?,
+        ApiRequest::TagSet { path, key, value } => {
+            done(s, &handle, Request::SetTag { path, key, value }).await?
+        }
+        ApiRequest::TagUnset { path, key } => done(s, &handle, Request::UnsetTag { path, key }).await?,
+        ApiRequest::Ls { path } => {
+            let answer = ask(&handle, Request::List { path }, |reply| match reply {
+                Reply::List(entries) => Some(
+                    entries.into_iter().map(|e| ListEntry { name: e.name, stat: e.stat.into() }).collect(),
+                ),
+                _ => None,
+            });
+            api::write_answer::<Vec<ListEntry>>(s, answer.await?).await?
+        }
+        ApiRequest::Stat { path } => {
+            let answer = ask(&handle, Request::Stat { path }, |reply| match reply {
+                Reply::Stat(stat) => Some(StatAnswer::from(stat)),
+                _ => None,
+            });
+            api::write_answer(s, answer.await?).await?
+        }
+        ApiRequest::TagGet { path } => {
+            let answer = ask(&handle, Request::Tags { path }, |reply| match reply {
+                Reply::Tags(tags) => Some(tags.into_iter().map(TagAnswer::from).collect()),
+                _ => None,
+            });
+            api::write_answer::<Vec<TagAnswer>>(s, answer.await?).await?
+        }
+        ApiRequest::Find { tags, path } => {
+            let answer = match query(&tags, path.as_deref()) {
+                Ok(query) => {
+                    ask(&handle, Request::Find { query }, |reply| match reply {
+                        Reply::Found(hits) => Some(hits.into_iter().map(FindAnswer::from).collect()),
+                        _ => None,
+                    })
+                    .await?
+                }
+                Err(e) => Err(e.into()),
+            };
+            api::write_answer::<Vec<FindAnswer>>(s, answer).await?
+        }
+        ApiRequest::Status => {
+            let backlog = handle.cache_backlog.load(Ordering::Relaxed);
+            let answer = ask(&handle, Request::Status, |reply| match reply {
+                Reply::Status(status) => Some(StatusAnswer::new(status, backlog)),
+                _ => None,
+            });
+            api::write_answer(s, answer.await?).await?
+        }
+        ApiRequest::MeshLs => {
+            let answer =
+                mesh_links(&handle).await.map_err(|e| ApiError::new(ErrorKind::Internal, format!("{e:#}")));
+            api::write_answer(s, answer).await?
+        }
+        ApiRequest::MeshBlock { site, blocked } => {
+            let answer = match SiteId::new(&site) {
+                Ok(id) if handle.mesh.set_blocked(&id, blocked) => Ok(()),
+                Ok(_) => Err(not_member(&site)),
+                Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, e)),
+            };
+            api::write_answer(s, answer).await?
+        }
+        ApiRequest::MeshAdd { peer } => {
+            let answer = match peer.member() {
+                Ok(member) => {
+                    let site = member.site.clone();
+                    handle.mesh.add_member(member);
+                    ask(&handle, Request::Member { site, region: peer.region.clone() }, |_| Some(())).await?
+                }
+                Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}"))),
+            };
+            api::write_answer(s, answer).await?
+        }
+    }
+    Ok(())
+}
+
+fn not_member(site: &str) -> ApiError {
+    ApiError::new(ErrorKind::NotMember, format!("{site} is not a member of this site's mesh"))
+}
+
+fn query(tags: &[String], path: Option<&str>) -> Result<Query, OpError> {
+    Ok(Query {
+        tags: tags.iter().map(|t| TagPredicate::parse(t)).collect::<Result<_, _>>()?,
+        path: path.map(Glob::new).transpose()?,
+    })
+}
+
+/// Asks the core and turns its reply into the answer `pick` makes of it (a reply of another
+/// kind is the daemon's own failure).
+async fn ask<T>(
+    handle: &Handle,
+    request: Request,
+    pick: impl FnOnce(Reply) -> Option<T>,
+) -> anyhow::Result<Result<T, ApiError>> {
+    Ok(match handle.call(request).await? {
+        Ok(reply) => {
+            pick(reply).ok_or_else(|| ApiError::new(ErrorKind::Internal, "the core answered another request"))
+        }
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// Asks the core for a change and writes `()` once it is done (durable).
+async fn done(stream: &mut UnixStream, handle: &Handle, request: Request) -> anyhow::Result<()> {
+    let answer = ask(handle, request, |_| Some(())).await?;
+    Ok(api::write_answer(stream, answer).await?)
+}
+
+/// The members, their links and lags, for `meridian mesh ls`.
+async fn mesh_links(handle: &Handle) -> anyhow::Result<Vec<MeshLink>> {
+    // The file, not the configuration the node started with: `mesh add` may have changed it.
+    let config = crate::config::Config::load(&handle.config.path)?.config;
+    let lags: HashMap<String, usize> = match handle.call(Request::Status).await? {
+        Ok(Reply::Status(status)) => status.peers.into_iter().collect(),
+        _ => HashMap::new(),
+    };
+    let links = handle.mesh.links();
+    let rows = config
+        .peers
+        .iter()
+        .map(|p| {
+            let link = links.iter().find(|l| l.member.site.as_str() == p.site);
+            let (state, addr) = match link.map(|l| &l.state) {
+                Some(LinkState::Connected { transport, addr }) => {
+                    (format!("up ({transport})"), Some(addr.to_string()))
+                }
+                Some(LinkState::Down { last_error: Some(e) }) => {
+                    (format!("down: {}", e.chars().take(60).collect::<String>()), None)
+                }
+                Some(LinkState::Down { last_error: None }) => ("connecting".to_owned(), None),
+                Some(LinkState::Blocked) => ("blocked".to_owned(), None),
+                None => ("not admitted".to_owned(), None),
+            };
+            MeshLink {
+                site: p.site.clone(),
+                region: p.region.clone(),
+                peer_id: p.peer_id.clone(),
+                addrs: p.addrs.clone(),
+                link: state,
+                addr,
+                since_ms: link.map(|l| l.since_ms),
+                lag_changes: lags.get(&p.site).copied(),
+            }
+        })
+        .collect();
+    Ok(rows)
+}
+
+/// Reads data frames from a channel, for the blocking put pipeline.
+struct FrameReader {
+    frames: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for FrameReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.frames.blocking_recv() {
+                Some(frame) => {
+                    self.current = frame;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Why `path` cannot take a file, checked before any byte moves.
+async fn refuse_put(handle: &Handle, path: &str) -> anyhow::Result<Option<ApiError>> {
+    let parent = match path.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &path[..i],
+        None => path,
+    };
+    match handle.call(Request::Stat { path: parent.to_owned() }).await? {
+        Ok(Reply::Stat(stat)) if stat.kind == EntryKind::Dir => {}
+        Ok(_) => {
+            return Ok(Some(ApiError::new(ErrorKind::NotADirectory, format!("not a directory: {parent}"))));
+        }
+        Err(e) => return Ok(Some(e.into())),
+    }
+    Ok(match handle.call(Request::Stat { path: path.to_owned() }).await? {
+        Ok(Reply::Stat(stat)) if stat.kind == EntryKind::Dir => {
+            Some(ApiError::new(ErrorKind::IsADirectory, format!("is a directory: {path}")))
+        }
+        Ok(Reply::Stat(stat)) if stat.kind == EntryKind::Symlink => {
+            Some(ApiError::new(ErrorKind::NotAFile, format!("is a symlink: {path}")))
+        }
+        _ => None,
+    })
+}
+
+async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u32) -> anyhow::Result<()> {
+    if let Some(refused) = refuse_put(&handle, &path).await? {
+        return Ok(api::write_answer::<()>(&mut stream, Err(refused)).await?);
+    }
+    api::write_answer(&mut stream, Ok(())).await?;
+    let (frames, frame_rx) = mpsc::channel::<Vec<u8>>(8);
+    let chunks = handle.chunks.clone();
+    let chunker = handle.chunker;
+    let workers = handle.put_workers;
+    let put = tokio::task::spawn_blocking(move || {
+        let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
+        put_stream(reader, chunker, &chunks, workers, &mut |_| {})
+    });
+    let mut complete = false;
+    while let Some(frame) = api::read_frame(&mut stream).await? {
+        if frame.is_empty() {
+            complete = true;
+            break;
+        }
+        if frames.send(frame).await.is_err() {
+            break;
+        }
+    }
+    drop(frames);
+    let outcome = put.await?;
+    if !complete {
+        bail!("the client went away before the end of the data; nothing was recorded");
+    }
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let error = ApiError::new(ErrorKind::Io, e);
+            return Ok(api::write_answer::<PutAnswer>(&mut stream, Err(error)).await?);
+        }
+    };
+    let mtime_ns = (now_ms() as i64).saturating_mul(1_000_000);
+    let size = outcome.manifest.size;
+    let request = Request::CommitVersion { path: path.clone(), manifest: outcome.manifest, mode, mtime_ns };
+    let answer = ask(&handle, request, |_| {
+        Some(PutAnswer { path, size, new_chunks: outcome.new_chunks, new_bytes: outcome.new_bytes })
+    })
+    .await?;
+    api::write_answer(&mut stream, answer).await?;
+    Ok(())
+}
+
+async fn serve_read(mut stream: UnixStream, handle: Handle, request: Request) -> anyhow::Result<()> {
+    let mut events = handle.submit(request).await?;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Reply(reply) => {
+                let header = match reply {
+                    Ok(Reply::ReadStarted { size, range }) => {
+                        Ok(ReadHeader { size, start: range.start, end: range.end })
+                    }
+                    Ok(_) => Err(ApiError::new(ErrorKind::Internal, "the core answered another request")),
+                    Err(e) => Err(e.into()),
+                };
+                let failed = header.is_err();
+                api::write_answer(&mut stream, header).await?;
+                if failed {
+                    return Ok(());
+                }
+            }
+            Event::Data(data) => {
+                for piece in data.chunks(api::DATA_FRAME_BYTES) {
+                    api::write_frame(&mut stream, piece).await?;
+                }
+            }
+            Event::Done(result) => {
+                api::write_frame(&mut stream, &[]).await?;
+                api::write_answer(&mut stream, result.map_err(ApiError::from)).await?;
+                return Ok(());
+            }
+        }
+    }
+    bail!("the node stopped during the read")
+}
