@@ -461,6 +461,7 @@ impl World {
                     core.handle_timeout(t);
                     self.drain(site);
                     self.commit(site);
+                    self.check_site(site)?;
                 }
                 self.schedule(self.now + TICK_MS, Event::Tick { site });
             }
@@ -1019,6 +1020,8 @@ impl World {
             core.namespace()
                 .check_invariants()
                 .map_err(|e| format!("tree invariant broken at {}: {e}", self.sites[s].name))?;
+            core.check_invariants()
+                .map_err(|e| format!("site invariant broken at {}: {e}", self.sites[s].name))?;
         }
         Ok(())
     }

@@ -25,6 +25,11 @@ const REGRESSIONS: &[Regression] = &[
         bug: "a remove deleted a file its site had seen outside the removed directory, which the \
               final order of operations had placed inside it",
     },
+    Regression {
+        seed: 87,
+        faults: None,
+        bug: "a read that failed left the fetches that served only it in flight, holding slots of               the bound for nobody (found by Site::check_invariants)",
+    },
 ];
 
 #[test]

@@ -15,3 +15,29 @@ pub mod sample;
 mod site;
 
 pub use site::*;
+
+/// Deliberate breakage of a staging rule, for testing the testers. Without the `sabotage`
+/// feature nothing can be switched on.
+pub mod sabotage {
+    #[cfg(feature = "sabotage")]
+    static STAGE_TWICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes a holder stage a version again while the pack it is in goes up (the rule: one
+    /// upload per version and region pair). For tests of the simulator only.
+    #[cfg(feature = "sabotage")]
+    pub fn set_stage_twice(on: bool) {
+        STAGE_TWICE.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether holders stage versions twice.
+    pub(crate) fn stage_twice() -> bool {
+        #[cfg(feature = "sabotage")]
+        {
+            STAGE_TWICE.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "sabotage"))]
+        {
+            false
+        }
+    }
+}

@@ -550,6 +550,50 @@ impl Site {
         !self.fetches.is_empty()
     }
 
+    /// What must hold across the core's maps after every input; the simulator checks it after
+    /// every event. Reads: their chunk cursors are ordered and chunks waiting for delivery lie
+    /// between them. Fetches: each serves at least one read in progress, at the chunk that read
+    /// asked for, and there are never more in flight than the bound. Held versions: every
+    /// chunk is here. Then the staging rules ([`Site::check_staging_invariants`]).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (id, read) in &self.reads {
+            if !(read.next <= read.requested && read.requested <= read.end) {
+                return Err(format!("read {id} of {}: cursors out of order", read.path));
+            }
+            if read.manifest.is_none() && read.end != 0 {
+                return Err(format!("read {id} of {}: planned without a manifest", read.path));
+            }
+            if read.ready.keys().any(|i| *i < read.next || *i >= read.requested) {
+                return Err(format!("read {id} of {}: a chunk waits outside its window", read.path));
+            }
+        }
+        if self.fetches.len() > self.config.fetches_in_flight_max {
+            return Err(format!("{} fetches in flight, over the bound", self.fetches.len()));
+        }
+        for (hash, fetch) in &self.fetches {
+            let mut live = fetch.waiters.iter().filter_map(|(id, index)| Some((self.reads.get(id)?, *index)));
+            let Some(_) = live.clone().next() else {
+                return Err(format!("fetch of chunk {hash} serves no read"));
+            };
+            if let Some((read, index)) = live.find(|(r, i)| {
+                r.manifest.as_ref().is_none_or(|m| m.chunks.get(*i).map(|c| c.hash) != Some(*hash))
+                    || *i < r.next
+                    || *i >= r.requested
+            }) {
+                return Err(format!(
+                    "fetch of chunk {hash} serves read of {} at chunk {index}, which it did not ask for",
+                    read.path
+                ));
+            }
+        }
+        for (content, manifest) in &self.held {
+            if manifest.chunks.iter().any(|c| !self.chunks.contains(&c.hash)) {
+                return Err(format!("version {content} is held without all its chunks"));
+            }
+        }
+        self.check_staging_invariants()
+    }
+
     /// The next effect to carry out.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
@@ -822,9 +866,23 @@ impl Site {
         });
     }
 
+    /// Ends a read with an error. Fetches that served only it are dropped (a late answer is
+    /// ignored), and the reads their slots held back go on.
     fn fail_read(&mut self, id: RequestId, error: SiteError) {
-        if self.reads.remove(&id).is_some() {
-            self.emit(Output::ReadDone { id, result: Err(error) });
+        if self.reads.remove(&id).is_none() {
+            return;
+        }
+        self.emit(Output::ReadDone { id, result: Err(error) });
+        let before = self.fetches.len();
+        self.fetches.retain(|_, f| {
+            f.waiters.retain(|(waiter, _)| *waiter != id);
+            !f.waiters.is_empty()
+        });
+        if self.fetches.len() < before {
+            let waiting: Vec<RequestId> = self.reads.keys().copied().collect();
+            for id in waiting {
+                self.advance_read(id);
+            }
         }
     }
 

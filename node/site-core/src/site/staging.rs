@@ -807,8 +807,12 @@ impl Site {
                 }
                 None => false,
             };
+            // Sabotage: a version asked for again while its pack goes up goes up again.
+            let again = in_pack
+                && crate::sabotage::stage_twice()
+                && !self.stage.queue.get(&region).is_some_and(|q| q.contains(&content));
             let waiting = self.stage.waiting.entry(key).or_default();
-            if waiting.is_empty() && !in_pack {
+            if (waiting.is_empty() && !in_pack) || again {
                 self.stage.queue.entry(region.clone()).or_default().push_back(content);
             }
             if !waiting.contains(from) {
@@ -1013,6 +1017,101 @@ impl Site {
             }
             self.resend_parked(Some(content));
         }
+    }
+
+    /// The staging rules that must hold after every input. Holder: each version is in at most
+    /// one pack per region (the pack `staged_out` names, which lists it), so it goes up once per
+    /// region pair; the uploads in flight per region are those of the packs not yet uploaded,
+    /// within the bound; a pack's confirmed versions are among its versions; a queued version
+    /// is waited for and in no pack; a site waits only for a version queued or going up.
+    /// Reader: a version read from a pack is listed by that pack, and a pack lists only
+    /// versions read from it; confirmations wait below the batch size.
+    pub(super) fn check_staging_invariants(&self) -> Result<(), String> {
+        let stage = &self.stage;
+        let hex = |name: &[u8]| name.iter().rev().take(4).map(|b| format!("{b:02x}")).collect::<String>();
+        for ((content, region), name) in &stage.staged_out {
+            match stage.packs_out.get(name) {
+                Some(pack) if pack.region == *region && pack.contents.contains(content) => {}
+                _ => {
+                    return Err(format!(
+                        "version {content} for {region} is staged in pack ..{} that does not list it",
+                        hex(name)
+                    ));
+                }
+            }
+        }
+        let mut uploading: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, pack) in &stage.packs_out {
+            for content in &pack.contents {
+                if stage.staged_out.get(&(*content, pack.region.clone())) != Some(name) {
+                    return Err(format!(
+                        "version {content} is in pack ..{} for {} and staged elsewhere: it goes up twice",
+                        hex(name),
+                        pack.region
+                    ));
+                }
+            }
+            if pack.complete > pack.contents.len()
+                || pack.confirmed.keys().any(|c| !pack.contents.contains(c))
+            {
+                return Err(format!("pack ..{} counts confirmations of versions it lacks", hex(name)));
+            }
+            if !pack.uploaded {
+                *uploading.entry(pack.region.as_str()).or_default() += 1;
+            }
+        }
+        for (region, n) in &stage.uploading {
+            let going_up = uploading.get(region.as_str()).copied().unwrap_or(0);
+            if *n != going_up || *n > self.config.stage_uploads_in_flight {
+                return Err(format!("{n} uploads counted for {region}, {going_up} packs going up"));
+            }
+        }
+        for (region, queue) in &stage.queue {
+            for content in queue {
+                let key = (*content, region.clone());
+                if stage.waiting.get(&key).is_none_or(Vec::is_empty) || stage.staged_out.contains_key(&key) {
+                    return Err(format!(
+                        "version {content} is queued for {region} with nobody waiting, or in a pack"
+                    ));
+                }
+            }
+        }
+        for (key, sites) in &stage.waiting {
+            let queued = stage.queue.get(&key.1).is_some_and(|q| q.contains(&key.0));
+            let going_up =
+                stage.staged_out.get(key).and_then(|n| stage.packs_out.get(n)).is_some_and(|p| !p.uploaded);
+            if sites.is_empty() || !(queued || going_up) {
+                return Err(format!(
+                    "sites wait for version {} for {} that is neither queued nor going up",
+                    key.0, key.1
+                ));
+            }
+        }
+        for (content, read) in &stage.reads {
+            if let Stage::InPack { name, .. } = &read.state
+                && !stage.packs_in.get(name).is_some_and(|p| p.contents.contains(content))
+            {
+                return Err(format!(
+                    "version {content} reads from pack ..{} that does not list it",
+                    hex(name)
+                ));
+            }
+        }
+        for (name, pack) in &stage.packs_in {
+            for content in &pack.contents {
+                if !matches!(stage.reads.get(content), Some(StagedRead { state: Stage::InPack { name: n, .. }, .. }) if n == name)
+                {
+                    return Err(format!(
+                        "pack ..{} lists version {content}, which does not read from it",
+                        hex(name)
+                    ));
+                }
+            }
+        }
+        if stage.unstage.values().any(|c| c.len() >= UNSTAGE_BATCH_MAX) {
+            return Err("a full batch of confirmations was not sent".into());
+        }
+        Ok(())
     }
 
     /// Time passes: send confirmations, ask again, give up on holders that do not answer, let
