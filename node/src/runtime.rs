@@ -277,12 +277,12 @@ impl CoreThread {
         }
     }
 
-    /// Executes the core's outputs. Stores are merged into one durable commit (chunk files
-    /// synced once, then one database transaction) that the committer carries out; what must
-    /// not happen before that commit — the reply that a change is done, pushing or syncing
-    /// namespace changes to peers — goes with it and is done by the committer after it.
-    /// Everything else (chunk loads, read data, answers that change nothing, chunk traffic) is
-    /// carried out at once, so reads stream with the client's backpressure.
+    /// Executes the core's outputs. The stores of [`Output::Durable`]s are merged into one
+    /// durable commit (chunk files synced once, then one database transaction) that the
+    /// committer carries out; what each says must wait for it (its `then`: the reply that a
+    /// change is done, pushes and sync messages) goes with it, and the committer does it after
+    /// the commit. Everything else (chunk loads, read data, answers that change nothing, chunk
+    /// traffic) is carried out at once, so reads stream with the client's backpressure.
     ///
     /// Copies of what peers hold ([`Output::Cache`]) are written at once (and served from then
     /// on) but synced and recorded later, together: when fetching pauses (`flush`), when
@@ -304,25 +304,12 @@ impl CoreThread {
                     }
                     self.backlog.versions.extend(held);
                 }
-                Output::Store { index, versions: held, namespace: delta } => {
-                    refs.extend(index);
-                    versions.extend(held);
+                Output::Durable { store, then } => {
+                    refs.extend(store.index);
+                    versions.extend(store.versions);
                     // Incremental saves concatenate into one that loads the same.
-                    namespace.extend_from_slice(&delta);
-                }
-                Output::Reply { id, reply: reply @ Ok(Reply::Done) } => {
-                    if let Some(sender) = self.pending.remove(&id) {
-                        after_commit.push(AfterCommit::Event(sender, Event::Reply(reply)));
-                    }
-                }
-                Output::Broadcast { message: Message::Push { changes }, .. } => {
-                    after_commit.push(AfterCommit::BroadcastPush(changes))
-                }
-                Output::Broadcast { to, message } => {
-                    after_commit.extend(to.into_iter().map(|to| AfterCommit::Send(to, message.clone())))
-                }
-                Output::Send { to, message: message @ (Message::Push { .. } | Message::Sync { .. }) } => {
-                    after_commit.push(AfterCommit::Send(to, message))
+                    namespace.extend_from_slice(&store.namespace);
+                    after_commit.extend(then.into_iter().filter_map(|output| self.after_commit(output)));
                 }
                 other => self.act(other),
             }
@@ -343,6 +330,20 @@ impl CoreThread {
             self.submit(Job::Commit(commit))?;
         }
         Ok(())
+    }
+
+    /// What the committer does for an output that waits for a commit.
+    /// (Nothing for the answer to a client that went away.)
+    fn after_commit(&mut self, output: Output) -> Option<AfterCommit> {
+        Some(match output {
+            Output::Reply { id, reply } => AfterCommit::Event(self.pending.remove(&id)?, Event::Reply(reply)),
+            Output::Send { to, message } => AfterCommit::Send(vec![to], message),
+            Output::Broadcast { message: Message::Push { changes }, .. } => {
+                AfterCommit::BroadcastPush(changes)
+            }
+            Output::Broadcast { to, message } => AfterCommit::Send(to, message),
+            other => unreachable!("the core never makes {other:?} wait for a commit"),
+        })
     }
 
     fn act(&mut self, output: Output) {
@@ -371,9 +372,14 @@ impl CoreThread {
             | Output::StageRead { .. }
             | Output::StageUpload { .. }
             | Output::StageDelete { .. }) => self.staging.execute(output),
-            Output::Store { .. } | Output::Cache { .. } | Output::Broadcast { .. } => {
-                unreachable!("stores and broadcasts are committed by drain")
+            Output::Broadcast { to, message } => {
+                for to in to {
+                    if let Err(e) = self.mesh.send(&to, message.clone()) {
+                        tracing::debug!("{e}");
+                    }
+                }
             }
+            Output::Durable { .. } | Output::Cache { .. } => unreachable!("stores are committed by drain"),
         }
     }
 }
@@ -416,7 +422,7 @@ impl Commit {
 /// What is done once a commit is durable.
 enum AfterCommit {
     Event(mpsc::Sender<Event>, Event),
-    Send(crdt_namespace::SiteId, Message),
+    Send(Vec<crdt_namespace::SiteId>, Message),
     BroadcastPush(Vec<u8>),
 }
 
@@ -466,9 +472,11 @@ impl Committer {
                 // A client that went away no longer wants its events.
                 AfterCommit::Event(sender, event) => drop(sender.blocking_send(event)),
                 AfterCommit::Send(to, message) => {
-                    if let Err(e) = self.mesh.send(&to, message) {
-                        // The core learns of the lost link from the mesh.
-                        tracing::debug!("{e}");
+                    for to in to {
+                        if let Err(e) = self.mesh.send(&to, message.clone()) {
+                            // The core learns of the lost link from the mesh.
+                            tracing::debug!("{e}");
+                        }
                     }
                 }
                 AfterCommit::BroadcastPush(changes) => self.mesh.broadcast_push(changes),

@@ -258,7 +258,11 @@ impl Mesh {
                     self.send(s, to, message.clone());
                 }
             }
-            Output::Store { .. } => {}
+            Output::Durable { then, .. } => {
+                for output in then {
+                    self.execute(s, output);
+                }
+            }
             Output::Cache { chunks, .. } => {
                 for (hash, data) in chunks {
                     assert_eq!(ChunkHash::of(&data), hash, "a site stored an unverified chunk");
@@ -388,6 +392,42 @@ impl Mesh {
             .map(|e| format!("{:?} {} {:?}", e.stat.kind, e.path, e.stat.version.map(|v| v.content)))
             .collect()
     }
+}
+
+/// The outputs a site has queued, taken.
+fn outputs(site: &mut Site) -> Vec<Output> {
+    std::iter::from_fn(|| site.poll_output()).collect()
+}
+
+#[test]
+fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
+    let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
+    let mut site = Site::new(SiteConfig::new(west.clone()), Namespace::new(west), Vec::new(), HashSet::new());
+    site.handle_peer_up(1, east.clone());
+    // The first sync message may carry this site's changes: it waits for the stores before it.
+    match outputs(&mut site).as_slice() {
+        [Output::Durable { then, .. }] => {
+            assert!(matches!(then.as_slice(), [Output::Send { message: Message::Sync { .. }, .. }]))
+        }
+        other => panic!("a bare sync message, or none: {other:?}"),
+    }
+    site.handle_local(2, 7, Request::Mkdir { path: "/a".into(), parents: false, mode: 0o755 });
+    match outputs(&mut site).as_slice() {
+        [Output::Durable { store, then }] => {
+            assert!(!store.namespace.is_empty(), "the change is in the store");
+            assert!(matches!(
+                then.as_slice(),
+                [
+                    Output::Broadcast { message: Message::Push { .. }, .. },
+                    Output::Reply { id: 7, reply: Ok(Reply::Done) }
+                ]
+            ));
+        }
+        other => panic!("the change's push and answer are not behind its store: {other:?}"),
+    }
+    // An answer that changes nothing does not wait.
+    site.handle_local(3, 8, Request::Stat { path: "/a".into() });
+    assert!(matches!(outputs(&mut site).as_slice(), [Output::Reply { id: 8, reply: Ok(Reply::Stat(_)) }]));
 }
 
 #[test]

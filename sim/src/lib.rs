@@ -562,103 +562,105 @@ impl World {
 
     /// Carries out a site's outputs.
     fn drain(&mut self, s: usize) {
-        loop {
-            let Some(output) = self.sites[s].core.as_mut().and_then(Site::poll_output) else { return };
-            match output {
-                Output::Send { to, message } => {
+        while let Some(output) = self.sites[s].core.as_mut().and_then(Site::poll_output) {
+            self.execute(s, output);
+        }
+    }
+
+    /// Carries out one output of site `s`.
+    fn execute(&mut self, s: usize, output: Output) {
+        match output {
+            Output::Send { to, message } => {
+                let to = self.sites.iter().position(|x| x.name == to).expect("a known site");
+                self.send(s, to, message);
+            }
+            Output::Broadcast { to, message } => {
+                for to in to {
                     let to = self.sites.iter().position(|x| x.name == to).expect("a known site");
-                    if matches!(message, Message::Push { .. } | Message::Sync { .. }) {
-                        self.commit(s);
-                    }
-                    self.send(s, to, message);
+                    self.send(s, to, message.clone());
                 }
-                Output::Broadcast { to, message } => {
+            }
+            Output::Durable { store, then } => {
+                // Made durable with the next commit, which comes before anything waits for it.
+                self.sites[s].disk.pending.push((store.index, store.versions, store.namespace));
+                if !then.is_empty() {
                     self.commit(s);
-                    for to in to {
-                        let to = self.sites.iter().position(|x| x.name == to).expect("a known site");
-                        self.send(s, to, message.clone());
+                    for output in then {
+                        self.execute(s, output);
                     }
                 }
-                Output::Store { index, versions, namespace } => {
-                    self.sites[s].disk.pending.push((index, versions, namespace));
-                }
-                Output::Cache { chunks, versions } => {
-                    // Made durable with the next commit, or lost in a crash before it.
-                    let mut refs = Vec::new();
-                    for (hash, data) in chunks {
-                        if ChunkHash::of(&data) != hash {
-                            panic!(
-                                "checker: {} stored chunk {hash} whose bytes do not match it",
-                                self.sites[s].name
-                            );
-                        }
-                        refs.push(ChunkRef { hash, len: data.len() as u32 });
-                        let disk = &mut self.sites[s].disk;
-                        disk.unsynced_chunks.insert(hash);
-                        disk.chunk_files.insert(hash, data);
+            }
+            Output::Cache { chunks, versions } => {
+                // Made durable with the next commit, or lost in a crash before it.
+                let mut refs = Vec::new();
+                for (hash, data) in chunks {
+                    if ChunkHash::of(&data) != hash {
+                        panic!(
+                            "checker: {} stored chunk {hash} whose bytes do not match it",
+                            self.sites[s].name
+                        );
                     }
-                    self.sites[s].disk.pending.push((refs, versions, Vec::new()));
+                    refs.push(ChunkRef { hash, len: data.len() as u32 });
+                    let disk = &mut self.sites[s].disk;
+                    disk.unsynced_chunks.insert(hash);
+                    disk.chunk_files.insert(hash, data);
                 }
-                Output::LoadChunk { hash, purpose } => {
-                    let disk = &self.sites[s].disk;
-                    let loaded = match disk.chunk_files.get(&hash) {
-                        Some(data) if ChunkHash::of(data) == hash => Ok(data.clone()),
-                        Some(_) => Err("corrupt".to_string()),
-                        None => Err("missing".to_string()),
-                    };
-                    self.sites[s].core.as_mut().expect("up").handle_chunk_loaded(hash, purpose, loaded);
-                }
-                Output::Reply { id, reply } => {
-                    if matches!(reply, Ok(Reply::Done)) {
-                        self.commit(s);
+                self.sites[s].disk.pending.push((refs, versions, Vec::new()));
+            }
+            Output::LoadChunk { hash, purpose } => {
+                let disk = &self.sites[s].disk;
+                let loaded = match disk.chunk_files.get(&hash) {
+                    Some(data) if ChunkHash::of(data) == hash => Ok(data.clone()),
+                    Some(_) => Err("corrupt".to_string()),
+                    None => Err("missing".to_string()),
+                };
+                self.sites[s].core.as_mut().expect("up").handle_chunk_loaded(hash, purpose, loaded);
+            }
+            Output::Reply { id, reply } => self.on_reply(s, id, reply),
+            Output::ReadData { id, offset, data } => {
+                if let Some(read) = self.reads.get_mut(&id) {
+                    if offset != read.range.start + read.data.len() as u64 {
+                        panic!("checker: read {id} at {} got bytes at {offset} out of order", read.path);
                     }
-                    self.on_reply(s, id, reply);
+                    read.data.extend_from_slice(&data);
                 }
-                Output::ReadData { id, offset, data } => {
-                    if let Some(read) = self.reads.get_mut(&id) {
-                        if offset != read.range.start + read.data.len() as u64 {
-                            panic!("checker: read {id} at {} got bytes at {offset} out of order", read.path);
-                        }
-                        read.data.extend_from_slice(&data);
+            }
+            Output::ReadDone { id, result } => {
+                self.requests.remove(&id);
+                match (self.reads.remove(&id), result) {
+                    (Some(read), Ok(())) => self.check_read(s, &read),
+                    (_, Err(e)) => {
+                        self.failed_reads.insert(id, e.to_string());
+                    }
+                    (None, Ok(())) => {}
+                }
+            }
+            Output::StageOpen { name } => self.send_to_bucket(s, BucketOp::Open { name }),
+            Output::StageRead { request, name, chunk, index } => {
+                self.send_to_bucket(s, BucketOp::Read { request, name, chunk, index })
+            }
+            Output::StageUpload { name, chunks, .. } => {
+                let disk = &self.sites[s].disk;
+                let mut pack = Vec::new();
+                for c in &chunks {
+                    match disk.chunk_files.get(&c.hash) {
+                        Some(data) => pack.push((c.hash, data.clone())),
+                        None => panic!(
+                            "checker: {} was asked to upload a version it does not hold",
+                            self.sites[s].name
+                        ),
                     }
                 }
-                Output::ReadDone { id, result } => {
-                    self.requests.remove(&id);
-                    match (self.reads.remove(&id), result) {
-                        (Some(read), Ok(())) => self.check_read(s, &read),
-                        (_, Err(e)) => {
-                            self.failed_reads.insert(id, e.to_string());
-                        }
-                        (None, Ok(())) => {}
-                    }
-                }
-                Output::StageOpen { name } => self.send_to_bucket(s, BucketOp::Open { name }),
-                Output::StageRead { request, name, chunk, index } => {
-                    self.send_to_bucket(s, BucketOp::Read { request, name, chunk, index })
-                }
-                Output::StageUpload { name, chunks, .. } => {
-                    let disk = &self.sites[s].disk;
-                    let mut pack = Vec::new();
-                    for c in &chunks {
-                        match disk.chunk_files.get(&c.hash) {
-                            Some(data) => pack.push((c.hash, data.clone())),
-                            None => panic!(
-                                "checker: {} was asked to upload a version it does not hold",
-                                self.sites[s].name
-                            ),
-                        }
-                    }
-                    self.send_to_bucket(s, BucketOp::Upload { name, pack });
-                }
-                Output::StageDelete { name } => {
-                    self.bucket.remove(&name);
-                }
-                Output::Disconnect { peer, .. } => {
-                    let p = self.sites.iter().position(|x| x.name == peer).expect("a known site");
-                    self.disconnect(s, p);
-                    let at = self.now + 500 + self.rng.below(2_000);
-                    self.schedule(at, Event::Reconnect { a: s, b: p });
-                }
+                self.send_to_bucket(s, BucketOp::Upload { name, pack });
+            }
+            Output::StageDelete { name } => {
+                self.bucket.remove(&name);
+            }
+            Output::Disconnect { peer, .. } => {
+                let p = self.sites.iter().position(|x| x.name == peer).expect("a known site");
+                self.disconnect(s, p);
+                let at = self.now + 500 + self.rng.below(2_000);
+                self.schedule(at, Event::Reconnect { a: s, b: p });
             }
         }
     }

@@ -3,8 +3,11 @@
 //! Inputs enter through `handle_*` methods — local requests, messages from peers, peers coming
 //! and going, timeouts with the current time, results of chunk loads — and effects leave through
 //! [`Site::poll_output`]: messages to send, data to store, chunks to load, replies. The driver
-//! (the tokio runtime, or a test or simulator) executes outputs **in order**: a `Store` is
-//! durable before the `Send` or `Reply` that follows it is acted on.
+//! (the tokio runtime, or a test or simulator) executes outputs in order. What must wait for
+//! durability says so itself: [`Output::Durable`] carries a [`Store`] and the outputs to carry
+//! out only once it (and every store before it) is durable — the answer that a change is done,
+//! and every message that may carry this site's changes (pushes, sync messages). No driver
+//! decides that from message kinds.
 //!
 //! The site never does I/O, never reads a clock and never draws randomness: time comes in as
 //! milliseconds with every input.
@@ -313,6 +316,18 @@ pub enum LoadPurpose {
     },
 }
 
+/// What to make durable, in this order: the chunks of `index`, already written (synced), then
+/// in one transaction their index, the versions now held and the namespace change.
+#[derive(Clone, Debug, Default)]
+pub struct Store {
+    /// Chunks already written, to sync and index.
+    pub index: Vec<ChunkRef>,
+    /// Versions now held in full.
+    pub versions: Vec<Manifest>,
+    /// An incremental namespace save (may be empty).
+    pub namespace: Vec<u8>,
+}
+
 /// An effect for the driver to carry out.
 #[derive(Clone, Debug)]
 pub enum Output {
@@ -331,15 +346,15 @@ pub enum Output {
         /// The message ([`Message::Push`]).
         message: Message,
     },
-    /// Make durable, in this order: the chunks of `index`, already written (synced), then in
-    /// one transaction their index, the versions now held and the namespace change.
-    Store {
-        /// Chunks already written, to sync and index.
-        index: Vec<ChunkRef>,
-        /// Versions now held in full.
-        versions: Vec<Manifest>,
-        /// An incremental namespace save (may be empty).
-        namespace: Vec<u8>,
+    /// Make `store` durable, after every store before it; only then carry out `then`, in order.
+    /// With `then` empty the driver may make it durable whenever it likes, but before the
+    /// `then` of any later `Durable`.
+    Durable {
+        /// What to make durable (may be empty: then this only orders `then` after the stores
+        /// before it).
+        store: Store,
+        /// What waits for it: never another `Durable`.
+        then: Vec<Output>,
     },
     /// Keep copies of what peers hold: write the chunks now (they are served from now on), and
     /// make them and the versions they complete durable whenever the driver likes — later, in
@@ -603,6 +618,16 @@ impl Site {
         self.outputs.push_back(output);
     }
 
+    /// Emits `output` to be carried out once everything stored so far is durable: with the
+    /// `Durable` last emitted if nothing followed it, else behind an empty one.
+    fn emit_after_durable(&mut self, output: Output) {
+        debug_assert!(!matches!(output, Output::Durable { .. }), "durable outputs do not nest");
+        match self.outputs.back_mut() {
+            Some(Output::Durable { then, .. }) => then.push(output),
+            _ => self.emit(Output::Durable { store: Store::default(), then: vec![output] }),
+        }
+    }
+
     fn reply(&mut self, id: RequestId, reply: Result<Reply, SiteError>) {
         self.emit(Output::Reply { id, reply });
     }
@@ -658,9 +683,9 @@ impl Site {
                 }
                 self.ns.commit();
                 let namespace = self.ns.save_incremental();
-                self.emit(Output::Store { index, versions, namespace });
-                self.push_changes();
-                self.reply(id, Ok(Reply::Done));
+                let mut then: Vec<Output> = self.push_changes().into_iter().collect();
+                then.push(Output::Reply { id, reply: Ok(Reply::Done) });
+                self.emit(Output::Durable { store: Store { index, versions, namespace }, then });
             }
         }
     }
@@ -697,13 +722,12 @@ impl Site {
     }
 
     /// Sends the namespace changes made since the last push to every connected peer.
-    fn push_changes(&mut self) {
+    /// The push of the namespace changes made since the last one to every connected peer.
+    fn push_changes(&mut self) -> Option<Output> {
         let changes = self.ns.export_since(&self.pushed_heads);
         self.pushed_heads = self.ns.heads();
         let to: Vec<SiteId> = self.peers.keys().cloned().collect();
-        if !to.is_empty() {
-            self.emit(Output::Broadcast { to, message: Message::Push { changes } });
-        }
+        (!to.is_empty()).then_some(Output::Broadcast { to, message: Message::Push { changes } })
     }
 
     // ------------------------------------------------------------------------------------------
@@ -997,7 +1021,8 @@ impl Site {
     fn sync_with(&mut self, peer: &SiteId) {
         let Some(state) = self.peers.get_mut(peer) else { return };
         if let Some(payload) = self.ns.generate_sync_message(&mut state.session) {
-            self.emit(Output::Send { to: peer.clone(), message: Message::Sync { payload } });
+            // A sync message may carry this site's changes: never before they are durable.
+            self.emit_after_durable(Output::Send { to: peer.clone(), message: Message::Sync { payload } });
         }
     }
 
@@ -1009,7 +1034,7 @@ impl Site {
     fn store_namespace(&mut self) {
         let namespace = self.ns.save_incremental();
         self.clock.observe(self.ns.last_hlc());
-        self.emit(Output::Store { index: Vec::new(), versions: Vec::new(), namespace });
+        self.emit(Output::Durable { store: Store { namespace, ..Store::default() }, then: Vec::new() });
     }
 
     /// A message from a connected peer.
