@@ -10,7 +10,7 @@ use transport::staging::{StagedPack, Staging, StagingError};
 
 use crate::store::ChunkStore;
 use site_core::content::ChunkHash;
-use site_core::{BucketError, Output, StagingEvent};
+use site_core::{BucketError, Output, PackName, StagingEvent};
 
 /// How often stale packs are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
@@ -24,13 +24,13 @@ const PACKS_OPEN_BYTES_MAX: usize = 64 << 20;
 /// Packs opened, by name, oldest first out.
 #[derive(Default)]
 struct OpenPacks {
-    packs: HashMap<Vec<u8>, StagedPack>,
-    order: VecDeque<Vec<u8>>,
+    packs: HashMap<PackName, StagedPack>,
+    order: VecDeque<PackName>,
     bytes: usize,
 }
 
 impl OpenPacks {
-    fn insert(&mut self, name: Vec<u8>, pack: StagedPack) {
+    fn insert(&mut self, name: PackName, pack: StagedPack) {
         self.bytes += pack.resident_bytes();
         if let Some(old) = self.packs.insert(name.clone(), pack) {
             self.bytes -= old.resident_bytes();
@@ -55,7 +55,7 @@ impl OpenPacks {
     fn remove(&mut self, name: &[u8]) {
         if self.packs.contains_key(name) {
             self.take(name);
-            self.order.retain(|n| n != name);
+            self.order.retain(|n| &**n != name);
         }
     }
 }

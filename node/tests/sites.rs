@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use crdt_namespace::{EntryKind, Namespace, SiteId};
 use proto::Message;
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use site_core::{BucketError, Output, Reply, Request, Site, SiteConfig, Transfer};
+use site_core::{BucketError, Output, PackName, Reply, Request, Site, SiteConfig, Transfer};
 
 const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
 
@@ -40,18 +40,18 @@ struct Mesh {
     /// If set, chunks this site sends are corrupted.
     liar: Option<usize>,
     /// The staging bucket: packs by name, each its chunks in order.
-    bucket: HashMap<Vec<u8>, Vec<(ChunkHash, Vec<u8>)>>,
+    bucket: HashMap<PackName, Vec<(ChunkHash, Vec<u8>)>>,
     /// How the bucket misbehaves.
     bucket_fault: BucketFault,
     /// Names of the packs uploaded, in order, and of those deleted.
-    uploads: Vec<Vec<u8>>,
-    deletes: Vec<Vec<u8>>,
+    uploads: Vec<PackName>,
+    deletes: Vec<PackName>,
     /// If set, uploads wait here (site, name, chunks) until [`Mesh::finish_uploads`].
     held_uploads: Option<Vec<HeldUpload>>,
 }
 
 /// An upload waiting to be carried out: the site, the pack's name, its chunks.
-type HeldUpload = (usize, Vec<u8>, Vec<ChunkRef>);
+type HeldUpload = (usize, PackName, Vec<ChunkRef>);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum BucketFault {
@@ -649,7 +649,7 @@ fn sent(mesh: &Mesh, since: usize, kind: fn(&Message) -> bool) -> Vec<(usize, us
 }
 
 /// The pack names, each once.
-fn distinct(names: &[Vec<u8>]) -> std::collections::BTreeSet<&Vec<u8>> {
+fn distinct(names: &[PackName]) -> std::collections::BTreeSet<&PackName> {
     names.iter().collect()
 }
 
@@ -978,9 +978,10 @@ fn a_pack_found_missing_is_reported_and_the_holder_stages_the_version_again() {
     assert!(error.contains("its holder staged it, but the bucket does not have it"), "{error}");
     // The reader named the missing pack to the holder at once, which dropped it and uploaded the
     // version anew — lost too: the read fails (staged mode), without a third try for now.
-    let reported = |mesh: &Mesh, since: usize, pack: &Vec<u8>| {
+    let reported = |mesh: &Mesh, since: usize, pack: &PackName| {
         mesh.log[since..].iter().any(|(from, to, m)| {
-            (*from, *to) == (1, 0) && matches!(m, Message::Stage { spoiled: Some(n), .. } if n == pack)
+            (*from, *to) == (1, 0)
+                && matches!(m, Message::Stage { spoiled: Some(n), .. } if n[..] == pack[..])
         })
     };
     assert_eq!(mesh.uploads.len(), 2);

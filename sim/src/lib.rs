@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use crdt_namespace::{ContentId, EntryKind, Namespace, SiteId};
 use proto::Message;
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use site_core::{BucketError, Output, Reply, Request, Site, SiteConfig, StagingEvent, Transfer};
+use site_core::{BucketError, Output, PackName, Reply, Request, Site, SiteConfig, StagingEvent, Transfer};
 
 pub use rng::Rng;
 
@@ -223,9 +223,9 @@ enum Event {
 
 /// A request to the simulated staging bucket.
 enum BucketOp {
-    Open { name: Vec<u8> },
-    Read { request: u64, name: Vec<u8>, chunk: ChunkHash, index: u32 },
-    Upload { name: Vec<u8>, pack: Vec<(ChunkHash, Vec<u8>)> },
+    Open { name: PackName },
+    Read { request: u64, name: PackName, chunk: ChunkHash, index: u32 },
+    Upload { name: PackName, pack: Vec<(ChunkHash, Vec<u8>)> },
 }
 
 #[derive(Default)]
@@ -262,7 +262,7 @@ struct World {
     /// Reads that ended in an error, with it.
     failed_reads: HashMap<u64, String>,
     /// The staging bucket: packs by name (sites of several regions share it).
-    bucket: HashMap<Vec<u8>, Vec<(ChunkHash, Vec<u8>)>>,
+    bucket: HashMap<PackName, Vec<(ChunkHash, Vec<u8>)>>,
     /// Versions whose write was acknowledged.
     acknowledged: BTreeSet<ContentId>,
     /// Versions a later write at the same site replaced, or a remove had seen.

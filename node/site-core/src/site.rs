@@ -26,7 +26,7 @@ use crate::content::{ChunkHash, ChunkRef, Manifest};
 mod staging;
 
 use staging::StageState;
-pub use staging::{BucketError, StagingEvent, pack_name};
+pub use staging::{BucketError, PackName, StagingEvent, pack_name};
 
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
@@ -399,7 +399,7 @@ pub enum Output {
     /// Open the staged pack `name` and hand its chunk list to [`Site::handle_stage_opened`].
     StageOpen {
         /// The pack's name.
-        name: Vec<u8>,
+        name: PackName,
     },
     /// Read chunk `index` of the staged pack `name` and hand it to
     /// [`Site::handle_stage_chunk`].
@@ -407,7 +407,7 @@ pub enum Output {
         /// The fetch's request id, echoed.
         request: u64,
         /// The pack's name.
-        name: Vec<u8>,
+        name: PackName,
         /// The chunk.
         chunk: ChunkHash,
         /// Its index in the pack.
@@ -417,7 +417,7 @@ pub enum Output {
     /// then call [`Site::handle_stage_uploaded`].
     StageUpload {
         /// The pack's name.
-        name: Vec<u8>,
+        name: PackName,
         /// The region it is staged for.
         region: String,
         /// Its chunks, each once, in order.
@@ -426,7 +426,7 @@ pub enum Output {
     /// Delete the staged pack `name`: every site that needed it has it, or it is bad.
     StageDelete {
         /// The pack's name.
-        name: Vec<u8>,
+        name: PackName,
     },
     /// Drop the connection to a peer that misbehaved.
     Disconnect {
@@ -1091,8 +1091,12 @@ impl Site {
             Message::Chunk { request, chunk, data } => {
                 self.receive_chunk(from, request, ChunkHash(chunk), data)
             }
-            Message::Stage { region, contents, spoiled } => self.stage_for(from, region, contents, spoiled),
-            Message::Staged { region, pack, versions } => self.on_staged(from, region, pack, versions),
+            Message::Stage { region, contents, spoiled } => {
+                self.stage_for(from, region, contents, spoiled.map(PackName::from_bytes))
+            }
+            Message::Staged { region, pack, versions } => {
+                self.on_staged(from, region, pack.map(PackName::from_bytes), versions)
+            }
             Message::Unstage { region, contents } => self.on_unstage(from, region, contents),
             Message::NoChunk { request, chunk } => {
                 let hash = ChunkHash(chunk);

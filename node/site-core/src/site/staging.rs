@@ -76,7 +76,7 @@ pub fn pack_name(
     from_region: &str,
     to_region: &str,
     contents: &[ContentId],
-) -> Vec<u8> {
+) -> PackName {
     let mut hasher = blake3::Hasher::new();
     for part in [site.as_str().as_bytes(), from_region.as_bytes(), to_region.as_bytes()] {
         hasher.update(&(part.len() as u64).to_le_bytes());
@@ -86,7 +86,45 @@ pub fn pack_name(
     for content in contents {
         hasher.update(&content.0);
     }
-    [b"meridian pack v2\0".as_slice(), hasher.finalize().as_bytes()].concat()
+    PackName([b"meridian pack v2\0".as_slice(), hasher.finalize().as_bytes()].concat())
+}
+
+/// The name of a staged pack ([`pack_name`]): the bucket's object key is derived from it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackName(Vec<u8>);
+
+impl PackName {
+    /// A name as it travels in a message or comes back from a driver.
+    pub fn from_bytes(bytes: Vec<u8>) -> PackName {
+        PackName(bytes)
+    }
+
+    /// The name's bytes, for a message.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl std::ops::Deref for PackName {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for PackName {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PackName {
+    /// The last four bytes in hexadecimal: enough to tell packs apart in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pack ..")?;
+        self.0.iter().rev().take(4).rev().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 /// Why the bucket did not give what was asked for.
@@ -118,7 +156,7 @@ pub enum StagingEvent {
     /// A pack was looked for.
     Opened {
         /// The pack.
-        name: Vec<u8>,
+        name: PackName,
         /// Its chunks, `None` if not in the bucket, or why it could not be opened.
         opened: Result<Option<Vec<ChunkHash>>, BucketError>,
     },
@@ -134,7 +172,7 @@ pub enum StagingEvent {
     /// A pack was uploaded.
     Uploaded {
         /// The pack.
-        name: Vec<u8>,
+        name: PackName,
         /// Bytes uploaded, or why not.
         uploaded: Result<u64, String>,
     },
@@ -163,14 +201,14 @@ enum Stage {
         from: SiteId,
         since_ms: u64,
         last_ask_ms: u64,
-        spoiled: Option<Vec<u8>>,
+        spoiled: Option<PackName>,
         tried: BTreeSet<SiteId>,
     },
     /// In this pack (an entry of `packs_in`); `restaged` if the holder was told the pack it
     /// named before was spoiled.
-    InPack { name: Vec<u8>, restaged: bool },
+    InPack { name: PackName, restaged: bool },
     /// Unusable (why, since when, and the pack found spoiled, reported when asking again).
-    Failed { reason: String, since_ms: u64, spoiled: Option<Vec<u8>> },
+    Failed { reason: String, since_ms: u64, spoiled: Option<PackName> },
 }
 
 /// A version read through the bucket.
@@ -214,11 +252,11 @@ pub(super) struct StageState {
     /// Versions being read through the bucket.
     reads: HashMap<ContentId, StagedRead>,
     /// Packs being read from, by name.
-    packs_in: HashMap<Vec<u8>, PackIn>,
+    packs_in: HashMap<PackName, PackIn>,
     /// Packs uploaded or uploading, by name.
-    packs_out: HashMap<Vec<u8>, PackOut>,
+    packs_out: HashMap<PackName, PackOut>,
     /// The pack that holds (or will hold) a version for a region.
-    staged_out: HashMap<(ContentId, String), Vec<u8>>,
+    staged_out: HashMap<(ContentId, String), PackName>,
     /// Versions asked for and not in a pack yet, per region, in order.
     queue: BTreeMap<String, VecDeque<ContentId>>,
     /// Sites waiting for a version queued or uploading for their region.
@@ -442,7 +480,7 @@ impl Site {
         &mut self,
         content: ContentId,
         from_region: String,
-        spoiled: Option<Vec<u8>>,
+        spoiled: Option<PackName>,
         tried: BTreeSet<SiteId>,
         read_ahead: bool,
     ) {
@@ -478,6 +516,7 @@ impl Site {
         if read_ahead && let Some(path) = path {
             contents.extend(self.read_ahead(&path, &from, &from_region));
         }
+        let spoiled = spoiled.map(PackName::into_bytes);
         let message = Message::Stage { region: self.config.region.clone(), contents, spoiled };
         self.emit(Output::Send { to: from, message });
     }
@@ -540,7 +579,7 @@ impl Site {
     /// versions again (once: if that pack is spoiled too, or the bucket failed, the versions are
     /// read another way for now, and the holder is asked again after [`STAGE_RETRY_MS`]).
     /// Versions in it only read ahead are let go.
-    fn fail_pack(&mut self, name: &[u8], error: BucketError) {
+    fn fail_pack(&mut self, name: &PackName, error: BucketError) {
         let Some(pack) = self.stage.packs_in.remove(name) else { return };
         for content in &pack.contents {
             let Some(read) = self.stage.reads.get_mut(content) else { continue };
@@ -548,7 +587,7 @@ impl Site {
                 self.let_go(*content);
                 continue;
             }
-            let spoiled = error.spoiled.then(|| name.to_vec());
+            let spoiled = error.spoiled.then(|| name.clone());
             if error.spoiled && matches!(read.state, Stage::InPack { restaged: false, .. }) {
                 let from_region = read.from_region.clone();
                 self.ask_to_stage(*content, from_region, spoiled, BTreeSet::new(), false);
@@ -564,7 +603,7 @@ impl Site {
         &mut self,
         from: &SiteId,
         region: String,
-        pack: Result<Vec<u8>, String>,
+        pack: Result<PackName, String>,
         versions: Vec<StagedVersion>,
     ) {
         if region != self.config.region {
@@ -627,7 +666,7 @@ impl Site {
     pub fn handle_stage_opened(
         &mut self,
         now_ms: u64,
-        name: Vec<u8>,
+        name: PackName,
         opened: Result<Option<Vec<ChunkHash>>, BucketError>,
     ) {
         self.now_ms = self.now_ms.max(now_ms);
@@ -743,7 +782,7 @@ impl Site {
         &mut self,
         to: &SiteId,
         region: &str,
-        pack: Result<Vec<u8>, String>,
+        pack: Result<PackName, String>,
         contents: &[ContentId],
     ) {
         let with_manifests = pack.is_ok();
@@ -759,7 +798,8 @@ impl Site {
                         .map(|m| m.encode()),
                 })
                 .collect();
-            let message = Message::Staged { region: region.to_owned(), pack: pack.clone(), versions };
+            let pack = pack.clone().map(PackName::into_bytes);
+            let message = Message::Staged { region: region.to_owned(), pack, versions };
             self.emit(Output::Send { to: to.clone(), message });
         }
     }
@@ -770,7 +810,7 @@ impl Site {
         from: &SiteId,
         region: String,
         contents: Vec<ContentId>,
-        spoiled: Option<Vec<u8>>,
+        spoiled: Option<PackName>,
     ) {
         if self.config.staging.is_none() {
             let why = format!("site {} has no staging bucket", self.config.site);
@@ -784,7 +824,7 @@ impl Site {
             self.drop_pack(&bad);
         }
         let mut refused = Vec::new();
-        let mut ready: BTreeMap<Vec<u8>, Vec<ContentId>> = BTreeMap::new();
+        let mut ready: BTreeMap<PackName, Vec<ContentId>> = BTreeMap::new();
         let mut seen = HashSet::new();
         for content in contents {
             if !seen.insert(content) {
@@ -830,7 +870,7 @@ impl Site {
     }
 
     /// Tells the sites waiting for `contents` (staged for `region`) the answer.
-    fn answer_waiting(&mut self, region: &str, answer: Result<Vec<u8>, String>, contents: &[ContentId]) {
+    fn answer_waiting(&mut self, region: &str, answer: Result<PackName, String>, contents: &[ContentId]) {
         let mut to_site: BTreeMap<SiteId, Vec<ContentId>> = BTreeMap::new();
         for content in contents {
             for to in self.stage.waiting.remove(&(*content, region.to_owned())).unwrap_or_default() {
@@ -899,7 +939,7 @@ impl Site {
     }
 
     /// The result of an [`Output::StageUpload`]: the bytes uploaded, or why it failed.
-    pub fn handle_stage_uploaded(&mut self, now_ms: u64, name: Vec<u8>, uploaded: Result<u64, String>) {
+    pub fn handle_stage_uploaded(&mut self, now_ms: u64, name: PackName, uploaded: Result<u64, String>) {
         self.now_ms = self.now_ms.max(now_ms);
         let Some(pack) = self.stage.packs_out.get_mut(&name) else { return };
         if pack.uploaded {
@@ -977,7 +1017,7 @@ impl Site {
     }
 
     /// Deletes a pack this site uploaded.
-    fn drop_pack(&mut self, name: &[u8]) {
+    fn drop_pack(&mut self, name: &PackName) {
         let Some(pack) = self.stage.packs_out.remove(name) else { return };
         for content in pack.contents {
             let key = (content, pack.region.clone());
@@ -985,13 +1025,13 @@ impl Site {
                 self.stage.staged_out.remove(&key);
             }
         }
-        self.emit(Output::StageDelete { name: name.to_vec() });
+        self.emit(Output::StageDelete { name: name.clone() });
     }
 
     /// A peer is gone: the versions it was asked to stage are asked of another holder (those
     /// only read ahead are let go).
     pub(super) fn staging_peer_down(&mut self, peer: &SiteId) {
-        let asked: Vec<(ContentId, String, Option<Vec<u8>>, bool)> = self
+        let asked: Vec<(ContentId, String, Option<PackName>, bool)> = self
             .stage
             .reads
             .iter()
@@ -1028,14 +1068,13 @@ impl Site {
     /// versions read from it; confirmations wait below the batch size.
     pub(super) fn check_staging_invariants(&self) -> Result<(), String> {
         let stage = &self.stage;
-        let hex = |name: &[u8]| name.iter().rev().take(4).map(|b| format!("{b:02x}")).collect::<String>();
         for ((content, region), name) in &stage.staged_out {
             match stage.packs_out.get(name) {
                 Some(pack) if pack.region == *region && pack.contents.contains(content) => {}
                 _ => {
                     return Err(format!(
-                        "version {content} for {region} is staged in pack ..{} that does not list it",
-                        hex(name)
+                        "version {content} for {region} is staged in {:?} that does not list it",
+                        name
                     ));
                 }
             }
@@ -1045,16 +1084,15 @@ impl Site {
             for content in &pack.contents {
                 if stage.staged_out.get(&(*content, pack.region.clone())) != Some(name) {
                     return Err(format!(
-                        "version {content} is in pack ..{} for {} and staged elsewhere: it goes up twice",
-                        hex(name),
-                        pack.region
+                        "version {content} is in {:?} for {} and staged elsewhere: it goes up twice",
+                        name, pack.region
                     ));
                 }
             }
             if pack.complete > pack.contents.len()
                 || pack.confirmed.keys().any(|c| !pack.contents.contains(c))
             {
-                return Err(format!("pack ..{} counts confirmations of versions it lacks", hex(name)));
+                return Err(format!("{:?} counts confirmations of versions it lacks", name));
             }
             if !pack.uploaded {
                 *uploading.entry(pack.region.as_str()).or_default() += 1;
@@ -1091,20 +1129,14 @@ impl Site {
             if let Stage::InPack { name, .. } = &read.state
                 && !stage.packs_in.get(name).is_some_and(|p| p.contents.contains(content))
             {
-                return Err(format!(
-                    "version {content} reads from pack ..{} that does not list it",
-                    hex(name)
-                ));
+                return Err(format!("version {content} reads from {:?} that does not list it", name));
             }
         }
         for (name, pack) in &stage.packs_in {
             for content in &pack.contents {
                 if !matches!(stage.reads.get(content), Some(StagedRead { state: Stage::InPack { name: n, .. }, .. }) if n == name)
                 {
-                    return Err(format!(
-                        "pack ..{} lists version {content}, which does not read from it",
-                        hex(name)
-                    ));
+                    return Err(format!("{:?} lists version {content}, which does not read from it", name));
                 }
             }
         }
@@ -1117,7 +1149,7 @@ impl Site {
     /// Time passes: send confirmations, ask again, give up on holders that do not answer, let
     /// go of what was read ahead and not read, delete packs no longer needed.
     pub(super) fn staging_timeout(&mut self, now_ms: u64) {
-        let done: Vec<Vec<u8>> = self
+        let done: Vec<PackName> = self
             .stage
             .packs_out
             .iter()
@@ -1132,7 +1164,7 @@ impl Site {
             self.drop_pack(&name);
         }
         let retry = self.config.who_has_retry_ms;
-        let mut ask_again: BTreeMap<(SiteId, Option<Vec<u8>>), Vec<ContentId>> = BTreeMap::new();
+        let mut ask_again: BTreeMap<(SiteId, Option<PackName>), Vec<ContentId>> = BTreeMap::new();
         let mut stalled = Vec::new();
         let mut idle = Vec::new();
         let wanted: HashSet<ContentId> =
@@ -1160,8 +1192,11 @@ impl Site {
         for ((to, spoiled), contents) in ask_again {
             for contents in contents.chunks(STAGE_VERSIONS_MAX) {
                 let region = self.config.region.clone();
-                let message =
-                    Message::Stage { region, contents: contents.to_vec(), spoiled: spoiled.clone() };
+                let message = Message::Stage {
+                    region,
+                    contents: contents.to_vec(),
+                    spoiled: spoiled.clone().map(PackName::into_bytes),
+                };
                 self.emit(Output::Send { to: to.clone(), message });
             }
         }
