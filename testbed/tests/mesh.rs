@@ -138,11 +138,13 @@ fn a_site_killed_mid_transfer_loses_nothing_and_reads_go_on_elsewhere() {
     assert!(c.read("/big/f.bin", None).unwrap() == data, "c now holds the file too");
 
     // b reads; the holder it pulls from dies in the middle; the read finishes from the other.
+    // (b must know the file first: a read of a path it has not heard of fails at once.)
+    wait_until(TIMEOUT, || b.exists("/big/f.bin")).unwrap();
     let reader = {
         let b = b.clone();
         std::thread::spawn(move || b.read("/big/f.bin", None))
     };
-    wait_until(TIMEOUT, || Ok(fetched(&b) > 0)).unwrap();
+    wait_until(TIMEOUT, || Ok(fetched(&b) > 0 || reader.is_finished())).unwrap();
     cluster.kill(0).unwrap();
     let read = reader.join().unwrap().expect("the read continues from another holder");
     assert!(read == data);

@@ -697,23 +697,7 @@ impl SwarmTask {
                 propagation_source,
                 message,
                 ..
-            })) => {
-                let Some(from) = self.site_of(&propagation_source) else { return };
-                let author_is_member = message.source.is_some_and(|p| self.site_of(&p).is_some());
-                if !author_is_member {
-                    tracing::warn!(%from, "dropping a push whose author is not a member");
-                    return;
-                }
-                match Message::decode(&message.data) {
-                    Ok(message @ Message::Push { .. }) => {
-                        let _ = self.events.send(MeshEvent::Message { from, message }).await;
-                    }
-                    Ok(_) => {
-                        self.misbehaved(propagation_source, "a non-push message on the push topic".into())
-                    }
-                    Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")),
-                }
-            }
+            })) => self.gossip_message(propagation_source, message).await,
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 connection_id,
@@ -724,6 +708,24 @@ impl SwarmTask {
                 self.choose_connection(peer_id, connection_id, info.agent_version);
             }
             _ => {}
+        }
+    }
+
+    /// A push that gossipsub delivered: passed to the core if its author is a member and it
+    /// decodes as a push; the neighbour that relayed anything else misbehaved.
+    async fn gossip_message(&mut self, propagation_source: PeerId, message: gossipsub::Message) {
+        let Some(from) = self.site_of(&propagation_source) else { return };
+        let author_is_member = message.source.is_some_and(|p| self.site_of(&p).is_some());
+        if !author_is_member {
+            tracing::warn!(%from, "dropping a push whose author is not a member");
+            return;
+        }
+        match Message::decode(&message.data) {
+            Ok(message @ Message::Push { .. }) => {
+                let _ = self.events.send(MeshEvent::Message { from, message }).await;
+            }
+            Ok(_) => self.misbehaved(propagation_source, "a non-push message on the push topic".into()),
+            Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")),
         }
     }
 

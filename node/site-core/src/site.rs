@@ -205,7 +205,8 @@ pub enum Request {
 /// A successful answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
-    /// The change is recorded (and durable: the `Store` before this reply was executed).
+    /// The change is recorded, and durable: this reply comes in the `then` of the
+    /// [`Output::Durable`] that stores it.
     Done,
     /// A stat.
     Stat(Stat),
