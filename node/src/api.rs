@@ -367,65 +367,14 @@ impl From<FindHit> for FindAnswer {
     }
 }
 
-/// A connected peer and how far behind it is.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PeerLag {
-    /// Its site id.
-    pub site: String,
-    /// This site's namespace changes it had not confirmed at the last sync round.
-    pub lag_changes: usize,
-}
-
-/// The site's state.
+/// The site's state: the core's, and what the daemon adds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatusAnswer {
-    /// This site.
-    pub site: String,
-    /// Connected peers.
-    pub peers: Vec<PeerLag>,
-    /// Live namespace entries.
-    pub entries: usize,
-    /// Versions held here.
-    pub versions_held: usize,
-    /// Chunks held here.
-    pub chunks_held: usize,
-    /// Reads in progress.
-    pub reads: usize,
-    /// Chunk requests in flight.
-    pub fetches: usize,
-    /// Chunks received from peers since the node started.
-    pub chunks_fetched: u64,
-    /// Bytes of those chunks.
-    pub bytes_fetched: u64,
-    /// Bytes read from the staging bucket since the node started.
-    pub bytes_from_staging: u64,
-    /// Bytes uploaded to the staging bucket since the node started.
-    pub bytes_to_staging: u64,
-    /// Staged packs read from or uploaded and not deleted.
-    pub staged_packs: usize,
+    /// The core's figures (flattened into the answer).
+    #[serde(flatten)]
+    pub core: site_core::Status,
     /// Fetched chunks written but not yet made durable.
     pub fetched_chunks_not_yet_durable: usize,
-}
-
-impl StatusAnswer {
-    /// The core's status, with what the daemon adds.
-    pub fn new(s: site_core::Status, fetched_chunks_not_yet_durable: usize) -> StatusAnswer {
-        StatusAnswer {
-            site: s.site,
-            peers: s.peers.into_iter().map(|(site, lag_changes)| PeerLag { site, lag_changes }).collect(),
-            entries: s.entries,
-            versions_held: s.versions_held,
-            chunks_held: s.chunks_held,
-            reads: s.reads,
-            fetches: s.fetches,
-            chunks_fetched: s.chunks_fetched,
-            bytes_fetched: s.bytes_fetched,
-            bytes_from_staging: s.bytes_from_staging,
-            bytes_to_staging: s.bytes_to_staging,
-            staged_packs: s.staged_packs,
-            fetched_chunks_not_yet_durable,
-        }
-    }
 }
 
 /// A member of the mesh and the link to it.

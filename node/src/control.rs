@@ -89,7 +89,7 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
         ApiRequest::Status => {
             let backlog = handle.cache_backlog.load(Ordering::Relaxed);
             let answer = ask(&handle, Request::Status, |reply| match reply {
-                Reply::Status(status) => Some(StatusAnswer::new(status, backlog)),
+                Reply::Status(core) => Some(StatusAnswer { core, fetched_chunks_not_yet_durable: backlog }),
                 _ => None,
             });
             api::write_answer(s, answer.await?).await?
@@ -159,7 +159,7 @@ async fn mesh_links(handle: &Handle) -> anyhow::Result<Vec<MeshLink>> {
     // The file, not the configuration the node started with: `mesh add` may have changed it.
     let config = crate::config::Config::load(&handle.config.path)?.config;
     let lags: HashMap<String, usize> = match handle.call(Request::Status).await? {
-        Ok(Reply::Status(status)) => status.peers.into_iter().collect(),
+        Ok(Reply::Status(status)) => status.peers.into_iter().map(|p| (p.site, p.lag_changes)).collect(),
         _ => HashMap::new(),
     };
     let links = handle.mesh.links();

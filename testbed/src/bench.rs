@@ -164,8 +164,8 @@ fn staged_pull(options: &Options) -> anyhow::Result<()> {
     });
     let c = c.map_err(|_| anyhow::anyhow!("a reader panicked"))??;
     let d = d.map_err(|_| anyhow::anyhow!("a reader panicked"))??;
-    let uploaded = clients[0].status()?.bytes_to_staging + clients[1].status()?.bytes_to_staging;
-    let across_directly = clients[2].status()?.bytes_fetched + clients[3].status()?.bytes_fetched;
+    let uploaded = clients[0].status()?.core.bytes_to_staging + clients[1].status()?.core.bytes_to_staging;
+    let across_directly = clients[2].status()?.core.bytes_fetched + clients[3].status()?.core.bytes_fetched;
     let staged = size as f64 / 1e6 / c.max(d).as_secs_f64();
     let direct_rate = size as f64 / 1e6 / direct.as_secs_f64();
     println!(
@@ -179,7 +179,7 @@ fn staged_pull(options: &Options) -> anyhow::Result<()> {
             "readers_in_region": 2,
             "bytes_uploaded": uploaded,
             "uploads_per_version": round3(uploaded as f64 / size as f64),
-            "bytes_from_staging": clients[2].status()?.bytes_from_staging + clients[3].status()?.bytes_from_staging,
+            "bytes_from_staging": clients[2].status()?.core.bytes_from_staging + clients[3].status()?.core.bytes_from_staging,
             "bytes_read_directly_across_regions": across_directly,
             "target_uploads_per_version": 1,
         })
@@ -213,8 +213,8 @@ fn staged_small_files(options: &Options) -> anyhow::Result<()> {
             "parallel_readers": options.parallel,
             "read_in_other_region_s": round3(took.as_secs_f64()),
             "files_per_s": (n as f64 / took.as_secs_f64()).round(),
-            "bytes_uploaded": a.status()?.bytes_to_staging,
-            "bytes_from_staging": c.status()?.bytes_from_staging,
+            "bytes_uploaded": a.status()?.core.bytes_to_staging,
+            "bytes_from_staging": c.status()?.core.bytes_from_staging,
             "target_files_per_s": 1000,
         })
     );
@@ -278,7 +278,7 @@ fn round3(x: f64) -> f64 {
 }
 
 fn fetched(client: &Client) -> anyhow::Result<u64> {
-    Ok(client.status()?.bytes_fetched)
+    Ok(client.status()?.core.bytes_fetched)
 }
 
 /// MB/s at which the disk under `dir` takes `data` (1 MiB writes, then fsync).

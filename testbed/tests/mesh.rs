@@ -28,7 +28,7 @@ fn mkdir(client: &Client, path: &str) {
 }
 
 fn fetched(client: &Client) -> u64 {
-    client.status().unwrap().bytes_fetched
+    client.status().unwrap().core.bytes_fetched
 }
 
 /// Every path with the version it shows (for files). A change arriving between the listing and
@@ -96,7 +96,7 @@ fn payload_is_pulled_lazily_range_first_and_only_the_edited_chunks_move() {
     mkdir(a, "/big");
     a.put("/big/f.bin", &data).unwrap();
     wait_until(TIMEOUT, || b.exists("/big/f.bin")).unwrap();
-    assert_eq!(b.status().unwrap().versions_held, 0, "nothing is pulled before a read");
+    assert_eq!(b.status().unwrap().core.versions_held, 0, "nothing is pulled before a read");
     assert_eq!(fetched(b), 0);
 
     // A range in the middle: only the chunks covering it move.
@@ -111,7 +111,7 @@ fn payload_is_pulled_lazily_range_first_and_only_the_edited_chunks_move() {
     // The whole file: every chunk once.
     assert!(b.read("/big/f.bin", None).unwrap() == data);
     assert_eq!(fetched(b), size as u64, "each chunk crosses the network once");
-    assert_eq!(b.status().unwrap().versions_held, 1);
+    assert_eq!(b.status().unwrap().core.versions_held, 1);
 
     // A 64 KiB edit: only the chunks around it move.
     data[5 << 20..(5 << 20) + (64 << 10)].copy_from_slice(&pseudo_random(2, 64 << 10));
@@ -195,7 +195,7 @@ fn stopped_and_partitioned_sites_converge_when_they_return() {
     // a partition: a is cut off from b and c; both sides write the same file.
     cluster.meridian(0, &["mesh", "block", "b"]).unwrap();
     cluster.meridian(0, &["mesh", "block", "c"]).unwrap();
-    wait_until(TIMEOUT, || Ok(a.status()?.peers.is_empty())).unwrap();
+    wait_until(TIMEOUT, || Ok(a.status()?.core.peers.is_empty())).unwrap();
     a.put("/shots/comp.clip", b"v3 from a").unwrap();
     b.put("/shots/comp.clip", b"v3 from b").unwrap();
     cluster.meridian(0, &["mesh", "unblock", "b"]).unwrap();
@@ -232,7 +232,7 @@ fn an_unknown_peer_is_refused() {
     // c dials a and b for a while; both refuse it.
     std::thread::sleep(Duration::from_secs(2));
     assert!(!c.exists("/secret").unwrap(), "a stranger received the namespace");
-    let peers = a.status().unwrap().peers;
+    let peers = a.status().unwrap().core.peers;
     assert_eq!(peers.len(), 1, "only b is connected to a: {peers:?}");
     let ls = cluster.meridian(2, &["--json", "mesh", "ls"]).unwrap();
     let ls: Vec<MeshLink> = serde_json::from_str(ls.trim()).unwrap();

@@ -54,9 +54,9 @@ fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly(
     write(&cluster, 0, "/plate.exr", &data);
 
     assert!(east.read("/plate.exr", None).unwrap() == data, "east reads what west wrote");
-    assert_eq!(east.status().unwrap().bytes_from_staging, data.len() as u64);
-    assert_eq!(east.status().unwrap().bytes_fetched, 0, "nothing came from west directly");
-    let uploaded = west.status().unwrap().bytes_to_staging;
+    assert_eq!(east.status().unwrap().core.bytes_from_staging, data.len() as u64);
+    assert_eq!(east.status().unwrap().core.bytes_fetched, 0, "nothing came from west directly");
+    let uploaded = west.status().unwrap().core.bytes_to_staging;
     assert!(uploaded >= data.len() as u64 && uploaded < data.len() as u64 + (1 << 20), "{uploaded}");
 
     // north reads it too: from east, its own region's holder, once east's answer to "who holds"
@@ -64,9 +64,9 @@ fn payload_crosses_regions_once_through_the_bucket_and_within_a_region_directly(
     // from west directly, and no second upload.
     assert!(north.read("/plate.exr", None).unwrap() == data);
     let (direct, staged) =
-        (north.status().unwrap().bytes_fetched, north.status().unwrap().bytes_from_staging);
+        (north.status().unwrap().core.bytes_fetched, north.status().unwrap().core.bytes_from_staging);
     assert_eq!(direct + staged, data.len() as u64, "{direct} direct + {staged} from the bucket");
-    assert_eq!(west.status().unwrap().bytes_to_staging, uploaded, "one upload for the region pair");
+    assert_eq!(west.status().unwrap().core.bytes_to_staging, uploaded, "one upload for the region pair");
 }
 
 #[test]
@@ -81,11 +81,11 @@ fn without_the_bucket_auto_reads_directly_and_staged_fails_clearly() {
 
     let east = &auto.site(1).client;
     assert!(east.read("/f", None).unwrap() == data);
-    assert_eq!(east.status().unwrap().bytes_fetched, data.len() as u64, "read from west directly");
+    assert_eq!(east.status().unwrap().core.bytes_fetched, data.len() as u64, "read from west directly");
 
     let east = &staged.site(1).client;
     let error = east.read("/f", None).unwrap_err().to_string();
     assert!(error.contains("through the staging bucket failed"), "{error}");
-    assert_eq!(east.status().unwrap().bytes_fetched, 0);
+    assert_eq!(east.status().unwrap().core.bytes_fetched, 0);
     assert!(staged.site(1).is_running(), "a failed read is not a failed site");
 }

@@ -661,6 +661,7 @@ async fn stat(cli: &Cli, paths: &[String]) -> anyhow::Result<()> {
 async fn status(cli: &Cli) -> anyhow::Result<()> {
     let status: StatusAnswer = ask(cli, &ApiRequest::Status).await?;
     show(cli, &status, |v| {
+        let v = &v.core;
         println!("site:          {}", v.site);
         println!("entries:       {}", v.entries);
         println!("versions held: {}", v.versions_held);

@@ -50,7 +50,7 @@ fn mb(bytes: u64) -> String {
 }
 
 fn bytes_fetched(client: &Client) -> anyhow::Result<u64> {
-    Ok(client.status()?.bytes_fetched)
+    Ok(client.status()?.core.bytes_fetched)
 }
 
 /// Runs the demo.
@@ -211,15 +211,16 @@ fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
     );
     wait_until(VISIBLE_TIMEOUT, || is_new_version(&north.client, &east.client))?;
     let uploaded_before =
-        east.client.status()?.bytes_to_staging + cluster.site(1).client.status()?.bytes_to_staging;
-    let direct_before = north.client.status()?.bytes_fetched;
+        east.client.status()?.core.bytes_to_staging + cluster.site(1).client.status()?.core.bytes_to_staging;
+    let direct_before = north.client.status()?.core.bytes_fetched;
     let started = Instant::now();
     let read = north.client.read("/renders/plate.exr", None)?;
     let took = started.elapsed();
-    let uploaded = east.client.status()?.bytes_to_staging + cluster.site(1).client.status()?.bytes_to_staging
+    let uploaded = east.client.status()?.core.bytes_to_staging
+        + cluster.site(1).client.status()?.core.bytes_to_staging
         - uploaded_before;
-    let from_bucket = north.client.status()?.bytes_from_staging;
-    let direct = north.client.status()?.bytes_fetched - direct_before;
+    let from_bucket = north.client.status()?.core.bytes_from_staging;
+    let direct = north.client.status()?.core.bytes_fetched - direct_before;
     let same = blake3::hash(&read) == blake3::hash(data);
     println!(
         "   eu uploaded {} once (sealed with the mesh key, under a keyed-hash name); {} read {} from the bucket in {} ({:.0} MB/s); {} directly from eu; identical: {}",
@@ -240,8 +241,9 @@ fn regions_scene(cluster: &Cluster, data: &[u8]) -> anyhow::Result<()> {
             "   {} (us too) then reads it from {} within the region: {} directly, {} more uploaded; identical: {}",
             south.name,
             north.name,
-            mb(south.client.status()?.bytes_fetched),
-            mb(east.client.status()?.bytes_to_staging + cluster.site(1).client.status()?.bytes_to_staging
+            mb(south.client.status()?.core.bytes_fetched),
+            mb(east.client.status()?.core.bytes_to_staging
+                + cluster.site(1).client.status()?.core.bytes_to_staging
                 - uploaded_before
                 - uploaded),
             if blake3::hash(&read) == blake3::hash(data) { "yes" } else { "NO" }
@@ -275,7 +277,7 @@ fn partition_scene(cluster: &Cluster) -> anyhow::Result<()> {
     // The cut is effective once nobody lists east as connected.
     wait_until(VISIBLE_TIMEOUT, || {
         for site in &sites[1..] {
-            if site.client.status()?.peers.iter().any(|p| p.site == east.name) {
+            if site.client.status()?.core.peers.iter().any(|p| p.site == east.name) {
                 return Ok(false);
             }
         }

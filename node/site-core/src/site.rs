@@ -227,14 +227,22 @@ pub enum Reply {
     Status(Status),
 }
 
-/// What a site reports about itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A connected peer and how far behind it is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerLag {
+    /// Its site id.
+    pub site: String,
+    /// This site's namespace changes it had not confirmed at the last sync round.
+    pub lag_changes: usize,
+}
+
+/// What a site reports about itself (also the body of the control API's status answer).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// This site.
     pub site: String,
-    /// Connected peers, each with the number of this site's namespace changes it has not yet
-    /// confirmed (its lag, as of the last sync round).
-    pub peers: Vec<(String, usize)>,
+    /// Connected peers.
+    pub peers: Vec<PeerLag>,
     /// Live namespace entries.
     pub entries: usize,
     /// Versions held here.
@@ -704,7 +712,10 @@ impl Site {
         let peers = self
             .peers
             .iter()
-            .map(|(site, p)| (site.to_string(), ns.unconfirmed_changes(&p.session)))
+            .map(|(site, p)| PeerLag {
+                site: site.to_string(),
+                lag_changes: ns.unconfirmed_changes(&p.session),
+            })
             .collect();
         Status {
             site: self.config.site.to_string(),

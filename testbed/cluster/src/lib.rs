@@ -337,7 +337,7 @@ impl Cluster {
             let mut missing = Vec::new();
             for site in &running {
                 let status = site.client.status()?;
-                let peers: Vec<&str> = status.peers.iter().map(|p| p.site.as_str()).collect();
+                let peers: Vec<&str> = status.core.peers.iter().map(|p| p.site.as_str()).collect();
                 for other in &running {
                     if other.name != site.name && !peers.contains(&other.name.as_str()) {
                         missing.push(format!("{}→{}", site.name, other.name));
