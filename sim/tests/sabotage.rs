@@ -13,27 +13,28 @@ use std::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn first_failure(seeds: u64) -> Option<sim::Failure> {
-    (0..seeds).find_map(|seed| sim::run(seed, &sim::Options::default()).err())
+/// The first of `seeds` seeds the simulator fails with the sabotage `switch` on, taking turns
+/// with the other tests (the switches are global); the switch is off again afterwards.
+fn first_failure_with(switch: fn(bool), seeds: u64) -> Option<sim::Failure> {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    switch(true);
+    let failure = (0..seeds).find_map(|seed| sim::run(seed, &sim::Options::default()).err());
+    switch(false);
+    if let Some(f) = &failure {
+        eprintln!("caught at seed {}: {}", f.seed, f.message);
+    }
+    failure
 }
 
 #[test]
 fn breaking_the_cycle_rule_of_moves_is_caught_within_3000_seeds() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    crdt_namespace::sabotage::set_skip_cycle_check(true);
-    let failure = first_failure(3000);
-    crdt_namespace::sabotage::set_skip_cycle_check(false);
-    let failure = failure.expect("the simulator missed a broken contract rule in 3,000 seeds");
-    eprintln!("caught at seed {}: {}", failure.seed, failure.message);
+    first_failure_with(crdt_namespace::sabotage::set_skip_cycle_check, 3000)
+        .expect("the simulator missed a broken contract rule in 3,000 seeds");
 }
 
 #[test]
 fn staging_a_version_twice_is_caught_within_500_seeds() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    site_core::sabotage::set_stage_twice(true);
-    let failure = first_failure(500);
-    site_core::sabotage::set_stage_twice(false);
-    let failure = failure.expect("the simulator missed a version staged twice in 500 seeds");
+    let failure = first_failure_with(site_core::sabotage::set_stage_twice, 500)
+        .expect("the simulator missed a version staged twice in 500 seeds");
     assert!(failure.message.contains("goes up twice"), "caught for another reason: {}", failure.message);
-    eprintln!("caught at seed {}: {}", failure.seed, failure.message);
 }
