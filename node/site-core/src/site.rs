@@ -25,8 +25,8 @@ use crate::content::{ChunkHash, ChunkRef, Manifest};
 
 mod staging;
 
-use staging::StageState;
 pub use staging::{BucketError, PackName, StagingEvent, pack_name};
+use staging::{Holder, Reader};
 
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
@@ -506,8 +506,10 @@ pub struct Site {
     outputs: VecDeque<Output>,
     chunks_fetched: u64,
     bytes_fetched: u64,
-    /// Reads and uploads through the staging bucket.
-    stage: StageState,
+    /// Versions read through the staging bucket.
+    stage_in: Reader,
+    /// Packs staged for other regions.
+    stage_out: Holder,
 }
 
 impl Site {
@@ -539,7 +541,8 @@ impl Site {
             outputs: VecDeque::new(),
             chunks_fetched: 0,
             bytes_fetched: 0,
-            stage: StageState::default(),
+            stage_in: Reader::default(),
+            stage_out: Holder::default(),
         }
     }
 
@@ -566,7 +569,7 @@ impl Site {
     /// Versions this site tracks as read (or read ahead) through the bucket, and packs it
     /// reads from: both drop to zero a minute after the last read, whatever happened.
     pub fn staged_reads(&self) -> (usize, usize) {
-        self.stage.read_backlog()
+        self.stage_in.backlog()
     }
 
     /// Whether chunk requests are in flight.
@@ -727,9 +730,9 @@ impl Site {
             fetches: self.fetches.len(),
             chunks_fetched: self.chunks_fetched,
             bytes_fetched: self.bytes_fetched,
-            bytes_from_staging: self.stage.bytes_from_staging,
-            bytes_to_staging: self.stage.bytes_to_staging,
-            staged_packs: self.stage.packs(),
+            bytes_from_staging: self.stage_in.bytes_from_staging,
+            bytes_to_staging: self.stage_out.bytes_to_staging,
+            staged_packs: self.stage_in.packs() + self.stage_out.packs(),
         }
     }
 
@@ -852,7 +855,7 @@ impl Site {
             return;
         }
         let Some(content) = self.fetches.get(&hash).map(|f| f.content) else { return };
-        let connected = self.nearest_holders(&content);
+        let connected = self.view().nearest_holders(&content);
         let fetch = self.fetches.get_mut(&hash).expect("checked above");
         // Every connected holder tried already (a link that was reset, a holder that came back):
         // start over with them, up to a bound of attempts.
@@ -1179,23 +1182,6 @@ impl Site {
         for id in waiting {
             self.set_manifest(id, manifest.clone());
         }
-    }
-
-    /// The region of `site`.
-    fn region_of<'a>(&'a self, site: &SiteId) -> &'a str {
-        self.config.regions.get(site).map_or(self.config.region.as_str(), String::as_str)
-    }
-
-    /// The connected holders of `content` nearest to this site: those of its region if any is
-    /// connected, else all. A holder of another region is then asked directly only when
-    /// staging does not carry the version (off, `direct`, or failed in `auto` mode).
-    fn nearest_holders(&self, content: &ContentId) -> Vec<SiteId> {
-        let connected =
-            self.holders.get(content).into_iter().flatten().filter(|h| self.peers.contains_key(*h));
-        let (near, far): (Vec<&SiteId>, Vec<&SiteId>) =
-            connected.partition(|h| self.region_of(h) == self.config.region);
-        let nearest = if near.is_empty() { far } else { near };
-        nearest.into_iter().cloned().collect()
     }
 
     /// Sends again the fetches that wait (of `content` only, if given).
