@@ -351,11 +351,8 @@ impl Config {
 }
 
 /// Checks a region name: like a site id.
-pub fn check_region(region: &str) -> anyhow::Result<()> {
-    if SiteId::new(region).is_err() {
-        bail!("region {region:?} must be 1 to 32 ASCII letters, digits, `-` or `_`");
-    }
-    Ok(())
+pub fn check_region(region: &str) -> anyhow::Result<transport::proto::Region> {
+    transport::proto::Region::new(region).map_err(|e| anyhow::anyhow!(e))
 }
 
 impl Loaded {

@@ -108,11 +108,13 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
             api::write_answer(s, answer).await?
         }
         ApiRequest::MeshAdd { peer } => {
-            let answer = match peer.member() {
-                Ok(member) => {
+            let member =
+                peer.member().and_then(|member| Ok((member, crate::config::check_region(&peer.region)?)));
+            let answer = match member {
+                Ok((member, region)) => {
                     let site = member.site.clone();
                     handle.mesh.add_member(member);
-                    ask(&handle, Request::Member { site, region: peer.region.clone() }, |_| Some(())).await?
+                    ask(&handle, Request::Member { site, region }, |_| Some(())).await?
                 }
                 Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}"))),
             };

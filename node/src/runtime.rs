@@ -16,7 +16,7 @@ use crdt_namespace::{Namespace, SiteId};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::config::Loaded;
+use crate::config::{Loaded, check_region};
 use crate::staged::StagingDriver;
 use crate::store::{ChunkStore, Db};
 use site_core::StagingEvent;
@@ -121,12 +121,12 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     let index = db.chunk_index()?;
     let config = &loaded.config;
     let mut site_config = SiteConfig::new(site_id);
-    site_config.region = config.region.clone();
-    site_config.regions = config
-        .peers
-        .iter()
-        .map(|p| (SiteId::new(&p.site).expect("checked when loaded"), p.region.clone()))
-        .collect();
+    site_config.region = check_region(&config.region)?;
+    for peer in &config.peers {
+        site_config
+            .regions
+            .insert(SiteId::new(&peer.site).expect("checked when loaded"), check_region(&peer.region)?);
+    }
     site_config.staging = config.staging.is_some().then_some(config.transfer);
     if let Some(staging) = &config.staging {
         site_config.stage_read_ahead = staging.read_ahead;
@@ -153,7 +153,7 @@ struct CoreThread {
     commits: std::sync::mpsc::SyncSender<Job>,
     /// Incremental namespace saves in the database (at most: the committer merges some).
     namespace_saves: u64,
-    next_id: RequestId,
+    next_id: u64,
     pending: HashMap<RequestId, mpsc::Sender<Event>>,
     /// Copies fetched from peers, written but neither synced nor recorded yet: see
     /// [`CoreThread::drain`].
@@ -250,7 +250,7 @@ impl CoreThread {
     }
 
     fn local(&mut self, request: Request, events: mpsc::Sender<Event>) {
-        let id = self.next_id;
+        let id = RequestId(self.next_id);
         self.next_id += 1;
         self.pending.insert(id, events);
         self.site.handle_local(now_ms(), id, request);

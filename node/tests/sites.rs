@@ -5,9 +5,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{EntryKind, Namespace, SiteId};
-use proto::Message;
+use proto::{Message, Region};
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use site_core::{BucketError, Output, PackName, Reply, Request, Site, SiteConfig, Transfer};
+use site_core::{BucketError, Output, PackName, Reply, Request, RequestId, Site, SiteConfig, Transfer};
+
+fn region(name: &str) -> Region {
+    Region::new(name).expect("a valid region")
+}
 
 const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
 
@@ -76,8 +80,8 @@ impl Mesh {
 
     /// Sites in regions, with `tune` applied to every site's configuration.
     fn regions_tuned(sites: &[(&str, &str)], transfer: Transfer, tune: impl Fn(&mut SiteConfig)) -> Mesh {
-        let regions: BTreeMap<SiteId, String> =
-            sites.iter().map(|(n, r)| (SiteId::new(n).unwrap(), r.to_string())).collect();
+        let regions: BTreeMap<SiteId, Region> =
+            sites.iter().map(|(n, r)| (SiteId::new(n).unwrap(), region(r))).collect();
         let names: Vec<&str> = sites.iter().map(|(n, _)| *n).collect();
         Mesh::configured(&names, |name| {
             let mut config = SiteConfig::new(name.clone());
@@ -135,7 +139,7 @@ impl Mesh {
         let id = self.next_id;
         self.next_id += 1;
         self.now += 1;
-        self.sites[at].handle_local(self.now, id, request);
+        self.sites[at].handle_local(self.now, RequestId(id), request);
         self.run();
         id
     }
@@ -273,19 +277,19 @@ impl Mesh {
                 let loaded = self.stores[s].get(&hash).cloned().ok_or_else(|| "missing".to_string());
                 self.sites[s].handle_chunk_loaded(hash, purpose, loaded);
             }
-            Output::Reply { id, reply } => {
+            Output::Reply { id: RequestId(id), reply } => {
                 if let Ok(Reply::ReadStarted { range, .. }) = &reply {
                     self.reads.entry(id).or_default().next = range.start;
                 }
                 self.replies.insert(id, reply.map_err(|e| e.to_string()));
             }
-            Output::ReadData { id, offset, data } => {
+            Output::ReadData { id: RequestId(id), offset, data } => {
                 let read = self.reads.get_mut(&id).expect("data follows the start of a read");
                 assert_eq!(offset, read.next, "read data arrives in order");
                 read.next += data.len() as u64;
                 read.data.extend_from_slice(&data);
             }
-            Output::ReadDone { id, result } => {
+            Output::ReadDone { id: RequestId(id), result } => {
                 self.reads.entry(id).or_default().done = Some(result.map_err(|e| e.to_string()));
             }
             Output::StageOpen { name } => {
@@ -347,7 +351,7 @@ impl Mesh {
         let held = self.held_uploads.as_mut().map(std::mem::take).unwrap_or_default();
         let holding = self.held_uploads.take();
         for (s, name, chunks) in held {
-            self.execute(s, Output::StageUpload { name, region: String::new(), chunks });
+            self.execute(s, Output::StageUpload { name, region: region("unused"), chunks });
         }
         self.held_uploads = holding;
         self.run();
@@ -357,7 +361,11 @@ impl Mesh {
     fn start_read(&mut self, at: usize, path: &str) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.sites[at].handle_local(self.now, id, Request::Read { path: path.into(), range: None });
+        self.sites[at].handle_local(
+            self.now,
+            RequestId(id),
+            Request::Read { path: path.into(), range: None },
+        );
         id
     }
 
@@ -411,7 +419,7 @@ fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
         }
         other => panic!("a bare sync message, or none: {other:?}"),
     }
-    site.handle_local(2, 7, Request::Mkdir { path: "/a".into(), parents: false, mode: 0o755 });
+    site.handle_local(2, RequestId(7), Request::Mkdir { path: "/a".into(), parents: false, mode: 0o755 });
     match outputs(&mut site).as_slice() {
         [Output::Durable { store, then }] => {
             assert!(!store.namespace.is_empty(), "the change is in the store");
@@ -419,15 +427,18 @@ fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
                 then.as_slice(),
                 [
                     Output::Broadcast { message: Message::Push { .. }, .. },
-                    Output::Reply { id: 7, reply: Ok(Reply::Done) }
+                    Output::Reply { id: RequestId(7), reply: Ok(Reply::Done) }
                 ]
             ));
         }
         other => panic!("the change's push and answer are not behind its store: {other:?}"),
     }
     // An answer that changes nothing does not wait.
-    site.handle_local(3, 8, Request::Stat { path: "/a".into() });
-    assert!(matches!(outputs(&mut site).as_slice(), [Output::Reply { id: 8, reply: Ok(Reply::Stat(_)) }]));
+    site.handle_local(3, RequestId(8), Request::Stat { path: "/a".into() });
+    assert!(matches!(
+        outputs(&mut site).as_slice(),
+        [Output::Reply { id: RequestId(8), reply: Ok(Reply::Stat(_)) }]
+    ));
 }
 
 #[test]
@@ -536,7 +547,7 @@ fn a_read_continues_from_another_holder_when_one_disappears() {
     // Drop a's link after a few chunks: deliver until 3 chunks came from a, then cut it.
     let id = mesh.next_id;
     mesh.next_id += 1;
-    mesh.sites[2].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
+    mesh.sites[2].handle_local(mesh.now, RequestId(id), Request::Read { path: "/f".into(), range: None });
     let since = mesh.log.len();
     mesh.run_until_chunks(0, 2, since, 3);
     mesh.cut.insert((0, 2));
@@ -559,7 +570,7 @@ fn a_read_whose_only_holder_drops_its_link_resumes_when_it_returns_and_fails_if_
     for (path, comes_back) in [("/f", true), ("/g", false)] {
         let id = mesh.next_id;
         mesh.next_id += 1;
-        mesh.sites[1].handle_local(mesh.now, id, Request::Read { path: path.into(), range: None });
+        mesh.sites[1].handle_local(mesh.now, RequestId(id), Request::Read { path: path.into(), range: None });
         let since = mesh.log.len();
         mesh.run_until_chunks(0, 1, since, 3);
         mesh.drop_link(0, 1);
@@ -626,7 +637,11 @@ fn concurrent_readers_of_one_chunk_share_one_fetch() {
         .map(|_| {
             let id = mesh.next_id;
             mesh.next_id += 1;
-            mesh.sites[1].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
+            mesh.sites[1].handle_local(
+                mesh.now,
+                RequestId(id),
+                Request::Read { path: "/f".into(), range: None },
+            );
             id
         })
         .collect();
@@ -670,7 +685,11 @@ fn a_version_crosses_regions_once_through_the_bucket_and_goes_when_the_region_ha
         .map(|at| {
             let id = mesh.next_id;
             mesh.next_id += 1;
-            mesh.sites[at].handle_local(mesh.now, id, Request::Read { path: "/f".into(), range: None });
+            mesh.sites[at].handle_local(
+                mesh.now,
+                RequestId(id),
+                Request::Read { path: "/f".into(), range: None },
+            );
             id
         })
         .collect();
@@ -783,16 +802,16 @@ fn a_member_added_live_is_read_through_the_bucket_once_its_region_is_known() {
         let mut config = SiteConfig::new(name.clone());
         config.staging = Some(Transfer::Staged);
         if name.as_str() == "west" {
-            config.region = "eu".into();
-            config.regions.insert(SiteId::new("east").unwrap(), "us".into());
+            config.region = region("eu");
+            config.regions.insert(SiteId::new("east").unwrap(), region("us"));
         } else {
-            config.region = "us".into();
+            config.region = region("us");
         }
         config
     });
     let data = random_bytes(20_000, 25);
     mesh.put(0, "/f", &data);
-    let member = Request::Member { site: SiteId::new("west").unwrap(), region: "eu".into() };
+    let member = Request::Member { site: SiteId::new("west").unwrap(), region: region("eu") };
     assert_eq!(mesh.ok(1, member), Reply::Done);
     let since = mesh.log.len();
     assert_eq!(mesh.read(1, "/f", None).unwrap(), data);
@@ -1022,9 +1041,9 @@ fn readers_of_a_region_ask_the_writer_so_a_version_held_twice_goes_up_once() {
 
 #[test]
 fn a_writer_that_cannot_stage_hands_the_reader_to_another_holder_of_its_region() {
-    let regions: BTreeMap<SiteId, String> = [("west", "eu"), ("west2", "eu"), ("east", "us")]
+    let regions: BTreeMap<SiteId, Region> = [("west", "eu"), ("west2", "eu"), ("east", "us")]
         .into_iter()
-        .map(|(n, r)| (SiteId::new(n).unwrap(), r.to_string()))
+        .map(|(n, r)| (SiteId::new(n).unwrap(), region(r)))
         .collect();
     let mut mesh = Mesh::configured(&["west", "west2", "east"], |name| {
         let mut config = SiteConfig::new(name.clone());

@@ -16,9 +16,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use crdt_namespace::{ContentId, EntryKind, Namespace, SiteId};
-use proto::Message;
+use proto::{FetchId, Message, Region};
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use site_core::{BucketError, Output, PackName, Reply, Request, Site, SiteConfig, StagingEvent, Transfer};
+use site_core::{
+    BucketError, Output, PackName, Reply, Request, RequestId, Site, SiteConfig, StagingEvent, Transfer,
+};
 
 pub use rng::Rng;
 
@@ -224,7 +226,7 @@ enum Event {
 /// A request to the simulated staging bucket.
 enum BucketOp {
     Open { name: PackName },
-    Read { request: u64, name: PackName, chunk: ChunkHash, index: u32 },
+    Read { request: FetchId, name: PackName, chunk: ChunkHash, index: u32 },
     Upload { name: PackName, pack: Vec<(ChunkHash, Vec<u8>)> },
 }
 
@@ -291,7 +293,7 @@ impl World {
         let transfer = if rng.chance(0.25) { Transfer::Staged } else { Transfer::Auto };
         let names: Vec<SiteId> =
             (0..n).map(|i| SiteId::new(SITE_NAMES[i]).expect("valid site names")).collect();
-        let region_of = |i: usize| format!("r{}", i % regions);
+        let region_of = |i: usize| Region::new(format!("r{}", i % regions)).expect("a valid region");
         let configs: Vec<SiteConfig> = (0..n)
             .map(|i| {
                 let mut config = SiteConfig::new(names[i].clone());
@@ -616,8 +618,8 @@ impl World {
                 };
                 self.sites[s].core.as_mut().expect("up").handle_chunk_loaded(hash, purpose, loaded);
             }
-            Output::Reply { id, reply } => self.on_reply(s, id, reply),
-            Output::ReadData { id, offset, data } => {
+            Output::Reply { id: RequestId(id), reply } => self.on_reply(s, id, reply),
+            Output::ReadData { id: RequestId(id), offset, data } => {
                 if let Some(read) = self.reads.get_mut(&id) {
                     if offset != read.range.start + read.data.len() as u64 {
                         panic!("checker: read {id} at {} got bytes at {offset} out of order", read.path);
@@ -625,7 +627,7 @@ impl World {
                     read.data.extend_from_slice(&data);
                 }
             }
-            Output::ReadDone { id, result } => {
+            Output::ReadDone { id: RequestId(id), result } => {
                 self.requests.remove(&id);
                 match (self.reads.remove(&id), result) {
                     (Some(read), Ok(())) => self.check_read(s, &read),
@@ -859,7 +861,7 @@ impl World {
         self.next_request += 1;
         self.requests.insert(id, (s, pending));
         let t = self.site_now(s);
-        self.sites[s].core.as_mut().expect("up").handle_local(t, id, request);
+        self.sites[s].core.as_mut().expect("up").handle_local(t, RequestId(id), request);
         id
     }
 

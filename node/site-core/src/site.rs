@@ -19,7 +19,7 @@ use crdt_namespace::{
     ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Namespace, OpError, Query, SiteId, Stat,
     SyncSession,
 };
-use proto::{Message, Priority};
+use proto::{FetchId, Message, Priority, Region};
 
 use crate::content::{ChunkHash, ChunkRef, Manifest};
 
@@ -33,7 +33,14 @@ use staging::{Holder, Reader};
 const FETCH_ATTEMPTS_MAX: u32 = 8;
 
 /// The id a driver gives a local request; replies carry it.
-pub type RequestId = u64;
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request {}", self.0)
+    }
+}
 
 /// How payload crosses regions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -71,10 +78,10 @@ pub struct SiteConfig {
     /// delay.
     pub sync_interval_ms: u64,
     /// This site's region.
-    pub region: String,
+    pub region: Region,
     /// The region of every other site (from the membership); a site missing here is taken to
     /// be in this site's region.
-    pub regions: BTreeMap<SiteId, String>,
+    pub regions: BTreeMap<SiteId, Region>,
     /// The staging bucket between regions, if one is configured, and how this site's reads
     /// use it. Without one, payload crosses regions directly; with one, this site also stages
     /// what it holds for the sites of other regions that ask, whatever its own `Transfer`.
@@ -100,7 +107,7 @@ impl SiteConfig {
             who_has_timeout_ms: 5_000,
             who_has_retry_ms: 1_000,
             sync_interval_ms: 5_000,
-            region: "local".to_owned(),
+            region: Region::new("local").expect("a valid region"),
             regions: BTreeMap::new(),
             staging: None,
             stage_timeout_ms: 120_000,
@@ -198,7 +205,7 @@ pub enum Request {
         /// The site.
         site: SiteId,
         /// Its region.
-        region: String,
+        region: Region,
     },
 }
 
@@ -314,7 +321,7 @@ pub enum LoadPurpose {
         /// The peer.
         to: SiteId,
         /// Its request id.
-        request: u64,
+        request: FetchId,
     },
     /// For a local read.
     Read {
@@ -414,7 +421,7 @@ pub enum Output {
     /// [`Site::handle_stage_chunk`].
     StageRead {
         /// The fetch's request id, echoed.
-        request: u64,
+        request: FetchId,
         /// The pack's name.
         name: PackName,
         /// The chunk.
@@ -428,7 +435,7 @@ pub enum Output {
         /// The pack's name.
         name: PackName,
         /// The region it is staged for.
-        region: String,
+        region: Region,
         /// Its chunks, each once, in order.
         chunks: Vec<ChunkRef>,
     },
@@ -467,7 +474,7 @@ struct Read {
 }
 
 struct Fetch {
-    request: u64,
+    request: FetchId,
     from: SiteId,
     content: ContentId,
     len: u32,
@@ -831,7 +838,7 @@ impl Site {
 
     fn start_fetch(&mut self, chunk: ChunkRef, content: ContentId, id: RequestId, index: usize) {
         let fetch = Fetch {
-            request: 0,
+            request: FetchId(0),
             from: self.config.site.clone(),
             content,
             len: chunk.len,
@@ -889,8 +896,7 @@ impl Site {
             }
             return;
         };
-        let request = self.next_request;
-        self.next_request += 1;
+        let request = self.next_fetch_id();
         let fetch = self.fetches.get_mut(&hash).expect("checked above");
         fetch.request = request;
         fetch.from = holder.clone();
@@ -998,6 +1004,12 @@ impl Site {
                 }
             }
         }
+    }
+
+    /// A fresh id for a fetch sent.
+    fn next_fetch_id(&mut self) -> FetchId {
+        self.next_request += 1;
+        FetchId(self.next_request - 1)
     }
 
     fn forget_chunk(&mut self, hash: ChunkHash) {
@@ -1126,7 +1138,7 @@ impl Site {
         }
     }
 
-    fn receive_chunk(&mut self, from: &SiteId, request: u64, hash: ChunkHash, data: Vec<u8>) {
+    fn receive_chunk(&mut self, from: &SiteId, request: FetchId, hash: ChunkHash, data: Vec<u8>) {
         let Some(fetch) = self.fetches.get(&hash) else { return };
         if fetch.request != request || &fetch.from != from {
             return;

@@ -18,6 +18,56 @@ pub const MESSAGE_MAX_BYTES: usize = 512 << 20;
 /// Largest chunk carried by a [`Message::Chunk`].
 pub const CHUNK_MAX_BYTES: usize = 16 << 20;
 
+/// The id a site gives one chunk request (to a peer, or to the staging bucket); the answer
+/// echoes it, so a late answer to an earlier request is told apart.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FetchId(pub u64);
+
+impl std::fmt::Display for FetchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fetch {}", self.0)
+    }
+}
+
+/// The name of a region: 1 to [`REGION_MAX_BYTES`] ASCII letters, digits, `-` or `_` (the
+/// rules of a site id). Sites of one region fetch from each other; regions meet through the
+/// staging bucket.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Region(String);
+
+impl Region {
+    /// The region `name`, if it is a valid name.
+    pub fn new(name: impl Into<String>) -> Result<Region, String> {
+        let name = name.into();
+        if name.is_empty() || name.len() > REGION_MAX_BYTES {
+            return Err(format!("region {name:?} must be 1 to {REGION_MAX_BYTES} bytes long"));
+        }
+        if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
+            return Err(format!(
+                "region {name:?} may hold only ASCII letters, digits, `-` and `_`, not {c:?}"
+            ));
+        }
+        Ok(Region(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for Region {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// How urgent a chunk request is. Chunks covering the bytes a reader asked for come first.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
@@ -55,7 +105,7 @@ pub enum Message {
     /// A request for one chunk.
     GetChunk {
         /// The requester's id for the request, echoed in the answer.
-        request: u64,
+        request: FetchId,
         /// The chunk's BLAKE3 hash.
         chunk: [u8; 32],
         /// How urgent it is.
@@ -64,7 +114,7 @@ pub enum Message {
     /// A chunk, in answer to [`Message::GetChunk`].
     Chunk {
         /// The request answered.
-        request: u64,
+        request: FetchId,
         /// The chunk's hash, as requested (the receiver checks the bytes against it).
         chunk: [u8; 32],
         /// The bytes.
@@ -73,7 +123,7 @@ pub enum Message {
     /// The sender does not hold the chunk asked for.
     NoChunk {
         /// The request answered.
-        request: u64,
+        request: FetchId,
         /// The chunk asked for.
         chunk: [u8; 32],
     },
@@ -81,7 +131,7 @@ pub enum Message {
     /// are already).
     Stage {
         /// The region that will read them from the bucket.
-        region: String,
+        region: Region,
         /// The versions (at most [`STAGE_VERSIONS_MAX`]): the first is being read; the others
         /// are read ahead, and a holder that cannot stage one of them just leaves it out.
         contents: Vec<ContentId>,
@@ -93,7 +143,7 @@ pub enum Message {
     /// none.
     Staged {
         /// The region they were staged for.
-        region: String,
+        region: Region,
         /// The name of the pack, or why they could not be staged.
         pack: Result<Vec<u8>, String>,
         /// The versions (at most [`STAGE_VERSIONS_MAX`]), each with its manifest when it is
@@ -104,7 +154,7 @@ pub enum Message {
     /// there: when every site of its region has said so, the uploader deletes the staged copy.
     Unstage {
         /// The sender's region.
-        region: String,
+        region: Region,
         /// The versions (at most [`STAGE_VERSIONS_MAX`]).
         contents: Vec<ContentId>,
     },
@@ -122,8 +172,8 @@ pub struct StagedVersion {
 /// Most versions one staging message names.
 pub const STAGE_VERSIONS_MAX: usize = 4_096;
 
-/// Longest region name a message carries.
-pub const REGION_MAX_BYTES: usize = 64;
+/// Longest region name.
+pub const REGION_MAX_BYTES: usize = 32;
 /// Longest pack name a message carries.
 pub const PACK_NAME_MAX_BYTES: usize = 128;
 /// Longest error text a message carries.
@@ -173,6 +223,11 @@ fn push_contents(out: &mut Vec<u8>, contents: &[ContentId]) {
     }
 }
 
+fn read_region(r: &mut Reader<'_>) -> Result<Region, DecodeError> {
+    Region::new(r.str("region", REGION_MAX_BYTES)?)
+        .map_err(|reason| DecodeError::Invalid { what: "region", reason })
+}
+
 fn read_contents(r: &mut Reader<'_>) -> Result<Vec<ContentId>, DecodeError> {
     let (count, capacity) = r.count("versions", STAGE_VERSIONS_MAX, 32)?;
     let mut contents = Vec::with_capacity(capacity);
@@ -206,30 +261,30 @@ impl Message {
             }
             Message::GetChunk { request, chunk, priority } => {
                 out.push(TAG_GET_CHUNK);
-                push_varint(&mut out, *request);
+                push_varint(&mut out, request.0);
                 out.extend_from_slice(chunk);
                 out.push(*priority as u8);
             }
             Message::Chunk { request, chunk, data } => {
                 out.push(TAG_CHUNK);
-                push_varint(&mut out, *request);
+                push_varint(&mut out, request.0);
                 out.extend_from_slice(chunk);
                 push_bytes(&mut out, data);
             }
             Message::NoChunk { request, chunk } => {
                 out.push(TAG_NO_CHUNK);
-                push_varint(&mut out, *request);
+                push_varint(&mut out, request.0);
                 out.extend_from_slice(chunk);
             }
             Message::Stage { region, contents, spoiled } => {
                 out.push(TAG_STAGE);
-                push_bytes(&mut out, region.as_bytes());
+                push_bytes(&mut out, region.as_str().as_bytes());
                 push_contents(&mut out, contents);
                 push_optional(&mut out, spoiled.as_deref());
             }
             Message::Staged { region, pack, versions } => {
                 out.push(TAG_STAGED);
-                push_bytes(&mut out, region.as_bytes());
+                push_bytes(&mut out, region.as_str().as_bytes());
                 match pack {
                     Ok(name) => {
                         out.push(0);
@@ -253,7 +308,7 @@ impl Message {
             }
             Message::Unstage { region, contents } => {
                 out.push(TAG_UNSTAGE);
-                push_bytes(&mut out, region.as_bytes());
+                push_bytes(&mut out, region.as_str().as_bytes());
                 push_contents(&mut out, contents);
             }
         }
@@ -284,7 +339,7 @@ impl Message {
                 Message::Holds { content, manifest }
             }
             TAG_GET_CHUNK => {
-                let request = r.varint("request id")?;
+                let request = FetchId(r.varint("request id")?);
                 let chunk = r.array32("chunk hash")?;
                 let priority = match r.u8("priority")? {
                     0 => Priority::Urgent,
@@ -294,16 +349,17 @@ impl Message {
                 Message::GetChunk { request, chunk, priority }
             }
             TAG_CHUNK => {
-                let request = r.varint("request id")?;
+                let request = FetchId(r.varint("request id")?);
                 let chunk = r.array32("chunk hash")?;
                 let data = r.bytes("chunk data", CHUNK_MAX_BYTES)?.to_vec();
                 Message::Chunk { request, chunk, data }
             }
-            TAG_NO_CHUNK => {
-                Message::NoChunk { request: r.varint("request id")?, chunk: r.array32("chunk hash")? }
-            }
+            TAG_NO_CHUNK => Message::NoChunk {
+                request: FetchId(r.varint("request id")?),
+                chunk: r.array32("chunk hash")?,
+            },
             TAG_STAGE => {
-                let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                let region = read_region(&mut r)?;
                 let contents = read_contents(&mut r)?;
                 let spoiled = match r.u8("spoiled flag")? {
                     0 => None,
@@ -313,7 +369,7 @@ impl Message {
                 Message::Stage { region, contents, spoiled }
             }
             TAG_STAGED => {
-                let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                let region = read_region(&mut r)?;
                 let pack = match r.u8("pack flag")? {
                     0 => Ok(r.bytes("pack name", PACK_NAME_MAX_BYTES)?.to_vec()),
                     1 => Err(r.str("error", ERROR_MAX_BYTES)?.to_owned()),
@@ -333,7 +389,7 @@ impl Message {
                 Message::Staged { region, pack, versions }
             }
             TAG_UNSTAGE => {
-                let region = r.str("region", REGION_MAX_BYTES)?.to_owned();
+                let region = read_region(&mut r)?;
                 Message::Unstage { region, contents: read_contents(&mut r)? }
             }
             tag => return Err(DecodeError::UnknownTag { what: "message", tag }.into()),
@@ -348,6 +404,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn region(name: &str) -> Region {
+        Region::new(name).expect("a valid region")
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Sync { payload: vec![1, 2, 3] },
@@ -355,17 +415,17 @@ mod tests {
             Message::WhoHas { content: ContentId([4; 32]) },
             Message::Holds { content: ContentId([5; 32]), manifest: None },
             Message::Holds { content: ContentId([5; 32]), manifest: Some(vec![7; 40]) },
-            Message::GetChunk { request: 1 << 40, chunk: [6; 32], priority: Priority::Background },
-            Message::Chunk { request: 3, chunk: [6; 32], data: vec![0; 1000] },
-            Message::NoChunk { request: 3, chunk: [6; 32] },
-            Message::Stage { region: "eu-west".into(), contents: vec![ContentId([8; 32])], spoiled: None },
+            Message::GetChunk { request: FetchId(1 << 40), chunk: [6; 32], priority: Priority::Background },
+            Message::Chunk { request: FetchId(3), chunk: [6; 32], data: vec![0; 1000] },
+            Message::NoChunk { request: FetchId(3), chunk: [6; 32] },
+            Message::Stage { region: region("eu-west"), contents: vec![ContentId([8; 32])], spoiled: None },
             Message::Stage {
-                region: "us".into(),
+                region: region("us"),
                 contents: vec![ContentId([8; 32]), ContentId([9; 32])],
                 spoiled: Some(vec![3; 40]),
             },
             Message::Staged {
-                region: "eu-west".into(),
+                region: region("eu-west"),
                 pack: Ok(vec![2; 49]),
                 versions: vec![
                     StagedVersion { content: ContentId([8; 32]), manifest: None },
@@ -373,12 +433,12 @@ mod tests {
                 ],
             },
             Message::Staged {
-                region: "ap".into(),
+                region: region("ap"),
                 pack: Err("bucket gone".into()),
                 versions: vec![StagedVersion { content: ContentId([8; 32]), manifest: None }],
             },
             Message::Unstage {
-                region: "eu-west".into(),
+                region: region("eu-west"),
                 contents: vec![ContentId([8; 32]), ContentId([7; 32])],
             },
         ]
@@ -387,7 +447,7 @@ mod tests {
     #[test]
     fn long_errors_are_cut_to_their_bound() {
         let error = "é".repeat(ERROR_MAX_BYTES);
-        let m = Message::Staged { region: "r".into(), pack: Err(error.clone()), versions: Vec::new() };
+        let m = Message::Staged { region: region("r"), pack: Err(error.clone()), versions: Vec::new() };
         let Message::Staged { pack: Err(cut), .. } = Message::decode(&m.encode()).unwrap() else {
             panic!("a Staged message")
         };
@@ -397,10 +457,24 @@ mod tests {
     #[test]
     fn staging_messages_refuse_more_versions_than_their_bound() {
         let contents = vec![ContentId([1; 32]); STAGE_VERSIONS_MAX + 1];
-        let m = Message::Unstage { region: "r".into(), contents };
+        let m = Message::Unstage { region: region("r"), contents };
         assert!(matches!(
             Message::decode(&m.encode()),
             Err(ProtoError::Malformed(DecodeError::TooLong { what: "versions", .. }))
+        ));
+    }
+
+    #[test]
+    fn a_region_that_breaks_the_naming_rules_is_refused_when_made_and_when_decoded() {
+        for bad in ["", "eu west", "é", &"r".repeat(REGION_MAX_BYTES + 1)] {
+            assert!(Region::new(bad).is_err(), "{bad:?}");
+        }
+        let mut bytes = Message::Unstage { region: region("eu"), contents: Vec::new() }.encode();
+        let at = bytes.iter().position(|b| *b == b'e').expect("the region's bytes");
+        bytes[at] = b' ';
+        assert!(matches!(
+            Message::decode(&bytes),
+            Err(ProtoError::Malformed(DecodeError::Invalid { what: "region", .. }))
         ));
     }
 

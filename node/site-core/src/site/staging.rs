@@ -31,7 +31,7 @@ mod reader;
 use std::collections::{BTreeSet, HashSet};
 
 use crdt_namespace::{ContentId, SiteId};
-use proto::StagedVersion;
+use proto::{FetchId, Region, StagedVersion};
 
 pub(super) use holder::{Holder, HolderView};
 pub(super) use reader::{Aftermath, Reader, ReaderView, Route};
@@ -77,12 +77,12 @@ const UNSTAGE_BATCH_MAX: usize = 256;
 pub fn pack_name(
     site: &SiteId,
     serial: u64,
-    from_region: &str,
-    to_region: &str,
+    from_region: &Region,
+    to_region: &Region,
     contents: &[ContentId],
 ) -> PackName {
     let mut hasher = blake3::Hasher::new();
-    for part in [site.as_str().as_bytes(), from_region.as_bytes(), to_region.as_bytes()] {
+    for part in [site.as_str().as_bytes(), from_region.as_str().as_bytes(), to_region.as_str().as_bytes()] {
         hasher.update(&(part.len() as u64).to_le_bytes());
         hasher.update(part);
     }
@@ -167,7 +167,7 @@ pub enum StagingEvent {
     /// A chunk was read.
     Chunk {
         /// The fetch's request id.
-        request: u64,
+        request: FetchId,
         /// The chunk.
         chunk: ChunkHash,
         /// Its bytes, or why not.
@@ -242,8 +242,7 @@ impl Site {
                 true
             }
             Route::Read { name, index } => {
-                let request = self.next_request;
-                self.next_request += 1;
+                let request = self.next_fetch_id();
                 let fetch = self.fetches.get_mut(&hash).expect("a fetch being routed");
                 fetch.request = request;
                 fetch.from = self.config.site.clone();
@@ -284,7 +283,7 @@ impl Site {
     pub(super) fn on_staged(
         &mut self,
         from: &SiteId,
-        region: String,
+        region: Region,
         pack: Result<PackName, String>,
         versions: Vec<StagedVersion>,
     ) {
@@ -331,7 +330,7 @@ impl Site {
     pub fn handle_stage_chunk(
         &mut self,
         now_ms: u64,
-        request: u64,
+        request: FetchId,
         hash: ChunkHash,
         read: Result<Vec<u8>, BucketError>,
     ) {
@@ -367,7 +366,7 @@ impl Site {
     pub(super) fn stage_for(
         &mut self,
         from: &SiteId,
-        region: String,
+        region: Region,
         contents: Vec<ContentId>,
         spoiled: Option<PackName>,
     ) {
@@ -381,7 +380,7 @@ impl Site {
     }
 
     /// A site of `region` holds these versions now, or no longer needs them.
-    pub(super) fn on_unstage(&mut self, from: &SiteId, region: String, contents: Vec<ContentId>) {
+    pub(super) fn on_unstage(&mut self, from: &SiteId, region: Region, contents: Vec<ContentId>) {
         self.stage_out.on_unstage(&holder_view!(self), &mut self.outputs, from, region, contents);
     }
 

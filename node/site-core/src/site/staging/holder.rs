@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{ContentId, SiteId};
-use proto::{Message, STAGE_VERSIONS_MAX, StagedVersion};
+use proto::{Message, Region, STAGE_VERSIONS_MAX, StagedVersion};
 
 use super::{
     PACK_BYTES_MAX, PACK_IDLE_MS, PACK_VERSIONS_MAX, PackName, READ_AHEAD_FILE_BYTES_MAX, UNSTAGE_GRACE_MS,
@@ -22,7 +22,7 @@ pub(in crate::site) struct HolderView<'a> {
 
 /// A pack this site uploaded, or is uploading.
 struct PackOut {
-    region: String,
+    region: Region,
     contents: Vec<ContentId>,
     uploaded: bool,
     /// The sites of `region` that hold each version since (confirmed it).
@@ -39,13 +39,13 @@ pub(in crate::site) struct Holder {
     /// Packs uploaded or uploading, by name.
     packs_out: HashMap<PackName, PackOut>,
     /// The pack that holds (or will hold) a version for a region.
-    staged_out: HashMap<(ContentId, String), PackName>,
+    staged_out: HashMap<(ContentId, Region), PackName>,
     /// Versions asked for and not in a pack yet, per region, in order.
-    queue: BTreeMap<String, VecDeque<ContentId>>,
+    queue: BTreeMap<Region, VecDeque<ContentId>>,
     /// Sites waiting for a version queued or uploading for their region.
-    waiting: HashMap<(ContentId, String), Vec<SiteId>>,
+    waiting: HashMap<(ContentId, Region), Vec<SiteId>>,
     /// Packs uploading, per region.
-    uploading: BTreeMap<String, usize>,
+    uploading: BTreeMap<Region, usize>,
     /// Packs started since the site started (part of their names).
     serial: u64,
     /// Bytes uploaded.
@@ -64,7 +64,7 @@ impl Holder {
         view: &HolderView<'_>,
         out: &mut VecDeque<Output>,
         to: &SiteId,
-        region: &str,
+        region: &Region,
         pack: Result<PackName, String>,
         contents: &[ContentId],
     ) {
@@ -82,7 +82,7 @@ impl Holder {
                 })
                 .collect();
             let pack = pack.clone().map(PackName::into_bytes);
-            let message = Message::Staged { region: region.to_owned(), pack, versions };
+            let message = Message::Staged { region: region.clone(), pack, versions };
             out.push_back(Output::Send { to: to.clone(), message });
         }
     }
@@ -93,7 +93,7 @@ impl Holder {
         view: &HolderView<'_>,
         out: &mut VecDeque<Output>,
         from: &SiteId,
-        region: String,
+        region: Region,
         contents: Vec<ContentId>,
         spoiled: Option<PackName>,
     ) {
@@ -140,9 +140,9 @@ impl Holder {
         view: &HolderView<'_>,
         from: &SiteId,
         content: ContentId,
-        region: &str,
+        region: &Region,
     ) -> Option<PackName> {
-        let key = (content, region.to_owned());
+        let key = (content, region.clone());
         let in_pack = match self.staged_out.get(&key) {
             Some(name) => {
                 let pack = self.packs_out.get_mut(name).expect("a staged version is in a pack");
@@ -160,7 +160,7 @@ impl Holder {
             && !self.queue.get(region).is_some_and(|q| q.contains(&content));
         let waiting = self.waiting.entry(key).or_default();
         if (waiting.is_empty() && !in_pack) || again {
-            self.queue.entry(region.to_owned()).or_default().push_back(content);
+            self.queue.entry(region.clone()).or_default().push_back(content);
         }
         if !waiting.contains(from) {
             waiting.push(from.clone());
@@ -173,13 +173,13 @@ impl Holder {
         &mut self,
         view: &HolderView<'_>,
         out: &mut VecDeque<Output>,
-        region: &str,
+        region: &Region,
         answer: Result<PackName, String>,
         contents: &[ContentId],
     ) {
         let mut to_site: BTreeMap<SiteId, Vec<ContentId>> = BTreeMap::new();
         for content in contents {
-            for to in self.waiting.remove(&(*content, region.to_owned())).unwrap_or_default() {
+            for to in self.waiting.remove(&(*content, region.clone())).unwrap_or_default() {
                 to_site.entry(to).or_default().push(*content);
             }
         }
@@ -190,7 +190,7 @@ impl Holder {
 
     /// Starts uploading the versions queued for `region`, in packs, up to the bound of uploads
     /// in flight.
-    fn start_uploads(&mut self, view: &HolderView<'_>, out: &mut VecDeque<Output>, region: &str) {
+    fn start_uploads(&mut self, view: &HolderView<'_>, out: &mut VecDeque<Output>, region: &Region) {
         let Some(mut queue) = self.queue.remove(region) else { return };
         let mut gone = Vec::new();
         while self.uploading.get(region).copied().unwrap_or(0) < view.config.stage_uploads_in_flight {
@@ -202,10 +202,10 @@ impl Holder {
             self.serial += 1;
             let name = pack_name(&view.config.site, serial, &view.config.region, region, &contents);
             for content in &contents {
-                self.staged_out.insert((*content, region.to_owned()), name.clone());
+                self.staged_out.insert((*content, region.clone()), name.clone());
             }
             let pack = PackOut {
-                region: region.to_owned(),
+                region: region.clone(),
                 contents,
                 uploaded: false,
                 confirmed: HashMap::new(),
@@ -213,11 +213,11 @@ impl Holder {
                 last_ms: view.now_ms,
             };
             self.packs_out.insert(name.clone(), pack);
-            *self.uploading.entry(region.to_owned()).or_default() += 1;
-            out.push_back(Output::StageUpload { name, region: region.to_owned(), chunks });
+            *self.uploading.entry(region.clone()).or_default() += 1;
+            out.push_back(Output::StageUpload { name, region: region.clone(), chunks });
         }
         if !queue.is_empty() {
-            self.queue.insert(region.to_owned(), queue);
+            self.queue.insert(region.clone(), queue);
         }
         if !gone.is_empty() {
             let reason = format!("site {} no longer holds this version", view.config.site);
@@ -273,7 +273,7 @@ impl Holder {
         view: &HolderView<'_>,
         out: &mut VecDeque<Output>,
         from: &SiteId,
-        region: String,
+        region: Region,
         contents: Vec<ContentId>,
     ) {
         if view.config.regions.get(from) != Some(&region) {
@@ -361,7 +361,7 @@ impl Holder {
                 }
             }
         }
-        let mut uploading: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut uploading: BTreeMap<&Region, usize> = BTreeMap::new();
         for (name, pack) in &self.packs_out {
             for content in &pack.contents {
                 if self.staged_out.get(&(*content, pack.region.clone())) != Some(name) {
@@ -377,11 +377,11 @@ impl Holder {
                 return Err(format!("{name:?} counts confirmations of versions it lacks"));
             }
             if !pack.uploaded {
-                *uploading.entry(pack.region.as_str()).or_default() += 1;
+                *uploading.entry(&pack.region).or_default() += 1;
             }
         }
         for (region, n) in &self.uploading {
-            let going_up = uploading.get(region.as_str()).copied().unwrap_or(0);
+            let going_up = uploading.get(region).copied().unwrap_or(0);
             if *n != going_up || *n > config.stage_uploads_in_flight {
                 return Err(format!("{n} uploads counted for {region}, {going_up} packs going up"));
             }

@@ -9,7 +9,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{ContentId, EntryKind, Namespace, SiteId};
-use proto::{Message, STAGE_VERSIONS_MAX};
+use proto::{Message, Region, STAGE_VERSIONS_MAX};
 
 use super::{
     BucketError, PackName, READ_AHEAD_BYTES_MAX, READ_AHEAD_FILE_BYTES_MAX, READ_AHEAD_IDLE_MS,
@@ -31,8 +31,8 @@ pub(in crate::site) struct ReaderView<'a> {
 
 impl ReaderView<'_> {
     /// The region of `site`.
-    pub fn region_of(&self, site: &SiteId) -> &str {
-        self.config.regions.get(site).map_or(self.config.region.as_str(), String::as_str)
+    pub fn region_of(&self, site: &SiteId) -> &Region {
+        self.config.regions.get(site).unwrap_or(&self.config.region)
     }
 
     /// The connected holders of `content` nearest to this site: those of its region if any is
@@ -42,24 +42,24 @@ impl ReaderView<'_> {
         let connected =
             self.holders.get(content).into_iter().flatten().filter(|h| self.peers.contains_key(*h));
         let (near, far): (Vec<&SiteId>, Vec<&SiteId>) =
-            connected.partition(|h| self.region_of(h) == self.config.region);
+            connected.partition(|h| *self.region_of(h) == self.config.region);
         let nearest = if near.is_empty() { far } else { near };
         nearest.into_iter().cloned().collect()
     }
 
     /// The region to read `content` from through the bucket, if that is how it is read now:
     /// staging is on, holders are connected, none of them in this region.
-    fn staging_region(&self, content: &ContentId) -> Option<String> {
+    fn staging_region(&self, content: &ContentId) -> Option<Region> {
         if !matches!(self.config.staging, Some(Transfer::Auto | Transfer::Staged)) {
             return None;
         }
         let nearest = self.nearest_holders(content);
         let region = nearest.iter().map(|h| self.region_of(h)).min()?;
-        (region != self.config.region).then(|| region.to_owned())
+        (*region != self.config.region).then(|| region.clone())
     }
 
     /// The connected sites of `region`.
-    fn connected_in(&self, region: &str) -> Vec<SiteId> {
+    fn connected_in(&self, region: &Region) -> Vec<SiteId> {
         self.peers.keys().filter(|p| self.region_of(p) == region).cloned().collect()
     }
 
@@ -68,7 +68,7 @@ impl ReaderView<'_> {
     fn stage_holder(
         &self,
         content: ContentId,
-        from_region: &str,
+        from_region: &Region,
         tried: &BTreeSet<SiteId>,
     ) -> Option<SiteId> {
         let writer = self.reads.values().find(|r| r.content == content).and_then(|r| r.writer.as_ref());
@@ -128,7 +128,7 @@ enum Stage {
 #[derive(Debug)]
 struct StagedRead {
     /// The region it is staged from.
-    from_region: String,
+    from_region: Region,
     /// The holder that last named a pack for it: the one to tell once it is held here.
     stager: Option<SiteId>,
     state: Stage,
@@ -264,7 +264,7 @@ impl Reader {
         view: &ReaderView<'_>,
         path: &str,
         holder: &SiteId,
-        from_region: &str,
+        from_region: &Region,
     ) -> Vec<ContentId> {
         let limit = view.config.stage_read_ahead;
         if limit == 0 {
@@ -308,7 +308,7 @@ impl Reader {
                 tried: BTreeSet::new(),
             };
             let read = StagedRead {
-                from_region: from_region.to_owned(),
+                from_region: from_region.clone(),
                 stager: None,
                 state,
                 ahead_since_ms: Some(now),
@@ -328,7 +328,7 @@ impl Reader {
         view: &ReaderView<'_>,
         out: &mut VecDeque<Output>,
         content: ContentId,
-        from_region: String,
+        from_region: Region,
         spoiled: Option<PackName>,
         tried: BTreeSet<SiteId>,
         read_ahead: bool,
@@ -585,7 +585,7 @@ impl Reader {
 
     /// The versions asked of `peer`, which is gone: (version, its region, the pack found
     /// spoiled, whether only read ahead).
-    pub fn asked_of(&self, peer: &SiteId) -> Vec<(ContentId, String, Option<PackName>, bool)> {
+    pub fn asked_of(&self, peer: &SiteId) -> Vec<(ContentId, Region, Option<PackName>, bool)> {
         self.reads
             .iter()
             .filter_map(|(content, read)| match &read.state {
@@ -603,7 +603,7 @@ impl Reader {
         &mut self,
         view: &ReaderView<'_>,
         out: &mut VecDeque<Output>,
-        (content, from_region, spoiled, ahead): (ContentId, String, Option<PackName>, bool),
+        (content, from_region, spoiled, ahead): (ContentId, Region, Option<PackName>, bool),
     ) -> bool {
         if ahead {
             self.reads.remove(&content);
@@ -711,7 +711,7 @@ fn send_unstage(view: &ReaderView<'_>, out: &mut VecDeque<Output>, to: SiteId, c
     let to = if view.peers.contains_key(&to) {
         vec![to]
     } else {
-        let region = view.region_of(&to).to_owned();
+        let region = view.region_of(&to).clone();
         view.connected_in(&region)
     };
     for to in to {
