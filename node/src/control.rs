@@ -18,7 +18,7 @@ use crate::api::{
     self, ApiError, ApiRequest, ErrorKind, FindAnswer, ListEntry, MeshLink, PutAnswer, ReadHeader,
     StatAnswer, StatusAnswer, TagAnswer,
 };
-use crate::runtime::{Event, Handle, now_ms};
+use crate::runtime::{Event, Handle, wall_ms};
 use crate::store::put_stream;
 
 /// Serves one control connection.
@@ -281,7 +281,7 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
             return Ok(api::write_answer::<PutAnswer>(&mut stream, Err(error)).await?);
         }
     };
-    let mtime_ns = (now_ms() as i64).saturating_mul(1_000_000);
+    let mtime_ns = (wall_ms() as i64).saturating_mul(1_000_000);
     let size = outcome.manifest.size;
     let request = Request::CommitVersion { path: path.clone(), manifest: outcome.manifest, mode, mtime_ns };
     let answer = ask(&handle, request, |_| {

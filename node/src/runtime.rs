@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use crdt_namespace::{Namespace, SiteId};
@@ -31,9 +31,10 @@ use transport::staging::Staging;
 /// core more than the change itself.
 pub const DEFAULT_LOG: &str = "info,automerge=warn";
 
-/// How often the core gets a timeout input: fetch retries and anti-entropy are timed in seconds,
-/// so a fifth of a second is fine-grained enough.
-const TICK: Duration = Duration::from_millis(200);
+/// How often the driver looks after its own state: what fetching brought is made durable once
+/// fetching pauses, and namespace saves are compacted. (The core's timers are the core's: it
+/// says when it needs a timeout.)
+const HOUSEKEEPING: Duration = Duration::from_millis(200);
 /// Commands queued for the core before connections wait.
 const COMMAND_QUEUE: usize = 256;
 /// Peer events queued for the core before the streams wait (and with them the senders, through
@@ -68,8 +69,25 @@ enum Command {
     Stop,
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// The wall clock, in milliseconds since the Unix epoch: only for the stamps of local changes.
+pub(crate) fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The core's monotonic clock: milliseconds since the process started it. It never steps, so
+/// neither does a timer.
+#[derive(Clone, Copy)]
+struct Monotonic(Instant);
+
+impl Monotonic {
+    fn now_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+
+    /// The instant of `ms`.
+    fn at(&self, ms: u64) -> Instant {
+        self.0 + Duration::from_millis(ms)
+    }
 }
 
 /// The opened store of a site.
@@ -159,6 +177,16 @@ struct CoreThread {
     /// [`CoreThread::drain`].
     backlog: CacheBacklog,
     staging: StagingDriver,
+    /// The clock of the core's inputs and timers.
+    clock: Monotonic,
+}
+
+/// Sleeps until `at`, or for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Chunks fetched from peers and versions they complete, not yet durable.
@@ -175,7 +203,9 @@ enum Wake {
     Command(Option<Command>),
     Mesh(Option<MeshEvent>),
     Staging(Option<StagingEvent>),
-    Tick,
+    /// The core's next timeout is due.
+    Timeout,
+    Housekeeping,
 }
 
 impl CoreThread {
@@ -186,23 +216,25 @@ impl CoreThread {
         mut mesh_events: mpsc::Receiver<MeshEvent>,
         mut staging_events: mpsc::UnboundedReceiver<StagingEvent>,
     ) -> anyhow::Result<()> {
-        let mut next_tick = std::time::Instant::now() + TICK;
+        let mut housekeeping = Instant::now() + HOUSEKEEPING;
         'run: loop {
+            let timeout = self.site.poll_timeout().map(|ms| self.clock.at(ms));
             let wake = runtime.block_on(async {
                 tokio::select! {
                     biased;
                     command = commands.recv() => Wake::Command(command),
                     event = mesh_events.recv() => Wake::Mesh(event),
                     event = staging_events.recv() => Wake::Staging(event),
-                    _ = tokio::time::sleep_until(next_tick.into()) => Wake::Tick,
+                    _ = sleep_until(timeout) => Wake::Timeout,
+                    _ = tokio::time::sleep_until(housekeeping.into()) => Wake::Housekeeping,
                 }
             });
             match wake {
                 Wake::Command(None) | Wake::Command(Some(Command::Stop)) => break,
                 Wake::Command(Some(Command::Local { request, events })) => self.local(request, events),
                 Wake::Mesh(Some(event)) => self.mesh_event(event),
-                Wake::Staging(Some(event)) => event.deliver(&mut self.site, now_ms()),
-                Wake::Mesh(None) | Wake::Staging(None) | Wake::Tick => {}
+                Wake::Staging(Some(event)) => event.deliver(&mut self.site, self.clock.now_ms()),
+                Wake::Mesh(None) | Wake::Staging(None) | Wake::Timeout | Wake::Housekeeping => {}
             }
             // Take what else is queued, so that its changes share one durable commit.
             for _ in 0..COMMANDS_PER_COMMIT_MAX {
@@ -221,16 +253,21 @@ impl CoreThread {
                 }
                 if let Ok(event) = staging_events.try_recv() {
                     took = true;
-                    event.deliver(&mut self.site, now_ms());
+                    event.deliver(&mut self.site, self.clock.now_ms());
                 }
                 if !took {
                     break;
                 }
             }
+            // Checked here, not only when the sleep wins the select: inputs that keep coming
+            // must not hold a timeout back.
+            let now = self.clock.now_ms();
+            if self.site.poll_timeout().is_some_and(|due| due <= now) {
+                self.site.handle_timeout(now);
+            }
             let mut flush = false;
-            if std::time::Instant::now() >= next_tick {
-                next_tick = std::time::Instant::now() + TICK;
-                self.site.handle_timeout(now_ms());
+            if Instant::now() >= housekeeping {
+                housekeeping = Instant::now() + HOUSEKEEPING;
                 self.compact_if_needed()?;
                 // Fetching is over for now: make what it brought durable.
                 flush = !self.site.fetching();
@@ -243,9 +280,11 @@ impl CoreThread {
 
     fn mesh_event(&mut self, event: MeshEvent) {
         match event {
-            MeshEvent::Up(site) => self.site.handle_peer_up(now_ms(), site),
-            MeshEvent::Down(site) => self.site.handle_peer_down(now_ms(), &site),
-            MeshEvent::Message { from, message } => self.site.handle_message(now_ms(), &from, message),
+            MeshEvent::Up(site) => self.site.handle_peer_up(self.clock.now_ms(), site),
+            MeshEvent::Down(site) => self.site.handle_peer_down(self.clock.now_ms(), &site),
+            MeshEvent::Message { from, message } => {
+                self.site.handle_message(self.clock.now_ms(), &from, message)
+            }
         }
     }
 
@@ -253,7 +292,7 @@ impl CoreThread {
         let id = RequestId(self.next_id);
         self.next_id += 1;
         self.pending.insert(id, events);
-        self.site.handle_local(now_ms(), id, request);
+        self.site.handle_local(self.clock.now_ms(), wall_ms(), id, request);
     }
 
     fn compact_if_needed(&mut self) -> anyhow::Result<()> {
@@ -573,6 +612,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         pending: HashMap::new(),
         backlog: CacheBacklog { count: handle.cache_backlog.clone(), ..CacheBacklog::default() },
         staging,
+        clock: Monotonic(Instant::now()),
     };
     // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
     let (failed, core_failed) = mpsc::unbounded_channel::<String>();

@@ -139,7 +139,7 @@ impl Mesh {
         let id = self.next_id;
         self.next_id += 1;
         self.now += 1;
-        self.sites[at].handle_local(self.now, RequestId(id), request);
+        self.sites[at].handle_local(self.now, self.now, RequestId(id), request);
         self.run();
         id
     }
@@ -363,6 +363,7 @@ impl Mesh {
         self.next_id += 1;
         self.sites[at].handle_local(
             self.now,
+            self.now,
             RequestId(id),
             Request::Read { path: path.into(), range: None },
         );
@@ -419,7 +420,7 @@ fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
         }
         other => panic!("a bare sync message, or none: {other:?}"),
     }
-    site.handle_local(2, RequestId(7), Request::Mkdir { path: "/a".into(), parents: false, mode: 0o755 });
+    site.handle_local(2, 2, RequestId(7), Request::Mkdir { path: "/a".into(), parents: false, mode: 0o755 });
     match outputs(&mut site).as_slice() {
         [Output::Durable { store, then }] => {
             assert!(!store.namespace.is_empty(), "the change is in the store");
@@ -434,7 +435,7 @@ fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
         other => panic!("the change's push and answer are not behind its store: {other:?}"),
     }
     // An answer that changes nothing does not wait.
-    site.handle_local(3, RequestId(8), Request::Stat { path: "/a".into() });
+    site.handle_local(3, 3, RequestId(8), Request::Stat { path: "/a".into() });
     assert!(matches!(
         outputs(&mut site).as_slice(),
         [Output::Reply { id: RequestId(8), reply: Ok(Reply::Stat(_)) }]
@@ -547,7 +548,12 @@ fn a_read_continues_from_another_holder_when_one_disappears() {
     // Drop a's link after a few chunks: deliver until 3 chunks came from a, then cut it.
     let id = mesh.next_id;
     mesh.next_id += 1;
-    mesh.sites[2].handle_local(mesh.now, RequestId(id), Request::Read { path: "/f".into(), range: None });
+    mesh.sites[2].handle_local(
+        mesh.now,
+        mesh.now,
+        RequestId(id),
+        Request::Read { path: "/f".into(), range: None },
+    );
     let since = mesh.log.len();
     mesh.run_until_chunks(0, 2, since, 3);
     mesh.cut.insert((0, 2));
@@ -570,7 +576,12 @@ fn a_read_whose_only_holder_drops_its_link_resumes_when_it_returns_and_fails_if_
     for (path, comes_back) in [("/f", true), ("/g", false)] {
         let id = mesh.next_id;
         mesh.next_id += 1;
-        mesh.sites[1].handle_local(mesh.now, RequestId(id), Request::Read { path: path.into(), range: None });
+        mesh.sites[1].handle_local(
+            mesh.now,
+            mesh.now,
+            RequestId(id),
+            Request::Read { path: path.into(), range: None },
+        );
         let since = mesh.log.len();
         mesh.run_until_chunks(0, 1, since, 3);
         mesh.drop_link(0, 1);
@@ -639,6 +650,7 @@ fn concurrent_readers_of_one_chunk_share_one_fetch() {
             mesh.next_id += 1;
             mesh.sites[1].handle_local(
                 mesh.now,
+                mesh.now,
                 RequestId(id),
                 Request::Read { path: "/f".into(), range: None },
             );
@@ -686,6 +698,7 @@ fn a_version_crosses_regions_once_through_the_bucket_and_goes_when_the_region_ha
             let id = mesh.next_id;
             mesh.next_id += 1;
             mesh.sites[at].handle_local(
+                mesh.now,
                 mesh.now,
                 RequestId(id),
                 Request::Read { path: "/f".into(), range: None },

@@ -369,7 +369,7 @@ impl World {
             return;
         }
         let (na, nb) = (self.sites[a].name.clone(), self.sites[b].name.clone());
-        let (ta, tb) = (self.site_now(a), self.site_now(b));
+        let (ta, tb) = (self.now, self.now);
         self.sites[a].core.as_mut().expect("up").handle_peer_up(ta, nb);
         self.sites[b].core.as_mut().expect("up").handle_peer_up(tb, na);
         self.drain(a);
@@ -382,7 +382,7 @@ impl World {
         }
         for (me, other) in [(a, b), (b, a)] {
             let name = self.sites[other].name.clone();
-            let t = self.site_now(me);
+            let t = self.now;
             if let Some(core) = self.sites[me].core.as_mut() {
                 core.handle_peer_down(t, &name);
             }
@@ -451,14 +451,14 @@ impl World {
                     self.check_regions_use_the_bucket(from, to)?;
                 }
                 let name = self.sites[from].name.clone();
-                let t = self.site_now(to);
+                let t = self.now;
                 self.sites[to].core.as_mut().expect("up").handle_message(t, &name, message);
                 self.drain(to);
                 self.check_site(to)?;
             }
             Event::Tick { site } => {
                 self.trace.update(&[1, site as u8]);
-                let t = self.site_now(site);
+                let t = self.now;
                 if let Some(core) = self.sites[site].core.as_mut() {
                     core.handle_timeout(t);
                     self.drain(site);
@@ -494,7 +494,7 @@ impl World {
             Event::Staging { site, op } => {
                 self.trace.update(&[5, site as u8]);
                 let event = self.bucket_op(op);
-                let t = self.site_now(site);
+                let t = self.now;
                 if let Some(core) = self.sites[site].core.as_mut() {
                     event.deliver(core, t);
                     self.drain(site);
@@ -861,7 +861,7 @@ impl World {
         self.next_request += 1;
         self.requests.insert(id, (s, pending));
         let t = self.site_now(s);
-        self.sites[s].core.as_mut().expect("up").handle_local(t, RequestId(id), request);
+        self.sites[s].core.as_mut().expect("up").handle_local(self.now, t, RequestId(id), request);
         id
     }
 

@@ -9,8 +9,12 @@
 //! and every message that may carry this site's changes (pushes, sync messages). No driver
 //! decides that from message kinds.
 //!
-//! The site never does I/O, never reads a clock and never draws randomness: time comes in as
-//! milliseconds with every input.
+//! The site never does I/O, never reads a clock and never draws randomness. Time comes in with
+//! every input as milliseconds of the driver's *monotonic* clock, which never steps; every timer
+//! runs on it, and [`Site::poll_timeout`] says when the next one is due (the driver calls
+//! [`Site::handle_timeout`] then, and need not call it otherwise). Only a local change also
+//! takes the wall clock, for its hybrid logical clock stamp and times people read: a wall clock
+//! stepped backwards or forwards neither stalls nor fires a timer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -484,8 +488,23 @@ struct Fetch {
     attempts: u32,
     /// Since when the fetch waits for a holder to (re)connect, if it does.
     parked_since_ms: Option<u64>,
+    /// It waits for staging (a pack asked for or being opened), not for a holder: what ends the
+    /// wait is staging's own answer or timer, which sends it again.
+    parked_on_stage: bool,
     sent_ms: u64,
     waiters: Vec<(RequestId, usize)>,
+}
+
+impl Fetch {
+    /// When the fetch is late: sent and unanswered for `fetch_timeout_ms`, or waiting for a
+    /// holder for `who_has_timeout_ms`. One waiting for staging has no timer of its own.
+    fn deadline(&self, config: &SiteConfig) -> Option<u64> {
+        match self.parked_since_ms {
+            Some(_) if self.parked_on_stage => None,
+            Some(since) => Some(since + config.who_has_timeout_ms),
+            None => Some(self.sent_ms + config.fetch_timeout_ms),
+        }
+    }
 }
 
 struct Peer {
@@ -568,7 +587,7 @@ impl Site {
         self.held.contains_key(content)
     }
 
-    /// The latest time the site was given (its clock never goes back).
+    /// The latest monotonic time the site was given.
     pub fn now_ms(&self) -> u64 {
         self.now_ms
     }
@@ -654,13 +673,14 @@ impl Site {
     // ------------------------------------------------------------------------------------------
     // Local requests
 
-    /// A request from a local client.
-    pub fn handle_local(&mut self, now_ms: u64, id: RequestId, request: Request) {
+    /// A request from a local client, at `now_ms` of the monotonic clock and `wall_ms` of the
+    /// wall clock (milliseconds since the Unix epoch): the stamp of a change it makes.
+    pub fn handle_local(&mut self, now_ms: u64, wall_ms: u64, id: RequestId, request: Request) {
         self.now_ms = self.now_ms.max(now_ms);
-        let hlc = self.clock.tick(now_ms);
+        let hlc = self.clock.tick(wall_ms);
         let changed: Result<Option<Manifest>, OpError> = match request {
             Request::Mkdir { path, parents, mode } => {
-                self.ns.mkdir(&path, parents, mode, now_ms as i64 * 1_000_000, hlc).map(|()| None)
+                self.ns.mkdir(&path, parents, mode, wall_ms as i64 * 1_000_000, hlc).map(|()| None)
             }
             Request::CommitVersion { path, manifest, mode, mtime_ns } => {
                 let version = crdt_namespace::NewVersion {
@@ -846,6 +866,7 @@ impl Site {
             tried: BTreeSet::new(),
             attempts: 0,
             parked_since_ms: None,
+            parked_on_stage: false,
             sent_ms: self.now_ms,
             waiters: vec![(id, index)],
         };
@@ -876,6 +897,7 @@ impl Site {
         let holder = connected.into_iter().find(|h| !fetch.tried.contains(h));
         let Some(holder) = holder else {
             let newly_parked = fetch.parked_since_ms.is_none();
+            fetch.parked_on_stage = false;
             let parked_since = *fetch.parked_since_ms.get_or_insert(self.now_ms);
             let waited = self.now_ms.saturating_sub(parked_since);
             if fetch.attempts < FETCH_ATTEMPTS_MAX && waited < self.config.who_has_timeout_ms {
@@ -903,6 +925,7 @@ impl Site {
         fetch.tried.insert(holder.clone());
         fetch.attempts += 1;
         fetch.parked_since_ms = None;
+        fetch.parked_on_stage = false;
         fetch.sent_ms = self.now_ms;
         let priority = fetch.priority;
         self.emit(Output::Send {
@@ -1214,6 +1237,18 @@ impl Site {
         }
     }
 
+    /// When [`Site::handle_timeout`] is next due, in monotonic milliseconds (at or before the
+    /// latest time given, if now): the earliest of a fetch that may be late, a read waiting for
+    /// "who holds", the next anti-entropy round and staging's timers. Changes only with an input.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let fetches = self.fetches.values().filter_map(|f| f.deadline(&self.config));
+        let reads = self.reads.values().filter(|r| r.manifest.is_none()).flat_map(|r| {
+            [r.asked_at_ms + self.config.who_has_timeout_ms, r.last_ask_ms + self.config.who_has_retry_ms]
+        });
+        let sync = self.last_sync_ms + self.config.sync_interval_ms;
+        fetches.chain(reads).chain([sync]).chain(self.staging_deadline()).min()
+    }
+
     /// Time passes: re-send late fetches, fail reads nobody can serve, run anti-entropy.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
@@ -1221,10 +1256,7 @@ impl Site {
         let late: Vec<ChunkHash> = self
             .fetches
             .iter()
-            .filter(|(_, f)| match f.parked_since_ms {
-                Some(since) => now_ms.saturating_sub(since) >= self.config.who_has_timeout_ms,
-                None => now_ms.saturating_sub(f.sent_ms) >= self.config.fetch_timeout_ms,
-            })
+            .filter(|(_, f)| f.deadline(&self.config).is_some_and(|at| at <= now_ms))
             .map(|(h, _)| *h)
             .collect();
         for hash in late {

@@ -68,8 +68,11 @@ const READ_AHEAD_BYTES_MAX: u64 = 16 << 20;
 pub(super) const READ_AHEAD_IDLE_MS: u64 = 60_000;
 
 /// Confirmations ([`Message::Unstage`]) wait to go together while reads through the bucket go
-/// on, up to this many per holder (and at most until the next tick).
+/// on, up to this many per holder, and at most [`UNSTAGE_WAIT_MS`].
 const UNSTAGE_BATCH_MAX: usize = 256;
+
+/// The longest a confirmation waits for others to go with it.
+const UNSTAGE_WAIT_MS: u64 = 200;
 
 /// The name of the pack `serial` that `site` stages from `from_region` to `to_region` with the
 /// given versions: unique per upload while the site runs, and the same batch after a restart
@@ -238,7 +241,9 @@ impl Site {
             Route::Direct => false,
             Route::Park => {
                 let now = self.now_ms;
-                self.fetches.get_mut(&hash).expect("a fetch being routed").parked_since_ms.get_or_insert(now);
+                let fetch = self.fetches.get_mut(&hash).expect("a fetch being routed");
+                fetch.parked_since_ms.get_or_insert(now);
+                fetch.parked_on_stage = true;
                 true
             }
             Route::Read { name, index } => {
@@ -248,6 +253,7 @@ impl Site {
                 fetch.from = self.config.site.clone();
                 fetch.attempts += 1;
                 fetch.parked_since_ms = None;
+                fetch.parked_on_stage = false;
                 fetch.sent_ms = self.now_ms;
                 self.emit(Output::StageRead { request, name, chunk: hash, index });
                 true
@@ -402,12 +408,28 @@ impl Site {
         self.stage_in.check_invariants()
     }
 
+    /// The versions the site's reads and fetches want (none if nothing is read through the
+    /// bucket: then nobody asks).
+    fn wanted_contents(&self) -> HashSet<ContentId> {
+        if self.stage_in.backlog().0 == 0 {
+            return HashSet::new();
+        }
+        self.reads.values().map(|r| r.content).chain(self.fetches.values().map(|f| f.content)).collect()
+    }
+
+    /// When staging's next timer is due: the holder's packs to delete, the reader's
+    /// confirmations to send, questions to ask again, holders to give up on, versions to let go.
+    pub(super) fn staging_deadline(&self) -> Option<u64> {
+        let wanted = self.wanted_contents();
+        let reader = self.stage_in.deadline(&self.config, self.now_ms, |c| wanted.contains(c));
+        reader.into_iter().chain(self.stage_out.deadline()).min()
+    }
+
     /// Time passes: delete packs no longer needed, send confirmations, ask again, give up on
     /// holders that do not answer, let go of what was read ahead and not read.
     pub(super) fn staging_timeout(&mut self, now_ms: u64) {
         self.stage_out.timeout(&mut self.outputs, now_ms);
-        let wanted: HashSet<ContentId> =
-            self.reads.values().map(|r| r.content).chain(self.fetches.values().map(|f| f.content)).collect();
+        let wanted = self.wanted_contents();
         let (stalled, forget) = self.stage_in.timeout(&reader_view!(self), &mut self.outputs, &wanted);
         self.carry_out(Aftermath { forget, resend: BTreeSet::new() });
         for content in stalled {

@@ -345,6 +345,18 @@ impl Holder {
         }
     }
 
+    /// When [`Holder::timeout`] next has a pack to delete.
+    pub fn deadline(&self) -> Option<u64> {
+        self.packs_out
+            .values()
+            .filter(|p| p.uploaded)
+            .map(|p| {
+                let all_confirmed = p.contents.iter().all(|c| p.confirmed.contains_key(c));
+                p.last_ms + if all_confirmed { UNSTAGE_GRACE_MS } else { PACK_IDLE_MS }
+            })
+            .min()
+    }
+
     /// The holder's rules: each version is in at most one pack per region (the pack
     /// `staged_out` names, which lists it), so it goes up once per region pair; the uploads in
     /// flight per region are those of the packs not yet uploaded, within the bound; a pack's

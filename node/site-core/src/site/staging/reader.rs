@@ -13,7 +13,7 @@ use proto::{Message, Region, STAGE_VERSIONS_MAX};
 
 use super::{
     BucketError, PackName, READ_AHEAD_BYTES_MAX, READ_AHEAD_FILE_BYTES_MAX, READ_AHEAD_IDLE_MS,
-    STAGE_RETRY_MS, UNSTAGE_BATCH_MAX,
+    STAGE_RETRY_MS, UNSTAGE_BATCH_MAX, UNSTAGE_WAIT_MS,
 };
 use crate::content::{ChunkHash, Manifest};
 use crate::site::{Output, Peer, Read, RequestId, SiteConfig, Transfer};
@@ -155,6 +155,8 @@ pub(in crate::site) struct Reader {
     packs_in: HashMap<PackName, PackIn>,
     /// Confirmations not sent yet, per holder.
     unstage: BTreeMap<SiteId, Vec<ContentId>>,
+    /// Since when confirmations wait (the oldest not sent).
+    unstage_since_ms: Option<u64>,
     /// Bytes read from the bucket.
     pub bytes_from_staging: u64,
 }
@@ -568,6 +570,7 @@ impl Reader {
         to: SiteId,
         content: ContentId,
     ) {
+        self.unstage_since_ms.get_or_insert(view.now_ms);
         let queued = self.unstage.entry(to.clone()).or_default();
         queued.push(content);
         if queued.len() >= UNSTAGE_BATCH_MAX {
@@ -578,6 +581,7 @@ impl Reader {
 
     /// Sends all the confirmations queued.
     pub fn send_unstaged(&mut self, view: &ReaderView<'_>, out: &mut VecDeque<Output>) {
+        self.unstage_since_ms = None;
         for (to, contents) in std::mem::take(&mut self.unstage) {
             send_unstage(view, out, to, contents);
         }
@@ -663,6 +667,32 @@ impl Reader {
             }
         }
         (stalled, forget)
+    }
+
+    /// When [`Reader::timeout`] is next due (`now_ms` if a version no longer `wanted` by any
+    /// read or fetch of the site is still held as wanted).
+    pub fn deadline(
+        &self,
+        config: &SiteConfig,
+        now_ms: u64,
+        wanted: impl Fn(&ContentId) -> bool,
+    ) -> Option<u64> {
+        let confirmations = self.unstage_since_ms.map(|since| since + UNSTAGE_WAIT_MS);
+        let reads = self.reads.iter().flat_map(|(content, read)| {
+            let idle = match read.ahead_since_ms {
+                None if !wanted(content) => Some(now_ms),
+                None => None,
+                Some(since) => Some(since + READ_AHEAD_IDLE_MS),
+            };
+            let asked = match &read.state {
+                Stage::Requested { since_ms, last_ask_ms, .. } => {
+                    Some((since_ms + config.stage_timeout_ms).min(last_ask_ms + config.who_has_retry_ms))
+                }
+                _ => None,
+            };
+            idle.into_iter().chain(asked)
+        });
+        confirmations.into_iter().chain(reads).min()
     }
 
     /// The holder asked to stage `content` did not answer in time: the version is failed for
