@@ -100,28 +100,36 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
             api::write_answer(s, answer).await?
         }
         ApiRequest::MeshBlock { site, blocked } => {
-            let answer = match SiteId::new(&site) {
-                Ok(id) if handle.mesh.set_blocked(&id, blocked) => Ok(()),
-                Ok(_) => Err(not_member(&site)),
-                Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, e)),
-            };
-            api::write_answer(s, answer).await?
+            api::write_answer(s, mesh_block(&handle, &site, blocked)).await?
         }
         ApiRequest::MeshAdd { peer } => {
-            let member =
-                peer.member().and_then(|member| Ok((member, crate::config::check_region(&peer.region)?)));
-            let answer = match member {
-                Ok((member, region)) => {
-                    let site = member.site.clone();
-                    handle.mesh.add_member(member);
-                    ask(&handle, Request::Member { site, region }, |_| Some(())).await?
-                }
-                Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}"))),
-            };
+            let answer = mesh_add(&handle, &peer).await?;
             api::write_answer(s, answer).await?
         }
     }
     Ok(())
+}
+
+/// `meridian mesh block|unblock`.
+fn mesh_block(handle: &Handle, site: &str, blocked: bool) -> Result<(), ApiError> {
+    match SiteId::new(site) {
+        Ok(id) if handle.mesh.set_blocked(&id, blocked) => Ok(()),
+        Ok(_) => Err(not_member(site)),
+        Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, e)),
+    }
+}
+
+/// `meridian mesh add`: the member joins the mesh, and the core learns its region.
+async fn mesh_add(handle: &Handle, peer: &crate::config::PeerConfig) -> anyhow::Result<Result<(), ApiError>> {
+    let member = peer.member().and_then(|member| Ok((member, crate::config::check_region(&peer.region)?)));
+    match member {
+        Ok((member, region)) => {
+            let site = member.site.clone();
+            handle.mesh.add_member(member);
+            ask(handle, Request::Member { site, region }, |_| Some(())).await
+        }
+        Err(e) => Ok(Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))),
+    }
 }
 
 fn not_member(site: &str) -> ApiError {
