@@ -6,6 +6,13 @@
 //! between sites (changes, sync sessions, saves); the tree is a deterministic function of the set
 //! (every operation applied in id order), so two replicas holding the same operations show the
 //! same tree, byte for byte.
+//!
+//! Incoming changes pass `check_history` and `ops_of_change` before automerge sees them:
+//! canonical encoding, each author's sequence numbers without gaps or repeats, operation
+//! counters after those of the change's dependencies, no author field, only fresh keys of the
+//! root map holding valid operations signed by the change's author. Automerge trusts these and
+//! panics or misorders operations when they lie; a change that fails them is refused and the
+//! replica is left as it was.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -6,6 +6,22 @@
 //! replicated trees", 2021). Every change of state is recorded on an undo stack, so undo is exact.
 //! The tree never reads a clock, never does I/O and never allocates without a bound set by the
 //! operations it is given.
+//!
+//! The collision rules of the contract live in the `apply_*` methods and [`Tree::claim_name`]:
+//! - directories created at one path merge (the later becomes an alias of the earlier);
+//! - a directory takes a name from a file; otherwise the entry already there keeps the name and
+//!   the arriving one gets `<stem>.conflict-<site>-<id8><.ext>`;
+//! - a write whose base is not the current version moves the current version to a sibling
+//!   conflict copy;
+//! - a remove carries the version vector of what its site had seen, so whatever it had not seen
+//!   (a concurrent create, write or move) survives with the path to it; it also lists the
+//!   entries its site saw in the subtree, and only those can be deleted (the final order of
+//!   operations may place there entries the remover saw elsewhere);
+//! - writes and moves bring deleted entries back; a move that would make a cycle is skipped.
+//!
+//! The tree holds entries (live and deleted), a name index per directory, the aliases of merged
+//! directories, the log of applied operations and the undo stack. Applying an operation in order
+//! touches only the entries it names.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -5,6 +5,15 @@
 //! (so a namespace change is durable before its reply). Connections are tokio tasks; the put
 //! path runs on blocking threads and writes chunks straight into the chunk store before asking
 //! the core to commit the version.
+//!
+//! The core thread waits on local commands, mesh events, staging results, the core's next
+//! timeout ([`Site::poll_timeout`], on a monotonic clock) and a 200 ms housekeeping timer, and
+//! executes outputs at once (loads, read data, answers, chunk traffic, `Disconnect`). The
+//! stores of one round's `Durable` outputs, with their `then` (the `Done` reply, pushes, sync
+//! messages), go as one job to the committer thread, which owns the database: it merges every
+//! job queued while it was busy (group commit), syncs the chunk files once, commits one redb
+//! transaction, then sends the replies and messages in order. `Cache` chunks are written by the
+//! core thread at once and join a commit when fetching pauses, when 1,024 wait, or at stop.
 
 use std::collections::HashMap;
 use std::sync::Arc;

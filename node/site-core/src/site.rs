@@ -15,6 +15,17 @@
 //! [`Site::handle_timeout`] then, and need not call it otherwise). Only a local change also
 //! takes the wall clock, for its hybrid logical clock stamp and times people read: a wall clock
 //! stepped backwards or forwards neither stalls nor fires a timer.
+//!
+//! **Reads.** A read plans chunk loads and fetches over the chunks covering the requested range,
+//! in a window per read (`read_window_chunks`), under a site-wide bound of fetches in flight
+//! (`fetches_in_flight_max`); chunks are delivered in order. Concurrent readers of one chunk
+//! share one fetch. A fetch asks the nearest connected holders (those of this region when any
+//! is connected); a chunk whose hash does not match disconnects the sender and is asked of
+//! another holder; a holder that goes away or does not answer in `fetch_timeout_ms` is replaced
+//! by the next; with no holder connected, a fetch waits `who_has_timeout_ms` for one to
+//! (re)connect, and a read without a manifest asks "who holds" again every `who_has_retry_ms`.
+//! A fetch whose version has connected holders but none in this region goes through the staging
+//! bucket when one is configured and `transfer` is not `direct` (`staging`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;

@@ -24,6 +24,23 @@
 //! every site of its region confirmed every version in it, when all its versions were confirmed
 //! by some site and [`UNSTAGE_GRACE_MS`] passed since the last confirmation (the other sites
 //! of the region fetch from those that hold it), or after [`PACK_IDLE_MS`] without a request.
+//!
+//! **Failures**: a pack found missing, tampered with or truncated ([`BucketError::spoiled`]) is
+//! reported at once in a new ask, and the holder stages its versions again — once: a second bad
+//! pack, a bucket that fails ([`BucketError::failed`]) or a holder that does not answer in
+//! `stage_timeout_ms` marks the version failed for [`STAGE_RETRY_MS`]; meanwhile `auto` reads
+//! it directly and `staged` fails the read ([`SiteError::Staging`]). A holder that refuses is
+//! replaced by the next untried one of its region. When the holder asked goes away the ask goes
+//! to another; with none connected the read waits like any read for a holder to come back (a
+//! reset link is not a staging failure). Confirmations wait together, up to
+//! [`UNSTAGE_BATCH_MAX`] per holder, for at most [`UNSTAGE_WAIT_MS`].
+//!
+//! **Shape**: the two sides are state machines of their own, [`Reader`] (`staging/reader.rs`)
+//! and [`Holder`] (`staging/holder.rs`). Each sees the site through a read-only view and writes
+//! only to the outbox; neither touches the fetch table or the reads. What the reader decides for
+//! a fetch comes back as a [`Route`], and what the site must do after (fetches to send again,
+//! manifests to forget) as an [`Aftermath`]; the `impl Site` at the end of this file carries
+//! those out.
 
 mod holder;
 mod reader;
