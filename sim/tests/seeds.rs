@@ -28,7 +28,14 @@ const REGRESSIONS: &[Regression] = &[
     Regression {
         seed: 87,
         faults: None,
-        bug: "a read that failed left the fetches that served only it in flight, holding slots of               the bound for nobody (found by Site::check_invariants)",
+        bug: "a read that failed left the fetches that served only it in flight, holding slots of \
+              the bound for nobody (found by Site::check_invariants)",
+    },
+    Regression {
+        seed: 35,
+        faults: Some("clock"),
+        bug: "a wall clock stepped an hour ahead and back held the core's timers back for the hour \
+              (they ran on the wall clock): staging never settled",
     },
 ];
 
@@ -47,7 +54,9 @@ fn every_fault_at_once_still_converges() {
 
 #[test]
 fn the_same_seed_gives_the_same_trace() {
-    for seed in [3, 17, 99] {
+    // 258, 411 and 641 once gave one of two traces from one process to the next (staging
+    // iterated hash maps).
+    for seed in [3, 17, 99, 258, 411, 641] {
         let a = run(seed, &Options::default()).unwrap();
         let b = run(seed, &Options::default()).unwrap();
         assert_eq!(a.trace, b.trace, "seed {seed}");

@@ -37,7 +37,7 @@ struct PackOut {
 #[derive(Default)]
 pub(in crate::site) struct Holder {
     /// Packs uploaded or uploading, by name.
-    packs_out: HashMap<PackName, PackOut>,
+    packs_out: BTreeMap<PackName, PackOut>,
     /// The pack that holds (or will hold) a version for a region.
     staged_out: HashMap<(ContentId, Region), PackName>,
     /// Versions asked for and not in a pack yet, per region, in order.

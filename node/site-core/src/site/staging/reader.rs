@@ -150,7 +150,7 @@ struct PackIn {
 #[derive(Default)]
 pub(in crate::site) struct Reader {
     /// Versions being read through the bucket.
-    reads: HashMap<ContentId, StagedRead>,
+    reads: BTreeMap<ContentId, StagedRead>,
     /// Packs being read from, by name.
     packs_in: HashMap<PackName, PackIn>,
     /// Confirmations not sent yet, per holder.
