@@ -618,7 +618,8 @@ impl Site {
     /// every event. Reads: their chunk cursors are ordered and chunks waiting for delivery lie
     /// between them. Fetches: each serves at least one read in progress, at the chunk that read
     /// asked for, and there are never more in flight than the bound. Held versions: every
-    /// chunk is here. Then the staging rules (one pack per version and region pair, upload counts, queues and waiters, packs read from).
+    /// chunk is here. Then the staging rules (one pack per version and region pair, upload
+    /// counts, queues and waiters, packs read from).
     pub fn check_invariants(&self) -> Result<(), String> {
         for (id, read) in &self.reads {
             if !(read.next <= read.requested && read.requested <= read.end) {
