@@ -11,6 +11,10 @@
 //!   stream's (QUIC or Yamux windows) plus a bounded queue per peer.
 //! - A peer that sends a malformed frame is disconnected and the frame dropped. Lost peers are
 //!   redialled with exponential backoff.
+//! - Which connection to keep per member, when to redial and when the site hears that a link
+//!   is up or down are decided by the link table (`links`), a pure state machine with its own
+//!   tests; the swarm task only turns swarm events into its inputs and its actions into swarm
+//!   calls.
 //!
 //! This module does no protocol logic: it hands messages to the node's core and sends what the
 //! core asks. It never blocks the caller: [`MeshHandle::send`] queues or fails at once.
@@ -34,6 +38,10 @@ pub use libp2p::multiaddr::{self, Multiaddr, Protocol};
 
 use crate::proto::{MESSAGE_MAX_BYTES, Message, ProtoError};
 
+mod links;
+
+use links::{Action, Input, LinkEntry, Links};
+
 /// The stream protocol of site-to-site messages.
 pub const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/meridian/1");
 /// The gossipsub topic of namespace pushes.
@@ -48,9 +56,6 @@ const PEER_QUEUE_MESSAGES: usize = 1_024;
 /// Largest push published on gossipsub. Larger pushes go over the streams instead, so that
 /// gossipsub's per-message memory stays small.
 const GOSSIP_MESSAGE_MAX_BYTES: usize = 1 << 20;
-/// First and largest delay before redialling a member that is not connected.
-const REDIAL_FIRST: Duration = Duration::from_millis(250);
-const REDIAL_MAX: Duration = Duration::from_secs(30);
 /// How often the swarm task looks for members to redial.
 const REDIAL_TICK: Duration = Duration::from_millis(250);
 /// A connection without traffic is kept this long; QUIC keep-alives and the open streams keep
@@ -182,20 +187,11 @@ enum Command {
     Stop,
 }
 
-struct MemberState {
-    member: Member,
-    state: LinkState,
-    since: Instant,
-    next_dial: Instant,
-    backoff: Duration,
-    /// Whether a dial is under way.
-    dialling: bool,
-}
-
+/// What the swarm task shares with the handles.
 #[derive(Default)]
 struct Shared {
-    /// Members by peer id.
-    members: HashMap<PeerId, MemberState>,
+    /// The members and the states of their links, as the link table last had them.
+    links: Vec<LinkEntry>,
     /// Queues of connected members, by site.
     queues: HashMap<SiteId, mpsc::Sender<Message>>,
 }
@@ -256,8 +252,7 @@ impl MeshHandle {
 
     /// Cuts (`true`) or restores the link to member `site`; false if it is not a member.
     pub fn set_blocked(&self, site: &SiteId, blocked: bool) -> bool {
-        let peer =
-            lock(&self.shared).members.values().find(|m| &m.member.site == site).map(|m| m.member.peer);
+        let peer = lock(&self.shared).links.iter().find(|l| &l.member.site == site).map(|l| l.member.peer);
         let Some(peer) = peer else { return false };
         self.commands.send(Command::Block { peer, blocked }).is_ok()
     }
@@ -269,14 +264,14 @@ impl MeshHandle {
 
     /// The members and the state of their links.
     pub fn links(&self) -> Vec<Link> {
-        let shared = lock(&self.shared);
-        let mut links: Vec<Link> = shared
-            .members
-            .values()
-            .map(|m| Link {
-                member: m.member.clone(),
-                state: m.state.clone(),
-                since_ms: m.since.elapsed().as_millis() as u64,
+        let now = Instant::now();
+        let mut links: Vec<Link> = lock(&self.shared)
+            .links
+            .iter()
+            .map(|l| Link {
+                member: l.member.clone(),
+                state: l.state.clone(),
+                since_ms: now.saturating_duration_since(l.since).as_millis() as u64,
             })
             .collect();
         links.sort_by(|a, b| a.member.site.cmp(&b.member.site));
@@ -342,26 +337,26 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
         .map_err(|e| StartError::Transport(format!("subscribing to pushes: {e}")))?;
 
     let shared = Arc::new(Mutex::new(Shared::default()));
-    let now = Instant::now();
-    for member in config.members {
-        if member.peer == local_peer {
-            continue;
-        }
-        swarm.behaviour_mut().members.allow_peer(member.peer);
-        lock(&shared).members.insert(member.peer, MemberState::new(member, now));
-    }
     let (commands, command_rx) = mpsc::unbounded_channel();
     let control = swarm.behaviour().streams.new_control();
     let handle = MeshHandle { shared: shared.clone(), commands, listening: Arc::new(Mutex::new(listening)) };
-    let task = SwarmTask {
+    let seed = {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+    };
+    let mut task = SwarmTask {
+        links: Links::new(local_peer, seed, Instant::now()),
         swarm,
-        connections: HashMap::new(),
         shared,
         events,
         control,
         topic,
         handle: handle.clone(),
     };
+    // Admitted before `start` returns, so that the handle knows the members at once.
+    for member in config.members {
+        task.step(Input::AddMember(member)).await;
+    }
     tokio::spawn(task.run(command_rx));
     Ok(handle)
 }
@@ -410,35 +405,6 @@ fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
     Ok(builder.build())
 }
 
-impl MemberState {
-    fn new(member: Member, now: Instant) -> MemberState {
-        MemberState {
-            member,
-            state: LinkState::Down { last_error: None },
-            since: now,
-            next_dial: now,
-            backoff: REDIAL_FIRST,
-            dialling: false,
-        }
-    }
-
-    fn set(&mut self, state: LinkState) {
-        if self.state != state {
-            self.state = state;
-            self.since = Instant::now();
-        }
-    }
-}
-
-/// An open connection to a member.
-struct Connection {
-    peer: PeerId,
-    /// Whether this site dialled it.
-    dialled_here: bool,
-    /// The member's process instance, once identify told it.
-    instance: Option<String>,
-}
-
 /// The identify agent version: the software and this process's instance, so that a member can
 /// tell a restart (new instance) from two connections of one process.
 fn agent_version() -> String {
@@ -447,10 +413,11 @@ fn agent_version() -> String {
     format!("meridian/{} instance/{instance:016x}", env!("CARGO_PKG_VERSION"))
 }
 
+/// The driver of the swarm and the link table: swarm events and commands become the table's
+/// inputs, the table's actions become swarm calls, stream tasks and events to the site.
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
-    /// Open connections to members.
-    connections: HashMap<libp2p::swarm::ConnectionId, Connection>,
+    links: Links,
     shared: Arc<Mutex<Shared>>,
     events: mpsc::Sender<MeshEvent>,
     control: libp2p_stream::Control,
@@ -473,7 +440,7 @@ impl SwarmTask {
                 biased;
                 command = commands.recv() => match command {
                     Some(Command::Stop) | None => break,
-                    Some(command) => self.command(command),
+                    Some(command) => self.command(command).await,
                 },
                 _ = self.events.closed() => break,
                 event = self.swarm.select_next_some() => self.swarm_event(event).await,
@@ -481,7 +448,7 @@ impl SwarmTask {
                     let Some((peer, stream)) = stream else { break };
                     self.accept_stream(peer, stream);
                 }
-                _ = redial.tick() => self.redial(),
+                _ = redial.tick() => self.step(Input::Tick).await,
             }
         }
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -492,203 +459,120 @@ impl SwarmTask {
     }
 
     fn site_of(&self, peer: &PeerId) -> Option<SiteId> {
-        lock(&self.shared).members.get(peer).map(|m| m.member.site.clone())
+        self.links.site_of(peer).cloned()
     }
 
-    fn peer_of(&self, site: &SiteId) -> Option<PeerId> {
-        lock(&self.shared).members.values().find(|m| &m.member.site == site).map(|m| m.member.peer)
+    /// Hands `input` to the link table and takes the actions it calls for.
+    async fn step(&mut self, input: Input) {
+        self.links.apply(Instant::now(), input);
+        while let Some(action) = self.links.poll_action() {
+            self.act(action).await;
+        }
+        if self.links.take_changed() {
+            lock(&self.shared).links = self.links.snapshot();
+        }
     }
 
-    fn command(&mut self, command: Command) {
-        match command {
-            Command::Publish(message) => {
-                let topic = self.topic.clone();
-                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
-                // Gossipsub only reaches members it knows subscribed, which it learns after a
-                // connection is up (and a link moving between connections can leave it
-                // without): those it does not cover get the push over their stream, so a push is
-                // never left to anti-entropy while the member is connected.
-                let covered: std::collections::HashSet<PeerId> =
-                    match gossip.publish(topic.clone(), message.encode()) {
-                        Ok(_) => gossip
-                            .all_peers()
-                            .filter(|(_, topics)| topics.contains(&&topic.hash()))
-                            .map(|(peer, _)| *peer)
-                            .collect(),
-                        Err(e) => {
-                            tracing::debug!("publishing a push: {e}");
-                            Default::default()
-                        }
-                    };
-                let uncovered: Vec<SiteId> = {
-                    let shared = lock(&self.shared);
-                    shared
-                        .members
-                        .values()
-                        .filter(|m| {
-                            !covered.contains(&m.member.peer) && shared.queues.contains_key(&m.member.site)
-                        })
-                        .map(|m| m.member.site.clone())
-                        .collect()
-                };
-                self.handle.send_each(&uncovered, &message);
-            }
-            Command::Disconnect { site, reason } => {
-                if let Some(peer) = self.peer_of(&site) {
-                    tracing::warn!(%site, %peer, "disconnecting: {reason}");
-                    let _ = self.swarm.disconnect_peer_id(peer);
+    async fn act(&mut self, action: Action) {
+        match action {
+            Action::Dial { peer, addrs } => {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    self.links.apply(Instant::now(), Input::DialFailed { peer, error: e.to_string() });
                 }
             }
-            Command::AddMember(member) => {
-                let peer = member.peer;
-                if peer == *self.swarm.local_peer_id() {
-                    return;
-                }
+            Action::Close { connection, why } => {
+                tracing::debug!(%connection, "closing a connection: {why}");
+                self.swarm.close_connection(connection);
+            }
+            Action::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            // Disallowing closes the member's connections and refuses new ones.
+            Action::Allow { peer, allowed: true } => {
                 self.swarm.behaviour_mut().members.allow_peer(peer);
-                let mut shared = lock(&self.shared);
-                match shared.members.get_mut(&peer) {
-                    Some(state) => {
-                        state.member = member;
-                        state.next_dial = Instant::now();
-                        state.backoff = REDIAL_FIRST;
-                    }
-                    None => {
-                        shared.members.insert(peer, MemberState::new(member, Instant::now()));
-                    }
+            }
+            Action::Allow { peer, allowed: false } => {
+                self.swarm.behaviour_mut().members.disallow_peer(peer);
+            }
+            Action::Up { peer, site } => {
+                self.open_link(peer, site.clone());
+                let _ = self.events.send(MeshEvent::Up(site)).await;
+            }
+            Action::Down { peer: _, site } => {
+                lock(&self.shared).queues.remove(&site);
+                let _ = self.events.send(MeshEvent::Down(site)).await;
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Publish(message) => self.publish(message),
+            Command::Disconnect { site, reason } => {
+                if let Some(peer) = self.links.peer_of(&site) {
+                    self.step(Input::Disconnect { peer, reason }).await;
                 }
             }
-            Command::Block { peer, blocked } => {
-                let members = &mut self.swarm.behaviour_mut().members;
-                if blocked {
-                    // Disallowing closes the member's connections and refuses new ones.
-                    members.disallow_peer(peer);
-                } else {
-                    members.allow_peer(peer);
-                }
-                let mut shared = lock(&self.shared);
-                if let Some(m) = shared.members.get_mut(&peer) {
-                    m.set(if blocked { LinkState::Blocked } else { LinkState::Down { last_error: None } });
-                    m.next_dial = Instant::now();
-                    m.backoff = REDIAL_FIRST;
-                }
-            }
+            Command::AddMember(member) => self.step(Input::AddMember(member)).await,
+            Command::Block { peer, blocked } => self.step(Input::Block { peer, blocked }).await,
             Command::Stop => unreachable!("handled by run"),
         }
     }
 
-    fn redial(&mut self) {
-        let now = Instant::now();
-        let due: Vec<(PeerId, Vec<Multiaddr>)> = {
-            let mut shared = lock(&self.shared);
-            shared
-                .members
-                .values_mut()
-                .filter(|m| !m.dialling && matches!(m.state, LinkState::Down { .. }) && m.next_dial <= now)
-                .map(|m| {
-                    m.dialling = true;
-                    (m.member.peer, m.member.addrs.clone())
-                })
+    /// Publishes a push on gossipsub, and sends it over their streams to the connected members
+    /// gossipsub does not reach.
+    fn publish(&mut self, message: Message) {
+        let topic = self.topic.clone();
+        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+        // Gossipsub only reaches members it knows subscribed, which it learns after a connection
+        // is up (and a link moving between connections can leave it without): those it does not
+        // cover get the push over their stream, so a push is never left to anti-entropy while the
+        // member is connected.
+        let covered: std::collections::HashSet<PeerId> = match gossip.publish(topic.clone(), message.encode())
+        {
+            Ok(_) => gossip
+                .all_peers()
+                .filter(|(_, topics)| topics.contains(&&topic.hash()))
+                .map(|(peer, _)| *peer)
+                .collect(),
+            Err(e) => {
+                tracing::debug!("publishing a push: {e}");
+                Default::default()
+            }
+        };
+        let uncovered: Vec<SiteId> = {
+            let shared = lock(&self.shared);
+            self.links
+                .members()
+                .filter(|m| !covered.contains(&m.peer) && shared.queues.contains_key(&m.site))
+                .map(|m| m.site.clone())
                 .collect()
         };
-        for (peer, addrs) in due {
-            if self.swarm.is_connected(&peer) || addrs.is_empty() {
-                self.dial_failed(&peer, None);
-                continue;
-            }
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                self.dial_failed(&peer, Some(e.to_string()));
-            }
-        }
-    }
-
-    /// Schedules the next dial of `peer` after a failure, with exponential backoff and jitter.
-    fn dial_failed(&mut self, peer: &PeerId, error: Option<String>) {
-        let mut shared = lock(&self.shared);
-        let Some(m) = shared.members.get_mut(peer) else { return };
-        m.dialling = false;
-        if let Some(error) = error.filter(|_| m.state != LinkState::Blocked) {
-            tracing::debug!(site = %m.member.site, "dial failed: {error}");
-            m.set(LinkState::Down { last_error: Some(error) });
-        }
-        // Jitter keeps sites that lost each other at the same moment from redialling in lockstep.
-        let jitter = {
-            use std::hash::BuildHasher;
-            Duration::from_millis(
-                std::collections::hash_map::RandomState::new().hash_one(Instant::now()) % 100,
-            )
-        };
-        m.next_dial = Instant::now() + m.backoff + jitter;
-        m.backoff = (m.backoff * 2).min(REDIAL_MAX);
+        self.handle.send_each(&uncovered, &message);
     }
 
     async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::ConnectionEstablished {
-                peer_id, connection_id, endpoint, num_established, ..
-            } => {
-                let Some(site) = self.site_of(&peer_id) else { return };
-                // A second connection is sorted out once identify names its process instance
-                // (see `choose_connection`).
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 let dialled_here = matches!(endpoint, ConnectedPoint::Dialer { .. });
-                self.connections
-                    .insert(connection_id, Connection { peer: peer_id, dialled_here, instance: None });
-                let addr = match &endpoint {
-                    ConnectedPoint::Dialer { address, .. } => address.clone(),
-                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                let addr = match endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address,
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
                 };
-                let transport =
-                    if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) { "quic" } else { "tcp" };
-                {
-                    let mut shared = lock(&self.shared);
-                    if let Some(m) = shared.members.get_mut(&peer_id) {
-                        m.dialling = false;
-                        m.backoff = REDIAL_FIRST;
-                        m.set(LinkState::Connected { transport, addr: addr.clone() });
-                    }
-                }
-                if num_established.get() == 1 {
-                    tracing::info!(%site, %peer_id, %addr, "connected");
-                    self.open_link(peer_id, site.clone());
-                    let _ = self.events.send(MeshEvent::Up(site)).await;
-                }
+                let input =
+                    Input::Established { peer: peer_id, connection: connection_id, dialled_here, addr };
+                self.step(input).await;
             }
-            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
-                self.connections.remove(&connection_id);
-                let Some(site) = self.site_of(&peer_id) else { return };
-                if num_established > 0 {
-                    // The link's stream may have run on the closed connection: reset the link
-                    // on one that is open, and let the core resynchronise and re-ask.
-                    if lock(&self.shared).queues.remove(&site).is_some() {
-                        let _ = self.events.send(MeshEvent::Down(site.clone())).await;
-                        self.open_link(peer_id, site.clone());
-                        let _ = self.events.send(MeshEvent::Up(site)).await;
-                    }
-                    return;
-                }
-                let reason = cause.map(|c| c.to_string());
-                tracing::info!(%site, "disconnected{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default());
-                let was_up = lock(&self.shared).queues.remove(&site).is_some();
-                {
-                    let mut shared = lock(&self.shared);
-                    if let Some(m) = shared.members.get_mut(&peer_id)
-                        && m.state != LinkState::Blocked
-                    {
-                        m.set(LinkState::Down { last_error: reason });
-                        m.next_dial = Instant::now() + m.backoff;
-                    }
-                }
-                if was_up {
-                    let _ = self.events.send(MeshEvent::Down(site)).await;
-                }
+            SwarmEvent::ConnectionClosed { connection_id, cause, .. } => {
+                let cause = cause.map(|c| c.to_string());
+                self.step(Input::Closed { connection: connection_id, cause }).await;
             }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. }
-                if !self.swarm.is_connected(&peer) =>
-            {
-                self.dial_failed(&peer, Some(error.to_string()));
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                self.step(Input::DialFailed { peer, error: error.to_string() }).await;
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 tracing::debug!(%send_back_addr, "incoming connection failed: {error}");
@@ -705,7 +589,8 @@ impl SwarmTask {
                 ..
             })) => {
                 tracing::debug!(%peer_id, agent = %info.agent_version, "identified");
-                self.choose_connection(peer_id, connection_id, info.agent_version);
+                let instance = info.agent_version;
+                self.step(Input::Identified { peer: peer_id, connection: connection_id, instance }).await;
             }
             _ => {}
         }
@@ -724,45 +609,13 @@ impl SwarmTask {
             Ok(message @ Message::Push { .. }) => {
                 let _ = self.events.send(MeshEvent::Message { from, message }).await;
             }
-            Ok(_) => self.misbehaved(propagation_source, "a non-push message on the push topic".into()),
-            Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")),
+            Ok(_) => self.misbehaved(propagation_source, "a non-push message on the push topic".into()).await,
+            Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")).await,
         }
     }
 
-    /// Keeps one connection per member once identify has named `connection`'s instance.
-    /// Connections to an older instance of the member (it restarted; they are dead but not yet
-    /// timed out) are closed. Of two connections to the same instance (both sides dialled at
-    /// once), both sides keep the one the smaller peer id dialled, so they agree. Closing a
-    /// connection the link runs on moves the link (see `ConnectionClosed`).
-    fn choose_connection(&mut self, peer: PeerId, connection: libp2p::swarm::ConnectionId, instance: String) {
-        let Some(current) = self.connections.get_mut(&connection) else { return };
-        current.instance = Some(instance.clone());
-        let keep_dialled_here = *self.swarm.local_peer_id() < peer;
-        let current_kept = current.dialled_here == keep_dialled_here;
-        let mut close = Vec::new();
-        for (id, c) in &self.connections {
-            if *id == connection || c.peer != peer {
-                continue;
-            }
-            match &c.instance {
-                Some(other) if *other != instance => close.push((*id, "the site restarted")),
-                // Same instance: keep the agreed direction; between equals, the newer.
-                Some(_) if current_kept || c.dialled_here != keep_dialled_here => {
-                    close.push((*id, "a duplicate connection"))
-                }
-                Some(_) => close.push((connection, "a duplicate connection")),
-                None => {}
-            }
-        }
-        for (id, why) in close {
-            tracing::debug!(%peer, "closing a connection: {why}");
-            self.swarm.close_connection(id);
-        }
-    }
-
-    fn misbehaved(&mut self, peer: PeerId, reason: String) {
-        tracing::warn!(%peer, "disconnecting: {reason}");
-        let _ = self.swarm.disconnect_peer_id(peer);
+    async fn misbehaved(&mut self, peer: PeerId, reason: String) {
+        self.step(Input::Disconnect { peer, reason }).await;
     }
 
     /// Opens the outbound stream to a newly connected member and its writer.
