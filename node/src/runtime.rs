@@ -227,7 +227,10 @@ impl CoreThread {
     ) -> anyhow::Result<()> {
         let mut housekeeping = Instant::now() + HOUSEKEEPING;
         'run: loop {
-            let timeout = self.site.poll_timeout().map(|ms| self.clock.at(ms));
+            // Taken once a turn (it scans the core's timers): a deadline that the inputs of
+            // this turn bring forward is seen at the next turn, whose sleep then ends at once.
+            let due = self.site.poll_timeout();
+            let timeout = due.map(|ms| self.clock.at(ms));
             let wake = runtime.block_on(async {
                 tokio::select! {
                     biased;
@@ -271,7 +274,7 @@ impl CoreThread {
             // Checked here, not only when the sleep wins the select: inputs that keep coming
             // must not hold a timeout back.
             let now = self.clock.now_ms();
-            if self.site.poll_timeout().is_some_and(|due| due <= now) {
+            if due.is_some_and(|due| due <= now) {
                 self.site.handle_timeout(now);
             }
             let mut flush = false;

@@ -198,8 +198,9 @@ impl Links {
             Input::DialFailed { .. } => {}
             Input::Tick => self.redial(now),
         }
-        #[cfg(debug_assertions)]
-        self.check_invariants();
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
     }
 
     /// The next action to take, in order.
