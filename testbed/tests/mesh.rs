@@ -195,7 +195,13 @@ fn stopped_and_partitioned_sites_converge_when_they_return() {
     // a partition: a is cut off from b and c; both sides write the same file.
     cluster.meridian(0, &["mesh", "block", "b"]).unwrap();
     cluster.meridian(0, &["mesh", "block", "c"]).unwrap();
-    wait_until(TIMEOUT, || Ok(a.status()?.core.peers.is_empty())).unwrap();
+    // Both blocks taken (a link may still flap down and up before its block is processed),
+    // then the core has seen the last of both links: a's write cannot reach b before b writes.
+    let blocked = || -> anyhow::Result<bool> {
+        let links: Vec<MeshLink> = a.call(&ApiRequest::MeshLs)?;
+        Ok(links.iter().all(|l| l.link == "blocked") && a.status()?.core.peers.is_empty())
+    };
+    wait_until(TIMEOUT, blocked).unwrap();
     a.put("/shots/comp.clip", b"v3 from a").unwrap();
     b.put("/shots/comp.clip", b"v3 from b").unwrap();
     cluster.meridian(0, &["mesh", "unblock", "b"]).unwrap();

@@ -318,8 +318,9 @@ impl Links {
         // A second connection is sorted out once identify names its process instance.
         self.connections
             .insert(connection, Connection { peer, dialled_here, instance: None, closing: false });
-        if self.connection_count(&peer) == 1
-            && let Some(m) = self.members.get_mut(&peer)
+        // Up with the first connection, or with a new one while the others close.
+        if let Some(m) = self.members.get_mut(&peer)
+            && m.up.is_none()
         {
             let site = m.member.site.clone();
             tracing::info!(%site, %peer, %addr, "connected");
@@ -371,15 +372,19 @@ impl Links {
         let Some(closed) = self.connections.remove(&connection) else { return };
         let peer = closed.peer;
         let remaining = self.connection_count(&peer);
+        let open = self.connections.values().any(|c| c.peer == peer && !c.closing);
         let Some(m) = self.members.get_mut(&peer) else { return };
         if remaining > 0 {
             // The link's stream may have run on the closed connection: open it again on one that
-            // is open, and let the core resynchronise and re-ask.
+            // is open, and let the core resynchronise and re-ask — unless every one left is
+            // closing (the member was blocked or disconnected): then the link stays down.
             if let Some(site) = m.up.take() {
                 self.actions.push_back(Action::Down { peer, site });
-                let site = m.member.site.clone();
-                m.up = Some(site.clone());
-                self.actions.push_back(Action::Up { peer, site });
+                if open && m.state != LinkState::Blocked {
+                    let site = m.member.site.clone();
+                    m.up = Some(site.clone());
+                    self.actions.push_back(Action::Up { peer, site });
+                }
             }
             return;
         }
@@ -444,7 +449,10 @@ impl Links {
             let connections: Vec<&Connection> =
                 self.connections.values().filter(|c| c.peer == *peer).collect();
             let site = &m.member.site;
-            assert_eq!(m.up.is_some(), !connections.is_empty(), "{site}: up to the site iff connected");
+            assert!(m.up.is_none() || !connections.is_empty(), "{site}: up to the site without a connection");
+            if m.state != LinkState::Blocked && connections.iter().any(|c| !c.closing) {
+                assert!(m.up.is_some(), "{site}: a connection not closing, and down to the site");
+            }
             if matches!(m.state, LinkState::Connected { .. }) {
                 assert!(!connections.is_empty(), "{site}: connected without a connection");
             }

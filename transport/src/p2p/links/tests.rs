@@ -626,6 +626,33 @@ fn a_blocked_member_is_refused_not_dialled_and_redialled_at_once_when_restored()
 }
 
 #[test]
+fn a_member_blocked_with_two_connections_goes_down_once_and_never_comes_up_while_they_close() {
+    let now = Instant::now();
+    let mut links = table(0, &[1], now);
+    assert_eq!(established(&mut links, now, 1, 1, true), [up(1)]);
+    assert_eq!(established(&mut links, now, 1, 2, false), []);
+    links.apply(now, Input::Block { peer: peer(1), blocked: true });
+    drain(&mut links);
+    // Up again here would let the core sync with a member it was told to cut off.
+    assert_eq!(closed(&mut links, now, 1), [down(1)]);
+    assert_eq!(closed(&mut links, now, 2), []);
+}
+
+#[test]
+fn a_member_whose_connections_close_after_a_disconnect_comes_up_on_a_new_one() {
+    let now = Instant::now();
+    let mut links = table(0, &[1], now);
+    assert_eq!(established(&mut links, now, 1, 1, true), [up(1)]);
+    assert_eq!(established(&mut links, now, 1, 2, false), []);
+    links.apply(now, Input::Disconnect { peer: peer(1), reason: "misbehaved".into() });
+    drain(&mut links);
+    assert_eq!(closed(&mut links, now, 1), [down(1)]);
+    // It dials back in before the last old connection is gone.
+    assert_eq!(established(&mut links, now, 1, 3, false), [up(1)]);
+    assert_eq!(closed(&mut links, now, 2), [down(1), up(1)]);
+}
+
+#[test]
 fn adding_a_blocked_member_again_keeps_it_blocked() {
     let now = Instant::now();
     let mut links = table(0, &[1], now);
