@@ -12,9 +12,11 @@
 //!   yet timed out) are closed; of two to the same instance (both sides dialled at once) both
 //!   sides keep the one the smaller peer id dialled, so they agree; between two dialled the same
 //!   way, the one identified last.
-//! - The site hears `Up` when the first connection to a member is established and `Down` when
-//!   the last one closes. When a connection closes while others stay open, the link's stream may
-//!   have run on it: the site hears `Down` then `Up` and the link is opened again.
+//! - The site hears `Up` when a connection to a member is established while the link is down,
+//!   and `Down` when the last one closes. When a connection closes while others stay open, the
+//!   link's stream may have run on it: the site hears `Down` then `Up` and the link is opened
+//!   again — unless every connection left is closing (the member was blocked or disconnected):
+//!   then it hears `Down` alone, and nothing more until a new connection.
 //! - A member that is down is redialled on the tick once its `next_dial` is due, with
 //!   exponential backoff from [`REDIAL_FIRST`] to [`REDIAL_MAX`] and jitter after a failed dial.
 //!   A blocked member is neither dialled nor admitted.
