@@ -1020,7 +1020,23 @@ impl Site {
                 self.forget_chunk(hash);
                 self.emit(Output::Send { to, message: Message::NoChunk { request, chunk: hash.0 } });
             }
-            (LoadPurpose::Read { id, index }, Ok(data)) => self.deliver(id, index, data),
+            (LoadPurpose::Read { id, index }, Ok(data)) => {
+                // The copy here matches its hash; the manifest may still lie about its length
+                // (a peer can list a chunk this site holds under a longer one).
+                let Some(read) = self.reads.get(&id) else { return };
+                let manifest = read.manifest.as_ref().expect("planned");
+                let expected = manifest.chunks.get(index).map(|c| c.len as usize);
+                if expected != Some(data.len()) {
+                    let reason = format!(
+                        "the version's manifest gives chunk {index} {} bytes; the chunk has {}",
+                        expected.unwrap_or_default(),
+                        data.len()
+                    );
+                    let error = SiteError::Chunk { path: read.path.clone(), chunk: hash, reason };
+                    return self.fail_read(id, error);
+                }
+                self.deliver(id, index, data)
+            }
             (LoadPurpose::Read { id, index }, Err(reason)) => {
                 // The local copy is gone or corrupt: forget it and fetch the chunk from a peer.
                 self.forget_chunk(hash);

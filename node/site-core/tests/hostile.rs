@@ -1,0 +1,45 @@
+//! Input a site does not control, fed to the core: it answers with an error, never a panic.
+
+use std::collections::HashSet;
+
+use crdt_namespace::{Namespace, SiteId};
+use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
+use site_core::{LoadPurpose, Output, Request, RequestId, Site, SiteConfig, SiteError};
+
+const WALL_MS: u64 = 1_796_000_000_000;
+
+#[test]
+fn a_manifest_that_lists_a_held_chunk_as_longer_fails_the_read_instead_of_panicking() {
+    let west = SiteId::new("west").unwrap();
+    let mut site = Site::new(SiteConfig::new(west.clone()), Namespace::new(west), Vec::new(), HashSet::new());
+    let data = b"ten bytes!".to_vec();
+    let good = Manifest::of_bytes(&data, ChunkerConfig::default());
+    let chunk = good.chunks[0];
+    // The same chunk, said to be 100 bytes longer.
+    let lie = Manifest::new([0; 32], vec![ChunkRef { hash: chunk.hash, len: chunk.len + 100 }]);
+    let commit = |path: &str, manifest: Manifest| Request::CommitVersion {
+        path: path.into(),
+        manifest,
+        mode: 0o644,
+        mtime_ns: 0,
+    };
+    site.handle_local(1, WALL_MS, RequestId(1), commit("/good", good));
+    site.handle_local(2, WALL_MS, RequestId(2), commit("/evil", lie));
+    std::iter::from_fn(|| site.poll_output()).for_each(drop);
+    // A range inside the length the manifest claims, beyond the chunk's real end: slicing the
+    // chunk by the manifest would go out of bounds.
+    site.handle_local(3, WALL_MS, RequestId(3), Request::Read { path: "/evil".into(), range: Some(5..60) });
+    let load = std::iter::from_fn(|| site.poll_output()).find_map(|o| match o {
+        Output::LoadChunk { hash, purpose: purpose @ LoadPurpose::Read { .. } } => Some((hash, purpose)),
+        _ => None,
+    });
+    let (hash, purpose) = load.expect("the read loads the chunk held here");
+    assert_eq!(hash, ChunkHash::of(&data));
+    site.handle_chunk_loaded(hash, purpose, Ok(data));
+    let done = std::iter::from_fn(|| site.poll_output()).find_map(|o| match o {
+        Output::ReadDone { id: RequestId(3), result } => Some(result),
+        _ => None,
+    });
+    assert!(matches!(done, Some(Err(SiteError::Chunk { .. }))), "{done:?}");
+    site.check_invariants().unwrap();
+}
