@@ -5,7 +5,7 @@
 //! error, never panics, and never allocates more than the input's length.
 
 use crdt_namespace::wire::{Reader, push_bytes, push_varint};
-use crdt_namespace::{ContentId, DecodeError};
+use crdt_namespace::{ContentId, DecodeError, SiteId};
 
 /// Version of the site-to-site protocol. Bumped on any incompatible change of a message.
 pub const PROTOCOL_VERSION: u16 = 3;
@@ -36,18 +36,15 @@ impl std::fmt::Display for FetchId {
 pub struct Region(String);
 
 impl Region {
-    /// The region `name`, if it is a valid name.
+    /// The region `name`, if it is a valid name (checked by the site id's own rule).
     pub fn new(name: impl Into<String>) -> Result<Region, String> {
         let name = name.into();
-        if name.is_empty() || name.len() > REGION_MAX_BYTES {
-            return Err(format!("region {name:?} must be 1 to {REGION_MAX_BYTES} bytes long"));
+        match SiteId::new(&name) {
+            Ok(_) => Ok(Region(name)),
+            Err(_) => Err(format!(
+                "region {name:?} must be 1 to {REGION_MAX_BYTES} ASCII letters, digits, `-` or `_`"
+            )),
         }
-        if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
-            return Err(format!(
-                "region {name:?} may hold only ASCII letters, digits, `-` and `_`, not {c:?}"
-            ));
-        }
-        Ok(Region(name))
     }
 
     /// The name.
@@ -172,8 +169,8 @@ pub struct StagedVersion {
 /// Most versions one staging message names.
 pub const STAGE_VERSIONS_MAX: usize = 4_096;
 
-/// Longest region name.
-pub const REGION_MAX_BYTES: usize = 32;
+/// Longest region name: that of a site id.
+pub const REGION_MAX_BYTES: usize = crdt_namespace::SITE_ID_MAX_BYTES;
 /// Longest pack name a message carries.
 pub const PACK_NAME_MAX_BYTES: usize = 128;
 /// Longest error text a message carries.
