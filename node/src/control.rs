@@ -24,6 +24,7 @@ use crate::store::put_stream;
 /// Serves one control connection.
 pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
     let Some(frame) = api::read_frame(&mut stream).await? else { return Ok(()) };
+    crate::runtime::test_panic("connection");
     let request: ApiRequest = match serde_json::from_slice(&frame) {
         Ok(r) => r,
         Err(e) => {
@@ -322,6 +323,7 @@ async fn serve_read(mut stream: UnixStream, handle: Handle, request: Request) ->
                 for piece in data.chunks(api::DATA_FRAME_BYTES) {
                     api::write_frame(&mut stream, piece).await?;
                 }
+                events.taken().await?;
             }
             Event::Done(result) => {
                 api::write_frame(&mut stream, &[]).await?;

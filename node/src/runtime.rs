@@ -8,7 +8,12 @@
 //!
 //! The core thread waits on local commands, mesh events, staging results, the core's next
 //! timeout ([`Site::poll_timeout`], on a monotonic clock) and a 200 ms housekeeping timer, and
-//! executes outputs at once (loads, read data, answers, chunk traffic, `Disconnect`). The
+//! executes outputs at once (loads, read data, answers, chunk traffic, `Disconnect`).
+//! It never waits for a client: each request's events go to its connection on a channel with
+//! room for all the core may have outstanding for it, because a read loads and fetches at most
+//! `read_window_chunks` beyond what its client has taken (the connection says so after writing
+//! each piece: [`Site::handle_read_taken`]). A client that stops reading holds its window and
+//! nothing else; one that leaves has its read ended (`handle_read_cancelled`). The
 //! stores of one round's `Durable` outputs, with their `then` (the `Done` reply, pushes, sync
 //! messages), go as one job to the committer thread, which owns the database: it merges every
 //! job queued while it was busy (group commit), syncs the chunk files once, commits one redb
@@ -17,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -49,8 +54,6 @@ const COMMAND_QUEUE: usize = 256;
 /// Peer events queued for the core before the streams wait (and with them the senders, through
 /// the transports' flow control).
 const MESH_EVENT_QUEUE: usize = 64;
-/// Events (read data) queued per request before the core waits for the client.
-const EVENT_QUEUE: usize = 16;
 /// Queued requests handled before their changes are committed together: bounds the latency one
 /// request adds to the others in its commit.
 const COMMANDS_PER_COMMIT_MAX: usize = 64;
@@ -74,8 +77,41 @@ pub enum Event {
 }
 
 enum Command {
-    Local { request: Request, events: mpsc::Sender<Event> },
+    Local {
+        id: RequestId,
+        request: Request,
+        events: mpsc::Sender<Event>,
+    },
+    /// The client of read `id` took one [`Event::Data`].
+    Taken(RequestId),
     Stop,
+}
+
+/// The status a daemon ends with when any of its threads panicked.
+pub const PANIC_EXIT_CODE: i32 = 70;
+
+/// Makes a panic on any thread of the process end it, with a log line and
+/// [`PANIC_EXIT_CODE`]. Without it a panic on a tokio task or a helper thread would leave the
+/// daemon half-alive (answering some requests, never others). A restart recovers as after
+/// `kill -9`. For the daemon's process only: call it before starting the node.
+pub fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        tracing::error!(thread, "{info}; the node stops (a restart recovers the store as after kill -9)");
+        report(info);
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
+}
+
+/// Where a test makes the daemon panic, to check that it then exits: the environment variable
+/// `MERIDIAN_TEST_PANIC` names the core thread (`core`, at its first local request), the
+/// committer (`committer`, at its first commit) or a control connection (`connection`, at its
+/// first request). Unset in production.
+pub(crate) fn test_panic(place: &str) {
+    if std::env::var_os("MERIDIAN_TEST_PANIC").is_some_and(|p| p == place) {
+        panic!("MERIDIAN_TEST_PANIC={place}: a panic injected by a test");
+    }
 }
 
 /// The wall clock, in milliseconds since the Unix epoch: only for the stamps of local changes.
@@ -180,7 +216,9 @@ struct CoreThread {
     commits: std::sync::mpsc::SyncSender<Job>,
     /// Incremental namespace saves in the database (at most: the committer merges some).
     namespace_saves: u64,
-    next_id: u64,
+    /// Where each request's events go. A channel holds every event the core may have
+    /// outstanding for one request (the reply, a read's window of data, its end), so sending
+    /// never waits for a client.
     pending: HashMap<RequestId, mpsc::Sender<Event>>,
     /// Copies fetched from peers, written but neither synced nor recorded yet: see
     /// [`CoreThread::drain`].
@@ -243,7 +281,7 @@ impl CoreThread {
             });
             match wake {
                 Wake::Command(None) | Wake::Command(Some(Command::Stop)) => break,
-                Wake::Command(Some(Command::Local { request, events })) => self.local(request, events),
+                Wake::Command(Some(command)) => self.command(command),
                 Wake::Mesh(Some(event)) => self.mesh_event(event),
                 Wake::Staging(Some(event)) => event.deliver(&mut self.site, self.clock.now_ms()),
                 Wake::Mesh(None) | Wake::Staging(None) | Wake::Timeout | Wake::Housekeeping => {}
@@ -252,11 +290,11 @@ impl CoreThread {
             for _ in 0..COMMANDS_PER_COMMIT_MAX {
                 let mut took = false;
                 match commands.try_recv() {
-                    Ok(Command::Local { request, events }) => {
-                        took = true;
-                        self.local(request, events);
-                    }
                     Ok(Command::Stop) => break 'run,
+                    Ok(command) => {
+                        took = true;
+                        self.command(command);
+                    }
                     Err(_) => {}
                 }
                 if let Ok(event) = mesh_events.try_recv() {
@@ -281,6 +319,7 @@ impl CoreThread {
             if Instant::now() >= housekeeping {
                 housekeeping = Instant::now() + HOUSEKEEPING;
                 self.compact_if_needed()?;
+                self.forget_departed_clients();
                 // Fetching is over for now: make what it brought durable.
                 flush = !self.site.fetching();
             }
@@ -300,11 +339,30 @@ impl CoreThread {
         }
     }
 
-    fn local(&mut self, request: Request, events: mpsc::Sender<Event>) {
-        let id = RequestId(self.next_id);
-        self.next_id += 1;
-        self.pending.insert(id, events);
-        self.site.handle_local(self.clock.now_ms(), wall_ms(), id, request);
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Local { id, request, events } => {
+                test_panic("core");
+                self.pending.insert(id, events);
+                self.site.handle_local(self.clock.now_ms(), wall_ms(), id, request);
+            }
+            Command::Taken(id) => self.site.handle_read_taken(self.clock.now_ms(), id),
+            Command::Stop => {}
+        }
+    }
+
+    /// Ends the requests whose clients went away: a read whose client stopped taking its data
+    /// and then left would otherwise hold its window for ever.
+    fn forget_departed_clients(&mut self) {
+        let now = self.clock.now_ms();
+        let site = &mut self.site;
+        self.pending.retain(|id, events| {
+            let departed = events.is_closed();
+            if departed {
+                site.handle_read_cancelled(now, *id);
+            }
+            !departed
+        });
     }
 
     fn compact_if_needed(&mut self) -> anyhow::Result<()> {
@@ -320,11 +378,17 @@ impl CoreThread {
         self.commits.send(job).map_err(|_| anyhow::anyhow!("the committer thread stopped"))
     }
 
+    /// Hands a request's client an event, without waiting: its channel has room for all the
+    /// core may have outstanding (see `pending`). A read whose client went away is ended.
     fn send(&mut self, id: RequestId, event: Event, last: bool) {
         let sender = if last { self.pending.remove(&id) } else { self.pending.get(&id).cloned() };
-        if let Some(sender) = sender {
-            // A client that went away no longer wants its events.
-            let _ = sender.blocking_send(event);
+        let Some(sender) = sender else { return };
+        if let Err(e) = sender.try_send(event) {
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                tracing::error!("{id}: its client's queue is full; ending it");
+            }
+            self.pending.remove(&id);
+            self.site.handle_read_cancelled(self.clock.now_ms(), id);
         }
     }
 
@@ -508,6 +572,7 @@ impl Committer {
     }
 
     fn commit(&self, commit: Commit) -> anyhow::Result<()> {
+        test_panic("committer");
         if !commit.refs.is_empty() {
             // One sync for every chunk the puts and fetches of the group wrote.
             self.chunks.sync()?;
@@ -520,8 +585,9 @@ impl Committer {
         }
         for action in commit.after_commit {
             match action {
-                // A client that went away no longer wants its events.
-                AfterCommit::Event(sender, event) => drop(sender.blocking_send(event)),
+                // The reply is the request's only event, and a client that went away no longer
+                // wants it.
+                AfterCommit::Event(sender, event) => drop(sender.try_send(event)),
                 AfterCommit::Send(to, message) => {
                     for to in to {
                         if let Err(e) = self.mesh.send(&to, message.clone()) {
@@ -549,17 +615,43 @@ pub struct Handle {
     pub(crate) cache_backlog: Arc<AtomicUsize>,
     /// Threads hashing and storing the chunks of one put.
     pub(crate) put_workers: usize,
+    /// Ids of local requests.
+    next_id: Arc<AtomicU64>,
+    /// Room for one request's events: its reply, a read's window, its end.
+    event_queue: usize,
+}
+
+/// The events of one request, as the core sends them.
+pub(crate) struct Events {
+    id: RequestId,
+    events: mpsc::Receiver<Event>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Events {
+    /// The next event; `None` if the node stopped.
+    pub(crate) async fn recv(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Tells the core that the client took one [`Event::Data`], so the read may load or fetch
+    /// one more chunk. A read whose client does not take its data holds a window of
+    /// `read_window_chunks` chunks and delays nobody else.
+    pub(crate) async fn taken(&self) -> anyhow::Result<()> {
+        self.commands.send(Command::Taken(self.id)).await.map_err(|_| anyhow::anyhow!("the node is stopping"))
+    }
 }
 
 impl Handle {
     /// Sends a request; events come back on the returned channel.
-    pub(crate) async fn submit(&self, request: Request) -> anyhow::Result<mpsc::Receiver<Event>> {
-        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+    pub(crate) async fn submit(&self, request: Request) -> anyhow::Result<Events> {
+        let (events, rx) = mpsc::channel(self.event_queue);
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.commands
-            .send(Command::Local { request, events })
+            .send(Command::Local { id, request, events })
             .await
             .map_err(|_| anyhow::anyhow!("the node is stopping"))?;
-        Ok(rx)
+        Ok(Events { id, events: rx, commands: self.commands.clone() })
     }
 
     /// Sends a request and waits for its answer.
@@ -608,6 +700,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        next_id: Arc::new(AtomicU64::new(1)),
+        event_queue: opened.site.config().read_window_chunks + 2,
     };
     let runtime = tokio::runtime::Handle::current();
     let (staging, staging_rx) = staging_driver(&loaded, &opened.chunks, &runtime)?;
@@ -620,7 +714,6 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         mesh: mesh.clone(),
         commits,
         namespace_saves,
-        next_id: 1,
         pending: HashMap::new(),
         backlog: CacheBacklog { count: handle.cache_backlog.clone(), ..CacheBacklog::default() },
         staging,

@@ -29,11 +29,15 @@ pub struct Faults {
     /// Probability that a request to the staging bucket misbehaves: answered late (503
     /// SlowDown, retried), timed out, or — for a chunk read — finds its pack lost or corrupt.
     pub staging: f64,
+    /// Probability that a client stops taking a read's data for 0.5–5 s (a paused reader,
+    /// `cat big | less`) before it takes the next piece.
+    pub pause: f64,
 }
 
 impl Faults {
     /// All faults at the given rates' defaults, restricted to the names in `list`
-    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging`, or `none`, or
+    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging,pause`, or `none`,
+    /// or
     /// `all`).
     pub fn parse(list: &str) -> Result<Faults, String> {
         let all = Faults {
@@ -47,6 +51,7 @@ impl Faults {
             clock: 0.03,
             corrupt: 0.01,
             staging: 0.05,
+            pause: 0.02,
         };
         let mut f = Faults::default();
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -63,6 +68,7 @@ impl Faults {
                 "clock" => f.clock = all.clock,
                 "corrupt" => f.corrupt = all.corrupt,
                 "staging" => f.staging = all.staging,
+                "pause" => f.pause = all.pause,
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -85,6 +91,7 @@ impl Faults {
             corrupt: on(rng, 0.02),
             staging: on(rng, 0.08),
             reset: on(rng, 0.5),
+            pause: on(rng, 0.03),
         }
     }
 }

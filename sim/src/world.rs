@@ -11,7 +11,9 @@
 //! inputs carry the simulated monotonic time; only its local changes see its own wall clock
 //! (the simulated time plus an offset that faults step). When timers run, a site's timeout
 //! comes exactly when its [`Site::poll_timeout`] says, and its disk is flushed every
-//! [`FLUSH_MS`], as the daemon's housekeeping does. With faults
+//! [`FLUSH_MS`], as the daemon's housekeeping does. A client takes each piece of a read it is
+//! handed at once, or after a pause of seconds (the `pause` fault), and its site hears so
+//! ([`Site::handle_read_taken`]). With faults
 //! off, messages in order and no timers ([`World::with_faults_off`]) it is a deterministic
 //! in-memory mesh whose hooks let a test reach a state (drop, cut or restore a link, hold
 //! uploads, make the bucket misbehave, make a peer lie, send a site requests, fire its
@@ -171,6 +173,11 @@ enum Event<W> {
     Staging {
         site: usize,
         op: BucketOp,
+    },
+    /// The client of read `id` at `site` took a piece of it.
+    Taken {
+        site: usize,
+        id: RequestId,
     },
     Wake(W),
 }
@@ -455,6 +462,15 @@ impl<D: Driver> World<D> {
                     self.check_site(site)?;
                 }
             }
+            Event::Taken { site, id } => {
+                self.trace.update(&[6, site as u8]);
+                let t = self.now;
+                if let Some(core) = self.sites[site].core.as_mut() {
+                    core.handle_read_taken(t, id);
+                    self.drain(site);
+                    self.check_site(site)?;
+                }
+            }
             Event::Wake(wake) => D::wake(self, wake)?,
         }
         Ok(())
@@ -549,6 +565,10 @@ impl<D: Driver> World<D> {
             Output::ReadData { id, offset, data } => {
                 let at = At { site: s, name: &self.sites[s].name, now: self.now };
                 self.driver.read_data(at, id, offset, data);
+                // Clients take what they read at once, or now and then after a pause.
+                let rate = if self.healed { 0.0 } else { self.faults.pause };
+                let pause = if rate > 0.0 && self.rng.chance(rate) { 500 + self.rng.below(4_500) } else { 0 };
+                self.schedule(self.now + pause, Event::Taken { site: s, id });
             }
             Output::ReadDone { id, result } => {
                 let at = At { site: s, name: &self.sites[s].name, now: self.now };

@@ -288,3 +288,90 @@ fn malformed_frames_disconnect_the_sender_and_change_nothing() {
     mkdir(&a, "/after");
     wait_until(TIMEOUT, || cluster.site(1).client.exists("/after")).unwrap();
 }
+
+/// Runs `work` on a thread of its own and returns its result, or fails the test if it does not
+/// finish within [`TIMEOUT`] (the thread is left behind: the cluster's drop ends its site).
+fn finishes<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || drop(done.send(work())));
+    result.recv_timeout(TIMEOUT).unwrap_or_else(|_| panic!("{what} did not finish while a reader was paused"))
+}
+
+#[test]
+fn a_reader_that_stops_reading_delays_nobody_else() {
+    use node::api::{self, blocking};
+    let cluster = started(2);
+    cluster.wait_connected(TIMEOUT).unwrap();
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    let big = pseudo_random(14, 64 << 20);
+    a.put("/big.bin", &big).unwrap();
+
+    // `meridian cat /big.bin | less`: the first bytes are read, then nothing.
+    let mut paused = std::os::unix::net::UnixStream::connect(a.socket()).unwrap();
+    let request = ApiRequest::Read { path: "/big.bin".into(), start: None, end: None };
+    blocking::write_frame(&mut paused, &api::encode_request(&request)).unwrap();
+    let header: node::api::ReadHeader = blocking::read_answer(&mut paused).unwrap();
+    assert_eq!(header.end, big.len() as u64);
+    let first = blocking::read_frame(&mut paused).unwrap().unwrap();
+    assert_eq!(&first[..], &big[..first.len()]);
+
+    let names = finishes("ls", {
+        let a = a.clone();
+        move || a.list("/").unwrap()
+    });
+    assert_eq!(names, ["big.bin"]);
+    finishes("put and mkdir", {
+        let a = a.clone();
+        move || {
+            a.put("/small.txt", b"written while a reader is paused").unwrap();
+            a.mkdir_p("/made/while/paused").unwrap();
+        }
+    });
+    // The peer's change reaches the paused site, and the paused site's reach the peer.
+    b.put("/from-b.txt", b"synced").unwrap();
+    finishes("sync both ways", {
+        let (a, b) = (a.clone(), b.clone());
+        move || {
+            wait_until(TIMEOUT, || a.exists("/from-b.txt")).unwrap();
+            wait_until(TIMEOUT, || b.exists("/made/while/paused")).unwrap();
+            assert_eq!(b.read("/small.txt", None).unwrap(), b"written while a reader is paused");
+        }
+    });
+    // Another reader of the same file is not held back by the paused one.
+    let again = finishes("a second read of the file", {
+        let a = a.clone();
+        move || a.read("/big.bin", None).unwrap()
+    });
+    assert!(again == big, "the second read returned other bytes");
+
+    // The paused reader resumes and gets every byte.
+    let mut rest = first;
+    while let Some(frame) = blocking::read_frame(&mut paused).unwrap() {
+        if frame.is_empty() {
+            break;
+        }
+        rest.extend_from_slice(&frame);
+    }
+    blocking::read_answer::<()>(&mut paused).unwrap();
+    assert!(rest == big, "the paused reader got other bytes");
+}
+
+#[test]
+fn a_reader_that_leaves_mid_file_is_let_go() {
+    use node::api::{self, blocking};
+    let cluster = started(1);
+    let a = cluster.site(0).client.clone();
+    let big = pseudo_random(15, 32 << 20);
+    a.put("/big.bin", &big).unwrap();
+    // Many clients read the first bytes and hang up: each read the site let go of.
+    for _ in 0..20 {
+        let mut reader = std::os::unix::net::UnixStream::connect(a.socket()).unwrap();
+        let request = ApiRequest::Read { path: "/big.bin".into(), start: None, end: None };
+        blocking::write_frame(&mut reader, &api::encode_request(&request)).unwrap();
+        let _: node::api::ReadHeader = blocking::read_answer(&mut reader).unwrap();
+        blocking::read_frame(&mut reader).unwrap().unwrap();
+    }
+    wait_until(TIMEOUT, || Ok(a.status()?.core.reads == 0)).expect("the reads of clients that left went on");
+    let again = finishes("a read after the others left", move || a.read("/big.bin", None).unwrap());
+    assert!(again == big);
+}

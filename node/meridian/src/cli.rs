@@ -315,6 +315,7 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
         .init();
     let loaded = Config::load(&config_path(cli))?;
     node::runtime::load_keypair(&loaded)?;
+    node::runtime::exit_on_panic();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -15,20 +15,44 @@ struct Node {
 
 impl Node {
     fn start(config: &Path) -> Node {
+        let node = Node::spawn(config, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !run(config, &["status"]).status.success() {
+            assert!(Instant::now() < deadline, "the node did not start: {}", node.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    /// Starts the node with `env` and waits for its control socket (not for an answer).
+    fn spawn(config: &Path, env: &[(&str, &str)]) -> Node {
         let log = std::fs::File::create(config.with_file_name("node.log")).unwrap();
         let child = Command::new(MERIDIAN)
             .args(["--config", config.to_str().unwrap(), "node"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         let node = Node { child, config: config.to_owned() };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !config.with_file_name("control.sock").exists() || !run(config, &["status"]).status.success() {
+        while !config.with_file_name("control.sock").exists() {
             assert!(Instant::now() < deadline, "the node did not start: {}", node.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         node
+    }
+
+    /// Waits for the node to exit by itself.
+    fn exited(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the node is still running: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn log(&self) -> String {
@@ -222,6 +246,28 @@ fn a_node_killed_during_large_writes_restarts_consistent() {
             assert!(std::fs::read(&out).unwrap() == sources[i].1, "{name} is not what was put");
         }
         assert_eq!(count_tmp_files(&chunks), 0, "temporary files are cleaned at start");
+        node.stop();
+    }
+}
+
+#[test]
+fn a_panic_on_any_daemon_thread_ends_the_node_with_an_error_and_a_restart_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path(), "west");
+    let node = Node::start(&config);
+    ok(&config, &["mkdir", "/before"]);
+    node.stop();
+    for place in ["core", "committer", "connection"] {
+        let mut node = Node::spawn(&config, &[("MERIDIAN_TEST_PANIC", place)]);
+        // The request that meets the panic fails; the node does not linger.
+        fails(&config, &["mkdir", &format!("/during-{place}")]);
+        let status = node.exited();
+        assert_eq!(status.code(), Some(node::runtime::PANIC_EXIT_CODE), "{place}: {}", node.log());
+        let log = node.log();
+        assert!(log.contains("the node stops") && log.contains(place), "{place}: {log}");
+        // A restart recovers: what was acknowledged is there.
+        let node = Node::start(&config);
+        assert!(ok(&config, &["ls", "/"]).contains("before"));
         node.stop();
     }
 }

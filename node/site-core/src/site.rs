@@ -17,8 +17,9 @@
 //! stepped backwards or forwards neither stalls nor fires a timer.
 //!
 //! **Reads.** A read plans chunk loads and fetches over the chunks covering the requested range,
-//! in a window per read (`read_window_chunks`), under a site-wide bound of fetches in flight
-//! (`fetches_in_flight_max`); chunks are delivered in order. Concurrent readers of one chunk
+//! in a window per read (`read_window_chunks` beyond the last chunk its client has taken, so a
+//! client that stops reading holds that much and delays nobody else), under a site-wide bound
+//! of fetches in flight (`fetches_in_flight_max`); chunks are delivered in order. Concurrent readers of one chunk
 //! share one fetch. A fetch asks the nearest connected holders (those of this region when any
 //! is connected); a chunk whose hash does not match disconnects the sender and is asked of
 //! another holder; a holder that goes away or does not answer in `fetch_timeout_ms` is replaced
@@ -411,7 +412,9 @@ pub enum Output {
         /// The answer.
         reply: Result<Reply, SiteError>,
     },
-    /// Bytes of a read, in order.
+    /// Bytes of a read, in order. Once its client has taken them, the driver says so with
+    /// [`Site::handle_read_taken`]: a read holds at most `read_window_chunks` chunks its client
+    /// has not taken, so a client that stops reading delays only itself.
     ReadData {
         /// The read.
         id: RequestId,
@@ -480,6 +483,10 @@ struct Read {
     last_ask_ms: u64,
     /// Next chunk index to deliver.
     next: usize,
+    /// Chunks before this index were taken by the client (its driver said so with
+    /// [`Site::handle_read_taken`]); the read loads and fetches at most `read_window_chunks`
+    /// beyond it, so a client that stops taking holds that much and no more.
+    taken: usize,
     /// Next chunk index to load or fetch.
     requested: usize,
     /// One past the last chunk index to deliver.
@@ -583,6 +590,11 @@ impl Site {
         }
     }
 
+    /// The site's configuration.
+    pub fn config(&self) -> &SiteConfig {
+        &self.config
+    }
+
     /// The site's namespace replica, for reads that need no request.
     pub fn namespace(&self) -> &Namespace {
         &self.ns
@@ -622,8 +634,11 @@ impl Site {
     /// counts, queues and waiters, packs read from).
     pub fn check_invariants(&self) -> Result<(), String> {
         for (id, read) in &self.reads {
-            if !(read.next <= read.requested && read.requested <= read.end) {
+            if !(read.taken <= read.next && read.next <= read.requested && read.requested <= read.end) {
                 return Err(format!("read {id} of {}: cursors out of order", read.path));
+            }
+            if read.requested > read.taken + self.config.read_window_chunks {
+                return Err(format!("read {id} of {}: more chunks asked for than its window", read.path));
             }
             if read.manifest.is_none() && read.end != 0 {
                 return Err(format!("read {id} of {}: planned without a manifest", read.path));
@@ -812,6 +827,7 @@ impl Site {
             asked_at_ms: self.now_ms,
             last_ask_ms: self.now_ms,
             next: 0,
+            taken: 0,
             requested: 0,
             end: 0,
             ready: BTreeMap::new(),
@@ -834,6 +850,7 @@ impl Site {
         let Some(read) = self.reads.get_mut(&id) else { return };
         let chunks = manifest.chunks_covering(read.range.clone());
         read.next = chunks.start;
+        read.taken = chunks.start;
         read.requested = chunks.start;
         read.end = chunks.end;
         read.manifest = Some(manifest);
@@ -846,7 +863,7 @@ impl Site {
             let Some(read) = self.reads.get(&id) else { return };
             let Some(manifest) = &read.manifest else { return };
             let index = read.requested;
-            if index >= read.end || index >= read.next + self.config.read_window_chunks {
+            if index >= read.end || index >= read.taken + self.config.read_window_chunks {
                 return;
             }
             let chunk = manifest.chunks[index];
@@ -946,13 +963,20 @@ impl Site {
         });
     }
 
-    /// Ends a read with an error. Fetches that served only it are dropped (a late answer is
-    /// ignored), and the reads their slots held back go on.
+    /// Ends a read with an error.
     fn fail_read(&mut self, id: RequestId, error: SiteError) {
-        if self.reads.remove(&id).is_none() {
-            return;
+        if self.reads.contains_key(&id) {
+            self.emit(Output::ReadDone { id, result: Err(error) });
+            self.drop_read(id);
         }
-        self.emit(Output::ReadDone { id, result: Err(error) });
+    }
+
+    /// Forgets a read, if it is in progress. Fetches that served only it are dropped (a late
+    /// answer is ignored), and the reads their slots held back go on.
+    fn drop_read(&mut self, id: RequestId) -> bool {
+        if self.reads.remove(&id).is_none() {
+            return false;
+        }
         let before = self.fetches.len();
         self.fetches.retain(|_, f| {
             f.waiters.retain(|(waiter, _)| *waiter != id);
@@ -964,6 +988,7 @@ impl Site {
                 self.advance_read(id);
             }
         }
+        true
     }
 
     /// Hands a chunk to a read and delivers what is now in order.
@@ -1003,6 +1028,24 @@ impl Site {
             self.emit(Output::Cache { chunks: Vec::new(), versions: vec![manifest] });
             self.confirm_staged(content);
         }
+    }
+
+    /// The driver handed the client of read `id` one [`Output::ReadData`]: the read may load
+    /// or fetch one more chunk. (Taking what a read that is over delivered changes nothing.)
+    pub fn handle_read_taken(&mut self, now_ms: u64, id: RequestId) {
+        self.now_ms = now_ms;
+        let Some(read) = self.reads.get_mut(&id) else { return };
+        if read.taken < read.next {
+            read.taken += 1;
+            self.advance_read(id);
+        }
+    }
+
+    /// The client of read `id` went away: the read ends without another output, and what it
+    /// held (its window, the fetches only it waited for) is let go.
+    pub fn handle_read_cancelled(&mut self, now_ms: u64, id: RequestId) {
+        self.now_ms = now_ms;
+        self.drop_read(id);
     }
 
     /// The result of an [`Output::LoadChunk`].
