@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use crdt_namespace::{ContentId, Hlc, Namespace, NewVersion, SiteId, SyncSession};
+use crdt_namespace::{ContentId, Hlc, Keys, Namespace, NewVersion, SigningKey, SiteId, SyncSession};
 
 /// Local operations per automerge change while building, as a bulk import would commit.
 const BUILD_BATCH_OPS: usize = 1_000;
@@ -92,13 +92,29 @@ impl Clock {
     }
 }
 
+/// The signing key of `site` (derived from its name: an example, not a deployment).
+fn key(site: &SiteId) -> SigningKey {
+    SigningKey::from_secret(blake3::hash(site.as_str().as_bytes()).as_bytes())
+}
+
+/// West's and east's keys: each checks the other's changes with them.
+fn keys() -> Keys {
+    let mut keys = Keys::new();
+    for name in ["west", "east"] {
+        let site = SiteId::new(name).unwrap();
+        keys.allow(&site, key(&site).public());
+    }
+    keys
+}
+
 /// Builds a namespace of `entries` entries at `west`: the time it took and the bytes of
 /// memory per entry.
 fn build(west: SiteId, entries: usize, files_per_dir: usize, clock: &mut Clock) -> (Namespace, f64, f64) {
     let dirs = TOP_DIRS * SUB_DIRS;
     let rss_before = rss_bytes();
     let started = Instant::now();
-    let mut ns = Namespace::new(west);
+    let mut ns = Namespace::new(west.clone(), key(&west));
+    ns.set_keys(keys());
     let mut ops = 0usize;
     for d in 0..dirs {
         ns.mkdir(&dir_path(d), true, 0o755, 0, clock.tick()).unwrap();
@@ -204,7 +220,9 @@ fn main() {
     let saved = ns.save();
     let save_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let mut east = Namespace::load(SiteId::new("east").unwrap(), &saved).unwrap();
+    let east_id = SiteId::new("east").unwrap();
+    let mut east = Namespace::load(east_id.clone(), key(&east_id), &saved).unwrap();
+    east.set_keys(keys());
     let load_s = started.elapsed().as_secs_f64();
     assert_eq!(east.len(), built);
     eprintln!("saved {} bytes in {save_s:.2} s, loaded in {load_s:.2} s", saved.len());

@@ -213,6 +213,17 @@ pub enum ExchangeError {
         /// What is wrong.
         reason: String,
     },
+    /// A change claims an author whose key did not sign it (or is not signed, or its author is
+    /// not a member): a forgery, refused whole.
+    #[error("{what} holds a change that {site} did not sign: {reason}")]
+    Signature {
+        /// What was given.
+        what: &'static str,
+        /// The author the change claims.
+        site: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The framing of an export is malformed.
     #[error("malformed {what}: {source}")]
     Framing {

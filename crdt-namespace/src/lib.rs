@@ -23,6 +23,7 @@ mod name;
 mod namespace;
 mod query;
 mod tree;
+mod trust;
 pub mod wire;
 
 /// Deliberate breakage of a contract rule, for testing the testers. Without the `sabotage`
@@ -64,6 +65,7 @@ pub use namespace::{
     SYNC_MESSAGE_MAX_BYTES, Stat, SyncSession, VersionInfo, WalkEntry,
 };
 pub use query::{Glob, Query, TagPredicate};
+pub use trust::{Keys, PublicKey, SigningKey};
 
 /// The kind of an entry.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

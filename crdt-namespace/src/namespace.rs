@@ -7,12 +7,18 @@
 //! (every operation applied in id order), so two replicas holding the same operations show the
 //! same tree, byte for byte.
 //!
-//! Incoming changes pass `check_history` and `ops_of_change` before automerge sees them:
-//! canonical encoding, each author's sequence numbers without gaps or repeats, operation
-//! counters after those of the change's dependencies, no author field, only fresh keys of the
-//! root map holding valid operations signed by the change's author. Automerge trusts these and
+//! Incoming changes pass `check_history`, `ops_of_change` and the signature check
+//! (`trust::verify`) before automerge sees them: canonical encoding, each author's sequence
+//! numbers without gaps or repeats, operation counters after those of the change's
+//! dependencies, no author field, only fresh keys of the root map holding valid operations of
+//! the change's author, and a signature by one of the author's keys. Automerge trusts these and
 //! panics or misorders operations when they lie; a change that fails them is refused and the
 //! replica is left as it was.
+//!
+//! Local operations go into an automerge transaction; `commit` signs the change the
+//! transaction will make (rebuilt as automerge builds it, and checked to hash the same) and
+//! commits it with the signature as its message. Everything that reads the document commits
+//! first, so no change is ever made unsigned.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -28,6 +34,7 @@ use crate::ids::{EntryId, OpId, SiteId, SiteIdx, Sites, parse_op_key};
 use crate::name::{check_symlink_target, check_tag_key, check_tag_value, join, split_path};
 use crate::query::Query;
 use crate::tree::{Data, Entry, Tree};
+use crate::trust::{self, Keys, SigningKey};
 use crate::wire::{Reader, push_varint};
 use crate::{ContentId, EntryKind, Hlc, TagValue};
 
@@ -178,8 +185,18 @@ pub struct Namespace {
     seen: Vec<Hlc>,
     /// The largest HLC issued or seen: every local operation gets a larger one.
     last_hlc: Hlc,
-    /// Local operations not yet committed to an automerge change.
-    uncommitted_ops: usize,
+    /// Local operations in the open automerge transaction: their keys and encodings, to sign
+    /// the change that commits them.
+    uncommitted: Vec<(String, Vec<u8>)>,
+    /// The heads and the largest operation counter when the open transaction began.
+    uncommitted_base: (Vec<ChangeHash>, u64),
+    /// This site's last change.
+    own_last: Option<ChangeHash>,
+    /// This site's key, which signs its changes.
+    key: SigningKey,
+    /// The keys of the members, this site's own included: incoming changes are checked
+    /// against them.
+    keys: Keys,
     /// The last change (sequence number, last operation counter) of every author in the
     /// document. Automerge trusts both numbers of an incoming change and panics or misorders
     /// operations when they lie, so new changes are checked against these first.
@@ -199,16 +216,19 @@ fn invalid_change(what: &'static str) -> impl FnOnce(String) -> ExchangeError {
 }
 
 impl Namespace {
-    /// An empty namespace for `site`.
-    pub fn new(site: SiteId) -> Namespace {
+    /// An empty namespace for `site`, whose changes `key` signs. It accepts changes from no one
+    /// else until it is told the members' keys ([`Namespace::set_keys`]).
+    pub fn new(site: SiteId, key: SigningKey) -> Namespace {
         let mut doc = AutoCommit::new();
         doc.set_actor(actor_of(&site));
-        Namespace::with_doc(site, doc)
+        Namespace::with_doc(site, key, doc)
     }
 
-    fn with_doc(site: SiteId, doc: AutoCommit) -> Namespace {
+    fn with_doc(site: SiteId, key: SigningKey, doc: AutoCommit) -> Namespace {
         let mut sites = Sites::new();
         let me = sites.intern(site.as_str());
+        let mut keys = Keys::new();
+        keys.allow(&site, key.public());
         Namespace {
             doc,
             site,
@@ -217,9 +237,25 @@ impl Namespace {
             tree: Tree::new(),
             seen: Vec::new(),
             last_hlc: Hlc::ZERO,
-            uncommitted_ops: 0,
+            uncommitted: Vec::new(),
+            uncommitted_base: (Vec::new(), 0),
+            own_last: None,
+            key,
+            keys,
             authors: HashMap::new(),
         }
+    }
+
+    /// The keys incoming changes are checked with, from now on: each member's current and
+    /// former keys. This site's own key is always among them.
+    pub fn set_keys(&mut self, mut keys: Keys) {
+        keys.allow(&self.site, self.key.public());
+        self.keys = keys;
+    }
+
+    /// The keys incoming changes are checked with.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// This replica's site.
@@ -256,10 +292,23 @@ impl Namespace {
         let hlc = hlc.max(self.last_hlc.successor());
         let id = OpId { hlc, site: self.me };
         let bytes = codec::encode(&op, &self.sites);
+        let key = id.key(&self.sites);
+        if self.uncommitted.is_empty() {
+            // What the change this operation opens will follow (before the transaction opens:
+            // reading the heads would close it).
+            let deps = self.doc.get_heads();
+            let mut max_op = 0;
+            for head in &deps {
+                if let Some(meta) = self.doc.get_change_meta_by_hash(head) {
+                    max_op = max_op.max(meta.max_op);
+                }
+            }
+            self.uncommitted_base = (deps, max_op);
+        }
         self.doc
-            .put(automerge::ROOT, id.key(&self.sites), ScalarValue::Bytes(bytes))
+            .put(automerge::ROOT, key.as_str(), ScalarValue::Bytes(bytes.clone()))
             .expect("a put on the root map of an open document cannot fail");
-        self.uncommitted_ops += 1;
+        self.uncommitted.push((key, bytes));
         self.integrate(vec![(id, op)]);
         id
     }
@@ -268,15 +317,50 @@ impl Namespace {
     /// Exchanges and saves commit first, so calling this is only needed to bound the size of a
     /// change (for example after each request a daemon serves).
     pub fn commit(&mut self) {
-        if self.uncommitted_ops > 0 {
-            let seconds = (self.last_hlc.physical_ms() / 1000) as i64;
-            let hash = self.doc.commit_with(CommitOptions::default().with_time(seconds));
-            self.uncommitted_ops = 0;
-            if let Some(meta) = hash.and_then(|h| self.doc.get_change_meta_by_hash(&h)) {
-                let (seq, max_op) = (meta.seq, meta.max_op);
-                self.note_author(actor_of(&self.site).to_bytes(), seq, max_op);
-            }
+        use automerge::legacy::{Key, ObjectId, Op as LegacyOp, OpType, SortedVec};
+        if self.uncommitted.is_empty() {
+            return;
         }
+        let actor = actor_of(&self.site);
+        let (mut deps, max_op) = std::mem::take(&mut self.uncommitted_base);
+        // As automerge does: a change depends on its author's previous one, head or not.
+        if let Some(last) = self.own_last.filter(|last| !deps.contains(last)) {
+            deps.push(last);
+        }
+        let seq = self.authors.get(actor.to_bytes()).map_or(0, |known| known.0) + 1;
+        let operations: Vec<LegacyOp> = std::mem::take(&mut self.uncommitted)
+            .into_iter()
+            .map(|(key, bytes)| LegacyOp {
+                action: OpType::Put(ScalarValue::Bytes(bytes)),
+                obj: ObjectId::Root,
+                key: Key::Map(key.into()),
+                pred: SortedVec::new(),
+                insert: false,
+            })
+            .collect();
+        let count = operations.len() as u64;
+        let time = (self.last_hlc.physical_ms() / 1000) as i64;
+        // The change the open transaction will commit, as automerge will encode it: signed,
+        // and the signature goes in as its message.
+        let (message, signed_hash) = trust::sign(
+            &self.key,
+            automerge::ExpandedChange {
+                operations,
+                actor_id: actor.clone(),
+                hash: None,
+                seq,
+                start_op: std::num::NonZeroU64::new(max_op + 1).expect("one or more"),
+                time,
+                message: None,
+                deps,
+                extra_bytes: Vec::new(),
+                author: None,
+            },
+        );
+        let hash = self.doc.commit_with(CommitOptions::default().with_message(message).with_time(time));
+        let hash = hash.expect("a transaction with operations commits");
+        assert_eq!(hash, signed_hash, "{}: a local change differs from the one signed", self.site);
+        self.note_author(actor.to_bytes(), seq, max_op + count, hash);
     }
 
     /// Applies operations from anywhere, in id order, undoing and redoing later ones as needed.
@@ -341,7 +425,7 @@ impl Namespace {
         let changes = self.doc.get_changes(before);
         let mut ops = Vec::new();
         for change in &changes {
-            self.note_author(change.actor_id().to_bytes(), change.seq(), change.max_op());
+            self.note_author(change.actor_id().to_bytes(), change.seq(), change.max_op(), change.hash());
             // Changes were validated before they were handed to automerge; one that was queued
             // for missing dependencies and is somehow invalid is skipped at every site alike.
             if let Ok(change_ops) = ops_of_change(change, &mut self.sites) {
@@ -353,10 +437,13 @@ impl Namespace {
         report
     }
 
-    fn note_author(&mut self, actor: &[u8], seq: u64, max_op: u64) {
+    fn note_author(&mut self, actor: &[u8], seq: u64, max_op: u64, hash: ChangeHash) {
         let known = self.authors.entry(actor.to_vec()).or_insert((0, 0));
         if seq > known.0 {
             *known = (seq, max_op);
+            if actor == self.site.as_str().as_bytes() {
+                self.own_last = Some(hash);
+            }
         }
     }
 
@@ -855,6 +942,8 @@ impl Namespace {
         if bytes.len() > IMPORT_MAX_BYTES {
             return Err(ExchangeError::TooLarge { what: WHAT, len: bytes.len(), max: IMPORT_MAX_BYTES });
         }
+        // The open transaction is committed (signed) first: what follows reads the document.
+        self.commit();
         let framing = |source: DecodeError| ExchangeError::Framing { what: WHAT, source };
         let body = bytes.strip_prefix(EXPORT_MAGIC.as_slice()).ok_or_else(|| {
             framing(DecodeError::Invalid {
@@ -871,12 +960,14 @@ impl Namespace {
                 Change::from_bytes(raw.to_vec())
                     .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })
             })?;
-            let sites = &mut self.sites;
-            guarded(WHAT, || ops_of_change(&change, sites).map_err(invalid_change(WHAT)))?;
+            // A change held already was checked when it came (or made here).
+            if self.doc.get_change_meta_by_hash(&change.hash()).is_none() {
+                let (sites, keys) = (&mut self.sites, &self.keys);
+                guarded(WHAT, || checked_ops(&change, sites, keys, WHAT))?;
+            }
             changes.push(change);
         }
         reader.finish("export").map_err(framing)?;
-        self.commit();
         self.check_history(&changes).map_err(invalid_change(WHAT))?;
         let before = self.doc.get_heads();
         self.doc.apply_changes(changes).map_err(automerge_error(WHAT))?;
@@ -910,11 +1001,12 @@ impl Namespace {
             sync::Message::decode(bytes)
                 .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })
         })?;
+        // The open transaction is committed (signed) first: what follows reads the document.
+        self.commit();
         let mut changes = Vec::new();
         for chunk in message.changes.iter() {
             changes.extend(self.check_chunk(chunk)?);
         }
-        self.commit();
         self.check_history(&changes).map_err(invalid_change(WHAT))?;
         let before = self.doc.get_heads();
         self.doc.sync().receive_sync_message(&mut session.state, message).map_err(automerge_error(WHAT))?;
@@ -943,8 +1035,12 @@ impl Namespace {
                 }
             })?;
             for change in &changes {
-                let sites = &mut self.sites;
-                guarded(WHAT, || ops_of_change(change, sites).map_err(invalid_change(WHAT)))?;
+                // A change held already was checked when it came (or made here).
+                if self.doc.get_change_meta_by_hash(&change.hash()).is_some() {
+                    continue;
+                }
+                let (sites, keys) = (&mut self.sites, &self.keys);
+                guarded(WHAT, || checked_ops(change, sites, keys, WHAT))?;
             }
             all.extend(changes);
         }
@@ -966,22 +1062,22 @@ impl Namespace {
 
     /// Loads a namespace saved by [`Namespace::save`] (followed by any number of
     /// [`Namespace::save_incremental`] outputs) for `site`. Bad bytes give an error.
-    pub fn load(site: SiteId, bytes: &[u8]) -> Result<Namespace, ExchangeError> {
+    pub fn load(site: SiteId, key: SigningKey, bytes: &[u8]) -> Result<Namespace, ExchangeError> {
         const WHAT: &str = "saved namespace";
         if bytes.len() > LOAD_MAX_BYTES {
             return Err(ExchangeError::TooLarge { what: WHAT, len: bytes.len(), max: LOAD_MAX_BYTES });
         }
         let mut doc = guarded(WHAT, || AutoCommit::load(bytes).map_err(automerge_error(WHAT)))?;
         doc.set_actor(actor_of(&site));
-        let mut ns = Namespace::with_doc(site, doc);
-        let authors: Vec<(Vec<u8>, u64, u64)> = ns
+        let mut ns = Namespace::with_doc(site, key, doc);
+        let authors: Vec<(Vec<u8>, u64, u64, ChangeHash)> = ns
             .doc
             .get_changes_meta(&[])
             .iter()
-            .map(|m| (m.actor.to_bytes().to_vec(), m.seq, m.max_op))
+            .map(|m| (m.actor.to_bytes().to_vec(), m.seq, m.max_op, m.hash))
             .collect();
-        for (actor, seq, max_op) in authors {
-            ns.note_author(&actor, seq, max_op);
+        for (actor, seq, max_op, hash) in authors {
+            ns.note_author(&actor, seq, max_op, hash);
         }
         let mut ops = Vec::with_capacity(ns.doc.length(automerge::ROOT));
         for item in ns.doc.map_range(automerge::ROOT, ..) {
@@ -1045,6 +1141,24 @@ fn split_chunks(mut bytes: &[u8]) -> std::result::Result<Vec<(u8, &[u8])>, Strin
         bytes = rest;
     }
     Ok(chunks)
+}
+
+/// The operations of a change from outside, checked ([`ops_of_change`]), and its signature
+/// checked against `keys`.
+fn checked_ops(
+    change: &Change,
+    sites: &mut Sites,
+    keys: &Keys,
+    what: &'static str,
+) -> Result<Vec<(OpId, Op)>, ExchangeError> {
+    let ops = ops_of_change(change, sites).map_err(invalid_change(what))?;
+    let author = std::str::from_utf8(change.actor_id().to_bytes()).expect("checked by ops_of_change");
+    trust::verify(change, &change.decode(), author, keys).map_err(|reason| ExchangeError::Signature {
+        what,
+        site: author.to_owned(),
+        reason,
+    })?;
+    Ok(ops)
 }
 
 /// The namespace operations of one automerge change, checked: every op must put a valid

@@ -1,7 +1,7 @@
 //! Shared helpers of the namespace's integration tests.
 #![allow(dead_code)]
 
-use crdt_namespace::{ContentId, EntryKind, Hlc, Namespace, NewVersion, SiteId, WalkEntry};
+use crdt_namespace::{ContentId, EntryKind, Hlc, Keys, Namespace, NewVersion, SigningKey, SiteId, WalkEntry};
 
 pub const SITES: [&str; 5] = ["west", "east", "north", "south", "central"];
 
@@ -9,9 +9,37 @@ pub fn site(name: &str) -> SiteId {
     SiteId::new(name).unwrap()
 }
 
+/// The signing key of test site `name` (derived from its name).
+pub fn key(name: &str) -> SigningKey {
+    SigningKey::from_secret(blake3::hash(name.as_bytes()).as_bytes())
+}
+
+/// The keys of every test site, and of `observer`.
+pub fn keys() -> Keys {
+    let mut keys = Keys::new();
+    for name in SITES.iter().chain(&["observer"]) {
+        keys.allow(&site(name), key(name).public());
+    }
+    keys
+}
+
+/// An empty replica for test site `name`, which accepts the other test sites' changes.
+pub fn replica(name: &str) -> Namespace {
+    let mut ns = Namespace::new(site(name), key(name));
+    ns.set_keys(keys());
+    ns
+}
+
+/// A replica of `name` loaded from `bytes`, which accepts the other test sites' changes.
+pub fn load(name: &str, bytes: &[u8]) -> Result<Namespace, crdt_namespace::ExchangeError> {
+    let mut ns = Namespace::load(site(name), key(name), bytes)?;
+    ns.set_keys(keys());
+    Ok(ns)
+}
+
 /// `n` empty replicas named west, east, north...
 pub fn replicas(n: usize) -> Vec<Namespace> {
-    SITES[..n].iter().map(|s| Namespace::new(site(s))).collect()
+    SITES[..n].iter().map(|s| replica(s)).collect()
 }
 
 /// A version whose content id and size are derived from `n`.
@@ -63,8 +91,8 @@ pub fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
 }
 
 fn copy(ns: &mut Namespace) -> Namespace {
-    let site = ns.site().clone();
-    Namespace::load(site, &ns.save()).unwrap()
+    let name = ns.site().to_string();
+    load(&name, &ns.save()).unwrap()
 }
 
 /// Merges the replicas' changes in every order — into a fresh observer and into a copy of each
@@ -75,7 +103,7 @@ pub fn converge(replicas: &mut [Namespace]) -> Vec<WalkEntry> {
     let all: Vec<usize> = (0..replicas.len()).collect();
     let mut results: Vec<(String, Vec<WalkEntry>)> = Vec::new();
     for order in permutations(&all) {
-        let mut observer = Namespace::new(site("observer"));
+        let mut observer = replica("observer");
         for i in &order {
             observer.import(&exports[*i]).unwrap();
             observer.import(&exports[*i]).unwrap();

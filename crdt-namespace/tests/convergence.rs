@@ -237,7 +237,7 @@ fn check(n: usize, actions: &[Action]) -> Result<(), TestCaseError> {
     }
     // A fresh replica loaded from a save shows the same tree.
     let saved = world.replicas[0].save();
-    let loaded = Namespace::load(site("west"), &saved).unwrap();
+    let loaded = load("west", &saved).unwrap();
     prop_assert_eq!(&loaded.walk("/").unwrap(), &first);
     Ok(())
 }

@@ -10,7 +10,7 @@ use crdt_namespace::{ExchangeError, Namespace, SyncSession, WalkEntry};
 use proptest::prelude::*;
 
 fn victim() -> Namespace {
-    let mut ns = Namespace::new(site("west"));
+    let mut ns = replica("west");
     ns.mkdir("/shots/sq010", true, 0o755, 0, hlc(1)).unwrap();
     ns.write_file("/shots/sq010/shot010.clip", version(1), hlc(2)).unwrap();
     ns.set_tag("/shots", "project", "apollo", hlc(3)).unwrap();
@@ -18,7 +18,7 @@ fn victim() -> Namespace {
 }
 
 fn peer_with_changes() -> Namespace {
-    let mut peer = Namespace::new(site("east"));
+    let mut peer = replica("east");
     peer.import(&victim().export_since(&[])).unwrap();
     peer.mkdir("/east/work", true, 0o755, 0, hlc(10)).unwrap();
     peer.write_file("/east/work/a", version(2), hlc(11)).unwrap();
@@ -110,7 +110,7 @@ proptest! {
         cut in proptest::option::of(any::<usize>()),
     ) {
         let bytes = mutate(peer_with_changes().save(), &flips, cut);
-        if let Ok(ns) = Namespace::load(site("west"), &bytes) {
+        if let Ok(ns) = load("west", &bytes) {
             prop_assert!(ns.check_invariants().is_ok());
         }
     }
@@ -122,7 +122,7 @@ proptest! {
         prop_assert!(ns.import(&bytes).is_err());
         let mut session = SyncSession::new();
         let _ = ns.receive_sync_message(&mut session, &bytes);
-        prop_assert!(Namespace::load(site("west"), &bytes).is_err() || bytes.is_empty());
+        prop_assert!(load("west", &bytes).is_err() || bytes.is_empty());
         prop_assert_eq!(snapshot(&mut ns), before);
     }
 }
@@ -198,7 +198,7 @@ fn hostile_documents_on_disk_are_refused() {
     let mut doc = AutoCommit::new();
     doc.set_actor(ActorId::from(b"east".as_slice()));
     doc.put(automerge::ROOT, "ffffffffffff0000.east", "not an operation").unwrap();
-    let err = Namespace::load(site("west"), &doc.save()).err().unwrap();
+    let err = load("west", &doc.save()).err().unwrap();
     assert!(err.to_string().contains("is not bytes"), "{err}");
 }
 

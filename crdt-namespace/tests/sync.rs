@@ -151,7 +151,7 @@ fn imports_are_idempotent_and_exports_since_heads_carry_only_what_is_missing() {
 
 #[test]
 fn incremental_saves_load_back() {
-    let mut ns = Namespace::new(site("west"));
+    let mut ns = replica("west");
     ns.mkdir("/a", false, 0o755, 0, hlc(1)).unwrap();
     let mut saved = ns.save();
     for k in 0..5u8 {
@@ -160,12 +160,12 @@ fn incremental_saves_load_back() {
     }
     ns.rename("/a/0", "/zero", hlc(100)).unwrap();
     saved.extend(ns.save_incremental());
-    let mut loaded = Namespace::load(site("west"), &saved).unwrap();
+    let mut loaded = load("west", &saved).unwrap();
     assert_eq!(loaded.walk("/").unwrap(), ns.walk("/").unwrap());
     // The loaded replica keeps writing as the same site, after what it loaded.
     loaded.write_file("/a/late", version(9), hlc(5)).unwrap();
     assert!(loaded.stat("/a/late").unwrap().version.unwrap().hlc > hlc(100));
-    let mut peer = Namespace::new(site("east"));
+    let mut peer = replica("east");
     peer.import(&loaded.export_since(&[])).unwrap();
     assert_eq!(peer.walk("/").unwrap(), loaded.walk("/").unwrap());
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use crdt_namespace::SiteId;
+use crdt_namespace::{PublicKey, SiteId};
 use serde::{Deserialize, Serialize};
 
 use libp2p_identity::PeerId;
@@ -217,17 +217,31 @@ impl PeerConfig {
     pub fn member(&self) -> anyhow::Result<Member> {
         let site = SiteId::new(&self.site).map_err(|e| anyhow::anyhow!("peer site {:?}: {e}", self.site))?;
         check_region(&self.region)?;
-        let peer = self
-            .peer_id
-            .parse::<PeerId>()
-            .map_err(|e| anyhow::anyhow!("peer {}: peer id {:?}: {e}", self.site, self.peer_id))?;
+        let peer = self.peer()?;
         let addrs = self
             .addrs
             .iter()
             .map(|a| parse_addr(a).with_context(|| format!("peer {}", self.site)))
             .collect::<anyhow::Result<_>>()?;
+        signing_key_of(&self.site, &peer)?;
         Ok(Member { site, peer, addrs })
     }
+
+    /// The key that signs the peer's namespace changes: the Ed25519 key its peer id embeds.
+    pub fn signing_key(&self) -> anyhow::Result<PublicKey> {
+        signing_key_of(&self.site, &self.peer()?)
+    }
+
+    fn peer(&self) -> anyhow::Result<PeerId> {
+        self.peer_id
+            .parse::<PeerId>()
+            .map_err(|e| anyhow::anyhow!("peer {}: peer id {:?}: {e}", self.site, self.peer_id))
+    }
+}
+
+fn signing_key_of(site: &str, peer: &PeerId) -> anyhow::Result<PublicKey> {
+    let bytes = transport::p2p::public_key_of(peer).map_err(|e| anyhow::anyhow!("peer {site}: {e}"))?;
+    PublicKey::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("peer {site}: peer id {peer}: {e}"))
 }
 
 /// Parses a libp2p multiaddr such as `/ip4/10.0.0.2/udp/4100/quic-v1`.

@@ -122,12 +122,14 @@ fn mesh_block(handle: &Handle, site: &str, blocked: bool) -> Result<(), ApiError
 
 /// `meridian mesh add`: the member joins the mesh, and the core learns its region.
 async fn mesh_add(handle: &Handle, peer: &crate::config::PeerConfig) -> anyhow::Result<Result<(), ApiError>> {
-    let member = peer.member().and_then(|member| Ok((member, crate::config::check_region(&peer.region)?)));
+    let member = peer
+        .member()
+        .and_then(|member| Ok((member, crate::config::check_region(&peer.region)?, peer.signing_key()?)));
     match member {
-        Ok((member, region)) => {
+        Ok((member, region, key)) => {
             let site = member.site.clone();
             handle.mesh.add_member(member);
-            ask(handle, Request::Member { site, region }, |_| Some(())).await
+            ask(handle, Request::Member { site, region, key }, |_| Some(())).await
         }
         Err(e) => Ok(Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))),
     }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use crdt_namespace::{Namespace, SiteId};
+use crdt_namespace::{Namespace, SigningKey, SiteId};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
@@ -79,7 +79,7 @@ pub enum Event {
 enum Command {
     Local {
         id: RequestId,
-        request: Request,
+        request: Box<Request>,
         events: mpsc::Sender<Event>,
     },
     /// The client of read `id` took one [`Event::Data`].
@@ -173,11 +173,14 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
         );
     }
     let site_id = loaded.config.site_id();
+    let key = SigningKey::from_secret(
+        &p2p::signing_secret(&load_keypair(loaded)?).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let saved = db.namespace_bytes()?;
     let ns = if saved.is_empty() {
-        Namespace::new(site_id.clone())
+        Namespace::new(site_id.clone(), key)
     } else {
-        Namespace::load(site_id.clone(), &saved)
+        Namespace::load(site_id.clone(), key, &saved)
             .with_context(|| format!("loading the namespace from {}", db_path.display()))?
     };
     let versions = db.versions()?;
@@ -186,9 +189,9 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     let mut site_config = SiteConfig::new(site_id);
     site_config.region = check_region(&config.region)?;
     for peer in &config.peers {
-        site_config
-            .regions
-            .insert(SiteId::new(&peer.site).expect("checked when loaded"), check_region(&peer.region)?);
+        let site = SiteId::new(&peer.site).expect("checked when loaded");
+        site_config.keys.allow(&site, peer.signing_key()?);
+        site_config.regions.insert(site, check_region(&peer.region)?);
     }
     site_config.staging = config.staging.is_some().then_some(config.transfer);
     if let Some(staging) = &config.staging {
@@ -344,7 +347,7 @@ impl CoreThread {
             Command::Local { id, request, events } => {
                 test_panic("core");
                 self.pending.insert(id, events);
-                self.site.handle_local(self.clock.now_ms(), wall_ms(), id, request);
+                self.site.handle_local(self.clock.now_ms(), wall_ms(), id, *request);
             }
             Command::Taken(id) => self.site.handle_read_taken(self.clock.now_ms(), id),
             Command::Stop => {}
@@ -648,7 +651,7 @@ impl Handle {
         let (events, rx) = mpsc::channel(self.event_queue);
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.commands
-            .send(Command::Local { id, request, events })
+            .send(Command::Local { id, request: Box::new(request), events })
             .await
             .map_err(|_| anyhow::anyhow!("the node is stopping"))?;
         Ok(Events { id, events: rx, commands: self.commands.clone() })

@@ -214,6 +214,12 @@ pub struct World<D: Driver> {
     timers: bool,
 }
 
+/// The key that signs `site`'s changes in a simulated world (derived from its name).
+pub fn signing_key(site: &SiteId) -> crdt_namespace::SigningKey {
+    let secret = blake3::derive_key("meridian sim site key", site.as_str().as_bytes());
+    crdt_namespace::SigningKey::from_secret(&secret)
+}
+
 /// A link's key: its ends, in order.
 fn key(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
@@ -223,14 +229,20 @@ impl<D: Driver> World<D> {
     /// A world of the sites in `setup`, none linked yet, no event scheduled.
     pub fn new(setup: Setup, driver: D) -> World<D> {
         assert_eq!(setup.configs.len(), setup.skews_ms.len(), "one clock offset per site");
+        // Every site knows every member's key.
+        let mut keys = crdt_namespace::Keys::new();
+        for config in &setup.configs {
+            keys.allow(&config.site, signing_key(&config.site).public());
+        }
         let sites = setup
             .configs
             .into_iter()
             .zip(setup.skews_ms)
-            .map(|(config, skew_ms)| {
+            .map(|(mut config, skew_ms)| {
                 let name = config.site.clone();
-                let core =
-                    Site::new(config.clone(), Namespace::new(name.clone()), Vec::new(), HashSet::new());
+                config.keys = keys.clone();
+                let ns = Namespace::new(name.clone(), signing_key(&name));
+                let core = Site::new(config.clone(), ns, Vec::new(), HashSet::new());
                 SimSite { name, config, core: Some(core), disk: Disk::default(), skew_ms, timer_at: None }
             })
             .collect();

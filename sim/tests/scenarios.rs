@@ -131,7 +131,8 @@ fn outputs(site: &mut Site) -> Vec<Output> {
 #[test]
 fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
     let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
-    let mut site = Site::new(SiteConfig::new(west.clone()), Namespace::new(west), Vec::new(), HashSet::new());
+    let ns = Namespace::new(west.clone(), sim::world::signing_key(&west));
+    let mut site = Site::new(SiteConfig::new(west), ns, Vec::new(), HashSet::new());
     site.handle_peer_up(1, east.clone());
     // The first sync message may carry this site's changes: it waits for the stores before it.
     match outputs(&mut site).as_slice() {
@@ -496,7 +497,9 @@ fn a_member_added_live_is_read_through_the_bucket_once_its_region_is_known() {
     });
     let data = random_bytes(20_000, 25);
     mesh.put(0, "/f", &data);
-    let member = Request::Member { site: SiteId::new("west").unwrap(), region: region("eu") };
+    let west = SiteId::new("west").unwrap();
+    let key = sim::world::signing_key(&west).public();
+    let member = Request::Member { site: west, region: region("eu"), key };
     assert_eq!(mesh.ok(1, member), Reply::Done);
     let since = mark(&mesh);
     assert_eq!(mesh.read(1, "/f", None).unwrap(), data);

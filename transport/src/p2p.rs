@@ -749,6 +749,27 @@ pub fn peer_id_of(keypair: &Keypair) -> PeerId {
     keypair.public().to_peer_id()
 }
 
+/// The Ed25519 secret of a site's key pair: the key that signs its namespace changes.
+pub fn signing_secret(keypair: &Keypair) -> Result<[u8; 32], String> {
+    let pair =
+        keypair.clone().try_into_ed25519().map_err(|_| "the site key is not an Ed25519 key".to_owned())?;
+    let secret = pair.secret();
+    secret.as_ref().try_into().map_err(|_| "the site key's secret is not 32 bytes".to_owned())
+}
+
+/// The Ed25519 public key a peer id carries (an Ed25519 peer id embeds its key): what checks
+/// that site's namespace changes.
+pub fn public_key_of(peer: &PeerId) -> Result<[u8; 32], String> {
+    let digest = peer.as_ref();
+    if digest.code() != 0 {
+        return Err(format!("peer id {peer} does not embed its public key (not an Ed25519 key)"));
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(digest.digest())
+        .map_err(|e| format!("peer id {peer}: {e}"))?;
+    let key = key.try_into_ed25519().map_err(|_| format!("peer id {peer} is not an Ed25519 key"))?;
+    Ok(key.to_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
 use crdt_namespace::{
-    ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Namespace, OpError, Query, SiteId, Stat,
-    SyncSession,
+    ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Keys, Namespace, OpError, PublicKey,
+    Query, SiteId, Stat, SyncSession,
 };
 use proto::{FetchId, Message, Priority, Region};
 
@@ -98,6 +98,9 @@ pub struct SiteConfig {
     /// The region of every other site (from the membership); a site missing here is taken to
     /// be in this site's region.
     pub regions: BTreeMap<SiteId, Region>,
+    /// The members' keys (current and former): a change is integrated only if its author's
+    /// key signed it. This site's own key is always among them.
+    pub keys: Keys,
     /// The staging bucket between regions, if one is configured, and how this site's reads
     /// use it. Without one, payload crosses regions directly; with one, this site also stages
     /// what it holds for the sites of other regions that ask, whatever its own `Transfer`.
@@ -125,6 +128,7 @@ impl SiteConfig {
             sync_interval_ms: 5_000,
             region: Region::new("local").expect("a valid region"),
             regions: BTreeMap::new(),
+            keys: Keys::new(),
             staging: None,
             stage_timeout_ms: 120_000,
             stage_uploads_in_flight: 2,
@@ -222,6 +226,8 @@ pub enum Request {
         site: SiteId,
         /// Its region.
         region: Region,
+        /// Its key: its changes are accepted from now on.
+        key: PublicKey,
     },
 }
 
@@ -566,6 +572,7 @@ impl Site {
     ) -> Site {
         let mut clock = HlcClock::new();
         clock.observe(ns.last_hlc());
+        ns.set_keys(config.keys.clone());
         let pushed_heads = ns.heads();
         Site {
             config,
@@ -730,7 +737,9 @@ impl Site {
                 let status = self.status();
                 return self.reply(id, Ok(Reply::Status(status)));
             }
-            Request::Member { site, region } => {
+            Request::Member { site, region, key } => {
+                self.config.keys.allow(&site, key);
+                self.ns.set_keys(self.config.keys.clone());
                 self.config.regions.insert(site, region);
                 return self.reply(id, Ok(Reply::Done));
             }

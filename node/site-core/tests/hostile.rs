@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use crdt_namespace::{Namespace, SiteId};
+use crdt_namespace::{Namespace, SigningKey, SiteId};
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
 use site_core::{LoadPurpose, Output, Request, RequestId, Site, SiteConfig, SiteError};
 
@@ -11,7 +11,9 @@ const WALL_MS: u64 = 1_796_000_000_000;
 #[test]
 fn a_manifest_that_lists_a_held_chunk_as_longer_fails_the_read_instead_of_panicking() {
     let west = SiteId::new("west").unwrap();
-    let mut site = Site::new(SiteConfig::new(west.clone()), Namespace::new(west), Vec::new(), HashSet::new());
+    let key = SigningKey::from_secret(blake3::hash(b"west").as_bytes());
+    let mut site =
+        Site::new(SiteConfig::new(west.clone()), Namespace::new(west, key), Vec::new(), HashSet::new());
     let data = b"ten bytes!".to_vec();
     let good = Manifest::of_bytes(&data, ChunkerConfig::default());
     let chunk = good.chunks[0];

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use crdt_namespace::{Namespace, SiteId};
+use crdt_namespace::{Keys, Namespace, SigningKey, SiteId};
 use proto::Message;
 use site_core::content::{ChunkerConfig, Manifest};
 use site_core::{Output, Request, RequestId, Site, SiteConfig};
@@ -41,8 +41,14 @@ fn who_has_asked(sent: &[Message]) -> bool {
 /// Returns west, and the monotonic time of the read.
 fn a_read_waiting_for_who_holds() -> (Site, u64) {
     let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
+    let key = |id: &SiteId| SigningKey::from_secret(blake3::hash(id.as_str().as_bytes()).as_bytes());
+    let mut keys = Keys::new();
+    keys.allow(&west, key(&west).public());
+    keys.allow(&east, key(&east).public());
     let site = |id: &SiteId| {
-        Site::new(SiteConfig::new(id.clone()), Namespace::new(id.clone()), Vec::new(), HashSet::new())
+        let mut config = SiteConfig::new(id.clone());
+        config.keys = keys.clone();
+        Site::new(config, Namespace::new(id.clone(), key(id)), Vec::new(), HashSet::new())
     };
     let (mut w, mut e) = (site(&west), site(&east));
     w.handle_peer_up(10, east.clone());

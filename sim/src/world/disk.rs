@@ -73,9 +73,9 @@ impl Disk {
         self.chunk_files.retain(|h, _| index.contains(h));
         let saved: Vec<u8> = self.namespace.concat();
         let ns = if saved.is_empty() {
-            Namespace::new(site.clone())
+            Namespace::new(site.clone(), super::signing_key(site))
         } else {
-            Namespace::load(site.clone(), &saved)
+            Namespace::load(site.clone(), super::signing_key(site), &saved)
                 .map_err(|e| format!("{site} cannot load its namespace: {e}"))?
         };
         let chunks: HashSet<ChunkHash> =

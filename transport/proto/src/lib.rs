@@ -7,8 +7,9 @@
 use crdt_namespace::wire::{Reader, push_bytes, push_varint};
 use crdt_namespace::{ContentId, DecodeError, SiteId};
 
-/// Version of the site-to-site protocol. Bumped on any incompatible change of a message.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version of the site-to-site protocol. Bumped on any incompatible change of a message (4:
+/// namespace changes are signed, and unsigned ones refused).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest encoded message. A chunk is at most 16 MiB; a first sync of a large namespace sends
 /// the document in one message (about 18 MB per million entries), so the bound leaves room for
