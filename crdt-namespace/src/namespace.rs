@@ -939,39 +939,32 @@ impl Namespace {
     /// the namespace is unchanged.
     pub fn import(&mut self, bytes: &[u8]) -> Result<ImportReport, ExchangeError> {
         const WHAT: &str = "import";
-        if bytes.len() > IMPORT_MAX_BYTES {
-            return Err(ExchangeError::TooLarge { what: WHAT, len: bytes.len(), max: IMPORT_MAX_BYTES });
-        }
         // The open transaction is committed (signed) first: what follows reads the document.
         self.commit();
-        let framing = |source: DecodeError| ExchangeError::Framing { what: WHAT, source };
-        let body = bytes.strip_prefix(EXPORT_MAGIC.as_slice()).ok_or_else(|| {
-            framing(DecodeError::Invalid {
-                what: "export header",
-                reason: "not a meridian namespace export".into(),
-            })
-        })?;
-        let mut reader = Reader::new(body);
-        let count = reader.varint("change count").map_err(framing)?;
-        let mut changes = Vec::new();
-        for _ in 0..count {
-            let raw = reader.bytes("change", IMPORT_MAX_BYTES).map_err(framing)?;
-            let change = guarded(WHAT, || {
-                Change::from_bytes(raw.to_vec())
-                    .map_err(|e| ExchangeError::Automerge { what: WHAT, reason: e.to_string() })
-            })?;
+        let changes = parse_export(bytes, WHAT)?;
+        for change in &changes {
             // A change held already was checked when it came (or made here).
             if self.doc.get_change_meta_by_hash(&change.hash()).is_none() {
                 let (sites, keys) = (&mut self.sites, &self.keys);
-                guarded(WHAT, || checked_ops(&change, sites, keys, WHAT))?;
+                guarded(WHAT, || checked_ops(change, sites, keys, WHAT))?;
             }
-            changes.push(change);
         }
-        reader.finish("export").map_err(framing)?;
         self.check_history(&changes).map_err(invalid_change(WHAT))?;
         let before = self.doc.get_heads();
         self.doc.apply_changes(changes).map_err(automerge_error(WHAT))?;
         Ok(self.integrate_since(&before))
+    }
+
+    /// Checks an export without a replica: framing, every change's operations, and every
+    /// change's signature against `keys`. What a site can tell of a push before it relays it
+    /// (the checks that need the replica's history come at import).
+    pub fn check_export(bytes: &[u8], keys: &Keys) -> Result<(), ExchangeError> {
+        const WHAT: &str = "push";
+        let mut sites = Sites::new();
+        for change in parse_export(bytes, WHAT)? {
+            guarded(WHAT, || checked_ops(&change, &mut sites, keys, WHAT))?;
+        }
+        Ok(())
     }
 
     /// The next message of the sync session with one peer, or `None` when there is nothing to
@@ -1141,6 +1134,32 @@ fn split_chunks(mut bytes: &[u8]) -> std::result::Result<Vec<(u8, &[u8])>, Strin
         bytes = rest;
     }
     Ok(chunks)
+}
+
+/// The changes of an export made by [`Namespace::export_since`], parsed but not checked.
+fn parse_export(bytes: &[u8], what: &'static str) -> Result<Vec<Change>, ExchangeError> {
+    if bytes.len() > IMPORT_MAX_BYTES {
+        return Err(ExchangeError::TooLarge { what, len: bytes.len(), max: IMPORT_MAX_BYTES });
+    }
+    let framing = |source: DecodeError| ExchangeError::Framing { what, source };
+    let body = bytes.strip_prefix(EXPORT_MAGIC.as_slice()).ok_or_else(|| {
+        framing(DecodeError::Invalid {
+            what: "export header",
+            reason: "not a meridian namespace export".into(),
+        })
+    })?;
+    let mut reader = Reader::new(body);
+    let count = reader.varint("change count").map_err(framing)?;
+    let mut changes = Vec::new();
+    for _ in 0..count {
+        let raw = reader.bytes("change", IMPORT_MAX_BYTES).map_err(framing)?;
+        changes.push(guarded(what, || {
+            Change::from_bytes(raw.to_vec())
+                .map_err(|e| ExchangeError::Automerge { what, reason: e.to_string() })
+        })?);
+    }
+    reader.finish("export").map_err(framing)?;
+    Ok(changes)
 }
 
 /// The operations of a change from outside, checked ([`ops_of_change`]), and its signature

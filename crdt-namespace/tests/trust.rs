@@ -202,3 +202,15 @@ fn recase_signature(export: &[u8]) -> Vec<u8> {
     expanded.hash = None;
     frame(&[automerge::Change::from(expanded).raw_bytes().to_vec()])
 }
+
+#[test]
+fn a_push_is_checked_without_a_replica_before_it_is_relayed() {
+    let mut west = replica("west");
+    west.mkdir("/shots", false, 0o755, 0, hlc(1)).unwrap();
+    Namespace::check_export(&west.export_since(&[]), &keys()).unwrap();
+    let mut forger = impostor("west", "east", &mut west);
+    let heads = forger.heads();
+    forger.mkdir("/shots/forged", false, 0o755, 0, hlc(2)).unwrap();
+    assert_forgery(Namespace::check_export(&forger.export_since(&heads), &keys()), "west");
+    assert!(Namespace::check_export(b"mrdn-ex1garbage", &keys()).is_err());
+}
