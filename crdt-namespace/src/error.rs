@@ -31,6 +31,12 @@ pub enum NameError {
 /// Errors of local operations and reads: bad paths, missing entries, wrong kinds.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum OpError {
+    /// Every HLC after the largest one seen is taken: a local operation cannot get an id.
+    #[error("the clock cannot advance past {last}: no operation can be recorded")]
+    ClockExhausted {
+        /// The largest HLC seen.
+        last: crate::Hlc,
+    },
     /// The path does not start with `/`.
     #[error("path {path:?} is not absolute (it must start with `/`)")]
     NotAbsolute {

@@ -41,6 +41,8 @@ use crate::{ContentId, EntryKind, Hlc, TagValue};
 /// Largest saved document accepted by [`Namespace::load`]: ample for tens of millions of
 /// entries, and a bound on what a corrupt file can make us allocate.
 pub const LOAD_MAX_BYTES: usize = 4 << 30;
+/// Bytes of changes held for the clock bound ([`Namespace::set_clock_bound`]) at most.
+pub const HELD_MAX_BYTES: usize = 64 << 20;
 /// Largest export accepted by [`Namespace::import`].
 pub const IMPORT_MAX_BYTES: usize = 1 << 30;
 /// Largest sync message accepted by [`Namespace::receive_sync_message`]. A first sync of a large
@@ -146,6 +148,9 @@ pub struct ImportReport {
     pub changes: usize,
     /// Namespace operations newly applied.
     pub ops: usize,
+    /// Changes not applied (held, or held already): an operation in each is further ahead than
+    /// the clock bound ([`Namespace::set_clock_bound`]).
+    pub held: usize,
 }
 
 /// The state of a sync session with one peer (automerge's sync protocol). Keep one per peer and
@@ -192,6 +197,12 @@ pub struct Namespace {
     uncommitted_base: (Vec<ChangeHash>, u64),
     /// This site's last change.
     own_last: Option<ChangeHash>,
+    /// Operations with a larger HLC are not integrated yet: their changes wait in `held`.
+    clock_bound: Hlc,
+    /// Changes held for the clock bound, with the largest HLC of each.
+    held: BTreeMap<ChangeHash, (Hlc, Change)>,
+    /// Bytes of the changes in `held`.
+    held_bytes: usize,
     /// This site's key, which signs its changes.
     key: SigningKey,
     /// The keys of the members, this site's own included: incoming changes are checked
@@ -240,6 +251,9 @@ impl Namespace {
             uncommitted: Vec::new(),
             uncommitted_base: (Vec::new(), 0),
             own_last: None,
+            clock_bound: Hlc::from_raw(u64::MAX),
+            held: BTreeMap::new(),
+            held_bytes: 0,
             key,
             keys,
             authors: HashMap::new(),
@@ -288,7 +302,8 @@ impl Namespace {
     // Applying operations
 
     /// Records a local operation: gives it an id, stores it in the document and applies it.
-    fn record(&mut self, hlc: Hlc, op: Op) -> OpId {
+    fn record(&mut self, hlc: Hlc, op: Op) -> Result<OpId> {
+        self.check_clock(1)?;
         let hlc = hlc.max(self.last_hlc.successor());
         let id = OpId { hlc, site: self.me };
         let bytes = codec::encode(&op, &self.sites);
@@ -310,7 +325,16 @@ impl Namespace {
             .expect("a put on the root map of an open document cannot fail");
         self.uncommitted.push((key, bytes));
         self.integrate(vec![(id, op)]);
-        id
+        Ok(id)
+    }
+
+    /// Refuses a local change of `ops` operations that would find no HLC after every one seen
+    /// (an id is never given twice: a second operation under one id would replace the first).
+    fn check_clock(&self, ops: u64) -> Result<()> {
+        match self.last_hlc.raw().checked_add(ops) {
+            Some(_) => Ok(()),
+            None => Err(OpError::ClockExhausted { last: self.last_hlc }),
+        }
     }
 
     /// Commits the local operations recorded since the last commit as one automerge change.
@@ -432,7 +456,7 @@ impl Namespace {
                 ops.extend(change_ops);
             }
         }
-        let report = ImportReport { changes: changes.len(), ops: ops.len() };
+        let report = ImportReport { changes: changes.len(), ops: ops.len(), held: 0 };
         self.integrate(ops);
         report
     }
@@ -561,6 +585,8 @@ impl Namespace {
         if names.is_empty() {
             return if parents { Ok(()) } else { Err(OpError::AlreadyExists { path: "/".into() }) };
         }
+        // All or nothing: the clock has room for every directory this may make.
+        self.check_clock(names.len() as u64)?;
         let mut cur = EntryId::ROOT;
         let mut walked = String::new();
         for (i, name) in names.iter().enumerate() {
@@ -583,7 +609,7 @@ impl Namespace {
                         name: (*name).into(),
                         body: CreateBody::Dir { mode, mtime_ns },
                     };
-                    cur = EntryId::created_by(self.record(hlc, op));
+                    cur = EntryId::created_by(self.record(hlc, op)?);
                 }
             }
         }
@@ -608,7 +634,7 @@ impl Namespace {
                 Data::Symlink(_) => return Err(OpError::IsASymlink { path: path.to_owned() }),
             },
         };
-        self.record(hlc, op);
+        self.record(hlc, op)?;
         Ok(())
     }
 
@@ -620,7 +646,7 @@ impl Namespace {
             return Err(OpError::AlreadyExists { path: path.to_owned() });
         }
         let body = CreateBody::Symlink { target: target.into(), mtime_ns };
-        self.record(hlc, Op::Create { parent, name: name.into(), body });
+        self.record(hlc, Op::Create { parent, name: name.into(), body })?;
         Ok(())
     }
 
@@ -644,7 +670,7 @@ impl Namespace {
             }
             cur = self.tree.entry(cur).parent;
         }
-        self.record(hlc, Op::Move { target, parent, name: name.into() });
+        self.record(hlc, Op::Move { target, parent, name: name.into() })?;
         Ok(())
     }
 
@@ -665,7 +691,7 @@ impl Namespace {
             .map(|(i, h)| (SiteIdx(i as u32), *h))
             .collect();
         let entries = self.tree.subtree(target);
-        self.record(hlc, Op::Remove { target, seen, entries });
+        self.record(hlc, Op::Remove { target, seen, entries })?;
         Ok(())
     }
 
@@ -675,7 +701,7 @@ impl Namespace {
             check_tag_value(value).map_err(|reason| OpError::InvalidTag { reason })?;
         }
         let target = self.resolve_id(path)?;
-        self.record(hlc, Op::SetTag { target, key: key.into(), change });
+        self.record(hlc, Op::SetTag { target, key: key.into(), change })?;
         Ok(())
     }
 
@@ -702,7 +728,7 @@ impl Namespace {
             return Err(OpError::Root { action: "changed" });
         }
         if mode.is_some() || mtime_ns.is_some() {
-            self.record(hlc, Op::SetAttr { target, mode, mtime_ns });
+            self.record(hlc, Op::SetAttr { target, mode, mtime_ns })?;
         }
         Ok(())
     }
@@ -941,18 +967,103 @@ impl Namespace {
         const WHAT: &str = "import";
         // The open transaction is committed (signed) first: what follows reads the document.
         self.commit();
-        let changes = parse_export(bytes, WHAT)?;
-        for change in &changes {
-            // A change held already was checked when it came (or made here).
-            if self.doc.get_change_meta_by_hash(&change.hash()).is_none() {
-                let (sites, keys) = (&mut self.sites, &self.keys);
-                guarded(WHAT, || checked_ops(change, sites, keys, WHAT))?;
-            }
+        let mut checked = Vec::new();
+        for change in parse_export(bytes, WHAT)? {
+            let newest = self.check_change(&change, WHAT)?;
+            checked.push((change, newest));
         }
+        let (changes, later) = self.split_by_clock(checked);
         self.check_history(&changes).map_err(invalid_change(WHAT))?;
         let before = self.doc.get_heads();
         self.doc.apply_changes(changes).map_err(automerge_error(WHAT))?;
-        Ok(self.integrate_since(&before))
+        let mut report = self.integrate_since(&before);
+        report.held = self.hold(later);
+        Ok(report)
+    }
+
+    /// Checks a change from outside ([`checked_ops`]) unless this replica holds it already (it
+    /// was checked when it came, or made here): the largest HLC of its operations, if new.
+    fn check_change(&mut self, change: &Change, what: &'static str) -> Result<Option<Hlc>, ExchangeError> {
+        if self.doc.get_change_meta_by_hash(&change.hash()).is_some() {
+            return Ok(None);
+        }
+        let (sites, keys) = (&mut self.sites, &self.keys);
+        let ops = guarded(what, || checked_ops(change, sites, keys, what))?;
+        Ok(ops.iter().map(|(id, _)| id.hlc).max())
+    }
+
+    /// Splits checked changes into those to apply now and those whose newest operation is past
+    /// the clock bound.
+    fn split_by_clock(&self, checked: Vec<(Change, Option<Hlc>)>) -> (Vec<Change>, Vec<(Hlc, Change)>) {
+        let mut now = Vec::with_capacity(checked.len());
+        let mut later = Vec::new();
+        for (change, newest) in checked {
+            match newest {
+                Some(newest) if newest > self.clock_bound => later.push((newest, change)),
+                _ => now.push(change),
+            }
+        }
+        (now, later)
+    }
+
+    /// Keeps changes past the clock bound until it reaches them, up to [`HELD_MAX_BYTES`] (one
+    /// that does not fit is dropped: its sender offers it again). How many were past the bound
+    /// (held now, or before).
+    fn hold(&mut self, later: Vec<(Hlc, Change)>) -> usize {
+        let count = later.len();
+        for (newest, change) in later {
+            let len = change.raw_bytes().len();
+            if self.held.contains_key(&change.hash()) || self.held_bytes + len > HELD_MAX_BYTES {
+                continue;
+            }
+            self.held_bytes += len;
+            self.held.insert(change.hash(), (newest, change));
+        }
+        count
+    }
+
+    /// Operations with an HLC after `bound` are held, not integrated (the contract's clock
+    /// bound: the receiver's clock plus `max_clock_ahead`); the changes held so far that it now
+    /// reaches are applied. A driver moves it forward with its clock.
+    pub fn set_clock_bound(&mut self, bound: Hlc) -> ImportReport {
+        self.clock_bound = bound;
+        let due: Vec<ChangeHash> =
+            self.held.iter().filter(|(_, (newest, _))| *newest <= bound).map(|(hash, _)| *hash).collect();
+        if due.is_empty() {
+            return ImportReport::default();
+        }
+        self.commit();
+        let mut changes = Vec::with_capacity(due.len());
+        for hash in due {
+            if let Some((_, change)) = self.held.remove(&hash) {
+                self.held_bytes -= change.raw_bytes().len();
+                changes.push(change);
+            }
+        }
+        // What no longer fits this replica's history is dropped; its sender offers it again.
+        if self.check_history(&changes).is_err() {
+            return ImportReport::default();
+        }
+        let before = self.doc.get_heads();
+        if self.doc.apply_changes(changes).is_err() {
+            return ImportReport::default();
+        }
+        self.integrate_since(&before)
+    }
+
+    /// Whether changes are held for the clock bound.
+    pub fn holds_changes(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Changes held for the clock bound, by the site that wrote them.
+    pub fn held_changes(&self) -> BTreeMap<String, usize> {
+        let mut by_site = BTreeMap::new();
+        for (_, change) in self.held.values() {
+            let author = String::from_utf8_lossy(change.actor_id().to_bytes()).into_owned();
+            *by_site.entry(author).or_insert(0) += 1;
+        }
+        by_site
     }
 
     /// Checks an export without a replica: framing, every change's operations, and every
@@ -996,19 +1107,28 @@ impl Namespace {
         })?;
         // The open transaction is committed (signed) first: what follows reads the document.
         self.commit();
-        let mut changes = Vec::new();
+        let mut message = message;
+        let mut checked = Vec::new();
         for chunk in message.changes.iter() {
-            changes.extend(self.check_chunk(chunk)?);
+            checked.extend(self.check_chunk(chunk)?);
         }
+        let (changes, later) = self.split_by_clock(checked);
         self.check_history(&changes).map_err(invalid_change(WHAT))?;
+        if !later.is_empty() {
+            // Automerge takes what the message carries: it carries only what is applied now.
+            let kept: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
+            message.changes = sync::ChunkList::from(kept);
+        }
         let before = self.doc.get_heads();
         self.doc.sync().receive_sync_message(&mut session.state, message).map_err(automerge_error(WHAT))?;
-        Ok(self.integrate_since(&before))
+        let mut report = self.integrate_since(&before);
+        report.held = self.hold(later);
+        Ok(report)
     }
 
     /// Checks one element of a sync message's change list: automerge storage chunks (changes,
     /// bundles of changes, or in a first sync a whole document), concatenated.
-    fn check_chunk(&mut self, bytes: &[u8]) -> Result<Vec<Change>, ExchangeError> {
+    fn check_chunk(&mut self, bytes: &[u8]) -> Result<Vec<(Change, Option<Hlc>)>, ExchangeError> {
         let mut all = Vec::new();
         const WHAT: &str = "sync message";
         for (kind, chunk) in split_chunks(bytes).map_err(invalid_change(WHAT))? {
@@ -1027,15 +1147,10 @@ impl Namespace {
                     Ok(Automerge::load(chunk).map_err(|e| automerge(&e))?.get_changes(&[]))
                 }
             })?;
-            for change in &changes {
-                // A change held already was checked when it came (or made here).
-                if self.doc.get_change_meta_by_hash(&change.hash()).is_some() {
-                    continue;
-                }
-                let (sites, keys) = (&mut self.sites, &self.keys);
-                guarded(WHAT, || checked_ops(change, sites, keys, WHAT))?;
+            for change in changes {
+                let newest = self.check_change(&change, WHAT)?;
+                all.push((change, newest));
             }
-            all.extend(changes);
         }
         Ok(all)
     }

@@ -468,7 +468,13 @@ impl Tree {
         }
         let mut visits: Vec<Visit> = Vec::new();
         let mut stack: Vec<(EntryId, Option<usize>, bool)> = vec![(target, None, false)];
+        // Each entry once: the tree has no cycles, and should one ever form (the simulator's
+        // sabotage makes them) the walk still ends and the tree's checker reports it.
+        let mut visited: HashSet<EntryId> = HashSet::new();
         while let Some((id, parent, inherited)) = stack.pop() {
+            if !visited.insert(id) {
+                continue;
+            }
             let e = self.entry(id);
             let placed_unseen = !was_seen(e.created()) || e.moved.is_some_and(|m| !was_seen(m));
             let written_unseen = matches!(&e.data, Data::File(v) if !was_seen(v.op));

@@ -397,6 +397,10 @@ pub struct MeshLink {
     pub since_ms: Option<u64>,
     /// This site's changes the member had not confirmed at the last sync round.
     pub lag_changes: Option<usize>,
+    /// The member's changes held here, not integrated, because they are stamped more than
+    /// `max_clock_ahead` ahead of this site's clock (its clock is wrong, or it lies).
+    #[serde(default)]
+    pub held_changes: usize,
 }
 
 /// The answer to a put.

@@ -64,9 +64,17 @@ pub struct Config {
     /// The staging bucket shared between regions (`[staging]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging: Option<Staging>,
+    /// A peer's change stamped more than this many seconds ahead of this site's clock is held,
+    /// not integrated, until the clock gets there (`mesh ls` shows how many).
+    #[serde(default = "default_max_clock_ahead_secs")]
+    pub max_clock_ahead_secs: u64,
     /// The other sites of the mesh. A connection from a peer not listed here is refused.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+}
+
+fn default_max_clock_ahead_secs() -> u64 {
+    300
 }
 
 /// The staging bucket (`[staging]`).
@@ -285,6 +293,7 @@ impl Config {
             chunking: Chunking::default(),
             transfer: Transfer::default(),
             staging: None,
+            max_clock_ahead_secs: default_max_clock_ahead_secs(),
             peers: Vec::new(),
         }
     }
@@ -294,6 +303,9 @@ impl Config {
         SiteId::new(&self.site).map_err(anyhow::Error::msg)?;
         check_region(&self.region)?;
         self.chunker().check().map_err(anyhow::Error::msg)?;
+        if self.max_clock_ahead_secs == 0 {
+            bail!("max_clock_ahead_secs is 0: every change from a clock a millisecond ahead would be held");
+        }
         for addr in &self.listen {
             parse_addr(addr).context("listen")?;
         }

@@ -171,9 +171,11 @@ async fn done(stream: &mut UnixStream, handle: &Handle, request: Request) -> any
 async fn mesh_links(handle: &Handle) -> anyhow::Result<Vec<MeshLink>> {
     // The file, not the configuration the node started with: `mesh add` may have changed it.
     let config = crate::config::Config::load(&handle.config.path)?.config;
-    let lags: HashMap<String, usize> = match handle.call(Request::Status).await? {
-        Ok(Reply::Status(status)) => status.peers.into_iter().map(|p| (p.site, p.lag_changes)).collect(),
-        _ => HashMap::new(),
+    let (lags, held): (HashMap<String, usize>, _) = match handle.call(Request::Status).await? {
+        Ok(Reply::Status(status)) => {
+            (status.peers.into_iter().map(|p| (p.site, p.lag_changes)).collect(), status.held_changes)
+        }
+        _ => Default::default(),
     };
     let links = handle.mesh.links();
     let rows = config
@@ -201,6 +203,7 @@ async fn mesh_links(handle: &Handle) -> anyhow::Result<Vec<MeshLink>> {
                 addr,
                 since_ms: link.map(|l| l.since_ms),
                 lag_changes: lags.get(&p.site).copied(),
+                held_changes: held.get(&p.site).copied().unwrap_or(0),
             }
         })
         .collect();

@@ -193,6 +193,7 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
         site_config.keys.allow(&site, peer.signing_key()?);
         site_config.regions.insert(site, check_region(&peer.region)?);
     }
+    site_config.max_clock_ahead_ms = config.max_clock_ahead_secs.saturating_mul(1000);
     site_config.staging = config.staging.is_some().then_some(config.transfer);
     if let Some(staging) = &config.staging {
         site_config.stage_read_ahead = staging.read_ahead;
@@ -267,6 +268,7 @@ impl CoreThread {
         mut staging_events: mpsc::UnboundedReceiver<StagingEvent>,
     ) -> anyhow::Result<()> {
         let mut housekeeping = Instant::now() + HOUSEKEEPING;
+        self.site.handle_wall_clock(self.clock.now_ms(), wall_ms());
         'run: loop {
             // Taken once a turn (it scans the core's timers): a deadline that the inputs of
             // this turn bring forward is seen at the next turn, whose sleep then ends at once.
@@ -323,6 +325,8 @@ impl CoreThread {
                 housekeeping = Instant::now() + HOUSEKEEPING;
                 self.compact_if_needed()?;
                 self.forget_departed_clients();
+                // The bound on peers' clocks moves with this one's (and releases what it held).
+                self.site.handle_wall_clock(self.clock.now_ms(), wall_ms());
                 // Fetching is over for now: make what it brought durable.
                 flush = !self.site.fetching();
             }

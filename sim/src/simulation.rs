@@ -119,6 +119,9 @@ fn build(seed: u64, options: &Options) -> World<Workload> {
             config.region = region_of(i);
             config.regions = (0..n).filter(|j| *j != i).map(|j| (names[j].clone(), region_of(j))).collect();
             config.staging = (regions > 1).then_some(transfer);
+            // Clock faults step a site's wall clock up to an hour either way: an honest
+            // site's changes are not held for that (the bound itself has tests of its own).
+            config.max_clock_ahead_ms = 2 * 3_600_000;
             config
         })
         .collect();
@@ -294,9 +297,14 @@ impl World<Workload> {
         }
         if self.rng.chance(f.clock) {
             let s = self.rng.index(n);
-            // Up to an hour either way: only local changes see the wall clock, so this steps
-            // their stamps and mtimes, never a timer.
-            let jump = self.rng.below(7_200_000) as i64 - 3_600_000;
+            // Up to an hour either way: only local changes and the bound on peers' clocks see
+            // the wall clock, so this steps their stamps and mtimes, never a timer.
+            let jump = if self.rng.chance(0.1) {
+                // Now and then to the other extreme: the epoch.
+                -(self.site_now(s) as i64)
+            } else {
+                self.rng.below(7_200_000) as i64 - 3_600_000
+            };
             self.jump_clock(s, jump);
         }
     }

@@ -246,7 +246,7 @@ impl<D: Driver> World<D> {
                 SimSite { name, config, core: Some(core), disk: Disk::default(), skew_ms, timer_at: None }
             })
             .collect();
-        World {
+        let mut world = World {
             driver,
             rng: setup.rng,
             now: START_MS,
@@ -268,7 +268,11 @@ impl<D: Driver> World<D> {
             next_request: 1,
             log: setup.record.then(Log::default),
             timers: false,
+        };
+        for s in 0..world.sites.len() {
+            world.tell_wall_clock(s);
         }
+        world
     }
 
     // ---------------------------------------------------------------------------------------
@@ -319,6 +323,14 @@ impl<D: Driver> World<D> {
     /// [`World::drain`]).
     pub fn site_mut(&mut self, s: usize) -> &mut Site {
         self.sites[s].core.as_mut().expect("the site is up")
+    }
+
+    /// Tells site `s` its wall clock, as drivers do when they start a site and now and then.
+    fn tell_wall_clock(&mut self, s: usize) {
+        let (now, wall) = (self.now, self.site_now(s));
+        if let Some(core) = self.sites[s].core.as_mut() {
+            core.handle_wall_clock(now, wall);
+        }
     }
 
     /// Site `s`'s clock: the world's plus its offset.
@@ -445,6 +457,10 @@ impl<D: Driver> World<D> {
             Event::Flush { site } => {
                 if self.sites[site].core.is_some() {
                     self.commit(site);
+                    // The driver's housekeeping also tells the site its wall clock.
+                    self.tell_wall_clock(site);
+                    self.drain(site);
+                    self.check_site(site)?;
                 }
                 self.schedule(self.now + FLUSH_MS, Event::Flush { site });
             }
@@ -821,6 +837,7 @@ impl<D: Driver> World<D> {
         let (ns, versions, chunks) = site.disk.recover(&site.name)?;
         site.core = Some(Site::new(site.config.clone(), ns, versions, chunks));
         site.timer_at = None;
+        self.tell_wall_clock(s);
         self.check_site(s)?;
         self.arm_timer(s);
         for other in 0..self.sites.len() {

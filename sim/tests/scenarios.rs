@@ -745,3 +745,34 @@ fn a_writer_that_cannot_stage_hands_the_reader_to_another_holder_of_its_region()
     assert_eq!(mesh.log().uploads.len(), 1);
     assert!(sent(&mesh, since, is_get_chunk).is_empty(), "staged mode: nothing directly across regions");
 }
+
+#[test]
+fn a_member_whose_clock_is_at_the_end_of_time_is_held_and_the_others_lose_nothing() {
+    let mut mesh = World::with_sites(&["west", "east", "north"]);
+    let mkdir = |path: String| Request::Mkdir { path, parents: false, mode: 0o755 };
+    // East's wall clock jumps to the end of time (its stamps saturate near u64::MAX), and it
+    // writes.
+    mesh.jump_clock(1, i64::MAX / 2);
+    assert_eq!(mesh.ok(1, mkdir("/from-the-future".into())), Reply::Done);
+    mesh.jump_clock(1, -(i64::MAX / 2));
+    for s in [0, 2] {
+        assert!(mesh.site(s).namespace().stat("/from-the-future").is_err(), "integrated at {s}");
+        assert_eq!(mesh.site_mut(s).status().held_changes.get("east"), Some(&1), "held at {s}");
+    }
+    // The others keep writing: every write is acknowledged, replicated, and survives a crash.
+    for i in 0..50 {
+        assert_eq!(mesh.ok(0, mkdir(format!("/west-{i}"))), Reply::Done);
+        assert_eq!(mesh.ok(2, mkdir(format!("/north-{i}"))), Reply::Done);
+    }
+    mesh.crash(0);
+    mesh.restart(0).unwrap();
+    mesh.run().unwrap();
+    for s in 0..3 {
+        let names = mesh.site(s).namespace().list("/").unwrap();
+        let count = |prefix: &str| names.iter().filter(|e| e.name.starts_with(prefix)).count();
+        assert_eq!((count("west-"), count("north-")), (50, 50), "at {s}");
+    }
+    // West's own clock was never pulled forward by east's.
+    let west_hlc = mesh.site(0).namespace().last_hlc();
+    assert!(west_hlc.physical_ms() < 4_000_000_000_000, "{west_hlc:?}");
+}

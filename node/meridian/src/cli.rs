@@ -498,6 +498,7 @@ async fn mesh_ls(cli: &Cli) -> anyhow::Result<()> {
                     addr: None,
                     since_ms: None,
                     lag_changes: None,
+                    held_changes: 0,
                 })
                 .collect()
         }
@@ -509,7 +510,11 @@ async fn mesh_ls(cli: &Cli) -> anyhow::Result<()> {
             "site", "region", "link", "since", "lag"
         );
         for p in links {
-            let lag = p.lag_changes.map_or_else(|| "-".to_owned(), |n| format!("{n} changes"));
+            let mut lag = p.lag_changes.map_or_else(|| "-".to_owned(), |n| format!("{n} changes"));
+            if p.held_changes > 0 {
+                // Stamped too far ahead of this site's clock: see `max_clock_ahead`.
+                lag = format!("{lag}, {} held (clock ahead)", p.held_changes);
+            }
             let since = p.since_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_default();
             let addr = p.addr.as_deref().or(p.addrs.first().map(String::as_str)).unwrap_or("");
             println!(

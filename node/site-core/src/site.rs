@@ -48,6 +48,18 @@ use staging::{Holder, Reader};
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
 const FETCH_ATTEMPTS_MAX: u32 = 8;
 
+/// Nanoseconds since the epoch of a wall-clock reading in milliseconds; a clock that reads
+/// beyond what nanoseconds hold (about the year 2262) saturates.
+fn mtime_ns(wall_ms: u64) -> i64 {
+    i64::try_from(wall_ms).unwrap_or(i64::MAX).saturating_mul(1_000_000)
+}
+
+/// The wall clock minus the monotonic one, saturating for clocks at the extremes.
+fn wall_offset(now_ms: u64, wall_ms: u64) -> i64 {
+    let offset = i128::from(wall_ms) - i128::from(now_ms);
+    offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
 /// The id a driver gives a local request; replies carry it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
@@ -101,6 +113,9 @@ pub struct SiteConfig {
     /// The members' keys (current and former): a change is integrated only if its author's
     /// key signed it. This site's own key is always among them.
     pub keys: Keys,
+    /// An operation stamped more than this far ahead of this site's wall clock is held, not
+    /// integrated, until the clock gets there (the contract's `max_clock_ahead`).
+    pub max_clock_ahead_ms: u64,
     /// The staging bucket between regions, if one is configured, and how this site's reads
     /// use it. Without one, payload crosses regions directly; with one, this site also stages
     /// what it holds for the sites of other regions that ask, whatever its own `Transfer`.
@@ -129,6 +144,7 @@ impl SiteConfig {
             region: Region::new("local").expect("a valid region"),
             regions: BTreeMap::new(),
             keys: Keys::new(),
+            max_clock_ahead_ms: 300_000,
             staging: None,
             stage_timeout_ms: 120_000,
             stage_uploads_in_flight: 2,
@@ -292,6 +308,9 @@ pub struct Status {
     pub bytes_to_staging: u64,
     /// Staged packs this site reads from or uploaded and has not deleted.
     pub staged_packs: usize,
+    /// Changes held, not integrated, because an operation in them is more than
+    /// `max_clock_ahead_ms` ahead of this site's clock: how many, by the site that wrote them.
+    pub held_changes: BTreeMap<String, usize>,
 }
 
 /// Why a request failed.
@@ -541,6 +560,9 @@ pub struct Site {
     ns: Namespace,
     clock: HlcClock,
     now_ms: u64,
+    /// The wall clock minus the monotonic one, as the driver last said
+    /// ([`Site::handle_wall_clock`]): the site's reading of the wall clock at any input.
+    wall_offset_ms: Option<i64>,
     peers: BTreeMap<SiteId, Peer>,
     /// Versions held in full, with their manifests.
     held: HashMap<ContentId, Manifest>,
@@ -579,6 +601,7 @@ impl Site {
             ns,
             clock,
             now_ms: 0,
+            wall_offset_ms: None,
             peers: BTreeMap::new(),
             held: versions.into_iter().map(|m| (m.content_id(), m)).collect(),
             manifests: HashMap::new(),
@@ -711,10 +734,11 @@ impl Site {
     /// wall clock (milliseconds since the Unix epoch): the stamp of a change it makes.
     pub fn handle_local(&mut self, now_ms: u64, wall_ms: u64, id: RequestId, request: Request) {
         self.now_ms = self.now_ms.max(now_ms);
+        self.wall_offset_ms = Some(wall_offset(now_ms, wall_ms));
         let hlc = self.clock.tick(wall_ms);
         let changed: Result<Option<Manifest>, OpError> = match request {
             Request::Mkdir { path, parents, mode } => {
-                self.ns.mkdir(&path, parents, mode, wall_ms as i64 * 1_000_000, hlc).map(|()| None)
+                self.ns.mkdir(&path, parents, mode, mtime_ns(wall_ms), hlc).map(|()| None)
             }
             Request::CommitVersion { path, manifest, mode, mtime_ns } => {
                 let version = crdt_namespace::NewVersion {
@@ -796,6 +820,7 @@ impl Site {
             bytes_from_staging: self.stage_in.bytes_from_staging,
             bytes_to_staging: self.stage_out.bytes_to_staging,
             staged_packs: self.stage_in.packs() + self.stage_out.packs(),
+            held_changes: self.ns.held_changes(),
         }
     }
 
@@ -1167,9 +1192,31 @@ impl Site {
         self.emit(Output::Durable { store: Store { namespace, ..Store::default() }, then: Vec::new() });
     }
 
+    /// The wall clock reads `wall_ms` at monotonic `now_ms`. The driver says so when it starts
+    /// the site and now and then (every few hundred milliseconds): it bounds how far ahead an
+    /// operation from a peer may be and still be integrated, and releases what was held once
+    /// the clock gets there. Until the first reading nothing is held.
+    pub fn handle_wall_clock(&mut self, now_ms: u64, wall_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.wall_offset_ms = Some(wall_offset(now_ms, wall_ms));
+        self.refresh_clock_bound();
+    }
+
+    /// Moves the namespace's clock bound to the wall clock plus `max_clock_ahead_ms`, and
+    /// stores what that releases.
+    fn refresh_clock_bound(&mut self) {
+        let Some(offset) = self.wall_offset_ms else { return };
+        let wall = (self.now_ms as i64).saturating_add(offset).max(0) as u64;
+        let bound = crdt_namespace::Hlc::new(wall.saturating_add(self.config.max_clock_ahead_ms), u16::MAX);
+        if self.ns.set_clock_bound(bound).ops > 0 {
+            self.store_namespace();
+        }
+    }
+
     /// A message from a connected peer.
     pub fn handle_message(&mut self, now_ms: u64, from: &SiteId, message: Message) {
         self.now_ms = self.now_ms.max(now_ms);
+        self.refresh_clock_bound();
         if !self.peers.contains_key(from) {
             return;
         }
@@ -1181,7 +1228,13 @@ impl Site {
                         if report.ops > 0 {
                             self.store_namespace();
                         }
-                        self.sync_with(from);
+                        // While changes are held for the clock bound, a message that brought
+                        // nothing new is not answered at once: the peer's heads name what is
+                        // held, so each answer would ask for it again, for ever. The next sync
+                        // round (or a push) goes on.
+                        if report.changes > 0 || (report.held == 0 && !self.ns.holds_changes()) {
+                            self.sync_with(from);
+                        }
                     }
                     Err(e) => self.disconnect(from, format!("bad sync message: {e}")),
                 }
@@ -1332,6 +1385,7 @@ impl Site {
     /// Time passes: re-send late fetches, fail reads nobody can serve, run anti-entropy.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
+        self.refresh_clock_bound();
         self.staging_timeout(now_ms);
         let late: Vec<ChunkHash> = self
             .fetches
