@@ -684,12 +684,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
     let keypair = load_keypair(&loaded)?;
     let (mesh_events, mesh_event_rx) = mpsc::channel(MESH_EVENT_QUEUE);
-    let mesh_config = MeshConfig {
-        site: loaded.config.site_id(),
-        keypair,
-        listen: loaded.config.listen_addrs(),
-        members: loaded.config.members(),
-    };
+    let mesh_config =
+        MeshConfig { keypair, listen: loaded.config.listen_addrs(), members: loaded.config.members() };
     let mesh = p2p::start(mesh_config, mesh_events).await.context("starting the mesh")?;
     let listening: Vec<String> = mesh.listening().iter().map(ToString::to_string).collect();
     tracing::info!(

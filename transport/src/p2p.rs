@@ -90,8 +90,6 @@ pub struct Member {
 
 /// What the mesh needs to start.
 pub struct MeshConfig {
-    /// This site.
-    pub site: SiteId,
     /// This site's key pair.
     pub keypair: Keypair,
     /// Addresses to listen on.
@@ -346,10 +344,7 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
         use std::hash::BuildHasher;
         std::collections::hash_map::RandomState::new().hash_one(std::process::id())
     };
-    let mut keys = crdt_namespace::Keys::new();
-    allow_key(&mut keys, &config.site, &local_peer);
     let mut task = SwarmTask {
-        keys,
         links: Links::new(local_peer, seed, Instant::now()),
         swarm,
         shared,
@@ -360,7 +355,6 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
     };
     // Admitted before `start` returns, so that the handle knows the members at once.
     for member in config.members {
-        allow_key(&mut task.keys, &member.site, &member.peer);
         task.step(Input::AddMember(member)).await;
     }
     tokio::spawn(task.run(command_rx));
@@ -385,9 +379,6 @@ fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
         .with_behaviour(|key| {
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .validation_mode(gossipsub::ValidationMode::Strict)
-                // A message is relayed only once this site has checked it (`gossip_message`):
-                // an honest site never forwards a neighbour's garbage, nor is punished for it.
-                .validate_messages()
                 .max_transmit_size(GOSSIP_MESSAGE_MAX_BYTES + 4096)
                 .flood_publish(true)
                 .build()?;
@@ -425,8 +416,6 @@ fn agent_version() -> String {
 /// The driver of the swarm and the link table: swarm events and commands become the table's
 /// inputs, the table's actions become swarm calls, stream tasks and events to the site.
 struct SwarmTask {
-    /// The members' keys, which every namespace change in a push must be signed with.
-    keys: crdt_namespace::Keys,
     swarm: Swarm<Behaviour>,
     links: Links,
     shared: Arc<Mutex<Shared>>,
@@ -528,10 +517,7 @@ impl SwarmTask {
                     self.step(Input::Disconnect { peer, reason }).await;
                 }
             }
-            Command::AddMember(member) => {
-                allow_key(&mut self.keys, &member.site, &member.peer);
-                self.step(Input::AddMember(member)).await
-            }
+            Command::AddMember(member) => self.step(Input::AddMember(member)).await,
             Command::Block { peer, blocked } => self.step(Input::Block { peer, blocked }).await,
             Command::Stop => unreachable!("handled by run"),
         }
@@ -593,10 +579,9 @@ impl SwarmTask {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
-                message_id,
                 message,
                 ..
-            })) => self.gossip_message(message_id, propagation_source, message).await,
+            })) => self.gossip_message(propagation_source, message).await,
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 connection_id,
@@ -611,48 +596,21 @@ impl SwarmTask {
         }
     }
 
-    /// A push that gossipsub delivered. It is checked before gossipsub may relay it: its author
-    /// (who signed the gossip message) is a member, it decodes as a push, and every namespace
-    /// change in it is signed by its own author's key. A good push goes to the core as the
-    /// author's; a bad one is dropped, not relayed, and its author disconnected when it is the
-    /// neighbour that sent it (an honest relay checked it first, so it cannot be theirs).
-    async fn gossip_message(
-        &mut self,
-        id: gossipsub::MessageId,
-        propagation_source: PeerId,
-        message: gossipsub::Message,
-    ) {
-        let author = message.source.and_then(|peer| Some((peer, self.site_of(&peer)?)));
-        let verdict = match (&author, Message::decode(&message.data)) {
-            (None, _) => Err("a push whose author is not a member".to_owned()),
-            (Some(_), Ok(Message::Push { changes })) => {
-                match crdt_namespace::Namespace::check_export(&changes, &self.keys) {
-                    Ok(()) => Ok(Message::Push { changes }),
-                    Err(e) => Err(format!("a bad push: {e}")),
-                }
-            }
-            (Some(_), Ok(_)) => Err("a non-push message on the push topic".to_owned()),
-            (Some(_), Err(e)) => Err(format!("a malformed push: {e}")),
-        };
-        let acceptance = match verdict {
-            Ok(_) => gossipsub::MessageAcceptance::Accept,
-            Err(_) => gossipsub::MessageAcceptance::Reject,
-        };
-        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
-        gossip.report_message_validation_result(&id, &propagation_source, acceptance);
-        match (verdict, author) {
-            (Ok(message), Some((_, from))) => {
+    /// A push that gossipsub delivered: passed to the core if its author is a member and it
+    /// decodes as a push; the neighbour that relayed anything else misbehaved.
+    async fn gossip_message(&mut self, propagation_source: PeerId, message: gossipsub::Message) {
+        let Some(from) = self.site_of(&propagation_source) else { return };
+        let author_is_member = message.source.is_some_and(|p| self.site_of(&p).is_some());
+        if !author_is_member {
+            tracing::warn!(%from, "dropping a push whose author is not a member");
+            return;
+        }
+        match Message::decode(&message.data) {
+            Ok(message @ Message::Push { .. }) => {
                 let _ = self.events.send(MeshEvent::Message { from, message }).await;
             }
-            (Err(reason), Some((peer, _))) if peer == propagation_source => {
-                self.misbehaved(peer, reason).await
-            }
-            (Err(reason), _) => {
-                let relayer = self.site_of(&propagation_source);
-                tracing::warn!(?relayer, "dropping a relayed push: {reason}");
-            }
-            // Only a member's push is accepted.
-            (Ok(_), None) => {}
+            Ok(_) => self.misbehaved(propagation_source, "a non-push message on the push topic".into()).await,
+            Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")).await,
         }
     }
 
@@ -784,15 +742,6 @@ pub async fn write_frame<W: futures::AsyncWrite + Unpin>(
         stream.flush().await?;
     }
     Ok(())
-}
-
-/// Accepts the namespace changes of `site` signed with the key of `peer`. (A member whose peer
-/// id carries no Ed25519 key was refused by the configuration; its pushes would be refused.)
-fn allow_key(keys: &mut crdt_namespace::Keys, site: &SiteId, peer: &PeerId) {
-    match public_key_of(peer).and_then(|bytes| crdt_namespace::PublicKey::from_bytes(&bytes)) {
-        Ok(key) => keys.allow(site, key),
-        Err(e) => tracing::warn!(%site, "{e}"),
-    }
 }
 
 /// The peer id a key file's key pair has.
