@@ -299,12 +299,7 @@ impl World<Workload> {
             let s = self.rng.index(n);
             // Up to an hour either way: only local changes and the bound on peers' clocks see
             // the wall clock, so this steps their stamps and mtimes, never a timer.
-            let jump = if self.rng.chance(0.1) {
-                // Now and then to the other extreme: the epoch.
-                -(self.site_now(s) as i64)
-            } else {
-                self.rng.below(7_200_000) as i64 - 3_600_000
-            };
+            let jump = self.rng.below(7_200_000) as i64 - 3_600_000;
             self.jump_clock(s, jump);
         }
     }

@@ -3,13 +3,13 @@
 //!
 //! - Moves allowed to form cycles: it takes crossing concurrent moves that the random workload
 //!   makes rarely (seed 255 caught it before the regions were added to the sim, seed 978 after,
-//!   seed 154 since link resets were added, seed 235 since readers pause and clocks step to
-//!   the epoch); a workload that crosses moves more often would catch it sooner. A remove over
+//!   seed 154 since link resets were added, seed 1538 since readers pause and changes are
+//!   signed); a workload that crosses moves more often would catch it sooner. A remove over
 //!   a cycle used to walk it for ever (out of memory); the walk now visits each entry once, so
 //!   the tree's checker reports the cycle.
 //! - A holder that stages a version again while the pack it is in goes up (one upload per
 //!   version and region pair is the rule): `Site::check_invariants` sees the version in two
-//!   packs (seed 44).
+//!   packs (seed 43).
 
 use std::sync::Mutex;
 
