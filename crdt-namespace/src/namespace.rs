@@ -452,7 +452,7 @@ impl Namespace {
             self.note_author(change.actor_id().to_bytes(), change.seq(), change.max_op(), change.hash());
             // Changes were validated before they were handed to automerge; one that was queued
             // for missing dependencies and is somehow invalid is skipped at every site alike.
-            if let Ok(change_ops) = ops_of_change(change, &mut self.sites) {
+            if let Ok(change_ops) = ops_of_change(change, &change.decode(), &mut self.sites) {
                 ops.extend(change_ops);
             }
         }
@@ -1285,9 +1285,16 @@ fn checked_ops(
     keys: &Keys,
     what: &'static str,
 ) -> Result<Vec<(OpId, Op)>, ExchangeError> {
-    let ops = ops_of_change(change, sites).map_err(invalid_change(what))?;
+    let expanded = change.decode();
+    // Automerge recomputes a change's bytes from what it decoded; a change whose bytes are not
+    // the canonical encoding of its contents would end up under two hashes and corrupt the
+    // change graph. Only canonical changes are taken.
+    if automerge::Change::from(expanded.clone()).hash() != change.hash() {
+        return Err(invalid_change(what)(format!("change {} is not canonically encoded", change.hash())));
+    }
+    let ops = ops_of_change(change, &expanded, sites).map_err(invalid_change(what))?;
     let author = std::str::from_utf8(change.actor_id().to_bytes()).expect("checked by ops_of_change");
-    trust::verify(change, &change.decode(), author, keys).map_err(|reason| ExchangeError::Signature {
+    trust::verify(change, &expanded, author, keys).map_err(|reason| ExchangeError::Signature {
         what,
         site: author.to_owned(),
         reason,
@@ -1298,18 +1305,15 @@ fn checked_ops(
 /// The namespace operations of one automerge change, checked: every op must put a valid
 /// encoded operation under a fresh key `<hlc>.<site>` of the root map, `site` being the
 /// change's author.
-fn ops_of_change(change: &Change, sites: &mut Sites) -> std::result::Result<Vec<(OpId, Op)>, String> {
+fn ops_of_change(
+    change: &Change,
+    expanded: &automerge::ExpandedChange,
+    sites: &mut Sites,
+) -> std::result::Result<Vec<(OpId, Op)>, String> {
     use automerge::legacy::{Key, ObjectId};
     let actor = std::str::from_utf8(change.actor_id().to_bytes())
         .map_err(|_| "the change's author is not a site id".to_owned())?;
     SiteId::new(actor)?;
-    let expanded = change.decode();
-    // Automerge recomputes a change's bytes from what it decoded; a change whose bytes are not
-    // the canonical encoding of its contents would end up under two hashes and corrupt the
-    // change graph. Only canonical changes are taken.
-    if automerge::Change::from(expanded.clone()).hash() != change.hash() {
-        return Err(format!("change {} is not canonically encoded", change.hash()));
-    }
     let mut ops = Vec::with_capacity(expanded.operations.len());
     for op in &expanded.operations {
         if op.obj != ObjectId::Root || op.insert || !op.pred.is_empty() {

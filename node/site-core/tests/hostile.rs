@@ -45,3 +45,30 @@ fn a_manifest_that_lists_a_held_chunk_as_longer_fails_the_read_instead_of_panick
     assert!(matches!(done, Some(Err(SiteError::Chunk { .. }))), "{done:?}");
     site.check_invariants().unwrap();
 }
+
+#[test]
+fn a_change_forged_in_another_sites_name_disconnects_its_sender_and_changes_nothing() {
+    let key = |name: &str| SigningKey::from_secret(blake3::hash(name.as_bytes()).as_bytes());
+    let (west, east, north) =
+        (SiteId::new("west").unwrap(), SiteId::new("east").unwrap(), SiteId::new("north").unwrap());
+    let mut config = SiteConfig::new(west.clone());
+    for site in [&east, &north] {
+        config.keys.allow(site, key(site.as_str()).public());
+    }
+    let mut site = Site::new(config, Namespace::new(west.clone(), key("west")), Vec::new(), HashSet::new());
+    site.handle_peer_up(1, north.clone());
+    std::iter::from_fn(|| site.poll_output()).for_each(drop);
+    // North, a member, writes in east's name with its own key and pushes it.
+    let mut forger = Namespace::new(east.clone(), key("north"));
+    forger.mkdir("/forged", false, 0o755, 0, crdt_namespace::Hlc::new(WALL_MS, 0)).unwrap();
+    let changes = forger.export_since(&[]);
+    site.handle_message(2, &north, proto::Message::Push { changes });
+    let disconnected = std::iter::from_fn(|| site.poll_output()).find_map(|o| match o {
+        Output::Disconnect { peer, reason } => Some((peer, reason)),
+        _ => None,
+    });
+    let (peer, reason) = disconnected.expect("the sender of the forgery is disconnected");
+    assert_eq!(peer, north, "the sender, not the site named");
+    assert!(reason.contains("east did not sign"), "{reason}");
+    assert!(site.namespace().stat("/forged").is_err(), "nothing of the forgery is applied");
+}
