@@ -267,6 +267,13 @@ impl Namespace {
         self.keys = keys;
     }
 
+    /// The sequence number of the last change of `site` this replica holds (0: none). What a
+    /// key retired now may still sign: the changes written before.
+    pub fn last_seq_of(&mut self, site: &SiteId) -> u64 {
+        let actor = actor_of(site);
+        self.doc.get_changes_meta(&[]).iter().filter(|c| *c.actor == actor).map(|c| c.seq).max().unwrap_or(0)
+    }
+
     /// The keys incoming changes are checked with.
     pub fn keys(&self) -> &Keys {
         &self.keys

@@ -79,9 +79,21 @@ impl std::fmt::Debug for PublicKey {
 }
 
 /// The keys each member's changes are checked with: its current key and its former ones.
+///
+/// A former key (one replaced by `mesh rotate`, or the key of a site removed by `mesh rm`) is
+/// valid only for the changes its site made up to a sequence number: those written before the
+/// key was retired. A change after that signed with it is refused at once.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Keys {
-    by_site: HashMap<String, Vec<PublicKey>>,
+    by_site: HashMap<String, Vec<Grant>>,
+}
+
+/// One key of a site and the changes it may sign.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Grant {
+    key: PublicKey,
+    /// `None` for a current key; for a former one, the last sequence number it may sign.
+    until_seq: Option<u64>,
 }
 
 impl Keys {
@@ -92,20 +104,43 @@ impl Keys {
 
     /// Accepts changes of `site` signed with `key` (besides its other keys).
     pub fn allow(&mut self, site: &SiteId, key: PublicKey) {
-        let keys = self.by_site.entry(site.as_str().to_owned()).or_default();
-        if !keys.contains(&key) {
-            keys.push(key);
+        self.grant(site, Grant { key, until_seq: None });
+    }
+
+    /// Accepts changes of `site` up to its sequence number `until_seq` signed with its former
+    /// key `key`. A key that is also current stays current.
+    pub fn allow_until(&mut self, site: &SiteId, key: PublicKey, until_seq: u64) {
+        self.grant(site, Grant { key, until_seq: Some(until_seq) });
+    }
+
+    fn grant(&mut self, site: &SiteId, grant: Grant) {
+        let grants = self.by_site.entry(site.as_str().to_owned()).or_default();
+        match grants.iter_mut().find(|g| g.key == grant.key) {
+            // The wider grant wins: current over former, the later sequence number over the
+            // earlier.
+            Some(g) => {
+                g.until_seq = match (g.until_seq, grant.until_seq) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                }
+            }
+            None => grants.push(grant),
         }
     }
 
-    /// Refuses every change of `site` from now on (it left the membership).
-    pub fn remove(&mut self, site: &SiteId) {
-        self.by_site.remove(site.as_str());
+    /// The keys of `site` that may sign its change at sequence number `seq`.
+    pub fn of(&self, site: &str, seq: u64) -> impl Iterator<Item = &PublicKey> {
+        self.by_site
+            .get(site)
+            .into_iter()
+            .flatten()
+            .filter(move |g| g.until_seq.is_none_or(|until| seq <= until))
+            .map(|g| &g.key)
     }
 
-    /// The keys of `site`.
-    pub fn of(&self, site: &str) -> &[PublicKey] {
-        self.by_site.get(site).map_or(&[], Vec::as_slice)
+    /// Whether `site` has any key at all (current or former).
+    pub fn knows(&self, site: &str) -> bool {
+        self.by_site.get(site).is_some_and(|g| !g.is_empty())
     }
 }
 
@@ -140,8 +175,7 @@ pub(crate) fn verify(
     keys: &Keys,
 ) -> Result<(), String> {
     let hash = change.hash();
-    let allowed = keys.of(author);
-    if allowed.is_empty() {
+    if !keys.knows(author) {
         return Err(format!("change {hash} is authored by {author}, who is not a member"));
     }
     let signature = expanded
@@ -151,8 +185,13 @@ pub(crate) fn verify(
         .and_then(parse_signature)
         .ok_or_else(|| format!("change {hash} of {author} is not signed"))?;
     let signed = signed_hash(expanded.clone());
-    if allowed.iter().any(|key| key.0.verify_strict(&signed.0, &signature).is_ok()) {
+    let seq = change.seq();
+    if keys.of(author, seq).any(|key| key.0.verify_strict(&signed.0, &signature).is_ok()) {
         Ok(())
+    } else if keys.of(author, 0).any(|key| key.0.verify_strict(&signed.0, &signature).is_ok()) {
+        Err(format!(
+            "change {hash} of {author} (its change {seq}) is signed with a key of {author} retired before it"
+        ))
     } else {
         Err(format!("change {hash} claims to be {author}'s but no key of {author} signed it"))
     }

@@ -161,21 +161,42 @@ fn a_change_relayed_by_an_honest_third_site_is_accepted() {
 }
 
 #[test]
-fn a_site_that_rotated_its_key_keeps_what_it_wrote_before() {
+fn a_site_that_rotated_its_key_keeps_what_it_wrote_before_and_its_old_key_is_refused_after() {
     let mut west = replica("west");
     west.mkdir("/old", false, 0o755, 0, hlc(1)).unwrap();
     let old = west.export_since(&[]);
-    // West's new key; north knows both, as the membership lists former keys.
-    let mut rotated = Namespace::load(site("west"), key("west-2"), &west.save()).unwrap();
-    let heads = rotated.heads();
-    rotated.mkdir("/new", false, 0o755, 0, hlc(2)).unwrap();
     let mut north = replica("north");
-    let mut keys = keys();
-    keys.allow(&site("west"), key("west-2").public());
-    north.set_keys(keys);
     north.import(&old).unwrap();
+    // North rotates west's key: the old one may sign what west wrote up to now, no more.
+    let until = north.last_seq_of(&site("west"));
+    assert_eq!(until, 1);
+    let mut keys = crdt_namespace::Keys::new();
+    keys.allow(&site("west"), key("west-2").public());
+    keys.allow_until(&site("west"), key("west").public(), until);
+    north.set_keys(keys.clone());
+    // Whoever still has the old key cannot write as west any more...
+    let heads = west.heads();
+    west.mkdir("/stolen", false, 0o755, 0, hlc(2)).unwrap();
+    let err = north.import(&west.export_since(&heads)).unwrap_err();
+    assert!(err.to_string().contains("retired before it"), "{err}");
+    assert!(north.stat("/stolen").is_err());
+    // ...west's new key can, and a site that never saw the old change still takes it.
+    let mut rotated = Namespace::load(site("west"), key("west-2"), &replica_save(&old)).unwrap();
+    rotated.mkdir("/new", false, 0o755, 0, hlc(3)).unwrap();
     north.import(&rotated.export_since(&heads)).unwrap();
-    assert!(north.stat("/old").is_ok() && north.stat("/new").is_ok());
+    let mut south = replica("south");
+    south.set_keys(keys);
+    south.import(&rotated.export_since(&[])).unwrap();
+    for ns in [&mut north, &mut south] {
+        assert!(ns.stat("/old").is_ok() && ns.stat("/new").is_ok() && ns.stat("/stolen").is_err());
+    }
+}
+
+/// The saved document of a replica that imported `export`.
+fn replica_save(export: &[u8]) -> Vec<u8> {
+    let mut ns = replica("west");
+    ns.import(export).unwrap();
+    ns.save()
 }
 
 /// Frames raw automerge changes as `Namespace::export_since` does.

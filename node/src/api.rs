@@ -109,17 +109,11 @@ pub enum ApiRequest {
     Status,
     /// The mesh members and their links: `Vec<`[`MeshLink`]`>`.
     MeshLs,
-    /// Cut (or restore) the link to a member until the node restarts: `()`.
-    MeshBlock {
-        /// The member's site id.
-        site: String,
-        /// Cut if true, restore if false.
-        blocked: bool,
-    },
-    /// Admit a new mesh member (already written to the configuration): `()`.
-    MeshAdd {
-        /// The member.
-        peer: crate::config::PeerConfig,
+    /// Change the membership (`mesh add|rm|rotate|block|unblock`): the configuration file and
+    /// the live membership together, or neither: [`crate::membership::Outcome`].
+    MeshEdit {
+        /// The change.
+        edit: crate::membership::Edit,
     },
 }
 
@@ -152,6 +146,8 @@ pub enum ErrorKind {
     BadRequest,
     /// No daemon answers on the control socket (reported by clients).
     NodeNotRunning,
+    /// The caller may not use this node's control socket.
+    PermissionDenied,
     /// The daemon failed otherwise.
     Internal,
 }

@@ -68,17 +68,24 @@ pub struct Config {
     /// not integrated, until the clock gets there (`mesh ls` shows how many).
     #[serde(default = "default_max_clock_ahead_secs")]
     pub max_clock_ahead_secs: u64,
+    /// A group (name or number) whose members may use the control socket, besides the node's
+    /// own user and root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_group: Option<String>,
     /// The other sites of the mesh. A connection from a peer not listed here is refused.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Keys sites had before (see [`FormerKey`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former_keys: Vec<FormerKey>,
 }
 
 fn default_max_clock_ahead_secs() -> u64 {
     300
 }
 
-/// The staging bucket (`[staging]`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// The staging bucket (`[staging]`). Its `Debug` hides the secrets.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Staging {
     /// The S3 endpoint URL; omitted for AWS's own endpoint of `region`.
@@ -114,6 +121,25 @@ pub struct Staging {
     /// that follow it in its directory (0: none).
     #[serde(default = "default_read_ahead")]
     pub read_ahead: usize,
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "<hidden>");
+        f.debug_struct("Staging")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("credentials", &self.credentials)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &hidden(&self.secret_key))
+            .field("secret", &"<hidden>")
+            .field("ttl_hours", &self.ttl_hours)
+            .field("read_ahead", &self.read_ahead)
+            .finish()
+    }
 }
 
 fn default_prefix() -> String {
@@ -206,6 +232,25 @@ pub struct PeerConfig {
     /// Where to reach it, in order of preference (QUIC first, then TCP).
     #[serde(default)]
     pub addrs: Vec<String>,
+    /// Its link is cut (`mesh block`) until `mesh unblock`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
+}
+
+/// A key a site had before (`[[former_keys]]`): replaced by `mesh rotate`, or the key of a site
+/// removed by `mesh rm`. It stays valid for what the site wrote before, and nothing after.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FormerKey {
+    /// The site.
+    pub site: String,
+    /// The peer id the key was under.
+    pub peer_id: String,
+    /// The site's last change this key may sign (its sequence number). Written by the node
+    /// when the key is retired; a key retired while the node was stopped gets it at the next
+    /// start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_seq: Option<u64>,
 }
 
 /// Default port of the site-to-site listeners.
@@ -294,7 +339,9 @@ impl Config {
             transfer: Transfer::default(),
             staging: None,
             max_clock_ahead_secs: default_max_clock_ahead_secs(),
+            control_group: None,
             peers: Vec::new(),
+            former_keys: Vec::new(),
         }
     }
 
@@ -303,6 +350,9 @@ impl Config {
         SiteId::new(&self.site).map_err(anyhow::Error::msg)?;
         check_region(&self.region)?;
         self.chunker().check().map_err(anyhow::Error::msg)?;
+        if let Some(group) = &self.control_group {
+            group_id(group)?;
+        }
         if self.max_clock_ahead_secs == 0 {
             bail!("max_clock_ahead_secs is 0: every change from a clock a millisecond ahead would be held");
         }
@@ -319,14 +369,47 @@ impl Config {
             }
             None => {}
         }
-        let mut seen = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeMap::new();
         for peer in &self.peers {
             peer.member()?;
             if peer.site == self.site {
                 bail!("peer {} has this site's own name", peer.site);
             }
-            if !seen.insert(&peer.site) || !seen.insert(&peer.peer_id) {
-                bail!("peer {} is listed twice (by name or peer id)", peer.site);
+            if !names.insert(&peer.site) {
+                bail!("peer {} is listed twice", peer.site);
+            }
+            if let Some(other) = keys.insert(&peer.peer_id, &peer.site) {
+                bail!("peer id {} is listed for two sites, {other} and {}", peer.peer_id, peer.site);
+            }
+        }
+        for former in &self.former_keys {
+            SiteId::new(&former.site).map_err(|e| anyhow::anyhow!("former key of {:?}: {e}", former.site))?;
+            let peer = former.peer_id.parse::<PeerId>().map_err(|e| {
+                anyhow::anyhow!("former key of {}: peer id {:?}: {e}", former.site, former.peer_id)
+            })?;
+            signing_key_of(&former.site, &peer)?;
+            match keys.get(&former.peer_id) {
+                Some(site) if **site == former.site => {
+                    bail!(
+                        "peer id {} of {} is listed as its current and its former key",
+                        former.peer_id,
+                        site
+                    )
+                }
+                Some(site) => {
+                    bail!(
+                        "peer id {} is listed for two sites, {site} and {} (a former key)",
+                        former.peer_id,
+                        former.site
+                    )
+                }
+                None => {}
+            }
+        }
+        for (i, a) in self.former_keys.iter().enumerate() {
+            if let Some(b) = self.former_keys[i + 1..].iter().find(|b| b.peer_id == a.peer_id) {
+                bail!("former key {} is listed twice ({} and {})", a.peer_id, a.site, b.site);
             }
         }
         Ok(())
@@ -347,14 +430,12 @@ impl Config {
         self.listen.iter().map(|a| parse_addr(a).expect("checked when loaded")).collect()
     }
 
-    /// Writes the configuration to `path` (through a temporary file, so a crash leaves the
-    /// old or the new file, never half of one).
+    /// Writes the configuration to `path`, mode 0600 (it may hold secrets), through a temporary
+    /// file that is synced and renamed over it, the directory synced after: a crash leaves the
+    /// old or the new file, never half of one.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let text = toml::to_string(self).context("encoding the configuration")?;
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-        Ok(())
+        write_private_atomically(path, text.as_bytes())
     }
 
     /// The chunker configuration.
@@ -367,13 +448,60 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Loaded> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let config: Config =
-            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        // The parser's own message quotes the offending line, which may hold a secret: only
+        // the line number and what is wrong are shown.
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|span| text[..span.start].matches('\n').count() + 1);
+            let at = line.map(|l| format!(", line {l}")).unwrap_or_default();
+            anyhow::anyhow!("parsing config {}{at}: {}", path.display(), e.message().trim_end())
+        })?;
         config.check().with_context(|| format!("checking config {}", path.display()))?;
         let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
         Ok(Loaded { config, path, dir })
     }
+}
+
+/// Writes `bytes` to `path`, mode 0600, atomically: a temporary file beside it, synced, renamed
+/// over it, and the directory synced.
+pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let written = (|| {
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        // A temporary file left by a crash may have had other permissions.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// The group id of `group` (a name in `/etc/group`, or a number).
+pub fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    groups
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next() == Some(group)).then(|| fields.nth(1).and_then(|gid| gid.parse().ok())).flatten()
+        })
+        .ok_or_else(|| anyhow::anyhow!("control_group {group:?} is not a group of this machine"))
 }
 
 /// Checks a region name: like a site id.
@@ -435,6 +563,7 @@ mod tests {
             region: "eu".into(),
             peer_id: peer_id.clone(),
             addrs: vec!["/ip4/10.0.0.1/udp/4100/quic-v1".into(), "/ip4/10.0.0.1/tcp/4100".into()],
+            blocked: false,
         });
         config.save(&path).unwrap();
         let loaded = Config::load(&path).unwrap();
@@ -484,6 +613,12 @@ mod tests {
         refused(&|s| s.read_ahead = 5_000, "staging.read_ahead");
         refused(&|s| s.endpoint = Some("127.0.0.1:9000".into()), "http://");
         refused(&|s| s.ttl_hours = 0, "staging.ttl_hours is 0");
+        // Secrets never show: not in `Debug`, not in a parse error quoting their line.
+        let debug = format!("{loaded:?}");
+        assert!(debug.contains("AK") && !debug.contains("\"SK\"") && !debug.contains("00112233"), "{debug}");
+        std::fs::write(&path, text.replace("secret_key = \"SK\"", "secret_key = \"SK-unterminated")).unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("line 9") && !err.contains("SK-unterminated"), "{err}");
         let mut unstaged = loaded.clone();
         unstaged.staging = None;
         unstaged.save(&path).unwrap();

@@ -18,6 +18,7 @@ use crate::api::{
     self, ApiError, ApiRequest, ErrorKind, FindAnswer, ListEntry, MeshLink, PutAnswer, ReadHeader,
     StatAnswer, StatusAnswer, TagAnswer,
 };
+use crate::membership::{Edit, Outcome};
 use crate::runtime::{Event, Handle, wall_ms};
 use crate::store::put_stream;
 
@@ -100,39 +101,71 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
                 mesh_links(&handle).await.map_err(|e| ApiError::new(ErrorKind::Internal, format!("{e:#}")));
             api::write_answer(s, answer).await?
         }
-        ApiRequest::MeshBlock { site, blocked } => {
-            api::write_answer(s, mesh_block(&handle, &site, blocked)).await?
-        }
-        ApiRequest::MeshAdd { peer } => {
-            let answer = mesh_add(&handle, &peer).await?;
+        ApiRequest::MeshEdit { edit } => {
+            let answer = mesh_edit(&handle, edit).await?;
             api::write_answer(s, answer).await?
         }
     }
     Ok(())
 }
 
-/// `meridian mesh block|unblock`.
-fn mesh_block(handle: &Handle, site: &str, blocked: bool) -> Result<(), ApiError> {
-    match SiteId::new(site) {
-        Ok(id) if handle.mesh.set_blocked(&id, blocked) => Ok(()),
-        Ok(_) => Err(not_member(site)),
-        Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, e)),
+/// `meridian mesh add|rm|rotate|block|unblock` on a running node: the file first (so that a
+/// change that cannot be written changes nothing), then the core's keys and regions and the
+/// mesh's links.
+async fn mesh_edit(handle: &Handle, edit: Edit) -> anyhow::Result<Result<Outcome, ApiError>> {
+    let _one_at_a_time = handle.config_lock.lock().await;
+    let path = &handle.config.path;
+    let internal = |e: anyhow::Error| ApiError::new(ErrorKind::Internal, format!("{e:#}"));
+    let mut config = match crate::config::Config::load(path) {
+        Ok(loaded) => loaded.config,
+        Err(e) => return Ok(Err(internal(e))),
+    };
+    if !matches!(edit, Edit::Add(_)) && !config.peers.iter().any(|p| p.site == edit.site()) {
+        return Ok(Err(not_member(edit.site())));
     }
-}
-
-/// `meridian mesh add`: the member joins the mesh, and the core learns its region.
-async fn mesh_add(handle: &Handle, peer: &crate::config::PeerConfig) -> anyhow::Result<Result<(), ApiError>> {
-    let member = peer
-        .member()
-        .and_then(|member| Ok((member, crate::config::check_region(&peer.region)?, peer.signing_key()?)));
-    match member {
-        Ok((member, region, key)) => {
-            let site = member.site.clone();
-            handle.mesh.add_member(member);
-            ask(handle, Request::Member { site, region, key }, |_| Some(())).await
+    let until_seq = match edit.retires().map(SiteId::new) {
+        Some(Ok(site)) => match handle.call(Request::LastSeq { site }).await? {
+            Ok(Reply::Seq(seq)) => Some(seq),
+            _ => return Ok(Err(ApiError::new(ErrorKind::Internal, "the core answered another request"))),
+        },
+        Some(Err(e)) => return Ok(Err(ApiError::new(ErrorKind::InvalidArgument, e))),
+        None => None,
+    };
+    let done = match edit.apply(&mut config, &handle.own_peer_id, until_seq) {
+        Ok(done) => done,
+        Err(e) => return Ok(Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))),
+    };
+    if let Err(e) = config.save(path) {
+        return Ok(Err(internal(e.context("nothing was changed"))));
+    }
+    let (keys, regions) = match crate::membership::membership(&config) {
+        Ok(membership) => membership,
+        Err(e) => return Ok(Err(internal(e))),
+    };
+    if let Err(e) = handle.call(Request::Membership { keys, regions }).await? {
+        return Ok(Err(e.into()));
+    }
+    let site = SiteId::new(edit.site()).expect("checked by the edit");
+    match &edit {
+        Edit::Add(peer) => handle.mesh.add_member(peer.member().expect("checked by the edit")),
+        Edit::Remove { .. } => {
+            handle.mesh.remove_member(&site);
         }
-        Err(e) => Ok(Err(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))),
+        Edit::Rotate { .. } => {
+            let peer = config.peers.iter().find(|p| p.site == site.as_str()).expect("rotated");
+            handle.mesh.add_member(peer.member().expect("checked by the edit"));
+        }
+        Edit::Block { blocked, .. } => {
+            handle.mesh.set_blocked(&site, *blocked);
+        }
     }
+    tracing::info!(%site, "membership: {done}");
+    Ok(Ok(Outcome {
+        site: site.to_string(),
+        done: done.to_owned(),
+        config: path.display().to_string(),
+        live: true,
+    }))
 }
 
 fn not_member(site: &str) -> ApiError {

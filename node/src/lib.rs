@@ -21,6 +21,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 mod control;
+pub mod membership;
 pub mod runtime;
 pub mod staged;
 pub mod store;

@@ -177,7 +177,7 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
         &p2p::signing_secret(&load_keypair(loaded)?).map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let saved = db.namespace_bytes()?;
-    let ns = if saved.is_empty() {
+    let mut ns = if saved.is_empty() {
         Namespace::new(site_id.clone(), key)
     } else {
         Namespace::load(site_id.clone(), key, &saved)
@@ -185,14 +185,10 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     };
     let versions = db.versions()?;
     let index = db.chunk_index()?;
-    let config = &loaded.config;
+    let config = &resolve_former_keys(loaded, &mut ns)?;
     let mut site_config = SiteConfig::new(site_id);
     site_config.region = check_region(&config.region)?;
-    for peer in &config.peers {
-        let site = SiteId::new(&peer.site).expect("checked when loaded");
-        site_config.keys.allow(&site, peer.signing_key()?);
-        site_config.regions.insert(site, check_region(&peer.region)?);
-    }
+    (site_config.keys, site_config.regions) = crate::membership::membership(config)?;
     site_config.max_clock_ahead_ms = config.max_clock_ahead_secs.saturating_mul(1000);
     site_config.staging = config.staging.is_some().then_some(config.transfer);
     if let Some(staging) = &config.staging {
@@ -200,6 +196,29 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     }
     let site = Site::new(site_config, ns, versions, index);
     Ok(Opened { site, db, chunks })
+}
+
+/// The configuration with a bound on every former key: a key retired while the node was
+/// stopped may sign the changes of its site held now, and no later ones. The file is updated.
+fn resolve_former_keys(loaded: &Loaded, ns: &mut Namespace) -> anyhow::Result<crate::config::Config> {
+    let mut config = loaded.config.clone();
+    let mut resolved = false;
+    for former in config.former_keys.iter_mut().filter(|f| f.until_seq.is_none()) {
+        let site = SiteId::new(&former.site).map_err(anyhow::Error::msg)?;
+        let until_seq = ns.last_seq_of(&site);
+        tracing::info!(site = %site, peer_id = %former.peer_id, until_seq, "a retired key may sign what its site wrote up to here");
+        former.until_seq = Some(until_seq);
+        resolved = true;
+    }
+    if resolved {
+        config.save(&loaded.path)?;
+    }
+    Ok(config)
+}
+
+/// This site's peer id, from its key file.
+pub fn own_peer_id(loaded: &Loaded) -> anyhow::Result<String> {
+    Ok(p2p::peer_id_of(&load_keypair(loaded)?).to_string())
 }
 
 /// Reads the site's key pair.
@@ -616,6 +635,10 @@ pub struct Handle {
     commands: mpsc::Sender<Command>,
     pub(crate) mesh: MeshHandle,
     pub(crate) config: Loaded,
+    /// Held while the configuration file and the live membership change together.
+    pub(crate) config_lock: Arc<tokio::sync::Mutex<()>>,
+    /// This site's peer id.
+    pub(crate) own_peer_id: String,
     pub(crate) chunks: Arc<ChunkStore>,
     pub(crate) chunker: ChunkerConfig,
     /// Fetched chunks not yet durable.
@@ -680,12 +703,24 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let mut opened = tokio::task::block_in_place(|| open(&loaded))?;
     let status = opened.site.status();
-    let listener =
-        UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+    let (listener, access) = listen_locally(&loaded)?;
     let keypair = load_keypair(&loaded)?;
     let (mesh_events, mesh_event_rx) = mpsc::channel(MESH_EVENT_QUEUE);
-    let mesh_config =
-        MeshConfig { keypair, listen: loaded.config.listen_addrs(), members: loaded.config.members() };
+    let own_peer_id = p2p::peer_id_of(&keypair).to_string();
+    let blocked = loaded
+        .config
+        .peers
+        .iter()
+        .filter(|p| p.blocked)
+        .map(|p| SiteId::new(&p.site))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let mesh_config = MeshConfig {
+        keypair,
+        listen: loaded.config.listen_addrs(),
+        members: loaded.config.members(),
+        blocked,
+    };
     let mesh = p2p::start(mesh_config, mesh_events).await.context("starting the mesh")?;
     let listening: Vec<String> = mesh.listening().iter().map(ToString::to_string).collect();
     tracing::info!(
@@ -703,6 +738,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         commands: commands.clone(),
         mesh: mesh.clone(),
         config: loaded.clone(),
+        config_lock: Arc::new(tokio::sync::Mutex::new(())),
+        own_peer_id,
         chunks: opened.chunks.clone(),
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),
@@ -748,7 +785,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         result.and(committed)
     })?;
 
-    serve_until_stopped(listener, handle, core_failed).await?;
+    serve_until_stopped(listener, access, handle, core_failed).await?;
     tracing::info!("stopping");
     mesh.stop();
     let _ = commands.send(Command::Stop).await;
@@ -782,9 +819,55 @@ fn staging_driver(
     Ok((driver, events))
 }
 
+/// Who may use the control socket: the node's own user, root, and the members of a group.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Access {
+    uid: u32,
+    gid: Option<u32>,
+}
+
+impl Access {
+    /// Whether a process of `uid`, with primary group `gid`, may use the socket; `groups` reads
+    /// its supplementary groups when they matter.
+    fn allows(&self, uid: u32, gid: u32, groups: impl FnOnce() -> Vec<u32>) -> bool {
+        uid == 0 || uid == self.uid || self.gid.is_some_and(|g| g == gid || groups().contains(&g))
+    }
+}
+
+/// The supplementary groups of process `pid` (from `/proc`; none if it cannot be read).
+fn groups_of(pid: Option<i32>) -> Vec<u32> {
+    let Some(status) = pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok()) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Binds the control socket: mode 0600 (0660 with `control_group`, owned by that group), and
+/// the callers checked by their credentials at every connection as well.
+fn listen_locally(loaded: &Loaded) -> anyhow::Result<(UnixListener, Access)> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket = loaded.socket();
+    let gid = loaded.config.control_group.as_deref().map(crate::config::group_id).transpose()?;
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("restricting {}", socket.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(&socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+    }
+    Ok((listener, Access { uid: rustix::process::getuid().as_raw(), gid }))
+}
+
 /// Serves control connections until SIGINT, SIGTERM or the core's failure.
 async fn serve_until_stopped(
     listener: UnixListener,
+    access: Access,
     handle: Handle,
     mut core_failed: mpsc::UnboundedReceiver<String>,
 ) -> anyhow::Result<()> {
@@ -799,7 +882,21 @@ async fn serve_until_stopped(
                 break;
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((mut stream, _)) => {
+                    let cred = stream.peer_cred();
+                    let allowed = cred.as_ref().is_ok_and(|c| access.allows(c.uid(), c.gid(), || groups_of(c.pid())));
+                    if !allowed {
+                        let who = cred.map(|c| format!("uid {} (pid {:?})", c.uid(), c.pid())).unwrap_or_else(|e| format!("unknown ({e})"));
+                        tracing::warn!("refused a control connection from {who}: not the node's user, root or its control_group");
+                        tokio::spawn(async move {
+                            let error = crate::api::ApiError::new(
+                                crate::api::ErrorKind::PermissionDenied,
+                                "permission denied: only the node's user, root and the members of its control_group may use this node",
+                            );
+                            let _ = crate::api::write_answer::<()>(&mut stream, Err(error)).await;
+                        });
+                        continue;
+                    }
                     let handle = handle.clone();
                     tokio::spawn(async move {
                         if let Err(e) = crate::control::serve(stream, handle).await {
@@ -812,4 +909,23 @@ async fn serve_until_stopped(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_socket_serves_its_user_root_and_its_group_only() {
+        let alone = Access { uid: 1000, gid: None };
+        let no_groups = || -> Vec<u32> { panic!("read only when a group is configured") };
+        assert!(alone.allows(1000, 1000, no_groups));
+        assert!(alone.allows(0, 0, no_groups));
+        assert!(!alone.allows(1001, 1000, no_groups));
+        let shared = Access { uid: 1000, gid: Some(50) };
+        assert!(shared.allows(1001, 50, Vec::new), "its primary group");
+        assert!(shared.allows(1001, 100, || vec![20, 50]), "a supplementary group");
+        assert!(!shared.allows(1001, 100, || vec![20]));
+        assert!(groups_of(None).is_empty(), "an unknown caller has no groups");
+    }
 }

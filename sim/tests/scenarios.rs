@@ -498,8 +498,10 @@ fn a_member_added_live_is_read_through_the_bucket_once_its_region_is_known() {
     let data = random_bytes(20_000, 25);
     mesh.put(0, "/f", &data);
     let west = SiteId::new("west").unwrap();
-    let key = sim::world::signing_key(&west).public();
-    let member = Request::Member { site: west, region: region("eu"), key };
+    let mut keys = crdt_namespace::Keys::new();
+    keys.allow(&west, sim::world::signing_key(&west).public());
+    let regions = [(west, region("eu"))].into_iter().collect();
+    let member = Request::Membership { keys, regions };
     assert_eq!(mesh.ok(1, member), Reply::Done);
     let since = mark(&mesh);
     assert_eq!(mesh.read(1, "/f", None).unwrap(), data);

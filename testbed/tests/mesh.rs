@@ -375,3 +375,86 @@ fn a_reader_that_leaves_mid_file_is_let_go() {
     let again = finishes("a read after the others left", move || a.read("/big.bin", None).unwrap());
     assert!(again == big);
 }
+
+/// Where the rogue reaches site `i`: its peer id and QUIC address.
+fn rogue_target(cluster: &Cluster, i: usize) -> (libp2p::PeerId, libp2p::Multiaddr) {
+    let target = cluster.site(i).peer_id.parse().unwrap();
+    let addr = format!("/ip4/127.0.0.1/udp/{}/quic-v1", cluster.site(i).port).parse().unwrap();
+    (target, addr)
+}
+
+/// Whether site `at` refuses a connection made with `key`.
+fn refuses(cluster: &Cluster, at: usize, key: libp2p::identity::Keypair) -> bool {
+    let (target, addr) = rogue_target(cluster, at);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let outcome = runtime
+        .block_on(rogue::send_raw(key, target, addr, b"hello".to_vec(), Duration::from_secs(5)))
+        .unwrap();
+    matches!(outcome, Outcome::Refused(_))
+}
+
+fn links(cluster: &Cluster, i: usize) -> Vec<MeshLink> {
+    cluster.site(i).client.call(&ApiRequest::MeshLs).unwrap()
+}
+
+#[test]
+fn a_rotated_key_is_refused_at_once_and_the_site_returns_with_its_new_one() {
+    let mut cluster = started(2);
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    let name = cluster.site(1).name.clone();
+    mkdir(&b, "/before");
+    wait_until(TIMEOUT, || a.exists("/before")).unwrap();
+    let old_key = rogue::read_key(&cluster.site(1).dir.join("node.key")).unwrap();
+    // The site gets a new key while stopped; the other site takes it while running.
+    cluster.stop(1).unwrap();
+    let rotated: serde_json::Value =
+        serde_json::from_str(&cluster.meridian(1, &["--json", "key", "rotate"]).unwrap()).unwrap();
+    let new_peer = rotated["peer_id"].as_str().unwrap().to_owned();
+    assert_eq!(rotated["on_other_sites"], format!("meridian mesh rotate {name} --peer-id {new_peer}"));
+    cluster.meridian(0, &["mesh", "rotate", &name, "--peer-id", &new_peer]).unwrap();
+    // The old key is refused at once, without a restart; it stays valid for what it signed.
+    assert!(refuses(&cluster, 0, old_key), "the old key still gets in");
+    let config = Config::load(&cluster.site(0).config).unwrap().config;
+    assert_eq!(config.peers[0].peer_id, new_peer);
+    assert!(config.former_keys[0].site == name && config.former_keys[0].until_seq >= Some(1));
+    // The site comes back with its new key: what it wrote before and after reaches the other.
+    cluster.start(1).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    mkdir(&b, "/after");
+    wait_until(TIMEOUT, || a.exists("/after")).unwrap();
+    assert!(a.exists("/before").unwrap());
+    // One key never serves two names.
+    let taken = cluster.meridian(
+        0,
+        &["mesh", "add", "other", "--peer-id", &new_peer, "--addr", "/ip4/127.0.0.1/tcp/9", "--region", "eu"],
+    );
+    assert!(format!("{:#}", taken.unwrap_err()).contains(&format!("already {name}'s")));
+}
+
+#[test]
+fn a_block_outlives_a_restart_and_a_removed_site_is_refused() {
+    let mut cluster = started(2);
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    let name = cluster.site(1).name.clone();
+    cluster.meridian(0, &["mesh", "block", &name]).unwrap();
+    cluster.stop(0).unwrap();
+    cluster.start(0).unwrap();
+    assert_eq!(links(&cluster, 0)[0].link, "blocked", "still blocked after a restart");
+    mkdir(&b, "/while-blocked");
+    cluster.meridian(0, &["mesh", "unblock", &name]).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    wait_until(TIMEOUT, || a.exists("/while-blocked")).unwrap();
+    // Removed: cut off at once, refused from now on, kept out after a restart.
+    let key = rogue::read_key(&cluster.site(1).dir.join("node.key")).unwrap();
+    let out = cluster.meridian(0, &["mesh", "rm", &name]).unwrap();
+    assert!(out.contains(&format!("removed {name}")), "{out}");
+    wait_until(TIMEOUT, || Ok(a.status()?.core.peers.is_empty())).unwrap();
+    assert!(links(&cluster, 0).is_empty());
+    assert!(refuses(&cluster, 0, key.clone()), "a removed site still gets in");
+    cluster.stop(0).unwrap();
+    cluster.start(0).unwrap();
+    assert!(refuses(&cluster, 0, key), "a removed site gets in after a restart");
+    let config = Config::load(&cluster.site(0).config).unwrap().config;
+    assert!(config.peers.is_empty() && config.former_keys[0].site == name);
+    assert!(a.exists("/while-blocked").unwrap(), "what it wrote stays");
+}

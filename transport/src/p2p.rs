@@ -96,6 +96,8 @@ pub struct MeshConfig {
     pub listen: Vec<Multiaddr>,
     /// The other sites.
     pub members: Vec<Member>,
+    /// Members whose links are cut from the start (`mesh block` persists).
+    pub blocked: Vec<SiteId>,
 }
 
 /// What the mesh tells the node.
@@ -183,6 +185,7 @@ enum Command {
     Publish(Message),
     Disconnect { site: SiteId, reason: String },
     AddMember(Member),
+    RemoveMember { peer: PeerId },
     Block { peer: PeerId, blocked: bool },
     Stop,
 }
@@ -257,9 +260,18 @@ impl MeshHandle {
         self.commands.send(Command::Block { peer, blocked }).is_ok()
     }
 
-    /// Admits a new member and dials it.
+    /// Admits a new member and dials it. A new peer id for a member's site replaces its old
+    /// one (a rotated key): the old one is refused at once.
     pub fn add_member(&self, member: Member) {
         let _ = self.commands.send(Command::AddMember(member));
+    }
+
+    /// Removes member `site`: its connections close and it is refused from now on; false if it
+    /// is not a member.
+    pub fn remove_member(&self, site: &SiteId) -> bool {
+        let peer = lock(&self.shared).links.iter().find(|l| &l.member.site == site).map(|l| l.member.peer);
+        let Some(peer) = peer else { return false };
+        self.commands.send(Command::RemoveMember { peer }).is_ok()
     }
 
     /// The members and the state of their links.
@@ -355,7 +367,12 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
     };
     // Admitted before `start` returns, so that the handle knows the members at once.
     for member in config.members {
+        let blocked = config.blocked.contains(&member.site);
+        let peer = member.peer;
         task.step(Input::AddMember(member)).await;
+        if blocked {
+            task.step(Input::Block { peer, blocked }).await;
+        }
     }
     tokio::spawn(task.run(command_rx));
     Ok(handle)
@@ -518,6 +535,7 @@ impl SwarmTask {
                 }
             }
             Command::AddMember(member) => self.step(Input::AddMember(member)).await,
+            Command::RemoveMember { peer } => self.step(Input::RemoveMember { peer }).await,
             Command::Block { peer, blocked } => self.step(Input::Block { peer, blocked }).await,
             Command::Stop => unreachable!("handled by run"),
         }

@@ -16,6 +16,7 @@ use node::api::{
     StatAnswer, StatusAnswer, TagAnswer,
 };
 use node::config::{CONFIG_FILE, Config, DEFAULT_PORT, PeerConfig, listen_addrs};
+use node::membership::{Edit, Outcome};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncReadExt;
@@ -144,13 +145,17 @@ enum Command {
     /// The other sites of the mesh.
     #[command(subcommand)]
     Mesh(MeshCommand),
+    /// This site's own key.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Start a mesh of sites on this machine and show what meridian does, with measured numbers.
     Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
 enum MeshCommand {
-    /// Add a site to this site's mesh (or update it). A running node connects at once.
+    /// Add a site to this site's mesh, or change a member's addresses or region. A running node
+    /// connects at once.
     Add {
         /// The other site's id.
         name: String,
@@ -164,10 +169,26 @@ enum MeshCommand {
         #[arg(long)]
         region: String,
     },
+    /// Remove sites from this site's mesh: their links are cut and what they sign from now on
+    /// is refused (what they wrote before stays).
+    Rm {
+        /// The sites.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Give a member a new key (its new peer id): its old key is refused from now on, what it
+    /// signed before stays valid.
+    Rotate {
+        /// The site.
+        name: String,
+        /// Its new peer id.
+        #[arg(long)]
+        peer_id: String,
+    },
     /// Show the other sites, the state of the link to each and its lag.
     Ls,
-    /// Cut the link to a site until `mesh unblock` or the node restarts (maintenance, a
-    /// misbehaving site, or a partition drill). Changes made meanwhile merge when it is restored.
+    /// Cut the link to a site until `mesh unblock` (kept across restarts): maintenance, a
+    /// misbehaving site, or a partition drill. Changes made meanwhile merge when it is restored.
     Block {
         /// The site.
         name: String,
@@ -177,6 +198,15 @@ enum MeshCommand {
         /// The site.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Give this site a new key, with its node stopped. The old one is kept beside it; the
+    /// other sites then take the new one with the `mesh rotate` this prints. Let this site's
+    /// changes reach them first (`meridian mesh ls` there shows no lag): what it signed with
+    /// the old key after the last change they hold is refused once they rotate.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -218,9 +248,23 @@ pub fn main<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
                 region: region.clone(),
                 peer_id: peer_id.clone(),
                 addrs: addrs.clone(),
+                blocked: false,
             };
-            mesh_add(&cli, peer)
+            mesh_edit(&cli, Edit::Add(peer))
         }
+        Command::Mesh(MeshCommand::Rm { names }) => {
+            names.iter().try_for_each(|name| mesh_edit(&cli, Edit::Remove { site: name.clone() }))
+        }
+        Command::Mesh(MeshCommand::Rotate { name, peer_id }) => {
+            mesh_edit(&cli, Edit::Rotate { site: name.clone(), peer_id: peer_id.clone() })
+        }
+        Command::Mesh(MeshCommand::Block { name }) => {
+            mesh_edit(&cli, Edit::Block { site: name.clone(), blocked: true })
+        }
+        Command::Mesh(MeshCommand::Unblock { name }) => {
+            mesh_edit(&cli, Edit::Block { site: name.clone(), blocked: false })
+        }
+        Command::Key(KeyCommand::Rotate) => rotate_own_key(&cli),
         Command::Demo(args) => crate::demo::run(args),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -267,8 +311,7 @@ fn init(
     let key_file = dir.join(&config.key_file);
     let encoded = key.to_protobuf_encoding().context("encoding the key")?;
     write_private(&key_file, &encoded)?;
-    std::fs::write(&config_file, toml::to_string(&config).context("writing the config")?)
-        .with_context(|| format!("writing {}", config_file.display()))?;
+    config.save(&config_file)?;
     let config_file = std::path::absolute(&config_file)?;
     if json {
         println!(
@@ -323,42 +366,101 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
         .block_on(node::runtime::run(loaded))
 }
 
-fn mesh_add(cli: &Cli, peer: PeerConfig) -> anyhow::Result<()> {
+/// `meridian key rotate`.
+fn rotate_own_key(cli: &Cli) -> anyhow::Result<()> {
     let path = config_path(cli);
-    let mut loaded = Config::load(&path)?;
-    peer.member()?;
-    let config = &mut loaded.config;
-    if peer.site == config.site {
-        bail!("{} is this site's own name", peer.site);
+    let loaded = Config::load(&path)?;
+    if std::os::unix::net::UnixStream::connect(loaded.socket()).is_ok() {
+        bail!("the node of {} is running: stop it before giving the site a new key", path.display());
     }
-    if config.peers.iter().any(|p| p.peer_id == peer.peer_id && p.site != peer.site) {
-        bail!("peer id {} is already listed under another name", peer.peer_id);
+    let key_file = loaded.key_file();
+    let old_peer_id = node::runtime::own_peer_id(&loaded)?;
+    let old = std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+    let now_ns =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    // `node.key.2026-12-01T21-42.old`: when it was retired, readable, and a name without colons.
+    let stamp = utc_minutes(now_ns).replace(' ', "T").replace(':', "-");
+    let name = key_file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let kept = key_file.with_file_name(format!("{name}.{stamp}.old"));
+    if kept.exists() {
+        bail!("{} exists: one rotation a minute", kept.display());
     }
-    let replaced = config.peers.iter().position(|p| p.site == peer.site);
-    match replaced {
-        Some(i) => config.peers[i] = peer.clone(),
-        None => config.peers.push(peer.clone()),
-    }
-    config.check()?;
-    config.save(&loaded.path)?;
-    // A running node admits the new member at once.
-    let live = match std::os::unix::net::UnixStream::connect(loaded.socket()) {
-        Ok(_) => {
+    node::config::write_private_atomically(&kept, &old)?;
+    let key = libp2p_identity::Keypair::generate_ed25519();
+    let peer_id = key.public().to_peer_id().to_string();
+    let encoded = key.to_protobuf_encoding().context("encoding the key")?;
+    node::config::write_private_atomically(&key_file, &encoded)?;
+    let site = &loaded.config.site;
+    let command = format!("meridian mesh rotate {site} --peer-id {peer_id}");
+    let answer = serde_json::json!({
+        "site": site, "peer_id": peer_id, "old_peer_id": old_peer_id, "old_key": kept, "on_other_sites": command,
+    });
+    show(cli, &answer, |_| {
+        println!(
+            "new key for {site}: peer id {peer_id} (the old key, {old_peer_id}, is kept in {})",
+            kept.display()
+        );
+        println!("on every other site, run:");
+        println!("  {command}");
+    })
+}
+
+/// A membership change: through the running node (which changes its configuration file and
+/// its live membership together), or in the file when no node runs.
+fn mesh_edit(cli: &Cli, edit: Edit) -> anyhow::Result<()> {
+    let path = config_path(cli);
+    let loaded = Config::load(&path)?;
+    // A node that refuses this caller runs all the same: the file is not edited behind it.
+    let running = std::os::unix::net::UnixStream::connect(loaded.socket())
+        .map_or_else(|e| e.kind() == std::io::ErrorKind::PermissionDenied, |_| true);
+    let outcome = match running {
+        true => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(ask::<()>(cli, &ApiRequest::MeshAdd { peer: peer.clone() }))?;
-            true
+            rt.block_on(ask::<Outcome>(cli, &ApiRequest::MeshEdit { edit: edit.clone() }))?
         }
-        Err(_) => false,
+        false => {
+            let own = node::runtime::own_peer_id(&loaded)?;
+            let mut config = loaded.config.clone();
+            let done = edit.apply(&mut config, &own, None)?;
+            config.save(&loaded.path)?;
+            Outcome {
+                site: edit.site().to_owned(),
+                done: done.to_owned(),
+                config: loaded.path.display().to_string(),
+                live: false,
+            }
+        }
     };
-    if cli.json {
-        println!("{}", serde_json::json!({ "site": peer.site, "updated": replaced.is_some(), "live": live }));
-    } else {
-        let what = if replaced.is_some() { "updated" } else { "added" };
-        let when =
-            if live { "the running node is connecting to it" } else { "the node connects when it starts" };
-        println!("{what} {} ({}) in {}; {when}", peer.site, peer.peer_id, loaded.path.display());
-    }
-    Ok(())
+    show(cli, &outcome, |o| {
+        let site = &o.site;
+        let now = if o.live { "the running node" } else { "the node, when it starts," };
+        let what = match (&edit, o.done.as_str()) {
+            (Edit::Add(peer), done) => {
+                let when = if o.live {
+                    "the running node is connecting to it"
+                } else {
+                    "the node connects when it starts"
+                };
+                format!("{done} {site} ({}); {when}", peer.peer_id)
+            }
+            (Edit::Remove { .. }, _) => {
+                format!("removed {site}: {now} refuses its links and anything it signs from now on")
+            }
+            (Edit::Rotate { peer_id, .. }, _) => {
+                format!(
+                    "{site}'s key is now {peer_id}: {now} refuses its old key (what it signed before stays valid)"
+                )
+            }
+            (Edit::Block { .. }, "blocked") => {
+                format!("blocked {site}: its link stays cut until `meridian mesh unblock {site}`")
+            }
+            (Edit::Block { .. }, "unblocked") => format!("unblocked {site}: its link is restored"),
+            (Edit::Block { blocked, .. }, _) => {
+                format!("{site} was already {}", if *blocked { "blocked" } else { "unblocked" })
+            }
+        };
+        println!("{what} ({})", o.config);
+    })
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<UnixStream> {
@@ -375,6 +477,13 @@ async fn connect(cli: &Cli) -> anyhow::Result<UnixStream> {
                 path.display()
             );
             Err(ApiError::new(ErrorKind::NodeNotRunning, message).into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let message = format!(
+                "permission denied on {}: only the node's user, root and the members of its control_group may use it",
+                loaded.socket().display()
+            );
+            Err(ApiError::new(ErrorKind::PermissionDenied, message).into())
         }
         Err(e) => Err(e).with_context(|| format!("connecting to {}", loaded.socket().display())),
     }
@@ -412,11 +521,19 @@ fn progress(size: u64) -> ProgressBar {
 /// The commands that talk to a running node.
 async fn client(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Init { .. } | Command::Node | Command::Demo(_) | Command::Mesh(MeshCommand::Add { .. }) => {
+        Command::Init { .. }
+        | Command::Node
+        | Command::Demo(_)
+        | Command::Key(_)
+        | Command::Mesh(
+            MeshCommand::Add { .. }
+            | MeshCommand::Rm { .. }
+            | MeshCommand::Rotate { .. }
+            | MeshCommand::Block { .. }
+            | MeshCommand::Unblock { .. },
+        ) => {
             unreachable!("handled in main")
         }
-        Command::Mesh(MeshCommand::Block { name }) => mesh_block(cli, name, true).await,
-        Command::Mesh(MeshCommand::Unblock { name }) => mesh_block(cli, name, false).await,
         Command::Mesh(MeshCommand::Ls) => mesh_ls(cli).await,
         Command::Put { local, remote, mode } => put(cli, local, remote, mode).await,
         Command::Get { remote, local } => get(cli, remote, local.as_deref()).await,
@@ -475,11 +592,6 @@ async fn changes(cli: &Cli, requests: impl IntoIterator<Item = ApiRequest>) -> a
     Ok(())
 }
 
-async fn mesh_block(cli: &Cli, name: &str, blocked: bool) -> anyhow::Result<()> {
-    ask::<()>(cli, &ApiRequest::MeshBlock { site: name.to_owned(), blocked }).await?;
-    show(cli, &(), |_| println!("link to {name} {}", if blocked { "cut" } else { "restored" }))
-}
-
 async fn mesh_ls(cli: &Cli) -> anyhow::Result<()> {
     let links: Vec<MeshLink> = match ask(cli, &ApiRequest::MeshLs).await {
         Ok(links) => links,
@@ -494,7 +606,7 @@ async fn mesh_ls(cli: &Cli) -> anyhow::Result<()> {
                     region: p.region.clone(),
                     peer_id: p.peer_id.clone(),
                     addrs: p.addrs.clone(),
-                    link: "node not running".into(),
+                    link: if p.blocked { "blocked (node not running)" } else { "node not running" }.into(),
                     addr: None,
                     since_ms: None,
                     lag_changes: None,

@@ -15,7 +15,12 @@ struct Node {
 
 impl Node {
     fn start(config: &Path) -> Node {
-        let node = Node::spawn(config, &[]);
+        Node::start_with(config, &[])
+    }
+
+    /// Starts the node with `env` and waits until it answers.
+    fn start_with(config: &Path, env: &[(&str, &str)]) -> Node {
+        let node = Node::spawn(config, env);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !run(config, &["status"]).status.success() {
             assert!(Instant::now() < deadline, "the node did not start: {}", node.log());
@@ -269,5 +274,145 @@ fn a_panic_on_any_daemon_thread_ends_the_node_with_an_error_and_a_restart_recove
         let node = Node::start(&config);
         assert!(ok(&config, &["ls", "/"]).contains("before"));
         node.stop();
+    }
+}
+
+/// The permission bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn fresh_peer_id() -> String {
+    libp2p_identity::Keypair::generate_ed25519().public().to_peer_id().to_string()
+}
+
+#[test]
+fn the_config_the_key_and_the_control_socket_are_private_and_strangers_are_refused() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path(), "west");
+    let site_dir = config.parent().unwrap().to_owned();
+    assert_eq!(mode(&config), 0o600, "created private");
+    assert_eq!(mode(&site_dir.join("node.key")), 0o600);
+    // Rewritten, it is private again whatever it had become, and nothing temporary is left.
+    set_mode(&config, 0o644);
+    let add = [
+        "mesh",
+        "add",
+        "east",
+        "--peer-id",
+        &fresh_peer_id(),
+        "--addr",
+        "/ip4/127.0.0.1/tcp/9",
+        "--region",
+        "eu",
+    ];
+    ok(&config, &add);
+    assert_eq!(mode(&config), 0o600, "rewritten private");
+    let leftovers: Vec<_> = std::fs::read_dir(&site_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let node = Node::start(&config);
+    let socket = site_dir.join("control.sock");
+    assert_eq!(mode(&socket), 0o600);
+    // A rotation of its own key while the node runs is refused.
+    assert!(fails(&config, &["key", "rotate"]).contains("stop it before"));
+    if std::fs::metadata(&config).unwrap().uid() != 0 {
+        eprintln!("not root: no client can be run as another user here; the stranger is not tried");
+        return node.stop();
+    }
+    // A stranger (uid 65534), with a readable copy of the configuration beside the socket.
+    set_mode(dir.path(), 0o755);
+    let public = site_dir.join("public.toml");
+    std::fs::copy(&config, &public).unwrap();
+    set_mode(&public, 0o644);
+    // The stranger cannot reach the build directory: it runs a link to the binary.
+    let exe = dir.path().join("meridian");
+    if std::fs::hard_link(MERIDIAN, &exe).is_err() {
+        std::fs::copy(MERIDIAN, &exe).unwrap();
+    }
+    let stranger = || {
+        let out = Command::new(&exe)
+            .arg("--config")
+            .arg(&public)
+            .args(["ls", "/"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let denied = stranger();
+    assert!(denied.contains("permission denied on") && denied.contains("control.sock"), "{denied}");
+    // Even with the socket's mode opened up by mistake, the node checks who calls.
+    set_mode(&socket, 0o666);
+    let denied = stranger();
+    assert!(denied.contains("permission denied: only the node's user"), "{denied}");
+    assert!(node.log().contains("refused a control connection from uid 65534"), "{}", node.log());
+    assert!(ok(&config, &["ls", "/"]).is_empty(), "its own user is served");
+    node.stop();
+}
+
+#[test]
+fn secrets_never_show_in_the_log_status_listings_or_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path(), "west");
+    let (secret_key, secret) = ("SECRETKEY-never-to-be-shown", "5ec7e75ec7e75ec7e75ec7e75ec7e75e");
+    let staging = format!(
+        "[staging]\nendpoint = \"http://127.0.0.1:9\"\nregion = \"garage\"\nbucket = \"b\"\naccess_key = \"AK\"\nsecret_key = \"{secret_key}\"\nsecret = \"{secret}\"\n"
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&staging);
+    std::fs::write(&config, &text).unwrap();
+    let key = libp2p_identity::Keypair::from_protobuf_encoding(
+        &std::fs::read(config.with_file_name("node.key")).unwrap(),
+    )
+    .unwrap()
+    .try_into_ed25519()
+    .unwrap();
+    let key_hex: String = key.secret().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let mut seen = String::new();
+    let record = |seen: &mut String, out: Output| {
+        seen.push_str(&String::from_utf8_lossy(&out.stdout));
+        seen.push_str(&String::from_utf8_lossy(&out.stderr));
+    };
+    let node = Node::start_with(&config, &[("AWS_EC2_METADATA_DISABLED", "true"), ("RUST_LOG", "debug")]);
+    for args in [
+        &["status"][..],
+        &["--json", "status"],
+        &["mesh", "ls"],
+        &["--json", "mesh", "ls"],
+        &["get", "/none", "x"],
+    ] {
+        record(&mut seen, run(&config, args));
+    }
+    node.stop();
+    let log = std::fs::read_to_string(config.with_file_name("node.log")).unwrap();
+    assert!(log.contains("meridian node running"), "{log}");
+    seen.push_str(&log);
+    // Configurations with mistakes around the secrets.
+    for bad in [
+        text.replace(&format!("secret_key = \"{secret_key}\""), &format!("secret_key = \"{secret_key}")),
+        text.replace(&format!("secret = \"{secret}\""), &format!("secret = \"{secret}zz\"")),
+        text.replace("[staging]\n", "[staging]\nttl_hours = 0\n"),
+    ] {
+        std::fs::write(&config, bad).unwrap();
+        let out = run(&config, &["ls", "/"]);
+        assert!(!out.status.success());
+        record(&mut seen, out);
+    }
+    for hidden in [secret_key, secret, key_hex.as_str()] {
+        assert!(!seen.contains(hidden), "a secret shows:\n{seen}");
     }
 }

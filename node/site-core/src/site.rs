@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
 use crdt_namespace::{
-    ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Keys, Namespace, OpError, PublicKey,
-    Query, SiteId, Stat, SyncSession,
+    ContentId, DirEntry, EffectiveTag, EntryKind, FindHit, HlcClock, Keys, Namespace, OpError, Query, SiteId,
+    Stat, SyncSession,
 };
 use proto::{FetchId, Message, Priority, Region};
 
@@ -236,14 +236,19 @@ pub enum Request {
     },
     /// The site's state.
     Status,
-    /// A site joined the membership (`meridian mesh add`): its region.
-    Member {
+    /// The membership changed (`meridian mesh add|rm|rotate`): every member's keys, current and
+    /// former, and regions, from now on.
+    Membership {
+        /// The keys changes are checked with.
+        keys: Keys,
+        /// The members' regions.
+        regions: BTreeMap<SiteId, Region>,
+    },
+    /// The sequence number of the last change of `site` held here (0: none): what a key of
+    /// the site retired now may still sign.
+    LastSeq {
         /// The site.
         site: SiteId,
-        /// Its region.
-        region: Region,
-        /// Its key: its changes are accepted from now on.
-        key: PublicKey,
     },
 }
 
@@ -270,6 +275,8 @@ pub enum Reply {
     },
     /// The site's state.
     Status(Status),
+    /// A sequence number ([`Request::LastSeq`]).
+    Seq(u64),
 }
 
 /// A connected peer and how far behind it is.
@@ -761,11 +768,15 @@ impl Site {
                 let status = self.status();
                 return self.reply(id, Ok(Reply::Status(status)));
             }
-            Request::Member { site, region, key } => {
-                self.config.keys.allow(&site, key);
+            Request::Membership { keys, regions } => {
+                self.config.keys = keys;
                 self.ns.set_keys(self.config.keys.clone());
-                self.config.regions.insert(site, region);
+                self.config.regions = regions;
                 return self.reply(id, Ok(Reply::Done));
+            }
+            Request::LastSeq { site } => {
+                let seq = self.ns.last_seq_of(&site);
+                return self.reply(id, Ok(Reply::Seq(seq)));
             }
             Request::Read { path, range } => return self.start_read(id, path, range),
         };

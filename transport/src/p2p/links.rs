@@ -47,6 +47,9 @@ pub(crate) enum Input {
     /// A member is admitted, or an admitted one's entry changes (its addresses); it is dialled
     /// at the next tick.
     AddMember(Member),
+    /// A member leaves (`mesh rm`, or its old key after `mesh rotate`): its connections are
+    /// closed, new ones refused, and it is never dialled again.
+    RemoveMember { peer: PeerId },
     /// The operator cuts (`true`) or restores the link to a member.
     Block { peer: PeerId, blocked: bool },
     /// Something asks for every connection to a member to be dropped (a bad frame, a full
@@ -186,6 +189,7 @@ impl Links {
         self.now = now;
         match input {
             Input::AddMember(member) => self.add_member(now, member),
+            Input::RemoveMember { peer } => self.remove_member(peer),
             Input::Block { peer, blocked } => self.block(now, peer, blocked),
             Input::Disconnect { peer, reason } => self.disconnect(peer, &reason),
             Input::Established { peer, connection, dialled_here, addr } => {
@@ -251,6 +255,17 @@ impl Links {
         if peer == self.local {
             return;
         }
+        // One entry per site: a new peer id for a known site replaces the old one (its key was
+        // rotated).
+        let replaced: Vec<PeerId> = self
+            .members
+            .values()
+            .filter(|m| m.member.site == member.site && m.member.peer != peer)
+            .map(|m| m.member.peer)
+            .collect();
+        for old in replaced {
+            self.remove_member(old);
+        }
         let m = match self.members.entry(peer) {
             std::collections::btree_map::Entry::Occupied(entry) => {
                 let m = entry.into_mut();
@@ -265,6 +280,19 @@ impl Links {
         if m.state != LinkState::Blocked {
             self.actions.push_back(Action::Allow { peer, allowed: true });
         }
+        self.changed = true;
+    }
+
+    fn remove_member(&mut self, peer: PeerId) {
+        let Some(mut m) = self.members.remove(&peer) else { return };
+        tracing::info!(site = %m.member.site, %peer, "removed from the mesh");
+        self.actions.push_back(Action::Allow { peer, allowed: false });
+        self.actions.push_back(Action::Disconnect { peer });
+        if let Some(site) = m.up.take() {
+            self.actions.push_back(Action::Down { peer, site });
+        }
+        // Its connections are forgotten now; their closing is of no interest any more.
+        self.connections.retain(|_, c| c.peer != peer);
         self.changed = true;
     }
 

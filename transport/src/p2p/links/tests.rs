@@ -692,3 +692,41 @@ fn a_tcp_connection_shows_as_tcp() {
     assert_eq!(drain(&mut links), [up(1)]);
     assert_eq!(links.snapshot()[0].state, LinkState::Connected { transport: "tcp", addr });
 }
+
+#[test]
+fn a_removed_member_goes_down_at_once_and_is_never_dialled_or_admitted_again() {
+    let now = Instant::now();
+    let mut links = table(0, &[1], now);
+    assert_eq!(established(&mut links, now, 1, 1, true), [up(1)]);
+    links.apply(now, Input::RemoveMember { peer: peer(1) });
+    let refuse = Action::Allow { peer: peer(1), allowed: false };
+    assert_eq!(drain(&mut links), [refuse, Action::Disconnect { peer: peer(1) }, down(1)]);
+    assert_eq!(closed(&mut links, now, 1), [], "its closing is not reported twice");
+    links.apply(now + REDIAL_MAX, Input::Tick);
+    assert_eq!(drain(&mut links), []);
+    assert_eq!(established(&mut links, now, 1, 2, false), [], "not a member: not up");
+    assert!(links.snapshot().is_empty());
+}
+
+#[test]
+fn a_new_peer_id_for_a_member_replaces_the_old_one() {
+    let now = Instant::now();
+    let mut links = table(0, &[1], now);
+    assert_eq!(established(&mut links, now, 1, 1, true), [up(1)]);
+    // Site s1's key was rotated: its new peer id is peer(2)'s.
+    links.apply(now, Input::AddMember(Member { peer: peer(2), ..member(1) }));
+    let actions = drain(&mut links);
+    assert_eq!(
+        actions,
+        [
+            Action::Allow { peer: peer(1), allowed: false },
+            Action::Disconnect { peer: peer(1) },
+            down(1),
+            Action::Allow { peer: peer(2), allowed: true },
+        ]
+    );
+    let snapshot = links.snapshot();
+    assert_eq!(snapshot.len(), 1);
+    assert_eq!((snapshot[0].member.site.clone(), snapshot[0].member.peer), (site(1), peer(2)));
+    assert_eq!(links.site_of(&peer(1)), None);
+}
