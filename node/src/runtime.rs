@@ -894,6 +894,9 @@ async fn serve_until_stopped(
                                 "permission denied: only the node's user, root and the members of its control_group may use this node",
                             );
                             let _ = crate::api::write_answer::<()>(&mut stream, Err(error)).await;
+                            // Its request is read (and dropped), so that the caller, still
+                            // writing it, reads the answer rather than a broken pipe.
+                            let _ = tokio::time::timeout(Duration::from_secs(10), crate::api::read_frame(&mut stream)).await;
                         });
                         continue;
                     }
