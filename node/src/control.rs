@@ -142,6 +142,9 @@ async fn mesh_edit(handle: &Handle, edit: Edit) -> anyhow::Result<Result<Outcome
         Ok(membership) => membership,
         Err(e) => return Ok(Err(internal(e))),
     };
+    let mut mesh_keys = keys.clone();
+    mesh_keys.allow(&handle.config.config.site_id(), handle.own_key);
+    handle.mesh.set_keys(mesh_keys);
     if let Err(e) = handle.call(Request::Membership { keys, regions }).await? {
         return Ok(Err(e.into()));
     }

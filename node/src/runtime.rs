@@ -639,6 +639,8 @@ pub struct Handle {
     pub(crate) config_lock: Arc<tokio::sync::Mutex<()>>,
     /// This site's peer id.
     pub(crate) own_peer_id: String,
+    /// This site's public key.
+    pub(crate) own_key: crdt_namespace::PublicKey,
     pub(crate) chunks: Arc<ChunkStore>,
     pub(crate) chunker: ChunkerConfig,
     /// Fetched chunks not yet durable.
@@ -715,11 +717,16 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         .map(|p| SiteId::new(&p.site))
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
+    let own_key =
+        SigningKey::from_secret(&p2p::signing_secret(&keypair).map_err(|e| anyhow::anyhow!("{e}"))?).public();
+    let mut keys = opened.site.config().keys.clone();
+    keys.allow(&loaded.config.site_id(), own_key);
     let mesh_config = MeshConfig {
         keypair,
         listen: loaded.config.listen_addrs(),
         members: loaded.config.members(),
         blocked,
+        keys,
     };
     let mesh = p2p::start(mesh_config, mesh_events).await.context("starting the mesh")?;
     let listening: Vec<String> = mesh.listening().iter().map(ToString::to_string).collect();
@@ -740,6 +747,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         config: loaded.clone(),
         config_lock: Arc::new(tokio::sync::Mutex::new(())),
         own_peer_id,
+        own_key,
         chunks: opened.chunks.clone(),
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),

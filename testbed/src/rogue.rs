@@ -82,3 +82,62 @@ pub fn read_key(path: &std::path::Path) -> anyhow::Result<Keypair> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Keypair::from_protobuf_encoding(&bytes).context("decoding the key")
 }
+
+/// Connects to the site `target` at `addr` with `keypair`, subscribes to the push topic and,
+/// once the site is seen subscribed, publishes `payload` on it (signed by `keypair`, as
+/// gossipsub wants); then waits up to `wait` for the site to close the connection.
+pub async fn publish_push(
+    keypair: Keypair,
+    target: PeerId,
+    addr: Multiaddr,
+    payload: Vec<u8>,
+    wait: Duration,
+) -> anyhow::Result<Outcome> {
+    use libp2p::gossipsub;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|key| {
+            let config = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .build()
+                .expect("a valid gossipsub configuration");
+            gossipsub::Behaviour::<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                config,
+            )
+            .expect("a gossipsub behaviour")
+        })
+        .context("building the rogue's swarm")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let topic = gossipsub::IdentTopic::new(transport::p2p::PUSH_TOPIC);
+    swarm.behaviour_mut().subscribe(&topic)?;
+    swarm.dial(addr.with_p2p(target).map_err(|a| anyhow::anyhow!("bad address {a}"))?)?;
+    let run = async {
+        let mut payload = Some(payload);
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(gossipsub::Event::Subscribed { peer_id, .. }) if peer_id == target => {
+                    if let Some(payload) = payload.take() {
+                        swarm.behaviour_mut().publish(topic.clone(), payload)?;
+                    }
+                }
+                SwarmEvent::ConnectionClosed { num_established: 0, .. } if payload.is_none() => {
+                    return Ok(Outcome::Disconnected);
+                }
+                SwarmEvent::ConnectionClosed { num_established: 0, cause, .. } => {
+                    return Ok(Outcome::Refused(format!("closed before the push: {cause:?}")));
+                }
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    return Ok(Outcome::Refused(error.to_string()));
+                }
+                _ => {}
+            }
+        }
+    };
+    match tokio::time::timeout(wait, run).await {
+        Ok(outcome) => outcome,
+        Err(_) => Ok(Outcome::StillConnected),
+    }
+}

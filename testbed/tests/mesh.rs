@@ -458,3 +458,49 @@ fn a_block_outlives_a_restart_and_a_removed_site_is_refused() {
     assert!(config.peers.is_empty() && config.former_keys[0].site == name);
     assert!(a.exists("/while-blocked").unwrap(), "what it wrote stays");
 }
+
+#[test]
+fn a_forged_push_is_checked_before_it_is_relayed_and_only_its_sender_is_cut_off() {
+    let mut cluster = testbed::cluster(program(), 3).unwrap();
+    // c is a member but does not run: the rogue speaks gossipsub with its key, to b.
+    cluster.start(0).unwrap();
+    cluster.start(1).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    mkdir(&a, "/kept");
+    wait_until(TIMEOUT, || b.exists("/kept")).unwrap();
+    let before = tree(&a).unwrap();
+    let key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
+    // A change in a's name, signed with c's key.
+    let secret = transport::p2p::signing_secret(&key).unwrap();
+    let site_a = crdt_namespace::SiteId::new(&cluster.site(0).name).unwrap();
+    let mut forger = crdt_namespace::Namespace::new(site_a, crdt_namespace::SigningKey::from_secret(&secret));
+    forger
+        .mkdir(
+            "/forged",
+            false,
+            0o755,
+            0,
+            crdt_namespace::Hlc::new(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+                    as u64,
+                0,
+            ),
+        )
+        .unwrap();
+    let push = transport::proto::Message::Push { changes: forger.export_since(&[]) }.encode();
+    let (target, addr) = rogue_target(&cluster, 1);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let outcome = runtime.block_on(rogue::publish_push(key, target, addr, push, TIMEOUT)).unwrap();
+    assert_eq!(outcome, Outcome::Disconnected, "b cuts off the sender of a forged push");
+    // b never relayed it: a neither saw it nor cut b off, and both still talk.
+    mkdir(&a, "/after");
+    wait_until(TIMEOUT, || b.exists("/after")).unwrap();
+    mkdir(&b, "/back");
+    wait_until(TIMEOUT, || a.exists("/back")).unwrap();
+    let log = std::fs::read_to_string(cluster.site(0).log()).unwrap();
+    assert!(!log.contains("bad push") && !log.contains("disconnecting"), "a was handed the forgery:\n{log}");
+    let after = tree(&a).unwrap();
+    assert!(!after.iter().any(|p| p.starts_with("/forged")));
+    assert_eq!(after.len(), before.len() + 2);
+}

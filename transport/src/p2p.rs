@@ -45,7 +45,8 @@ use links::{Action, Input, LinkEntry, Links};
 /// The stream protocol of site-to-site messages.
 pub const STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/meridian/1");
 /// The gossipsub topic of namespace pushes.
-const PUSH_TOPIC: &str = "meridian/namespace/1";
+/// The gossipsub topic fresh namespace changes are published on.
+pub const PUSH_TOPIC: &str = "meridian/namespace/1";
 /// The identify protocol name.
 const IDENTIFY_PROTOCOL: &str = "/meridian/id/1";
 
@@ -98,6 +99,9 @@ pub struct MeshConfig {
     pub members: Vec<Member>,
     /// Members whose links are cut from the start (`mesh block` persists).
     pub blocked: Vec<SiteId>,
+    /// The keys every namespace change in a push must be signed with (this site's among them):
+    /// a push is checked before gossipsub relays it.
+    pub keys: crdt_namespace::Keys,
 }
 
 /// What the mesh tells the node.
@@ -186,6 +190,7 @@ enum Command {
     Disconnect { site: SiteId, reason: String },
     AddMember(Member),
     RemoveMember { peer: PeerId },
+    SetKeys(crdt_namespace::Keys),
     Block { peer: PeerId, blocked: bool },
     Stop,
 }
@@ -228,15 +233,20 @@ impl MeshHandle {
         }
     }
 
-    /// Sends fresh namespace changes to every connected member: on gossipsub if small enough,
-    /// else (and to members gossipsub does not see subscribed) over each member's stream.
+    /// Sends fresh namespace changes to every connected member over its stream, and publishes
+    /// them on gossipsub (if small enough) for the members reached only through others.
+    ///
+    /// The direct send is not a duplicate for nothing: gossipsub (0.50) shares one queue between
+    /// the connections to a peer and wakes only the handler that polled it last, so when one of
+    /// two connections to a member closes (both sides dialled at once) the other may not send
+    /// what is queued until something else wakes it — measured as pushes arriving only with the
+    /// next sync round, seconds later. A member that gets a push twice applies it once.
     pub fn broadcast_push(&self, changes: Vec<u8>) {
         let message = Message::Push { changes };
+        let sites: Vec<SiteId> = lock(&self.shared).queues.keys().cloned().collect();
+        self.send_each(&sites, &message);
         if message.encode().len() <= GOSSIP_MESSAGE_MAX_BYTES {
             let _ = self.commands.send(Command::Publish(message));
-        } else {
-            let sites: Vec<SiteId> = lock(&self.shared).queues.keys().cloned().collect();
-            self.send_each(&sites, &message);
         }
     }
 
@@ -264,6 +274,11 @@ impl MeshHandle {
     /// one (a rotated key): the old one is refused at once.
     pub fn add_member(&self, member: Member) {
         let _ = self.commands.send(Command::AddMember(member));
+    }
+
+    /// The keys pushes are checked with from now on (after a membership change).
+    pub fn set_keys(&self, keys: crdt_namespace::Keys) {
+        let _ = self.commands.send(Command::SetKeys(keys));
     }
 
     /// Removes member `site`: its connections close and it is refused from now on; false if it
@@ -357,6 +372,7 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
         std::collections::hash_map::RandomState::new().hash_one(std::process::id())
     };
     let mut task = SwarmTask {
+        keys: config.keys,
         links: Links::new(local_peer, seed, Instant::now()),
         swarm,
         shared,
@@ -396,6 +412,9 @@ fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, StartError> {
         .with_behaviour(|key| {
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // A message is relayed only once this site has checked it (`gossip_message`):
+                // an honest site never forwards a neighbour's garbage, nor is punished for it.
+                .validate_messages()
                 .max_transmit_size(GOSSIP_MESSAGE_MAX_BYTES + 4096)
                 .flood_publish(true)
                 .build()?;
@@ -433,6 +452,8 @@ fn agent_version() -> String {
 /// The driver of the swarm and the link table: swarm events and commands become the table's
 /// inputs, the table's actions become swarm calls, stream tasks and events to the site.
 struct SwarmTask {
+    /// The members' keys, which every namespace change in a push must be signed with.
+    keys: crdt_namespace::Keys,
     swarm: Swarm<Behaviour>,
     links: Links,
     shared: Arc<Mutex<Shared>>,
@@ -536,41 +557,18 @@ impl SwarmTask {
             }
             Command::AddMember(member) => self.step(Input::AddMember(member)).await,
             Command::RemoveMember { peer } => self.step(Input::RemoveMember { peer }).await,
+            Command::SetKeys(keys) => self.keys = keys,
             Command::Block { peer, blocked } => self.step(Input::Block { peer, blocked }).await,
             Command::Stop => unreachable!("handled by run"),
         }
     }
 
-    /// Publishes a push on gossipsub, and sends it over their streams to the connected members
-    /// gossipsub does not reach.
+    /// Publishes a push on gossipsub (the connected members also got it over their streams).
     fn publish(&mut self, message: Message) {
         let topic = self.topic.clone();
-        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
-        // Gossipsub only reaches members it knows subscribed, which it learns after a connection
-        // is up (and a link moving between connections can leave it without): those it does not
-        // cover get the push over their stream, so a push is never left to anti-entropy while the
-        // member is connected.
-        let covered: std::collections::HashSet<PeerId> = match gossip.publish(topic.clone(), message.encode())
-        {
-            Ok(_) => gossip
-                .all_peers()
-                .filter(|(_, topics)| topics.contains(&&topic.hash()))
-                .map(|(peer, _)| *peer)
-                .collect(),
-            Err(e) => {
-                tracing::debug!("publishing a push: {e}");
-                Default::default()
-            }
-        };
-        let uncovered: Vec<SiteId> = {
-            let shared = lock(&self.shared);
-            self.links
-                .members()
-                .filter(|m| !covered.contains(&m.peer) && shared.queues.contains_key(&m.site))
-                .map(|m| m.site.clone())
-                .collect()
-        };
-        self.handle.send_each(&uncovered, &message);
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, message.encode()) {
+            tracing::debug!("publishing a push: {e}");
+        }
     }
 
     async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -597,9 +595,9 @@ impl SwarmTask {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
+                message_id,
                 message,
-                ..
-            })) => self.gossip_message(propagation_source, message).await,
+            })) => self.gossip_message(message_id, propagation_source, message).await,
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 connection_id,
@@ -614,21 +612,41 @@ impl SwarmTask {
         }
     }
 
-    /// A push that gossipsub delivered: passed to the core if its author is a member and it
-    /// decodes as a push; the neighbour that relayed anything else misbehaved.
-    async fn gossip_message(&mut self, propagation_source: PeerId, message: gossipsub::Message) {
-        let Some(from) = self.site_of(&propagation_source) else { return };
+    /// A push that gossipsub delivered. It is checked before gossipsub may relay it: its author
+    /// (who signed the gossip message) is a member, it decodes as a push, and every namespace
+    /// change in it is signed by its own author's key. A good push goes to the core; a bad one
+    /// is dropped, not relayed, and the neighbour that sent it disconnected (an honest relay
+    /// checked it first, so only its author can have sent it bad).
+    async fn gossip_message(
+        &mut self,
+        id: gossipsub::MessageId,
+        propagation_source: PeerId,
+        message: gossipsub::Message,
+    ) {
         let author_is_member = message.source.is_some_and(|p| self.site_of(&p).is_some());
-        if !author_is_member {
-            tracing::warn!(%from, "dropping a push whose author is not a member");
-            return;
-        }
-        match Message::decode(&message.data) {
-            Ok(message @ Message::Push { .. }) => {
+        let verdict = match Message::decode(&message.data) {
+            _ if !author_is_member => Err("a push whose author is not a member".to_owned()),
+            Ok(Message::Push { changes }) => {
+                match crdt_namespace::Namespace::check_export(&changes, &self.keys) {
+                    Ok(()) => Ok(Message::Push { changes }),
+                    Err(e) => Err(format!("a bad push: {e}")),
+                }
+            }
+            Ok(_) => Err("a non-push message on the push topic".to_owned()),
+            Err(e) => Err(format!("a malformed push: {e}")),
+        };
+        let acceptance = match verdict {
+            Ok(_) => gossipsub::MessageAcceptance::Accept,
+            Err(_) => gossipsub::MessageAcceptance::Reject,
+        };
+        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+        gossip.report_message_validation_result(&id, &propagation_source, acceptance);
+        let Some(from) = self.site_of(&propagation_source) else { return };
+        match verdict {
+            Ok(message) => {
                 let _ = self.events.send(MeshEvent::Message { from, message }).await;
             }
-            Ok(_) => self.misbehaved(propagation_source, "a non-push message on the push topic".into()).await,
-            Err(e) => self.misbehaved(propagation_source, format!("a malformed push: {e}")).await,
+            Err(reason) => self.misbehaved(propagation_source, reason).await,
         }
     }
 

@@ -224,11 +224,6 @@ impl Links {
         self.members.values().find(|m| &m.member.site == site).map(|m| m.member.peer)
     }
 
-    /// The members.
-    pub(crate) fn members(&self) -> impl Iterator<Item = &Member> {
-        self.members.values().map(|m| &m.member)
-    }
-
     /// Whether a member or the state of its link changed since the last call.
     pub(crate) fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
