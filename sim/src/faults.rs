@@ -32,13 +32,15 @@ pub struct Faults {
     /// Probability that a client stops taking a read's data for 0.5–5 s (a paused reader,
     /// `cat big | less`) before it takes the next piece.
     pub pause: f64,
+    /// Probability per fault step that a member turns byzantine for one message: it sends a
+    /// peer a push with a change in another member's name, signed with its own key.
+    pub forge: f64,
 }
 
 impl Faults {
     /// All faults at the given rates' defaults, restricted to the names in `list`
-    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging,pause`, or `none`,
-    /// or
-    /// `all`).
+    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging,pause,forge`,
+    /// or `none`, or `all`).
     pub fn parse(list: &str) -> Result<Faults, String> {
         let all = Faults {
             drop: 0.02,
@@ -52,6 +54,7 @@ impl Faults {
             corrupt: 0.01,
             staging: 0.05,
             pause: 0.02,
+            forge: 0.02,
         };
         let mut f = Faults::default();
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -69,6 +72,7 @@ impl Faults {
                 "corrupt" => f.corrupt = all.corrupt,
                 "staging" => f.staging = all.staging,
                 "pause" => f.pause = all.pause,
+                "forge" => f.forge = all.forge,
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -92,6 +96,7 @@ impl Faults {
             staging: on(rng, 0.08),
             reset: on(rng, 0.5),
             pause: on(rng, 0.03),
+            forge: on(rng, 0.03),
         }
     }
 }

@@ -49,6 +49,8 @@ pub(crate) struct Workload {
     acknowledged: BTreeSet<ContentId>,
     /// Versions a later write at the same site replaced, or a remove had seen.
     discarded: BTreeSet<ContentId>,
+    /// Paths of the directories byzantine members forged in other members' names.
+    forged: Vec<String>,
 }
 
 enum Pending {
@@ -135,6 +137,7 @@ fn build(seed: u64, options: &Options) -> World<Workload> {
         failed_reads: HashMap::new(),
         acknowledged: BTreeSet::new(),
         discarded: BTreeSet::new(),
+        forged: Vec::new(),
     };
     let mut world = World::new(
         Setup { configs, skews_ms, faults, latency: Latency::Drawn, rng, record: false },
@@ -295,6 +298,14 @@ impl World<Workload> {
                 self.restart_at(at, s);
             }
         }
+        if n >= 2 && self.rng.chance(f.forge) {
+            let (from, to, victim) = (self.rng.index(n), self.rng.index(n), self.rng.index(n));
+            if from != to && from != victim {
+                let path = format!("/forged-{}", self.driver.forged.len());
+                self.forge(from, to, victim, &path);
+                self.driver.forged.push(path);
+            }
+        }
         if self.rng.chance(f.clock) {
             let s = self.rng.index(n);
             // Up to an hour either way: only local changes and the bound on peers' clocks see
@@ -427,6 +438,12 @@ impl World<Workload> {
     }
 
     fn check_liveness(&mut self) -> Result<(), String> {
+        // A byzantine member's forgeries are refused everywhere.
+        for s in 0..self.len() {
+            if let Some(path) = self.driver.forged.iter().find(|p| self.site(s).namespace().stat(p).is_ok()) {
+                return Err(format!("{} applied the forged change that made {path}", self.name(s)));
+            }
+        }
         let walk = self.site(0).namespace().walk("/").map_err(|e| e.to_string())?;
         // Every acknowledged write is preserved, unless its own site replaced it or removed it.
         let live: BTreeSet<ContentId> =

@@ -742,6 +742,18 @@ impl<D: Driver> World<D> {
         }
     }
 
+    /// Site `from` turns byzantine for one message: it sends `to` a push with a change made in
+    /// `victim`'s name (a directory at `path`), signed with its own key.
+    pub fn forge(&mut self, from: usize, to: usize, victim: usize, path: &str) {
+        let key = signing_key(&self.sites[from].name);
+        let mut forger = crdt_namespace::Namespace::new(self.sites[victim].name.clone(), key);
+        let hlc = crdt_namespace::Hlc::new(self.site_now(from), 0);
+        if forger.mkdir(path, false, 0o755, 0, hlc).is_ok() {
+            let changes = forger.export_since(&[]);
+            self.send(from, to, Message::Push { changes });
+        }
+    }
+
     /// Makes every chunk site `s` sends arrive corrupted (a peer that lies).
     pub fn lie(&mut self, s: usize) {
         self.liars.insert(s);

@@ -3,12 +3,13 @@
 //! directories. The demo's staging store and the tests' S3 server; the staging client talks to
 //! it exactly as to any other endpoint.
 //!
-//! For tests it can answer the next requests with `503 SlowDown`, as S3 does under load.
+//! For tests it can answer the next requests with `503 SlowDown`, as S3 does under load, and
+//! answer ranged reads with the whole object, as a server that ignores `Range` does.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -39,6 +40,7 @@ pub enum LocalS3Error {
 pub struct LocalS3 {
     addr: SocketAddr,
     slow_down: Arc<AtomicUsize>,
+    ignore_range: Arc<AtomicBool>,
     served: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -57,8 +59,10 @@ impl LocalS3 {
         let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let slow_down = Arc::new(AtomicUsize::new(0));
+        let ignore_range = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicUsize::new(0));
-        let (slow, count) = (slow_down.clone(), served.clone());
+        let (slow, whole, count) = (slow_down.clone(), ignore_range.clone(), served.clone());
+        let root = root.to_owned();
         let task = tokio::spawn(async move {
             // Connections end with the server: the set aborts them when the task is aborted.
             let mut connections = tokio::task::JoinSet::new();
@@ -68,8 +72,14 @@ impl LocalS3 {
                 // body would wait for the client's delayed ACK (~40 ms per GET).
                 let _ = socket.set_nodelay(true);
                 let (service, slow, count) = (service.clone(), slow.clone(), count.clone());
+                let (whole, root) = (whole.clone(), root.clone());
                 let handler = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let (service, slow) = (service.clone(), slow.clone());
+                    // A ranged GET answered with the whole object (path-style keys only).
+                    let whole_object = (whole.load(Ordering::Relaxed)
+                        && request.method() == hyper::Method::GET
+                        && request.headers().contains_key(hyper::header::RANGE))
+                    .then(|| root.join(request.uri().path().trim_start_matches('/')));
                     count.fetch_add(1, Ordering::Relaxed);
                     async move {
                         let refuse =
@@ -78,6 +88,9 @@ impl LocalS3 {
                             let mut answer = hyper::Response::new(s3s::Body::from(SLOW_DOWN.to_owned()));
                             *answer.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                             return Ok(answer);
+                        }
+                        if let Some(Ok(object)) = whole_object.map(std::fs::read) {
+                            return Ok(hyper::Response::new(s3s::Body::from(bytes::Bytes::from(object))));
                         }
                         hyper::service::Service::call(&service, request).await
                     }
@@ -88,7 +101,7 @@ impl LocalS3 {
                 while connections.try_join_next().is_some() {}
             }
         });
-        Ok(LocalS3 { addr, slow_down, served, task })
+        Ok(LocalS3 { addr, slow_down, ignore_range, served, task })
     }
 
     /// The endpoint URL (`http://127.0.0.1:PORT`).
@@ -99,6 +112,11 @@ impl LocalS3 {
     /// Answers the next `n` requests with `503 SlowDown`.
     pub fn slow_down_next(&self, n: usize) {
         self.slow_down.store(n, Ordering::Relaxed);
+    }
+
+    /// Answers ranged reads with the whole object (`true`), as a server that ignores `Range`.
+    pub fn ignore_range(&self, ignore: bool) {
+        self.ignore_range.store(ignore, Ordering::Relaxed);
     }
 
     /// Requests received so far (refused ones included).

@@ -40,6 +40,8 @@ use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305, XNonce};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+/// The most a ranged read reserves before its bytes arrive.
+const GET_PREALLOCATE_MAX_BYTES: u64 = 8 << 20;
 /// First bytes of every pack object.
 const MAGIC: &[u8; 8] = b"MRDNPK01";
 const NONCE_BYTES: usize = 24;
@@ -519,12 +521,37 @@ impl Staging {
                 });
             }
         };
-        let body = answer.body.collect().await.map_err(|e| StagingError::S3 {
+        // At most the bytes asked for are taken in: a server that ignores `Range` (and sends a
+        // whole multi-gigabyte pack) is an error, not an allocation of its size.
+        let asked = range.end - range.start;
+        let too_much = |got: u64| StagingError::S3 {
             bucket: self.bucket.clone(),
             operation: "GetObject",
-            reason: format!("reading the body: {e}"),
-        })?;
-        Ok(body.into_bytes())
+            reason: format!(
+                "asked for {asked} bytes ({}..{} of {key}), the server answers {got} or more: does it ignore Range?",
+                range.start, range.end
+            ),
+        };
+        if let Some(len) = answer.content_length().and_then(|l| u64::try_from(l).ok()).filter(|&l| l > asked)
+        {
+            return Err(too_much(len));
+        }
+        let mut body = answer.body;
+        let mut out = Vec::with_capacity(asked.min(GET_PREALLOCATE_MAX_BYTES) as usize);
+        loop {
+            let piece = body.try_next().await.map_err(|e| StagingError::S3 {
+                bucket: self.bucket.clone(),
+                operation: "GetObject",
+                reason: format!("reading the body: {e}"),
+            })?;
+            let Some(piece) = piece else { break };
+            let got = (out.len() + piece.len()) as u64;
+            if got > asked {
+                return Err(too_much(got));
+            }
+            out.extend_from_slice(&piece);
+        }
+        Ok(bytes::Bytes::from(out))
     }
 
     /// Opens the pack named `name`: reads and checks its header. `None` if it is not staged.

@@ -291,3 +291,18 @@ async fn small_packs_are_read_whole_when_opened_and_large_ones_chunk_by_chunk() 
     assert_eq!(read_all(&staging, b"large").await.unwrap(), data);
     assert_eq!(bucket.server().requests() - before, 4, "the open, then each chunk");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_range_is_an_error_and_its_answer_is_not_taken_in() {
+    let bucket = Bucket::local().await;
+    let staging = bucket.staging().await;
+    // A pack too large to be read whole when opened: the open asks for its first MiB.
+    let (data, refs) = chunks(9, &[4 << 20; 4]);
+    stage(&staging, b"whole", &data, &refs).await;
+    assert_eq!(read_all(&staging, b"whole").await.unwrap(), data);
+    bucket.server().ignore_range(true);
+    let err = staging.open(b"whole").await.unwrap_err().to_string();
+    assert!(err.contains("does it ignore Range?") && err.contains("asked for 1048576 bytes"), "{err}");
+    bucket.server().ignore_range(false);
+    assert_eq!(read_all(&staging, b"whole").await.unwrap(), data);
+}
