@@ -72,3 +72,38 @@ fn a_change_forged_in_another_sites_name_disconnects_its_sender_and_changes_noth
     assert!(reason.contains("east did not sign"), "{reason}");
     assert!(site.namespace().stat("/forged").is_err(), "nothing of the forgery is applied");
 }
+
+#[test]
+fn a_member_asking_to_stage_for_a_region_not_its_own_is_refused_and_nothing_goes_up() {
+    let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
+    let region = |r: &str| proto::Region::new(r).unwrap();
+    let mut config = SiteConfig::new(west.clone());
+    config.region = region("eu");
+    config.regions.insert(east.clone(), region("us"));
+    config.staging = Some(site_core::Transfer::Auto);
+    let key = SigningKey::from_secret(blake3::hash(b"west").as_bytes());
+    let mut site = Site::new(config, Namespace::new(west, key), Vec::new(), HashSet::new());
+    let manifest = Manifest::of_bytes(b"a version to stage", ChunkerConfig::default());
+    let content = manifest.content_id();
+    let commit = Request::CommitVersion { path: "/f".into(), manifest, mode: 0o644, mtime_ns: 0 };
+    site.handle_local(1, WALL_MS, RequestId(1), commit);
+    site.handle_peer_up(2, east.clone());
+    std::iter::from_fn(|| site.poll_output()).for_each(drop);
+    let stage = |site: &mut Site, r: &str| {
+        let message = proto::Message::Stage { region: region(r), contents: vec![content], spoiled: None };
+        site.handle_message(3, &east, message);
+        std::iter::from_fn(|| site.poll_output()).collect::<Vec<_>>()
+    };
+    // East (us) names made-up regions, and this site's own: each is refused, nothing uploaded.
+    for r in ["xx", "yy", "eu"] {
+        let outputs = stage(&mut site, r);
+        assert!(!outputs.iter().any(|o| matches!(o, Output::StageUpload { .. })), "{r}: {outputs:?}");
+        let refused = outputs.iter().any(|o| {
+            matches!(o, Output::Send { message: proto::Message::Staged { pack: Err(why), .. }, .. } if why.contains("not of region"))
+        });
+        assert!(refused, "{r}: {outputs:?}");
+    }
+    // For its own region it is served.
+    assert!(stage(&mut site, "us").iter().any(|o| matches!(o, Output::StageUpload { .. })));
+    site.check_invariants().unwrap();
+}

@@ -101,6 +101,14 @@ impl Holder {
             let why = format!("site {} has no staging bucket", view.config.site);
             return Self::send_staged(view, out, from, &region, Err(why), &contents);
         }
+        // A site asks only for its own region, never this one's: anything else would make this
+        // site upload a copy of the version per region named, for a member that has no use
+        // for it.
+        if view.config.regions.get(from) != Some(&region) || region == view.config.region {
+            tracing::warn!(site = %from, %region, "refusing to stage for a region the asking site is not of");
+            let why = format!("site {from} is not of region {region}: a site asks to stage only for its own");
+            return Self::send_staged(view, out, from, &region, Err(why), &contents);
+        }
         if let Some(bad) = spoiled
             && contents.iter().any(|c| self.staged_out.get(&(*c, region.clone())) == Some(&bad))
             && self.packs_out.get(&bad).is_some_and(|p| p.uploaded)
