@@ -315,6 +315,9 @@ pub struct Status {
     pub bytes_to_staging: u64,
     /// Staged packs this site reads from or uploaded and has not deleted.
     pub staged_packs: usize,
+    /// Versions not held here whose holders this site keeps (those it read or reads).
+    #[serde(default)]
+    pub versions_known: usize,
     /// Changes held, not integrated, because an operation in them is more than
     /// `max_clock_ahead_ms` ahead of this site's clock: how many, by the site that wrote them.
     pub held_changes: BTreeMap<String, usize>,
@@ -831,6 +834,7 @@ impl Site {
             bytes_from_staging: self.stage_in.bytes_from_staging,
             bytes_to_staging: self.stage_out.bytes_to_staging,
             staged_packs: self.stage_in.packs() + self.stage_out.packs(),
+            versions_known: self.holders.len().max(self.manifests.len()),
             held_changes: self.ns.held_changes(),
         }
     }
@@ -1267,7 +1271,12 @@ impl Site {
                     holders.remove(from);
                 }
             }
-            Message::Holds { content, manifest: Some(bytes) } => self.learn_holder(from, content, &bytes),
+            // Only an answer to what this site asked is kept: a member announcing versions
+            // nobody here reads cannot make it remember them.
+            Message::Holds { content, manifest: Some(bytes) } if self.asked_about(&content) => {
+                self.learn_holder(from, content, &bytes)
+            }
+            Message::Holds { .. } => {}
             Message::GetChunk { request, chunk, .. } => {
                 let hash = ChunkHash(chunk);
                 if self.chunks.contains(&hash) {
@@ -1338,6 +1347,13 @@ impl Site {
 
     /// `from` holds `content`, whose manifest it sent: reads waiting for the manifest go on. A
     /// manifest that does not decode or match the version disconnects the peer.
+    /// Whether this site asked who holds `content` (for a read or a fetch), now or before.
+    fn asked_about(&self, content: &ContentId) -> bool {
+        self.holders.contains_key(content)
+            || self.reads.values().any(|r| r.content == *content)
+            || self.fetches.values().any(|f| f.content == *content)
+    }
+
     fn learn_holder(&mut self, from: &SiteId, content: ContentId, bytes: &[u8]) {
         let manifest = match Manifest::decode(bytes) {
             Ok(m) if m.content_id() == content => m,

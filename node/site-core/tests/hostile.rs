@@ -107,3 +107,22 @@ fn a_member_asking_to_stage_for_a_region_not_its_own_is_refused_and_nothing_goes
     assert!(stage(&mut site, "us").iter().any(|o| matches!(o, Output::StageUpload { .. })));
     site.check_invariants().unwrap();
 }
+
+#[test]
+fn versions_announced_without_being_asked_for_are_not_kept() {
+    let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
+    let key = SigningKey::from_secret(blake3::hash(b"west").as_bytes());
+    let mut site =
+        Site::new(SiteConfig::new(west.clone()), Namespace::new(west, key), Vec::new(), HashSet::new());
+    site.handle_peer_up(1, east.clone());
+    std::iter::from_fn(|| site.poll_output()).for_each(drop);
+    // East floods announcements of versions nobody here reads, each with a valid manifest.
+    for i in 0..2_000u32 {
+        let manifest = Manifest::of_bytes(&i.to_le_bytes(), ChunkerConfig::default());
+        let content = manifest.content_id();
+        let message = proto::Message::Holds { content, manifest: Some(manifest.encode()) };
+        site.handle_message(2, &east, message);
+    }
+    assert_eq!(site.status().versions_known, 0, "unsolicited announcements are not remembered");
+    site.check_invariants().unwrap();
+}
