@@ -547,6 +547,11 @@ impl<D: Driver> World<D> {
         self.sites[s].skew_ms += ms;
     }
 
+    /// How far site `s`'s wall clock is from the true time, in milliseconds.
+    pub fn clock_skew(&self, s: usize) -> i64 {
+        self.sites[s].skew_ms
+    }
+
     // ---------------------------------------------------------------------------------------
     // The executor
 
