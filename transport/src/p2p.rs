@@ -54,6 +54,10 @@ const IDENTIFY_PROTOCOL: &str = "/meridian/id/1";
 /// most the core's fetch window of chunk requests outstanding (16), plus sync and "who holds"
 /// traffic; 1,024 is far above that and bounds the memory a slow or hostile peer can pin.
 const PEER_QUEUE_MESSAGES: usize = 1_024;
+/// Bytes queued for one peer before it counts as not keeping up (the messages' payloads). A
+/// well-behaved peer asks for at most its fetch window of chunks (16) of at most 16 MiB each;
+/// a peer that asks for more than it reads is disconnected here instead of pinning memory.
+const PEER_QUEUE_BYTES: usize = 320 << 20;
 /// Largest push published on gossipsub. Larger pushes go over the streams instead, so that
 /// gossipsub's per-message memory stays small.
 const GOSSIP_MESSAGE_MAX_BYTES: usize = 1 << 20;
@@ -201,7 +205,7 @@ struct Shared {
     /// The members and the states of their links, as the link table last had them.
     links: Vec<LinkEntry>,
     /// Queues of connected members, by site.
-    queues: HashMap<SiteId, mpsc::Sender<Message>>,
+    queues: HashMap<SiteId, OutQueue>,
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -223,11 +227,11 @@ impl MeshHandle {
     pub fn send(&self, to: &SiteId, message: Message) -> Result<(), SendError> {
         let queue = lock(&self.shared).queues.get(to).cloned();
         let Some(queue) = queue else { return Err(SendError::NotConnected(to.clone())) };
-        match queue.try_send(message) {
+        match queue.push(message) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::NotConnected(to.clone())),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.disconnect(to, "its message queue is full".into());
+            Err(Pushed::Closed) => Err(SendError::NotConnected(to.clone())),
+            Err(Pushed::Full(what)) => {
+                self.disconnect(to, format!("its message queue is full ({what})"));
                 Err(SendError::Overloaded(to.clone()))
             }
         }
@@ -313,6 +317,64 @@ impl MeshHandle {
     /// Stops the mesh: closes every connection.
     pub fn stop(&self) {
         let _ = self.commands.send(Command::Stop);
+    }
+}
+
+/// A member's outbound queue, bounded in messages and in bytes (see [`queued_bytes`]): the
+/// bytes are counted when a message is queued and given back once its writer has written it.
+#[derive(Clone)]
+struct OutQueue {
+    messages: mpsc::Sender<Message>,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, PartialEq, Eq)]
+enum Pushed {
+    /// The writer is gone.
+    Closed,
+    /// A bound is reached: which.
+    Full(String),
+}
+
+impl OutQueue {
+    fn new(max_messages: usize, max_bytes: usize) -> (OutQueue, mpsc::Receiver<Message>) {
+        let (messages, outbox) = mpsc::channel(max_messages);
+        (OutQueue { messages, bytes: Arc::default(), max_bytes }, outbox)
+    }
+
+    /// Queues `message`, or says why not. Never blocks.
+    fn push(&self, message: Message) -> Result<(), Pushed> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let size = queued_bytes(&message);
+        let before = self.bytes.fetch_add(size, Relaxed);
+        if before + size > self.max_bytes {
+            self.bytes.fetch_sub(size, Relaxed);
+            return Err(Pushed::Full(format!("{before} bytes queued, at most {}", self.max_bytes)));
+        }
+        self.messages.try_send(message).map_err(|e| {
+            self.bytes.fetch_sub(size, Relaxed);
+            match e {
+                mpsc::error::TrySendError::Closed(_) => Pushed::Closed,
+                mpsc::error::TrySendError::Full(_) => Pushed::Full("too many messages".into()),
+            }
+        })
+    }
+}
+
+/// The bytes a queued message pins: its payloads, plus a little for the rest.
+fn queued_bytes(message: &Message) -> usize {
+    64 + match message {
+        Message::Chunk { data, .. } => data.len(),
+        Message::Push { changes } => changes.len(),
+        Message::Sync { payload } => payload.len(),
+        Message::Holds { manifest, .. } => manifest.as_ref().map_or(0, Vec::len),
+        Message::Staged { versions, .. } => {
+            versions.iter().map(|v| 32 + v.manifest.as_ref().map_or(0, Vec::len)).sum()
+        }
+        Message::Stage { contents, .. } | Message::Unstage { contents, .. } => 32 * contents.len(),
+        _ => 0,
     }
 }
 
@@ -660,10 +722,11 @@ impl SwarmTask {
     /// writer of a replaced link ends quietly. Only the current link's failure disconnects the
     /// member.
     fn open_link(&mut self, peer: PeerId, site: SiteId) {
-        let (queue, mut outbox) = mpsc::channel::<Message>(PEER_QUEUE_MESSAGES);
+        let (queue, mut outbox) = OutQueue::new(PEER_QUEUE_MESSAGES, PEER_QUEUE_BYTES);
+        let bytes = queue.bytes.clone();
         // The registry holds the only lasting sender: while it can be upgraded, this link is
         // the member's current one.
-        let current = queue.downgrade();
+        let current = queue.messages.downgrade();
         lock(&self.shared).queues.insert(site.clone(), queue);
         let mut control = self.control.clone();
         let handle = self.handle.clone();
@@ -692,7 +755,9 @@ impl SwarmTask {
             while let Some(message) = outbox.recv().await {
                 // Flush only when nothing else is queued, so small messages share packets.
                 let flush = outbox.is_empty();
-                if let Err(e) = write_frame(&mut stream, &message, flush).await {
+                let written = write_frame(&mut stream, &message, flush).await;
+                bytes.fetch_sub(queued_bytes(&message), std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = written {
                     return fail(format!("writing to the stream: {e}"));
                 }
             }
@@ -831,5 +896,38 @@ mod tests {
         let mut junk = 3u32.to_le_bytes().to_vec();
         junk.extend_from_slice(&[1, 2, 3]);
         assert!(matches!(read(junk), Err(FrameError::Proto(_))));
+    }
+
+    #[test]
+    fn a_peers_queue_is_bounded_in_bytes_as_well_as_in_messages() {
+        let chunk =
+            |len: usize| Message::Chunk { request: proto::FetchId(1), chunk: [1; 32], data: vec![0; len] };
+        // Room for three 1 MiB chunks (and their overhead), and at most 100 messages.
+        let (queue, mut outbox) = OutQueue::new(100, 3 * ((1 << 20) + 64));
+        for _ in 0..3 {
+            queue.push(chunk(1 << 20)).unwrap();
+        }
+        // A fourth would pin more than the bound: refused, and nothing of it counted.
+        assert!(matches!(queue.push(chunk(1 << 20)), Err(Pushed::Full(_))));
+        assert_eq!(queue.bytes.load(std::sync::atomic::Ordering::Relaxed), 3 * ((1 << 20) + 64));
+        // Small messages still fit until the count is reached.
+        let (small, _rx) = OutQueue::new(2, usize::MAX);
+        let who = || Message::WhoHas { content: crdt_namespace::ContentId([7; 32]) };
+        small.push(who()).unwrap();
+        small.push(who()).unwrap();
+        assert_eq!(small.push(who()), Err(Pushed::Full("too many messages".into())));
+        // What the writer takes and writes is given back (as the link's writer does).
+        let taken = outbox.try_recv().unwrap();
+        queue.bytes.fetch_sub(queued_bytes(&taken), std::sync::atomic::Ordering::Relaxed);
+        queue.push(chunk(1 << 20)).unwrap();
+        let taken = outbox.try_recv().unwrap();
+        queue.bytes.fetch_sub(queued_bytes(&taken), std::sync::atomic::Ordering::Relaxed);
+        drop(outbox);
+        assert_eq!(queue.push(chunk(1)), Err(Pushed::Closed));
+        assert_eq!(
+            queue.bytes.load(std::sync::atomic::Ordering::Relaxed),
+            2 * ((1 << 20) + 64),
+            "given back"
+        );
     }
 }
