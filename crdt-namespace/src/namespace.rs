@@ -274,6 +274,11 @@ impl Namespace {
         self.doc.get_changes_meta(&[]).iter().filter(|c| *c.actor == actor).map(|c| c.seq).max().unwrap_or(0)
     }
 
+    /// This site's public key: what its changes are checked with elsewhere.
+    pub fn public_key(&self) -> crate::PublicKey {
+        self.key.public()
+    }
+
     /// The keys incoming changes are checked with.
     pub fn keys(&self) -> &Keys {
         &self.keys

@@ -292,6 +292,17 @@ impl PeerConfig {
     }
 }
 
+impl FormerKey {
+    /// The key: the Ed25519 key its peer id embeds.
+    pub fn signing_key(&self) -> anyhow::Result<PublicKey> {
+        let peer = self
+            .peer_id
+            .parse::<PeerId>()
+            .map_err(|e| anyhow::anyhow!("former key of {}: peer id {:?}: {e}", self.site, self.peer_id))?;
+        signing_key_of(&self.site, &peer)
+    }
+}
+
 fn signing_key_of(site: &str, peer: &PeerId) -> anyhow::Result<PublicKey> {
     let bytes = transport::p2p::public_key_of(peer).map_err(|e| anyhow::anyhow!("peer {site}: {e}"))?;
     PublicKey::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("peer {site}: peer id {peer}: {e}"))
@@ -385,10 +396,7 @@ impl Config {
         }
         for former in &self.former_keys {
             SiteId::new(&former.site).map_err(|e| anyhow::anyhow!("former key of {:?}: {e}", former.site))?;
-            let peer = former.peer_id.parse::<PeerId>().map_err(|e| {
-                anyhow::anyhow!("former key of {}: peer id {:?}: {e}", former.site, former.peer_id)
-            })?;
-            signing_key_of(&former.site, &peer)?;
+            former.signing_key()?;
             match keys.get(&former.peer_id) {
                 Some(site) if **site == former.site => {
                     bail!(

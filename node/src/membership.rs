@@ -173,16 +173,9 @@ pub fn membership(config: &Config) -> anyhow::Result<(Keys, BTreeMap<SiteId, Reg
     }
     for former in &config.former_keys {
         let site = SiteId::new(&former.site).map_err(anyhow::Error::msg)?;
-        let peer = PeerConfig {
-            site: former.site.clone(),
-            region: config.region.clone(),
-            peer_id: former.peer_id.clone(),
-            addrs: Vec::new(),
-            blocked: false,
-        };
         // A bound not yet known (retired while the node was stopped) allows nothing until the
         // node fills it in at its start.
-        keys.allow_until(&site, peer.signing_key()?, former.until_seq.unwrap_or(0));
+        keys.allow_until(&site, former.signing_key()?, former.until_seq.unwrap_or(0));
     }
     Ok((keys, regions))
 }

@@ -717,10 +717,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         .map(|p| SiteId::new(&p.site))
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
-    let own_key =
-        SigningKey::from_secret(&p2p::signing_secret(&keypair).map_err(|e| anyhow::anyhow!("{e}"))?).public();
-    let mut keys = opened.site.config().keys.clone();
-    keys.allow(&loaded.config.site_id(), own_key);
+    // The namespace's keys: the members' and this site's own (a push may carry this site's
+    // changes back).
+    let own_key = opened.site.namespace().public_key();
+    let keys = opened.site.namespace().keys().clone();
     let mesh_config = MeshConfig {
         keypair,
         listen: loaded.config.listen_addrs(),

@@ -190,12 +190,21 @@ struct Behaviour {
 }
 
 enum Command {
-    Publish(Message),
-    Disconnect { site: SiteId, reason: String },
+    /// A push, encoded.
+    Publish(Vec<u8>),
+    Disconnect {
+        site: SiteId,
+        reason: String,
+    },
     AddMember(Member),
-    RemoveMember { peer: PeerId },
+    RemoveMember {
+        peer: PeerId,
+    },
     SetKeys(crdt_namespace::Keys),
-    Block { peer: PeerId, blocked: bool },
+    Block {
+        peer: PeerId,
+        blocked: bool,
+    },
     Stop,
 }
 
@@ -249,8 +258,9 @@ impl MeshHandle {
         let message = Message::Push { changes };
         let sites: Vec<SiteId> = lock(&self.shared).queues.keys().cloned().collect();
         self.send_each(&sites, &message);
-        if message.encode().len() <= GOSSIP_MESSAGE_MAX_BYTES {
-            let _ = self.commands.send(Command::Publish(message));
+        let encoded = message.encode();
+        if encoded.len() <= GOSSIP_MESSAGE_MAX_BYTES {
+            let _ = self.commands.send(Command::Publish(encoded));
         }
     }
 
@@ -611,7 +621,7 @@ impl SwarmTask {
 
     async fn command(&mut self, command: Command) {
         match command {
-            Command::Publish(message) => self.publish(message),
+            Command::Publish(encoded) => self.publish(encoded),
             Command::Disconnect { site, reason } => {
                 if let Some(peer) = self.links.peer_of(&site) {
                     self.step(Input::Disconnect { peer, reason }).await;
@@ -626,9 +636,9 @@ impl SwarmTask {
     }
 
     /// Publishes a push on gossipsub (the connected members also got it over their streams).
-    fn publish(&mut self, message: Message) {
+    fn publish(&mut self, encoded: Vec<u8>) {
         let topic = self.topic.clone();
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, message.encode()) {
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, encoded) {
             tracing::debug!("publishing a push: {e}");
         }
     }

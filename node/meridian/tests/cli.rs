@@ -288,6 +288,15 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// The binary, linked (or copied) into `dir`: another user cannot reach the build directory.
+fn reachable_binary(dir: &Path) -> PathBuf {
+    let exe = dir.join("meridian");
+    if std::fs::hard_link(MERIDIAN, &exe).is_err() {
+        std::fs::copy(MERIDIAN, &exe).unwrap();
+    }
+    exe
+}
+
 fn fresh_peer_id() -> String {
     libp2p_identity::Keypair::generate_ed25519().public().to_peer_id().to_string()
 }
@@ -336,11 +345,7 @@ fn the_config_the_key_and_the_control_socket_are_private_and_strangers_are_refus
     let public = site_dir.join("public.toml");
     std::fs::copy(&config, &public).unwrap();
     set_mode(&public, 0o644);
-    // The stranger cannot reach the build directory: it runs a link to the binary.
-    let exe = dir.path().join("meridian");
-    if std::fs::hard_link(MERIDIAN, &exe).is_err() {
-        std::fs::copy(MERIDIAN, &exe).unwrap();
-    }
+    let exe = reachable_binary(dir.path());
     let stranger = || {
         let out = Command::new(&exe)
             .arg("--config")
@@ -415,4 +420,39 @@ fn secrets_never_show_in_the_log_status_listings_or_errors() {
     for hidden in [secret_key, secret, key_hex.as_str()] {
         assert!(!seen.contains(hidden), "a secret shows:\n{seen}");
     }
+}
+
+#[test]
+fn the_members_of_the_control_group_may_use_the_node() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path(), "west");
+    if std::fs::metadata(&config).unwrap().uid() != 0 {
+        eprintln!("not root: the socket cannot be given to another group here; not tried");
+        return;
+    }
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.insert_str(0, "control_group = \"65534\"\n");
+    std::fs::write(&config, text).unwrap();
+    let node = Node::start(&config);
+    let socket = config.with_file_name("control.sock");
+    assert_eq!(mode(&socket), 0o660);
+    assert_eq!(std::fs::metadata(&socket).unwrap().gid(), 65534);
+    // A user of that group (uid 65534, primary group 65534) is served.
+    set_mode(dir.path(), 0o755);
+    let public = config.with_file_name("public.toml");
+    std::fs::copy(&config, &public).unwrap();
+    set_mode(&public, 0o644);
+    let exe = reachable_binary(dir.path());
+    let out = Command::new(&exe)
+        .arg("--config")
+        .arg(&public)
+        .args(["ls", "/"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    node.stop();
 }
