@@ -359,8 +359,10 @@ impl CoreThread {
         match event {
             MeshEvent::Up(site) => self.site.handle_peer_up(self.clock.now_ms(), site),
             MeshEvent::Down(site) => self.site.handle_peer_down(self.clock.now_ms(), &site),
-            MeshEvent::Message { from, message } => {
-                self.site.handle_message(self.clock.now_ms(), &from, message)
+            MeshEvent::Message { from, message, budget } => {
+                self.site.handle_message(self.clock.now_ms(), &from, message);
+                // Its bytes are the core's now (or dropped): the sender may send more.
+                drop(budget);
             }
         }
     }

@@ -1,5 +1,6 @@
 //! A rogue peer for tests: speaks libp2p with a site's key but writes raw bytes on the meridian
-//! stream protocol, to check that a site disconnects a peer that sends malformed frames.
+//! stream protocol, to check that a site disconnects a peer that sends malformed frames, forged
+//! pushes or floods, and that what such a peer makes the site hold stays bounded.
 
 use std::time::Duration;
 
@@ -29,13 +30,7 @@ pub async fn send_raw(
     bytes: Vec<u8>,
     wait: Duration,
 ) -> anyhow::Result<Outcome> {
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_quic()
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .context("building the rogue's swarm")?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = stream_swarm(keypair)?;
     let mut control = swarm.behaviour().new_control();
     swarm.dial(addr.with_p2p(target).map_err(|a| anyhow::anyhow!("bad address {a}"))?)?;
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
@@ -75,6 +70,17 @@ pub async fn send_raw(
     .await;
     driver.abort();
     outcome
+}
+
+/// A QUIC swarm with `keypair` that speaks only the stream protocol.
+fn stream_swarm(keypair: Keypair) -> anyhow::Result<libp2p::Swarm<libp2p_stream::Behaviour>> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .context("building the rogue's swarm")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build())
 }
 
 /// Reads a site's key pair from its key file.
@@ -140,4 +146,101 @@ pub async fn publish_push(
         Ok(outcome) => outcome,
         Err(_) => Ok(Outcome::StillConnected),
     }
+}
+
+/// A member gone bad, connected to one site: it opens as many `/meridian/1` streams as it
+/// likes, writes what it likes on them, and takes the site's own stream but never reads it.
+pub struct Rogue {
+    control: libp2p_stream::Control,
+    target: PeerId,
+    closed: tokio::sync::watch::Receiver<bool>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Rogue {
+    /// Connects to the site `target` at `addr` with `keypair` and waits until the site has
+    /// opened its stream to it (the link is up at the site).
+    pub async fn connect(
+        keypair: Keypair,
+        target: PeerId,
+        addr: Multiaddr,
+        wait: Duration,
+    ) -> anyhow::Result<Rogue> {
+        let mut swarm = stream_swarm(keypair)?;
+        let mut control = swarm.behaviour().new_control();
+        let mut incoming = control.accept(STREAM_PROTOCOL)?;
+        swarm.dial(addr.with_p2p(target).map_err(|a| anyhow::anyhow!("bad address {a}"))?)?;
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        let (linked_tx, mut linked) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            // The site's streams are kept open and never read: what it sends piles up there.
+            let mut unread = Vec::new();
+            loop {
+                tokio::select! {
+                    event = swarm.select_next_some() => match event {
+                        SwarmEvent::ConnectionClosed { num_established: 0, .. }
+                        | SwarmEvent::OutgoingConnectionError { .. } => {
+                            let _ = closed_tx.send(true);
+                        }
+                        _ => {}
+                    },
+                    Some((_, stream)) = incoming.next() => {
+                        unread.push(stream);
+                        let _ = linked_tx.send(());
+                    }
+                }
+            }
+        });
+        let rogue = Rogue { control, target, closed, driver };
+        match tokio::time::timeout(wait, linked.recv()).await {
+            Ok(Some(())) => Ok(rogue),
+            _ => anyhow::bail!("the site did not open its stream to the rogue"),
+        }
+    }
+
+    /// Opens one more stream to the site.
+    pub async fn open(&mut self) -> anyhow::Result<libp2p::Stream> {
+        Ok(self.control.open_stream(self.target, STREAM_PROTOCOL).await?)
+    }
+
+    /// Whether the site closed the connection (now, or within `wait`).
+    pub async fn cut_off(&mut self, wait: Duration) -> bool {
+        let mut closed = self.closed.clone();
+        tokio::time::timeout(wait, closed.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Writes `frames` (encoded messages, each framed with its length) on `stream`, giving up after
+/// `wait`: how many were written in full.
+pub async fn write_frames(
+    stream: &mut libp2p::Stream,
+    frames: impl IntoIterator<Item = transport::proto::Message>,
+    wait: Duration,
+) -> usize {
+    let mut written = 0;
+    let _ = tokio::time::timeout(wait, async {
+        for message in frames {
+            if transport::p2p::write_frame(stream, &message, false).await.is_err() {
+                return;
+            }
+            written += 1;
+        }
+        let _ = stream.flush().await;
+    })
+    .await;
+    written
+}
+
+/// The peak resident memory of process `pid` so far (`VmHWM`), in bytes.
+pub fn peak_memory(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse()?;
+    Ok(kib << 10)
 }

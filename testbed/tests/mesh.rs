@@ -504,3 +504,127 @@ fn a_forged_push_is_checked_before_it_is_relayed_and_only_its_sender_is_cut_off(
     assert!(!after.iter().any(|p| p.starts_with("/forged")));
     assert_eq!(after.len(), before.len() + 2);
 }
+
+/// Site `i`'s peak resident memory so far.
+fn peak_memory(cluster: &Cluster, i: usize) -> u64 {
+    rogue::peak_memory(cluster.site(i).pid().unwrap()).unwrap()
+}
+
+/// Two running sites, `a` and `b`, and a rogue with the key of member `c` (which does not run)
+/// connected to `a`.
+fn rogue_at_a(runtime: &tokio::runtime::Runtime) -> (Cluster, rogue::Rogue) {
+    let mut cluster = testbed::cluster(program(), 3).unwrap();
+    cluster.start(0).unwrap();
+    cluster.start(1).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    let key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
+    let (target, addr) = rogue_target(&cluster, 0);
+    let rogue = runtime.block_on(rogue::Rogue::connect(key, target, addr, TIMEOUT)).unwrap();
+    (cluster, rogue)
+}
+
+/// `a` and `b` still talk both ways, and `b` reads what `a` wrote.
+fn still_talking(cluster: &Cluster, tag: &str) {
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    let data = pseudo_random(tag.len() as u64, 3 << 20);
+    let file = format!("/{tag}.bin");
+    a.put(&file, &data).unwrap();
+    wait_until(TIMEOUT, || b.exists(&file)).unwrap();
+    let read = finishes("a read at b", move || b.read(&file, None).unwrap());
+    assert!(read == data, "b read other bytes than a wrote");
+    mkdir(&cluster.site(1).client, &format!("/{tag}-back"));
+    wait_until(TIMEOUT, || a.exists(&format!("/{tag}-back"))).unwrap();
+}
+
+#[test]
+fn a_member_opening_streams_by_the_hundred_pins_bounded_memory_and_delays_nobody_else() {
+    const STREAMS: usize = 128;
+    const BROUGHT: usize = 4 << 20;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (cluster, mut rogue) = rogue_at_a(&runtime);
+    let before = peak_memory(&cluster, 0);
+    // Each stream starts a frame that claims 400 MiB and brings 4 MiB of it, then stalls: a
+    // site that read every stream at once would hold 512 MiB for the rogue.
+    let sent: usize = runtime.block_on(async {
+        let mut writers = Vec::new();
+        for _ in 0..STREAMS {
+            let Ok(mut stream) = rogue.open().await else { continue };
+            writers.push(tokio::spawn(async move {
+                let mut frame = (400u32 << 20).to_le_bytes().to_vec();
+                frame.resize(4 + BROUGHT, 7);
+                let wrote = tokio::time::timeout(Duration::from_secs(10), async {
+                    use futures::AsyncWriteExt;
+                    stream.write_all(&frame).await.is_ok() && stream.flush().await.is_ok()
+                });
+                let wrote = wrote.await.unwrap_or(false);
+                (wrote, stream)
+            }));
+        }
+        let mut sent = 0;
+        let mut open = Vec::new();
+        for writer in writers {
+            let (wrote, stream) = writer.await.unwrap();
+            sent += usize::from(wrote) * BROUGHT;
+            open.push(stream);
+        }
+        // The streams stay open (and their frames unfinished) while the others work.
+        std::mem::forget(open);
+        sent
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = peak_memory(&cluster, 0).saturating_sub(before);
+    eprintln!("streams: {} MiB sent in unfinished frames, a's peak grew {} MiB", sent >> 20, grown >> 20);
+    assert!(sent >= 32 * BROUGHT, "the rogue could not send its flood: {sent} bytes");
+    assert!(grown < 128 << 20, "a held {} MiB for {} MiB of unfinished frames", grown >> 20, sent >> 20);
+    still_talking(&cluster, "after-streams");
+    let log = std::fs::read_to_string(cluster.site(0).log()).unwrap();
+    assert!(log.contains("its oldest is closed"), "no stream was closed:\n{log}");
+    drop(rogue);
+}
+
+#[test]
+fn a_member_flooding_requests_is_cut_off_with_bounded_memory_and_delays_nobody_else() {
+    use transport::proto::Message;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (cluster, mut rogue) = rogue_at_a(&runtime);
+    let a = cluster.site(0).client.clone();
+    let data = pseudo_random(11, 16 << 20);
+    a.put("/big.bin", &data).unwrap();
+    let manifest = site_core::content::Manifest::of_bytes(&data, Default::default());
+    let largest = manifest.chunks.iter().max_by_key(|c| c.len).unwrap();
+    let before = peak_memory(&cluster, 0);
+    let content = |i: u32| crdt_namespace::ContentId(blake3::hash(&i.to_le_bytes()).into());
+    runtime.block_on(async {
+        let mut stream = rogue.open().await.unwrap();
+        // Announcements of versions nobody here asked about: nothing is kept.
+        let holds =
+            (0..20_000).map(|i| Message::Holds { content: content(i), manifest: Some(vec![9; 8192]) });
+        assert_eq!(rogue::write_frames(&mut stream, holds, TIMEOUT).await, 20_000);
+        // Staging for a region it is not of: refused, each request.
+        let region = transport::proto::Region::new("elsewhere").unwrap();
+        let stage = (0..2_000).map(|i| Message::Stage {
+            region: region.clone(),
+            contents: (0..64).map(|j| content(i * 64 + j)).collect(),
+            spoiled: None,
+        });
+        assert_eq!(rogue::write_frames(&mut stream, stage, TIMEOUT).await, 2_000);
+        assert!(!rogue.cut_off(Duration::from_millis(200)).await, "announcements alone cut the rogue off");
+        // Chunks asked for and never read: 2,000 of the largest would be gigabytes queued.
+        let asks = (0..2_000u64).map(|i| Message::GetChunk {
+            request: transport::proto::FetchId(i),
+            chunk: largest.hash.0,
+            priority: transport::proto::Priority::Urgent,
+        });
+        rogue::write_frames(&mut stream, asks, TIMEOUT).await;
+        assert!(rogue.cut_off(TIMEOUT).await, "a kept queueing chunks for a member that reads none");
+    });
+    let grown = peak_memory(&cluster, 0).saturating_sub(before);
+    eprintln!("requests: 2,000 chunks of {} KiB asked, a's peak grew {} MiB", largest.len >> 10, grown >> 20);
+    // The bound: 320 MiB queued for the member, 64 MiB in its stream's window, and slack.
+    assert!(grown < 768 << 20, "a held {} MiB for the rogue", grown >> 20);
+    assert_eq!(a.status().unwrap().core.versions_known, 0, "unasked announcements were kept");
+    let log = std::fs::read_to_string(cluster.site(0).log()).unwrap();
+    assert!(log.contains("not keeping up") || log.contains("queue is full"), "{log}");
+    still_talking(&cluster, "after-requests");
+    drop(rogue);
+}

@@ -58,6 +58,14 @@ const PEER_QUEUE_MESSAGES: usize = 1_024;
 /// well-behaved peer asks for at most its fetch window of chunks (16) of at most 16 MiB each;
 /// a peer that asks for more than it reads is disconnected here instead of pinning memory.
 const PEER_QUEUE_BYTES: usize = 320 << 20;
+/// Inbound streams read at once per member. A member opens one per link; a replaced link's
+/// stream may still be open while the new one starts. A further stream ends the oldest: a
+/// member opening streams by the thousand keeps at most this many readers here.
+const PEER_INBOUND_STREAMS: usize = 4;
+/// Bytes of a member's frames held here at once: being read, or read and waiting for the core
+/// to take them (see [`InboundBudget`]). One frame of the largest size fits; a member sending
+/// more waits (its streams' flow control pushes back) instead of growing this site's memory.
+const PEER_INBOUND_BYTES: usize = MESSAGE_MAX_BYTES;
 /// Largest push published on gossipsub. Larger pushes go over the streams instead, so that
 /// gossipsub's per-message memory stays small.
 const GOSSIP_MESSAGE_MAX_BYTES: usize = 1 << 20;
@@ -121,7 +129,16 @@ pub enum MeshEvent {
         from: SiteId,
         /// The message.
         message: Message,
+        /// The message's share of its sender's inbound budget, given back when the event is
+        /// dropped: the receiver keeps the event until it has handled the message.
+        budget: InboundBudget,
     },
+}
+
+/// A received frame's bytes, counted against its sender's [`PEER_INBOUND_BYTES`] until dropped.
+#[derive(Debug, Default)]
+pub struct InboundBudget {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The state of the link to a member, for `meridian mesh ls`.
@@ -452,6 +469,7 @@ pub async fn start(config: MeshConfig, events: mpsc::Sender<MeshEvent>) -> Resul
         control,
         topic,
         handle: handle.clone(),
+        inbound: HashMap::new(),
     };
     // Admitted before `start` returns, so that the handle knows the members at once.
     for member in config.members {
@@ -533,6 +551,39 @@ struct SwarmTask {
     control: libp2p_stream::Control,
     topic: gossipsub::IdentTopic,
     handle: MeshHandle,
+    /// The readers of each member's inbound streams and its budget of bytes held.
+    inbound: HashMap<PeerId, Inbound>,
+}
+
+/// A member's inbound streams.
+struct Inbound {
+    /// Bytes of its frames held at once, in permits ([`PEER_INBOUND_BYTES`]).
+    budget: Arc<tokio::sync::Semaphore>,
+    /// Its readers, oldest first.
+    readers: std::collections::VecDeque<tokio::task::JoinHandle<()>>,
+}
+
+impl Inbound {
+    fn new() -> Inbound {
+        Inbound {
+            budget: Arc::new(tokio::sync::Semaphore::new(PEER_INBOUND_BYTES)),
+            readers: Default::default(),
+        }
+    }
+
+    /// Makes room for one more reader: forgets the finished ones and ends the oldest ones
+    /// beyond [`PEER_INBOUND_STREAMS`]. How many were ended.
+    fn make_room(&mut self) -> usize {
+        self.readers.retain(|r| !r.is_finished());
+        let mut ended = 0;
+        while self.readers.len() >= PEER_INBOUND_STREAMS {
+            if let Some(oldest) = self.readers.pop_front() {
+                oldest.abort();
+                ended += 1;
+            }
+        }
+        ended
+    }
 }
 
 impl SwarmTask {
@@ -612,8 +663,11 @@ impl SwarmTask {
                 self.open_link(peer, site.clone());
                 let _ = self.events.send(MeshEvent::Up(site)).await;
             }
-            Action::Down { peer: _, site } => {
+            Action::Down { peer, site } => {
                 lock(&self.shared).queues.remove(&site);
+                if let Some(inbound) = self.inbound.remove(&peer) {
+                    inbound.readers.iter().for_each(|r| r.abort());
+                }
                 let _ = self.events.send(MeshEvent::Down(site)).await;
             }
         }
@@ -716,7 +770,8 @@ impl SwarmTask {
         let Some(from) = self.site_of(&propagation_source) else { return };
         match verdict {
             Ok(message) => {
-                let _ = self.events.send(MeshEvent::Message { from, message }).await;
+                let budget = InboundBudget::default();
+                let _ = self.events.send(MeshEvent::Message { from, message, budget }).await;
             }
             Err(reason) => self.misbehaved(propagation_source, reason).await,
         }
@@ -775,34 +830,62 @@ impl SwarmTask {
         });
     }
 
-    /// Reads the frames of a member's inbound stream.
-    fn accept_stream(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+    /// Reads the frames of a member's inbound stream, within the member's bounds: at most
+    /// [`PEER_INBOUND_STREAMS`] readers (a further stream ends the oldest) and
+    /// [`PEER_INBOUND_BYTES`] of its frames held at once.
+    fn accept_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
         let Some(site) = self.site_of(&peer) else {
             // Membership gating closes such connections; a stream that slipped in is dropped.
             return;
         };
-        let events = self.events.clone();
-        let handle = self.handle.clone();
-        tokio::spawn(async move {
-            loop {
-                match read_frame(&mut stream).await {
-                    Ok(None) => return,
-                    Ok(Some(message)) => {
-                        if events.send(MeshEvent::Message { from: site.clone(), message }).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(FrameError::Io(e)) => {
-                        tracing::debug!(%site, "reading the stream: {e}");
-                        return;
-                    }
-                    Err(FrameError::Proto(e)) => {
-                        handle.disconnect(&site, format!("sent a bad frame: {e}"));
-                        return;
-                    }
+        let inbound = self.inbound.entry(peer).or_insert_with(Inbound::new);
+        let ended = inbound.make_room();
+        if ended > 0 {
+            tracing::warn!(%site, "opened more than {PEER_INBOUND_STREAMS} streams; its oldest is closed");
+        }
+        let reader =
+            read_stream(site, stream, inbound.budget.clone(), self.events.clone(), self.handle.clone());
+        inbound.readers.push_back(tokio::spawn(reader));
+    }
+}
+
+/// Hands the frames of `site`'s stream to the site's core, each with its bytes counted against
+/// `budget` until the core has handled it.
+async fn read_stream(
+    site: SiteId,
+    mut stream: libp2p::Stream,
+    budget: Arc<tokio::sync::Semaphore>,
+    events: mpsc::Sender<MeshEvent>,
+    handle: MeshHandle,
+) {
+    loop {
+        let held = async |len: usize| {
+            // `len` is at most MESSAGE_MAX_BYTES, the whole budget: the wait ends once the
+            // member's earlier frames are handled.
+            let permits = u32::try_from(len).unwrap_or(u32::MAX);
+            budget.clone().acquire_many_owned(permits).await.ok()
+        };
+        match read_frame_within(&mut stream, held).await {
+            Ok(None) => return,
+            Ok(Some((message, permit))) => {
+                let event = MeshEvent::Message {
+                    from: site.clone(),
+                    message,
+                    budget: InboundBudget { _permit: Some(permit) },
+                };
+                if events.send(event).await.is_err() {
+                    return;
                 }
             }
-        });
+            Err(FrameError::Io(e)) => {
+                tracing::debug!(%site, "reading the stream: {e}");
+                return;
+            }
+            Err(FrameError::Proto(e)) => {
+                handle.disconnect(&site, format!("sent a bad frame: {e}"));
+                return;
+            }
+        }
     }
 }
 
@@ -822,6 +905,16 @@ pub enum FrameError {
 pub async fn read_frame<R: futures::AsyncRead + Unpin>(
     stream: &mut R,
 ) -> Result<Option<Message>, FrameError> {
+    let unbounded = async |_| Some(());
+    Ok(read_frame_within(stream, unbounded).await?.map(|(message, ())| message))
+}
+
+/// Reads one frame as [`read_frame`] does, but first awaits `hold(length)` (the frame's share
+/// of a budget) before reading its body; `None` from it counts as the end of the stream.
+async fn read_frame_within<R: futures::AsyncRead + Unpin, T>(
+    stream: &mut R,
+    hold: impl AsyncFnOnce(usize) -> Option<T>,
+) -> Result<Option<(Message, T)>, FrameError> {
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len).await {
         Ok(()) => {}
@@ -832,12 +925,13 @@ pub async fn read_frame<R: futures::AsyncRead + Unpin>(
     if len > MESSAGE_MAX_BYTES {
         return Err(ProtoError::TooLarge(len).into());
     }
+    let Some(held) = hold(len).await else { return Ok(None) };
     let mut bytes = Vec::with_capacity(len.min(1 << 20));
     let read = (&mut *stream).take(len as u64).read_to_end(&mut bytes).await?;
     if read < len {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside a frame").into());
     }
-    Ok(Some(Message::decode(&bytes)?))
+    Ok(Some((Message::decode(&bytes)?, held)))
 }
 
 /// Writes one frame, and flushes the stream if `flush`.
