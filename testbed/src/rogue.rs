@@ -89,6 +89,14 @@ pub fn read_key(path: &std::path::Path) -> anyhow::Result<Keypair> {
     Keypair::from_protobuf_encoding(&bytes).context("decoding the key")
 }
 
+/// A rogue that speaks gossipsub, and takes the site's `/meridian/1` stream without reading it
+/// (a member that refused it would be cut off for that alone).
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct GossipRogue {
+    gossipsub: libp2p::gossipsub::Behaviour,
+    streams: libp2p_stream::Behaviour,
+}
+
 /// Connects to the site `target` at `addr` with `keypair`, subscribes to the push topic and,
 /// once the site is seen subscribed, publishes `payload` on it (signed by `keypair`, as
 /// gossipsub wants); then waits up to `wait` for the site to close the connection.
@@ -108,25 +116,36 @@ pub async fn publish_push(
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .build()
                 .expect("a valid gossipsub configuration");
-            gossipsub::Behaviour::<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                config,
-            )
-            .expect("a gossipsub behaviour")
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
+                    .expect("a gossipsub behaviour");
+            GossipRogue { gossipsub, streams: libp2p_stream::Behaviour::new() }
         })
         .context("building the rogue's swarm")?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
+    let mut incoming = swarm.behaviour().streams.new_control().accept(STREAM_PROTOCOL)?;
     let topic = gossipsub::IdentTopic::new(transport::p2p::PUSH_TOPIC);
-    swarm.behaviour_mut().subscribe(&topic)?;
+    swarm.behaviour_mut().gossipsub.subscribe(&topic)?;
     swarm.dial(addr.with_p2p(target).map_err(|a| anyhow::anyhow!("bad address {a}"))?)?;
     let run = async {
         let mut payload = Some(payload);
+        let mut unread = Vec::new();
         loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(gossipsub::Event::Subscribed { peer_id, .. }) if peer_id == target => {
+            let event = tokio::select! {
+                event = swarm.select_next_some() => event,
+                Some((_, stream)) = incoming.next() => {
+                    unread.push(stream);
+                    continue;
+                }
+            };
+            match event {
+                SwarmEvent::Behaviour(GossipRogueEvent::Gossipsub(gossipsub::Event::Subscribed {
+                    peer_id,
+                    ..
+                })) if peer_id == target => {
                     if let Some(payload) = payload.take() {
-                        swarm.behaviour_mut().publish(topic.clone(), payload)?;
+                        swarm.behaviour_mut().gossipsub.publish(topic.clone(), payload)?;
                     }
                 }
                 SwarmEvent::ConnectionClosed { num_established: 0, .. } if payload.is_none() => {

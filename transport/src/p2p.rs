@@ -665,8 +665,10 @@ impl SwarmTask {
             }
             Action::Down { peer, site } => {
                 lock(&self.shared).queues.remove(&site);
-                if let Some(inbound) = self.inbound.remove(&peer) {
-                    inbound.readers.iter().for_each(|r| r.abort());
+                // Its readers end with their streams. One may belong to a connection that comes
+                // up as this one goes down: the member's entry (and budget) stays while any runs.
+                if self.inbound.get(&peer).is_some_and(|i| i.readers.iter().all(|r| r.is_finished())) {
+                    self.inbound.remove(&peer);
                 }
                 let _ = self.events.send(MeshEvent::Down(site)).await;
             }
