@@ -35,11 +35,17 @@ pub struct Faults {
     /// Probability per fault step that a member turns byzantine for one message: it sends a
     /// peer a push with a change in another member's name, signed with its own key.
     pub forge: f64,
+    /// Probability per fault step that a member turns byzantine for a moment in another way: it
+    /// floods a peer with what nobody asked for (announcements, staging requests for a region it
+    /// is not of, chunk requests and chunks), replays its own earlier messages, or relays a
+    /// member's changes stamped at the extremes of the clock (0 and `u64::MAX - 1`).
+    pub byzantine: f64,
 }
 
 impl Faults {
     /// All faults at the given rates' defaults, restricted to the names in `list`
-    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging,pause,forge`,
+    /// (`drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging,pause,forge,
+    /// byzantine`,
     /// or `none`, or `all`).
     pub fn parse(list: &str) -> Result<Faults, String> {
         let all = Faults {
@@ -55,6 +61,7 @@ impl Faults {
             staging: 0.05,
             pause: 0.02,
             forge: 0.02,
+            byzantine: 0.03,
         };
         let mut f = Faults::default();
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -73,6 +80,7 @@ impl Faults {
                 "staging" => f.staging = all.staging,
                 "pause" => f.pause = all.pause,
                 "forge" => f.forge = all.forge,
+                "byzantine" => f.byzantine = all.byzantine,
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -97,6 +105,15 @@ impl Faults {
             reset: on(rng, 0.5),
             pause: on(rng, 0.03),
             forge: on(rng, 0.03),
+            // Drawn by `byzantine_rate`, from a generator of its own.
+            byzantine: 0.0,
         }
+    }
+
+    /// Swarm testing's rate of byzantine strikes, drawn from `rng` (a generator apart from the
+    /// one of [`Faults::swarm`], so that each seed's other draws stay what they were before this
+    /// fault existed, and its regression seeds with them).
+    pub(crate) fn byzantine_rate(rng: &mut Rng) -> f64 {
+        if rng.chance(0.6) { 0.04 * (0.5 + rng.below(100) as f64 / 100.0) } else { 0.0 }
     }
 }

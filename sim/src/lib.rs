@@ -3,8 +3,9 @@
 //! Many `site_core::Site` cores — the code production runs — live in one process on a simulated
 //! network, disk and clock, all driven by one seed ([`world`]). Faults (dropped, duplicated,
 //! reordered, held and corrupted messages, partitions, crashes that lose unsynced writes and tear
-//! files, wall clocks stepped up to an hour either way) are injected during a fault phase; then everything heals and the
-//! mesh must converge. Checkers outside the code under test watch it: the tree invariant at every
+//! files, wall clocks stepped up to an hour either way, byzantine members that forge, flood,
+//! replay and relay changes stamped at the clock's extremes) are injected during a fault phase;
+//! then everything heals and the mesh must converge. Checkers outside the code under test watch it: the tree invariant at every
 //! site after every step, every completed read returns the bytes of a version of that file, no
 //! chunk with a wrong hash is ever stored, and after healing every site shows the same namespace,
 //! every live file is readable everywhere and no acknowledged write is lost.

@@ -11,7 +11,8 @@ use sim::{Faults, Options, run};
 fn usage() -> ! {
     eprintln!(
         "usage: sim (--seed N | --seeds A..B) [--sites K] [--ops M] [--faults LIST] [--check-determinism]\n\
-         LIST: none, all, or drop,duplicate,jitter,partition,hold,reset,crash,clock,corrupt,staging"
+         LIST: none, all, or a list of drop,duplicate,jitter,partition,hold,reset,crash,clock,\n\
+         \x20     corrupt,staging,pause,forge,byzantine"
     );
     std::process::exit(2)
 }

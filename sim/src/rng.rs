@@ -39,6 +39,15 @@ impl Rng {
         &items[self.index(items.len())]
     }
 
+    /// 32 random bytes (a hash, an id).
+    pub fn bytes32(&mut self) -> [u8; 32] {
+        let mut out = [0; 32];
+        for part in out.chunks_mut(8) {
+            part.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out
+    }
+
     /// `len` random bytes.
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(len + 8);

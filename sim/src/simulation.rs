@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crdt_namespace::{ContentId, EntryKind, SiteId};
+use crdt_namespace::{ContentId, EntryKind, Hlc, SiteId};
 use proto::Region;
 use site_core::content::{ChunkerConfig, Manifest};
 use site_core::{Reply, Request, RequestId, SiteConfig, SiteError, Transfer};
@@ -51,6 +51,11 @@ pub(crate) struct Workload {
     discarded: BTreeSet<ContentId>,
     /// Paths of the directories byzantine members forged in other members' names.
     forged: Vec<String>,
+    /// Versions byzantine members announced, asked to stage or fetched that nobody wrote.
+    junk: BTreeSet<ContentId>,
+    /// Directories of the ghost member (see [`World::ghost_change`]) made, and whether each
+    /// lies beyond every clock bound (stamped `u64::MAX - 1`, or made after such a one).
+    ghost: Vec<(String, bool)>,
 }
 
 enum Pending {
@@ -113,7 +118,10 @@ fn build(seed: u64, options: &Options) -> World<Workload> {
     let mut rng = Rng::new(seed);
     let n = options.sites.unwrap_or_else(|| 2 + rng.index(5)).clamp(1, SITE_NAMES.len());
     let ops = options.ops.unwrap_or_else(|| 40 + rng.index(160));
-    let faults = options.faults.unwrap_or_else(|| Faults::swarm(&mut rng));
+    let faults = options.faults.unwrap_or_else(|| Faults {
+        byzantine: Faults::byzantine_rate(&mut Rng::new(!seed)),
+        ..Faults::swarm(&mut rng)
+    });
     // Half the seeds split the sites into two regions joined by the staging bucket.
     let regions = if n >= 2 && rng.chance(0.5) { 2 } else { 1 };
     let transfer = if rng.chance(0.25) { Transfer::Staged } else { Transfer::Auto };
@@ -142,6 +150,8 @@ fn build(seed: u64, options: &Options) -> World<Workload> {
         acknowledged: BTreeSet::new(),
         discarded: BTreeSet::new(),
         forged: Vec::new(),
+        junk: BTreeSet::new(),
+        ghost: Vec::new(),
     };
     let mut world = World::new(
         Setup { configs, skews_ms, faults, latency: Latency::Drawn, rng, record: false },
@@ -310,17 +320,53 @@ impl World<Workload> {
                 self.driver.forged.push(path);
             }
         }
+        // Tested first, so that a world without this fault draws nothing more than before.
+        if n >= 2 && f.byzantine > 0.0 && self.rng.chance(f.byzantine) {
+            let (from, to) = (self.rng.index(n), self.rng.index(n));
+            if from != to {
+                self.byzantine(from, to);
+            }
+        }
         if self.rng.chance(f.clock) {
             let s = self.rng.index(n);
-            // The clock steps to anywhere within 50 minutes of the true time: only local changes
+            // The clock steps to anywhere within 50 minutes of the true time (or to the epoch,
+            // below); healing brings it back within a second. Only local changes
             // and the bound on peers' clocks see the wall clock, so this steps their stamps and
             // mtimes, never a timer. Two clocks stay within 100 minutes of each other, inside
             // the bound of 2 hours, so no honest change is still held when the checks run (the
             // jumps add up: seed 7288 once had one site over 2 hours ahead, its changes held for
             // longer than the checks wait; holding is the scenario tests' business).
-            let target = self.rng.below(6_000_000) as i64 - 3_000_000;
+            let draw = self.rng.below(6_000_000);
+            // One step in 16 (told by the same draw, so that the seeds' other draws stay as they
+            // were) sets the clock to the epoch, as a lost real-time clock does: the site holds
+            // every peer's change until its clock is right again, and its own changes still
+            // follow its last ones.
+            let target = if draw.is_multiple_of(16) { -(self.now as i64) } else { draw as i64 - 3_000_000 };
             let jump = target - self.clock_skew(s);
             self.jump_clock(s, jump);
+        }
+    }
+
+    /// Member `from` misbehaves towards `to` once, in one of the ways of [`Faults::byzantine`].
+    fn byzantine(&mut self, from: usize, to: usize) {
+        match self.rng.below(3) {
+            0 => {
+                let junk = self.flood(from, to);
+                self.driver.junk.extend(junk);
+            }
+            1 => self.replay(from, to),
+            _ => {
+                let beyond = self.driver.ghost.last().is_some_and(|(_, beyond)| *beyond);
+                let (hlc, far) = match self.rng.below(3) {
+                    0 => (Hlc::ZERO, false),
+                    1 => (Hlc::from_raw(u64::MAX - 1), true),
+                    _ => (Hlc::new(self.site_now(from), 0), false),
+                };
+                let path = format!("/ghost-{}", self.driver.ghost.len());
+                if self.ghost_change(from, to, &path, hlc) {
+                    self.driver.ghost.push((path, beyond || far));
+                }
+            }
         }
     }
 
@@ -478,6 +524,24 @@ impl World<Workload> {
         for s in 0..self.len() {
             if let Some(path) = self.driver.forged.iter().find(|p| self.site(s).namespace().stat(p).is_ok()) {
                 return Err(format!("{} applied the forged change that made {path}", self.name(s)));
+            }
+        }
+        // A byzantine member's harm stays its own: nothing it pushed beyond every clock bound is
+        // integrated, no site's clock was pulled past the bound, and no site remembers a version
+        // only the flood named.
+        for s in 0..self.len() {
+            let (site, name) = (self.site(s), self.name(s));
+            if let Some((path, _)) =
+                self.driver.ghost.iter().find(|(p, beyond)| *beyond && site.namespace().stat(p).is_ok())
+            {
+                return Err(format!("{name} integrated {path}, stamped beyond every clock bound"));
+            }
+            let last = site.namespace().last_hlc();
+            if last.physical_ms() > self.site_now(s) + site.config().max_clock_ahead_ms {
+                return Err(format!("{name}'s clock was pulled to {last}, past its bound"));
+            }
+            if let Some(junk) = self.driver.junk.iter().find(|c| site.knows_version(c)) {
+                return Err(format!("{name} remembers version {junk}, which only a flood named"));
             }
         }
         let walk = self.site(0).namespace().walk("/").map_err(|e| e.to_string())?;

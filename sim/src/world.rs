@@ -32,7 +32,7 @@ mod bucket;
 mod disk;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{Namespace, SiteId};
 use proto::Message;
@@ -207,6 +207,10 @@ pub struct World<D: Driver> {
     cut: BTreeSet<(usize, usize)>,
     /// Sites whose chunks arrive corrupted.
     liars: BTreeSet<usize>,
+    /// The ghost member's namespace ([`ghost`]).
+    ghost: Namespace,
+    /// The last messages sent on each link (one direction), for byzantine replays.
+    sent: BTreeMap<(usize, usize), VecDeque<Vec<u8>>>,
     bucket: Bucket,
     next_request: u64,
     log: Option<Log>,
@@ -219,6 +223,20 @@ pub fn signing_key(site: &SiteId) -> crdt_namespace::SigningKey {
     let secret = blake3::derive_key("meridian sim site key", site.as_str().as_bytes());
     crdt_namespace::SigningKey::from_secret(&secret)
 }
+
+/// The ghost: a member every site knows the key of, that runs no site. Byzantine strikes
+/// relay changes in its name ([`World::ghost_change`]), so that they can carry any stamp
+/// without clashing with a real site's sequence of changes.
+pub fn ghost() -> SiteId {
+    SiteId::new("ghost").expect("a valid site name")
+}
+
+/// The request a byzantine flood's chunks and chunk requests claim to answer or make (and
+/// below it, one per request).
+const FLOOD_REQUEST: proto::FetchId = proto::FetchId(u64::MAX);
+
+/// Messages kept per link for a byzantine member to replay.
+const REPLAYABLE: usize = 8;
 
 /// A link's key: its ends, in order.
 fn key(a: usize, b: usize) -> (usize, usize) {
@@ -234,6 +252,7 @@ impl<D: Driver> World<D> {
         for config in &setup.configs {
             keys.allow(&config.site, signing_key(&config.site).public());
         }
+        keys.allow(&ghost(), signing_key(&ghost()).public());
         let sites = setup
             .configs
             .into_iter()
@@ -264,6 +283,8 @@ impl<D: Driver> World<D> {
             held: BTreeMap::new(),
             cut: BTreeSet::new(),
             liars: BTreeSet::new(),
+            ghost: Namespace::new(ghost(), signing_key(&ghost())),
+            sent: BTreeMap::new(),
             bucket: Bucket::default(),
             next_request: 1,
             log: setup.record.then(Log::default),
@@ -759,6 +780,59 @@ impl<D: Driver> World<D> {
         }
     }
 
+    /// Site `from` turns byzantine for a moment: it sends `to` what nobody asked for —
+    /// announcements of versions nobody wrote (with their well-formed manifests, and one with
+    /// junk), staging requests for them (for a region it is not of), requests for chunks nobody
+    /// has, a chunk for a request never made. The versions it named.
+    pub fn flood(&mut self, from: usize, to: usize) -> Vec<crdt_namespace::ContentId> {
+        use site_core::content::{ChunkHash, ChunkRef, Manifest};
+        let mut junk = Vec::new();
+        for _ in 0..8 {
+            let chunks =
+                (0..3).map(|_| ChunkRef { hash: ChunkHash(self.rng.bytes32()), len: 1 << 20 }).collect();
+            let manifest = Manifest::new(self.rng.bytes32(), chunks);
+            let content = manifest.content_id();
+            self.send(from, to, Message::Holds { content, manifest: Some(manifest.encode()) });
+            junk.push(content);
+        }
+        let content = crdt_namespace::ContentId(self.rng.bytes32());
+        let manifest = Some(self.rng.bytes(200));
+        self.send(from, to, Message::Holds { content, manifest });
+        junk.push(content);
+        let nowhere = proto::Region::new("nowhere").expect("a valid region");
+        self.send(from, to, Message::Stage { region: nowhere, contents: junk.clone(), spoiled: None });
+        for i in 0..4 {
+            let chunk = self.rng.bytes32();
+            let request = proto::FetchId(FLOOD_REQUEST.0 - 1 - i);
+            self.send(from, to, Message::GetChunk { request, chunk, priority: proto::Priority::Urgent });
+        }
+        let data = self.rng.bytes(64);
+        let chunk = ChunkHash::of(&data).0;
+        self.send(from, to, Message::Chunk { request: FLOOD_REQUEST, chunk, data });
+        self.send(from, to, Message::WhoHas { content: junk[0] });
+        junk
+    }
+
+    /// Site `from` sends `to` again one of the messages it sent it lately.
+    pub fn replay(&mut self, from: usize, to: usize) {
+        let Some(sent) = self.sent.get(&(from, to)).filter(|s| !s.is_empty()) else { return };
+        let bytes = sent[self.rng.index(sent.len())].clone();
+        if let Ok(message) = Message::decode(&bytes) {
+            self.send(from, to, message);
+        }
+    }
+
+    /// Site `from` relays to `to` every change of the ghost member ([`ghost`]) after making one
+    /// more, a directory at `path` stamped `hlc`; false if the ghost's namespace refused it.
+    pub fn ghost_change(&mut self, from: usize, to: usize, path: &str, hlc: crdt_namespace::Hlc) -> bool {
+        if self.ghost.mkdir(path, false, 0o755, 0, hlc).is_err() {
+            return false;
+        }
+        let changes = self.ghost.export_since(&[]);
+        self.send(from, to, Message::Push { changes });
+        true
+    }
+
     /// Makes every chunk site `s` sends arrive corrupted (a peer that lies).
     pub fn lie(&mut self, s: usize) {
         self.liars.insert(s);
@@ -771,6 +845,13 @@ impl<D: Driver> World<D> {
         let mut bytes = message.encode();
         if !self.up.contains(&key(from, to)) || self.cut.contains(&key(from, to)) {
             return;
+        }
+        if self.faults.byzantine > 0.0 {
+            let sent = self.sent.entry((from, to)).or_default();
+            if sent.len() == REPLAYABLE {
+                sent.pop_front();
+            }
+            sent.push_back(bytes.clone());
         }
         let f = if self.healed { Faults::default() } else { self.faults };
         if self.rng.chance(f.drop) {
@@ -810,7 +891,8 @@ impl<D: Driver> World<D> {
             return Ok(());
         }
         let message = Message::decode(&bytes).map_err(|e| format!("undecodable message in flight: {e}"))?;
-        if matches!(message, Message::Chunk { .. })
+        // (A byzantine flood's chunk answers no request: it is no transfer.)
+        if matches!(message, Message::Chunk { request, .. } if request != FLOOD_REQUEST)
             && self.sites[from].config.region != self.sites[to].config.region
         {
             self.check_regions_use_the_bucket(from, to)?;

@@ -461,6 +461,17 @@ fn a_block_outlives_a_restart_and_a_removed_site_is_refused() {
     assert!(a.exists("/while-blocked").unwrap(), "what it wrote stays");
 }
 
+/// Three member sites of which `a` and `b` run, connected, and the key of `c`, which does not
+/// run: a rogue speaks with it.
+fn a_and_b_and_cs_key() -> (Cluster, libp2p::identity::Keypair) {
+    let mut cluster = testbed::cluster(program(), 3).unwrap();
+    cluster.start(0).unwrap();
+    cluster.start(1).unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    let key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
+    (cluster, key)
+}
+
 /// An encoded push of one change, a directory at `path` in `site`'s name stamped `hlc`, signed
 /// with `key`.
 fn push_of(key: &libp2p::identity::Keypair, site: &str, path: &str, hlc: crdt_namespace::Hlc) -> Vec<u8> {
@@ -473,13 +484,9 @@ fn push_of(key: &libp2p::identity::Keypair, site: &str, path: &str, hlc: crdt_na
 
 #[test]
 fn a_change_stamped_at_the_end_of_time_is_held_shown_in_mesh_ls_and_stops_nothing() {
-    let mut cluster = testbed::cluster(program(), 3).unwrap();
     // c is a member but does not run: the rogue speaks gossipsub with its key, to b.
-    cluster.start(0).unwrap();
-    cluster.start(1).unwrap();
-    cluster.wait_connected(TIMEOUT).unwrap();
+    let (mut cluster, key) = a_and_b_and_cs_key();
     let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
-    let key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
     let c = cluster.site(2).name.clone();
     // Signed by c as c: a good change, but stamped u64::MAX - 1.
     let push = push_of(&key, &c, "/far", crdt_namespace::Hlc::from_raw(u64::MAX - 1));
@@ -512,16 +519,12 @@ fn a_change_stamped_at_the_end_of_time_is_held_shown_in_mesh_ls_and_stops_nothin
 
 #[test]
 fn a_forged_push_is_checked_before_it_is_relayed_and_only_its_sender_is_cut_off() {
-    let mut cluster = testbed::cluster(program(), 3).unwrap();
     // c is a member but does not run: the rogue speaks gossipsub with its key, to b.
-    cluster.start(0).unwrap();
-    cluster.start(1).unwrap();
-    cluster.wait_connected(TIMEOUT).unwrap();
+    let (cluster, key) = a_and_b_and_cs_key();
     let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
     mkdir(&a, "/kept");
     wait_until(TIMEOUT, || b.exists("/kept")).unwrap();
     let before = tree(&a).unwrap();
-    let key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
     // A change in a's name, signed with c's key.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     let hlc = crdt_namespace::Hlc::new(now as u64, 0);
@@ -550,11 +553,7 @@ fn peak_memory(cluster: &Cluster, i: usize) -> u64 {
 /// Two running sites, `a` and `b`, and a rogue with the key of member `c` (which does not run)
 /// connected to `a`.
 fn rogue_at_a(runtime: &tokio::runtime::Runtime) -> (Cluster, rogue::Rogue) {
-    let mut cluster = testbed::cluster(program(), 3).unwrap();
-    cluster.start(0).unwrap();
-    cluster.start(1).unwrap();
-    cluster.wait_connected(TIMEOUT).unwrap();
-    let key = rogue::read_key(&cluster.site(2).dir.join("node.key")).unwrap();
+    let (cluster, key) = a_and_b_and_cs_key();
     let (target, addr) = rogue_target(&cluster, 0);
     let rogue = runtime.block_on(rogue::Rogue::connect(key, target, addr, TIMEOUT)).unwrap();
     (cluster, rogue)

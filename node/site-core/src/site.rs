@@ -810,6 +810,13 @@ impl Site {
         self.reply(id, result.map_err(SiteError::from));
     }
 
+    /// Whether this site knows anything of version `content`: who holds it, its manifest.
+    pub fn knows_version(&self, content: &ContentId) -> bool {
+        self.holders.contains_key(content)
+            || self.manifests.contains_key(content)
+            || self.held.contains_key(content)
+    }
+
     /// The state of the site.
     pub fn status(&mut self) -> Status {
         let ns = &mut self.ns;
