@@ -79,15 +79,24 @@ impl Client {
         let mut stream = self.connect(&ApiRequest::Put { path: path.to_owned(), mode: 0o644 })?;
         blocking::read_answer::<()>(&mut stream)?;
         let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
-        loop {
+        let sent = loop {
             let n = source.read(&mut buf).context("reading the data to put")?;
             if n == 0 {
-                break;
+                break blocking::write_frame(&mut stream, &[]);
             }
-            blocking::write_frame(&mut stream, &buf[..n])?;
+            if let Err(e) = blocking::write_frame(&mut stream, &buf[..n]) {
+                break Err(e);
+            }
+        };
+        match sent {
+            Ok(()) => blocking::read_answer(&mut stream),
+            // The node may have stopped taking the data to say why (a full disk): its answer
+            // is the error to show.
+            Err(e) => match blocking::read_answer::<PutAnswer>(&mut stream) {
+                Err(answer) if ApiError::kind_of(&answer).is_some() => Err(answer),
+                _ => Err(e.into()),
+            },
         }
-        blocking::write_frame(&mut stream, &[])?;
-        blocking::read_answer(&mut stream)
     }
 
     /// Reads `path` (or `range` of it), handing the bytes to `sink` as they arrive; returns the

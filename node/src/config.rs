@@ -68,6 +68,11 @@ pub struct Config {
     /// not integrated, until the clock gets there (`mesh ls` shows how many).
     #[serde(default = "default_max_clock_ahead_secs")]
     pub max_clock_ahead_secs: u64,
+    /// Bytes of the data directory's file system the chunk store leaves free, so that the
+    /// database and the namespace's log can always commit: a put or a fetched copy that would
+    /// leave less fails with "no space left on <data_dir>" (0: fill the disk).
+    #[serde(default = "default_reserve_bytes")]
+    pub reserve_bytes: u64,
     /// A group (name or number) whose members may use the control socket, besides the node's
     /// own user and root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +87,10 @@ pub struct Config {
 
 fn default_max_clock_ahead_secs() -> u64 {
     300
+}
+
+fn default_reserve_bytes() -> u64 {
+    256 << 20
 }
 
 /// The staging bucket (`[staging]`). Its `Debug` hides the secrets.
@@ -350,6 +359,7 @@ impl Config {
             transfer: Transfer::default(),
             staging: None,
             max_clock_ahead_secs: default_max_clock_ahead_secs(),
+            reserve_bytes: default_reserve_bytes(),
             control_group: None,
             peers: Vec::new(),
             former_keys: Vec::new(),

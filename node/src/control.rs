@@ -305,9 +305,14 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     let chunks = handle.chunks.clone();
     let chunker = handle.chunker;
     let workers = handle.put_workers;
+    let puts = handle.puts.clone();
     let put = tokio::task::spawn_blocking(move || {
         let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
-        put_stream(reader, chunker, &chunks, workers, &mut |_| {})
+        puts.fetch_add(1, Ordering::SeqCst);
+        let alone = || puts.load(Ordering::SeqCst) == 1;
+        let outcome = put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &alone);
+        puts.fetch_sub(1, Ordering::SeqCst);
+        outcome
     });
     let mut complete = false;
     while let Some(frame) = api::read_frame(&mut stream).await? {
@@ -316,15 +321,16 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
             break;
         }
         if frames.send(frame).await.is_err() {
+            // The put stopped taking data: it failed (the disk is full, say). The client hears
+            // why now, rather than after sending the rest.
             break;
         }
     }
     drop(frames);
-    let outcome = put.await?;
-    if !complete {
-        bail!("the client went away before the end of the data; nothing was recorded");
-    }
-    let outcome = match outcome {
+    let outcome = match put.await? {
+        Ok(_) if !complete => {
+            bail!("the client went away before the end of the data; nothing was recorded")
+        }
         Ok(outcome) => outcome,
         Err(e) => {
             let error = ApiError::new(ErrorKind::Io, e);

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Loaded, check_region};
 use crate::staged::StagingDriver;
-use crate::store::{ChunkStore, Db};
+use crate::store::{ChunkError, ChunkStore, Db};
 use site_core::StagingEvent;
 use site_core::content::{ChunkRef, ChunkerConfig};
 use site_core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
@@ -150,7 +150,8 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     let data = loaded.data_dir();
     std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
     let chunks = Arc::new(
-        ChunkStore::open(&data).with_context(|| format!("opening chunk store in {}", data.display()))?,
+        ChunkStore::open(&data, loaded.config.reserve_bytes)
+            .with_context(|| format!("opening chunk store in {}", data.display()))?,
     );
     let db_path = data.join("meridian.redb");
     let db = Db::open(&db_path).map_err(|e| {
@@ -249,6 +250,27 @@ struct CoreThread {
     staging: StagingDriver,
     /// The clock of the core's inputs and timers.
     clock: Monotonic,
+    /// Fetched copies not kept for want of space.
+    space: NotKept,
+}
+
+/// Fetched chunks read but not kept for want of space, reported in the log at most once a
+/// minute.
+#[derive(Default)]
+struct NotKept {
+    since_report: u64,
+    reported: Option<Instant>,
+}
+
+impl NotKept {
+    fn not_kept(&mut self, error: &ChunkError) {
+        self.since_report += 1;
+        if self.reported.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            tracing::warn!("{error}: {} fetched chunks were read but not kept", self.since_report);
+            self.since_report = 0;
+            self.reported = Some(Instant::now());
+        }
+    }
 }
 
 /// Sleeps until `at`, or for ever.
@@ -442,10 +464,23 @@ impl CoreThread {
                 Output::Cache { chunks, versions: held } => {
                     for (hash, data) in &chunks {
                         // The core checked every cached chunk against its hash.
-                        self.chunks.put_verified(hash, data)?;
-                        self.backlog.chunks.push(ChunkRef { hash: *hash, len: data.len() as u32 });
+                        match self.chunks.put_verified(hash, data) {
+                            Ok(_) => {
+                                self.backlog.chunks.push(ChunkRef { hash: *hash, len: data.len() as u32 })
+                            }
+                            // A full disk keeps no copy; the reads that wanted the chunk have it.
+                            Err(e @ ChunkError::NoSpace { .. }) => {
+                                self.space.not_kept(&e);
+                                self.site.handle_chunk_not_kept(*hash);
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
-                    self.backlog.versions.extend(held);
+                    // A version is held only with every chunk here (one may not have been kept).
+                    let chunks = &self.chunks;
+                    self.backlog
+                        .versions
+                        .extend(held.into_iter().filter(|m| m.chunks.iter().all(|c| chunks.has(&c.hash))));
                 }
                 Output::Durable { store, then } => {
                     refs.extend(store.index);
@@ -649,6 +684,8 @@ pub struct Handle {
     pub(crate) cache_backlog: Arc<AtomicUsize>,
     /// Threads hashing and storing the chunks of one put.
     pub(crate) put_workers: usize,
+    /// Puts storing chunks now.
+    pub(crate) puts: Arc<AtomicUsize>,
     /// Ids of local requests.
     next_id: Arc<AtomicU64>,
     /// Room for one request's events: its reply, a read's window, its end.
@@ -754,6 +791,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        puts: Arc::new(AtomicUsize::new(0)),
         next_id: Arc::new(AtomicU64::new(1)),
         event_queue: opened.site.config().read_window_chunks + 2,
     };
@@ -772,6 +810,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         backlog: CacheBacklog { count: handle.cache_backlog.clone(), ..CacheBacklog::default() },
         staging,
         clock: Monotonic(Instant::now()),
+        space: NotKept::default(),
     };
     // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
     let (failed, core_failed) = mpsc::unbounded_channel::<String>();

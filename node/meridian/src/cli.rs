@@ -662,17 +662,26 @@ async fn put(cli: &Cli, local: &Path, remote: &str, mode: &str) -> anyhow::Resul
     api::read_answer::<()>(&mut stream).await?;
     let bar = progress(size);
     let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
-    loop {
+    let sent = loop {
         let n = source.read(&mut buf).await.with_context(|| format!("reading {}", local.display()))?;
         if n == 0 {
-            break;
+            break api::write_frame(&mut stream, &[]).await;
         }
-        api::write_frame(&mut stream, &buf[..n]).await?;
+        if let Err(e) = api::write_frame(&mut stream, &buf[..n]).await {
+            break Err(e);
+        }
         bar.inc(n as u64);
-    }
-    api::write_frame(&mut stream, &[]).await?;
+    };
     bar.finish_and_clear();
-    let answer: PutAnswer = api::read_answer(&mut stream).await?;
+    let answer: PutAnswer = match sent {
+        Ok(()) => api::read_answer(&mut stream).await?,
+        // The node may have stopped taking the data to say why (a full disk): its answer is
+        // the error to show.
+        Err(e) => match api::read_answer::<PutAnswer>(&mut stream).await {
+            Err(answer) if ApiError::kind_of(&answer).is_some() => return Err(answer),
+            _ => return Err(e.into()),
+        },
+    };
     show(cli, &answer, |a| println!("{} ({} bytes, {} new bytes stored)", a.path, a.size, a.new_bytes))
 }
 

@@ -1162,6 +1162,12 @@ impl Site {
         FetchId(self.next_request - 1)
     }
 
+    /// The driver could not keep the copy of chunk `hash` it was handed ([`Output::Cache`]; the
+    /// disk is full): this site does not hold it, nor the versions it is part of.
+    pub fn handle_chunk_not_kept(&mut self, hash: ChunkHash) {
+        self.forget_chunk(hash);
+    }
+
     fn forget_chunk(&mut self, hash: ChunkHash) {
         self.chunks.remove(&hash);
         self.held.retain(|_, m| m.chunks.iter().all(|c| c.hash != hash));

@@ -44,6 +44,13 @@ pub enum ChunkError {
         /// The hash of the bytes.
         actual: ChunkHash,
     },
+    /// There is no room for the chunk: the file system is full, or the chunk would eat into
+    /// the space kept free for the database and the namespace's log.
+    #[error("no space left on {path}")]
+    NoSpace {
+        /// The data directory.
+        path: PathBuf,
+    },
     /// The file system failed.
     #[error("chunk store {path}: {source}")]
     Io {
@@ -64,20 +71,26 @@ const TMP_PREFIX: &str = ".tmp";
 /// Chunk files under one directory.
 #[derive(Debug)]
 pub struct ChunkStore {
+    /// The data directory (named in errors).
+    dir: PathBuf,
     chunks: PathBuf,
     next_tmp: AtomicU64,
+    /// Bytes of the file system left free for the database and the namespace's log: a chunk
+    /// that would leave less is refused ([`ChunkError::NoSpace`]).
+    reserve: u64,
 }
 
 impl ChunkStore {
-    /// Opens (creating) the store under `dir`. Temporary files a crash left behind are removed by
+    /// Opens (creating) the store under `dir`, leaving `reserve` bytes of its file system free
+    /// (see [`ChunkError::NoSpace`]). Temporary files a crash left behind are removed by
     /// [`ChunkStore::list`], which recovery runs at every start.
-    pub fn open(dir: &Path) -> Result<ChunkStore, ChunkError> {
+    pub fn open(dir: &Path, reserve: u64) -> Result<ChunkStore, ChunkError> {
         let chunks = dir.join("chunks");
         for byte in 0..=255u8 {
             let fan_out = chunks.join(format!("{byte:02x}"));
             fs::create_dir_all(&fan_out).map_err(io_at(&fan_out))?;
         }
-        Ok(ChunkStore { chunks, next_tmp: AtomicU64::new(0) })
+        Ok(ChunkStore { dir: dir.to_owned(), chunks, next_tmp: AtomicU64::new(0), reserve })
     }
 
     /// Where chunk `hash` lives: `chunks/ab/abcd…`.
@@ -101,20 +114,46 @@ impl ChunkStore {
         self.put_verified(hash, data)
     }
 
-    /// Stores `data`, whose hash the caller has just computed as `hash`.
+    /// Stores `data`, whose hash the caller has just computed as `hash`. Nothing of it stays
+    /// behind when it cannot be stored.
     pub(crate) fn put_verified(&self, hash: &ChunkHash, data: &[u8]) -> Result<bool, ChunkError> {
         let path = self.path(hash);
         if path.exists() {
             return Ok(false);
         }
+        if self.reserve > 0 && self.available()? < data.len() as u64 + self.reserve {
+            return Err(ChunkError::NoSpace { path: self.dir.clone() });
+        }
         let dir = path.parent().expect("chunk paths have a directory");
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{n}"));
-        let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
-        file.write_all(data).map_err(io_at(&tmp))?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        let written = File::create(&tmp).and_then(|mut file| file.write_all(data));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.io_error(&tmp, e));
+        }
+        fs::rename(&tmp, &path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.io_error(&path, e)
+        })?;
         Ok(true)
+    }
+
+    /// Bytes an unprivileged writer may still use on the store's file system.
+    pub fn available(&self) -> Result<u64, ChunkError> {
+        let stat = rustix::fs::statvfs(&self.chunks)
+            .map_err(|e| ChunkError::Io { path: self.chunks.clone(), source: e.into() })?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// `e`, met at `path`: a full file system is [`ChunkError::NoSpace`].
+    fn io_error(&self, path: &Path, e: io::Error) -> ChunkError {
+        match e.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+                ChunkError::NoSpace { path: self.dir.clone() }
+            }
+            _ => ChunkError::Io { path: path.to_owned(), source: e },
+        }
     }
 
     /// Makes every chunk written so far durable, with their directories: one `syncfs` of the
@@ -218,7 +257,7 @@ mod tests {
     #[test]
     fn chunks_are_stored_once_and_verified_on_read() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
         let data = b"some chunk".to_vec();
         let hash = ChunkHash::of(&data);
         assert!(store.put(&hash, &data).unwrap());
@@ -234,9 +273,23 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_that_would_eat_into_the_reserve_is_refused_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = ChunkStore::open(dir.path(), 0).unwrap().available().unwrap();
+        // A reserve larger than what is free: no chunk fits.
+        let store = ChunkStore::open(dir.path(), free + (1 << 30)).unwrap();
+        let hash = ChunkHash::of(b"no room");
+        let refused = store.put(&hash, b"no room").unwrap_err();
+        assert_eq!(refused.to_string(), format!("no space left on {}", dir.path().display()));
+        assert!(store.list().unwrap().is_empty());
+        let fan_out = store.path(&hash).parent().unwrap().to_owned();
+        assert_eq!(fs::read_dir(&fan_out).unwrap().count(), 0, "a temporary file stayed behind");
+    }
+
+    #[test]
     fn leftover_temporary_files_are_removed_by_the_listing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
         let hash = ChunkHash::of(b"whole");
         store.put(&hash, b"whole").unwrap();
         let fan_out = store.path(&hash).parent().unwrap().to_owned();
@@ -251,7 +304,7 @@ mod tests {
     #[test]
     fn chunks_of_the_two_level_layout_are_moved_to_theirs() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
         let hash = ChunkHash::of(b"kept from before");
         let hex = hash.to_hex();
         let old = dir.path().join("chunks").join(&hex[..2]).join(&hex[2..4]);

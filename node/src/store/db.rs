@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn commits_are_read_back_and_recovery_removes_leftovers() {
         let dir = tempfile::tempdir().unwrap();
-        let chunks = ChunkStore::open(dir.path()).unwrap();
+        let chunks = ChunkStore::open(dir.path(), 0).unwrap();
         let db = Db::open(&dir.path().join("meta.redb")).unwrap();
         let data = vec![7u8; 100_000];
         let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };

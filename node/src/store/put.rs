@@ -41,12 +41,17 @@ pub enum PutError {
 /// far after each chunk. The chunks are written but not yet durable: sync the store
 /// ([`ChunkStore::sync`]) before anything durable refers to the manifest — one sync can then
 /// serve many puts.
+///
+/// A put that fails removes the chunks it wrote if `alone()` says, at that moment, that no
+/// other put could be relying on them (one that found a chunk already there does not write
+/// it); otherwise they stay until the next start removes them (`Db::recover`).
 pub fn put_stream<R: Read>(
     mut source: R,
     config: ChunkerConfig,
     store: &ChunkStore,
     workers: usize,
     progress: &mut dyn FnMut(u64),
+    alone: &dyn Fn() -> bool,
 ) -> Result<PutOutcome, PutError> {
     // A source shorter than the smallest chunk is one chunk (or none): stored here, without the
     // chunker's buffer of the largest chunk size or the worker threads.
@@ -109,11 +114,20 @@ pub fn put_stream<R: Read>(
         drop(chunk_tx);
         Ok(())
     });
-    read_result?;
-    if let Some(e) = failure.into_inner().expect("failure lock") {
-        return Err(e.into());
-    }
     let mut results = results.into_inner().expect("results lock");
+    let failed = match (read_result, failure.into_inner().expect("failure lock")) {
+        (Err(e), _) => Some(e),
+        (Ok(()), Some(e)) => Some(e.into()),
+        (Ok(()), None) => None,
+    };
+    if let Some(e) = failed {
+        if alone() {
+            for (_, chunk, _) in results.iter().filter(|(_, _, new)| *new) {
+                let _ = store.remove(&chunk.hash);
+            }
+        }
+        return Err(e);
+    }
     results.sort_by_key(|(i, _, _)| *i);
     let new_chunks = results.iter().filter(|(_, _, new)| *new).count();
     let new_bytes = results.iter().filter(|(_, _, new)| *new).map(|(_, c, _)| u64::from(c.len)).sum();
@@ -146,7 +160,7 @@ mod tests {
     #[test]
     fn a_streamed_put_matches_the_in_memory_manifest_and_dedupes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
         let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
         let mut x = 1u64;
         let data: Vec<u8> = (0..300_000)
@@ -156,23 +170,23 @@ mod tests {
             })
             .collect();
         let mut last = 0;
-        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n).unwrap();
+        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &|| true).unwrap();
         assert_eq!(last, data.len() as u64);
         assert_eq!(first.manifest, Manifest::of_bytes(&data, config));
         assert_eq!(first.new_chunks, first.manifest.chunks.len());
-        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}).unwrap();
+        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}, &|| true).unwrap();
         assert_eq!(again.new_chunks, 0);
         for (i, c) in first.manifest.chunks.iter().enumerate() {
             let r = first.manifest.chunk_range(i);
             assert_eq!(store.get(&c.hash).unwrap(), &data[r.start as usize..r.end as usize]);
         }
-        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}).unwrap();
+        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}, &|| true).unwrap();
         assert_eq!(empty.manifest.size, 0);
         assert!(empty.manifest.chunks.is_empty());
         assert_eq!(empty.manifest, Manifest::of_bytes(&[], config));
         // Shorter than the smallest chunk, exactly that long, and one byte longer.
         for len in [1, 1023, 1024, 1025] {
-            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}).unwrap();
+            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}, &|| true).unwrap();
             assert_eq!(small.manifest, Manifest::of_bytes(&data[..len], config), "{len} bytes");
             assert_eq!(store.get(&small.manifest.chunks[0].hash).unwrap(), &data[..len]);
         }
