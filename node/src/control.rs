@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::bail;
 use crdt_namespace::{EntryKind, Glob, OpError, Query, SiteId, TagPredicate};
+use site_core::content::ChunkHash;
 use site_core::{Reply, Request};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -308,11 +309,19 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     let puts = handle.puts.clone();
     let put = tokio::task::spawn_blocking(move || {
         let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
-        puts.fetch_add(1, Ordering::SeqCst);
-        let alone = || puts.load(Ordering::SeqCst) == 1;
-        let outcome = put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &alone);
-        puts.fetch_sub(1, Ordering::SeqCst);
-        outcome
+        // Every put holds `puts` shared while it stores chunks. A failed one gives back the
+        // chunks it wrote only if it then gets it alone: no other put is storing, and none
+        // starts (finding one of those chunks there and relying on it) until they are gone.
+        let mut storing = Some(puts.read().unwrap_or_else(|e| e.into_inner()));
+        let mut give_back = |written: &[ChunkHash]| {
+            storing.take();
+            if let Ok(_alone) = puts.try_write() {
+                for hash in written {
+                    let _ = chunks.remove(hash);
+                }
+            }
+        };
+        put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &mut give_back)
     });
     let mut complete = false;
     while let Some(frame) = api::read_frame(&mut stream).await? {

@@ -684,8 +684,8 @@ pub struct Handle {
     pub(crate) cache_backlog: Arc<AtomicUsize>,
     /// Threads hashing and storing the chunks of one put.
     pub(crate) put_workers: usize,
-    /// Puts storing chunks now.
-    pub(crate) puts: Arc<AtomicUsize>,
+    /// Held shared by every put while it stores chunks (see `control::serve_put`).
+    pub(crate) puts: Arc<std::sync::RwLock<()>>,
     /// Ids of local requests.
     next_id: Arc<AtomicU64>,
     /// Room for one request's events: its reply, a read's window, its end.
@@ -791,7 +791,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        puts: Arc::new(AtomicUsize::new(0)),
+        puts: Arc::new(std::sync::RwLock::new(())),
         next_id: Arc::new(AtomicU64::new(1)),
         event_queue: opened.site.config().read_window_chunks + 2,
     };

@@ -42,16 +42,16 @@ pub enum PutError {
 /// ([`ChunkStore::sync`]) before anything durable refers to the manifest — one sync can then
 /// serve many puts.
 ///
-/// A put that fails removes the chunks it wrote if `alone()` says, at that moment, that no
-/// other put could be relying on them (one that found a chunk already there does not write
-/// it); otherwise they stay until the next start removes them (`Db::recover`).
+/// A put that fails hands the chunks it wrote (none of them recorded anywhere) to `failed`,
+/// which may remove them if no other put can be relying on them (one that found a chunk already
+/// there does not write it); what stays is removed at the next start (`Db::recover`).
 pub fn put_stream<R: Read>(
     mut source: R,
     config: ChunkerConfig,
     store: &ChunkStore,
     workers: usize,
     progress: &mut dyn FnMut(u64),
-    alone: &dyn Fn() -> bool,
+    failed: &mut dyn FnMut(&[ChunkHash]),
 ) -> Result<PutOutcome, PutError> {
     // A source shorter than the smallest chunk is one chunk (or none): stored here, without the
     // chunker's buffer of the largest chunk size or the worker threads.
@@ -115,17 +115,15 @@ pub fn put_stream<R: Read>(
         Ok(())
     });
     let mut results = results.into_inner().expect("results lock");
-    let failed = match (read_result, failure.into_inner().expect("failure lock")) {
+    let failed_with = match (read_result, failure.into_inner().expect("failure lock")) {
         (Err(e), _) => Some(e),
         (Ok(()), Some(e)) => Some(e.into()),
         (Ok(()), None) => None,
     };
-    if let Some(e) = failed {
-        if alone() {
-            for (_, chunk, _) in results.iter().filter(|(_, _, new)| *new) {
-                let _ = store.remove(&chunk.hash);
-            }
-        }
+    if let Some(e) = failed_with {
+        let written: Vec<ChunkHash> =
+            results.iter().filter(|(_, _, new)| *new).map(|(_, c, _)| c.hash).collect();
+        failed(&written);
         return Err(e);
     }
     results.sort_by_key(|(i, _, _)| *i);
@@ -162,33 +160,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), 0).unwrap();
         let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
-        let mut x = 1u64;
-        let data: Vec<u8> = (0..300_000)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect();
+        let data = bytes(1, 300_000);
         let mut last = 0;
-        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &|| true).unwrap();
+        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &mut |_| {}).unwrap();
         assert_eq!(last, data.len() as u64);
         assert_eq!(first.manifest, Manifest::of_bytes(&data, config));
         assert_eq!(first.new_chunks, first.manifest.chunks.len());
-        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}, &|| true).unwrap();
+        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}, &mut |_| {}).unwrap();
         assert_eq!(again.new_chunks, 0);
         for (i, c) in first.manifest.chunks.iter().enumerate() {
             let r = first.manifest.chunk_range(i);
             assert_eq!(store.get(&c.hash).unwrap(), &data[r.start as usize..r.end as usize]);
         }
-        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}, &|| true).unwrap();
+        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}, &mut |_| {}).unwrap();
         assert_eq!(empty.manifest.size, 0);
         assert!(empty.manifest.chunks.is_empty());
         assert_eq!(empty.manifest, Manifest::of_bytes(&[], config));
         // Shorter than the smallest chunk, exactly that long, and one byte longer.
         for len in [1, 1023, 1024, 1025] {
-            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}, &|| true).unwrap();
+            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}, &mut |_| {}).unwrap();
             assert_eq!(small.manifest, Manifest::of_bytes(&data[..len], config), "{len} bytes");
             assert_eq!(store.get(&small.manifest.chunks[0].hash).unwrap(), &data[..len]);
         }
+    }
+
+    #[test]
+    fn a_failed_put_hands_back_the_chunks_it_wrote_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let data = bytes(7, 150_000);
+        // The stream's first chunk is stored before: another put's, which the failed one finds
+        // there and does not write.
+        let whole = Manifest::of_bytes(&data, config);
+        let first = whole.chunks[0].hash;
+        store.put(&first, &data[..whole.chunk_range(0).end as usize]).unwrap();
+        // The source fails after 150,000 bytes.
+        struct Failing<'a>(&'a [u8]);
+        impl Read for Failing<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(std::io::Error::other("the source broke"));
+                }
+                let n = buf.len().min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut handed = Vec::new();
+        let failed = put_stream(Failing(&data), config, &store, 2, &mut |_| {}, &mut |written| {
+            handed = written.to_vec()
+        });
+        assert!(matches!(failed, Err(PutError::Read(_))));
+        assert!(!handed.is_empty(), "the chunks written before the failure are handed back");
+        assert!(!handed.contains(&first), "a chunk it found stored was handed back");
+        let mut stored: Vec<ChunkHash> = store.list().unwrap();
+        stored.retain(|h| *h != first);
+        stored.sort_by_key(|h| h.0);
+        handed.sort_by_key(|h| h.0);
+        assert_eq!(stored, handed, "exactly the chunks it wrote");
+    }
+
+    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect()
     }
 }
