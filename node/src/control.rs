@@ -310,15 +310,16 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     let put = tokio::task::spawn_blocking(move || {
         let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
         // Every put holds `puts` shared while it stores chunks. A failed one gives back the
-        // chunks it wrote only if it then gets it alone: no other put is storing, and none
-        // starts (finding one of those chunks there and relying on it) until they are gone.
+        // chunks it wrote only if it then gets `puts` alone (no other put is storing, and none
+        // starts until they are gone) and no write since it began found a chunk already
+        // stored, other than its own: nobody can be relying on one of its chunks. (A copy the
+        // core caches meanwhile can still find one and lose it: it is fetched again.)
         let mut storing = Some(puts.read().unwrap_or_else(|e| e.into_inner()));
-        let mut give_back = |written: &[ChunkHash]| {
+        let reused_before = chunks.reused();
+        let mut give_back = |written: &[ChunkHash], found_by_this_put: u64| {
             storing.take();
             if let Ok(_alone) = puts.try_write() {
-                for hash in written {
-                    let _ = chunks.remove(hash);
-                }
+                chunks.give_back(written, reused_before, found_by_this_put);
             }
         };
         put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &mut give_back)

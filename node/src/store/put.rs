@@ -42,16 +42,16 @@ pub enum PutError {
 /// ([`ChunkStore::sync`]) before anything durable refers to the manifest — one sync can then
 /// serve many puts.
 ///
-/// A put that fails hands the chunks it wrote (none of them recorded anywhere) to `failed`,
-/// which may remove them if no other put can be relying on them (one that found a chunk already
-/// there does not write it); what stays is removed at the next start (`Db::recover`).
+/// A put that fails hands `failed` the chunks it wrote (none of them recorded anywhere) and how
+/// many it found stored already ([`ChunkStore::reused`] counts those too): it may remove them if
+/// no one else can be relying on them; what stays is removed at the next start (`Db::recover`).
 pub fn put_stream<R: Read>(
     mut source: R,
     config: ChunkerConfig,
     store: &ChunkStore,
     workers: usize,
     progress: &mut dyn FnMut(u64),
-    failed: &mut dyn FnMut(&[ChunkHash]),
+    failed: &mut dyn FnMut(&[ChunkHash], u64),
 ) -> Result<PutOutcome, PutError> {
     // A source shorter than the smallest chunk is one chunk (or none): stored here, without the
     // chunker's buffer of the largest chunk size or the worker threads.
@@ -123,7 +123,7 @@ pub fn put_stream<R: Read>(
     if let Some(e) = failed_with {
         let written: Vec<ChunkHash> =
             results.iter().filter(|(_, _, new)| *new).map(|(_, c, _)| c.hash).collect();
-        failed(&written);
+        failed(&written, (results.len() - written.len()) as u64);
         return Err(e);
     }
     results.sort_by_key(|(i, _, _)| *i);
@@ -162,23 +162,23 @@ mod tests {
         let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
         let data = bytes(1, 300_000);
         let mut last = 0;
-        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &mut |_| {}).unwrap();
+        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &mut |_, _| {}).unwrap();
         assert_eq!(last, data.len() as u64);
         assert_eq!(first.manifest, Manifest::of_bytes(&data, config));
         assert_eq!(first.new_chunks, first.manifest.chunks.len());
-        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}, &mut |_| {}).unwrap();
+        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}, &mut |_, _| {}).unwrap();
         assert_eq!(again.new_chunks, 0);
         for (i, c) in first.manifest.chunks.iter().enumerate() {
             let r = first.manifest.chunk_range(i);
             assert_eq!(store.get(&c.hash).unwrap(), &data[r.start as usize..r.end as usize]);
         }
-        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}, &mut |_| {}).unwrap();
+        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}, &mut |_, _| {}).unwrap();
         assert_eq!(empty.manifest.size, 0);
         assert!(empty.manifest.chunks.is_empty());
         assert_eq!(empty.manifest, Manifest::of_bytes(&[], config));
         // Shorter than the smallest chunk, exactly that long, and one byte longer.
         for len in [1, 1023, 1024, 1025] {
-            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}, &mut |_| {}).unwrap();
+            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}, &mut |_, _| {}).unwrap();
             assert_eq!(small.manifest, Manifest::of_bytes(&data[..len], config), "{len} bytes");
             assert_eq!(store.get(&small.manifest.chunks[0].hash).unwrap(), &data[..len]);
         }
@@ -209,7 +209,7 @@ mod tests {
             }
         }
         let mut handed = Vec::new();
-        let failed = put_stream(Failing(&data), config, &store, 2, &mut |_| {}, &mut |written| {
+        let failed = put_stream(Failing(&data), config, &store, 2, &mut |_| {}, &mut |written, _| {
             handed = written.to_vec()
         });
         assert!(matches!(failed, Err(PutError::Read(_))));
