@@ -683,8 +683,18 @@ impl SwarmTask {
                     self.step(Input::Disconnect { peer, reason }).await;
                 }
             }
-            Command::AddMember(member) => self.step(Input::AddMember(member)).await,
-            Command::RemoveMember { peer } => self.step(Input::RemoveMember { peer }).await,
+            Command::AddMember(member) => {
+                // A new peer id for a member's site replaces the old one, which is refused from
+                // now on: its inbound entry goes (its readers end with their connections).
+                if let Some(old) = self.links.peer_of(&member.site).filter(|p| *p != member.peer) {
+                    self.inbound.remove(&old);
+                }
+                self.step(Input::AddMember(member)).await
+            }
+            Command::RemoveMember { peer } => {
+                self.inbound.remove(&peer);
+                self.step(Input::RemoveMember { peer }).await
+            }
             Command::SetKeys(keys) => self.keys = keys,
             Command::Block { peer, blocked } => self.step(Input::Block { peer, blocked }).await,
             Command::Stop => unreachable!("handled by run"),
