@@ -476,11 +476,10 @@ impl CoreThread {
                             Err(e) => return Err(e.into()),
                         }
                     }
-                    // A version is held only with every chunk here (one may not have been kept).
-                    let chunks = &self.chunks;
-                    self.backlog
-                        .versions
-                        .extend(held.into_iter().filter(|m| m.chunks.iter().all(|c| chunks.has(&c.hash))));
+                    // A chunk not kept (above, or earlier in this drain) made the core drop the
+                    // versions it is part of: those are not recorded as held.
+                    let site = &self.site;
+                    self.backlog.versions.extend(held.into_iter().filter(|m| site.holds(&m.content_id())));
                 }
                 Output::Durable { store, then } => {
                     refs.extend(store.index);

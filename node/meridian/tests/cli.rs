@@ -297,6 +297,27 @@ fn reachable_binary(dir: &Path) -> PathBuf {
     exe
 }
 
+/// `meridian ls /` run as uid and gid 65534, with a copy of the binary in `dir` (opened to
+/// others) and a readable copy of `config` beside it.
+fn ls_as_nobody(dir: &Path, config: &Path) -> impl Fn() -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    set_mode(dir, 0o755);
+    let public = config.with_file_name("public.toml");
+    std::fs::copy(config, &public).unwrap();
+    set_mode(&public, 0o644);
+    let exe = reachable_binary(dir);
+    move || {
+        Command::new(&exe)
+            .arg("--config")
+            .arg(&public)
+            .args(["ls", "/"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    }
+}
+
 fn fresh_peer_id() -> String {
     libp2p_identity::Keypair::generate_ed25519().public().to_peer_id().to_string()
 }
@@ -304,7 +325,6 @@ fn fresh_peer_id() -> String {
 #[test]
 fn the_config_the_key_and_the_control_socket_are_private_and_strangers_are_refused() {
     use std::os::unix::fs::MetadataExt;
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let config = init(dir.path(), "west");
     let site_dir = config.parent().unwrap().to_owned();
@@ -341,20 +361,9 @@ fn the_config_the_key_and_the_control_socket_are_private_and_strangers_are_refus
         return node.stop();
     }
     // A stranger (uid 65534), with a readable copy of the configuration beside the socket.
-    set_mode(dir.path(), 0o755);
-    let public = site_dir.join("public.toml");
-    std::fs::copy(&config, &public).unwrap();
-    set_mode(&public, 0o644);
-    let exe = reachable_binary(dir.path());
+    let ls = ls_as_nobody(dir.path(), &config);
     let stranger = || {
-        let out = Command::new(&exe)
-            .arg("--config")
-            .arg(&public)
-            .args(["ls", "/"])
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap();
+        let out = ls();
         assert!(!out.status.success());
         String::from_utf8(out.stderr).unwrap()
     };
@@ -425,7 +434,6 @@ fn secrets_never_show_in_the_log_status_listings_or_errors() {
 #[test]
 fn the_members_of_the_control_group_may_use_the_node() {
     use std::os::unix::fs::MetadataExt;
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let config = init(dir.path(), "west");
     if std::fs::metadata(&config).unwrap().uid() != 0 {
@@ -440,19 +448,7 @@ fn the_members_of_the_control_group_may_use_the_node() {
     assert_eq!(mode(&socket), 0o660);
     assert_eq!(std::fs::metadata(&socket).unwrap().gid(), 65534);
     // A user of that group (uid 65534, primary group 65534) is served.
-    set_mode(dir.path(), 0o755);
-    let public = config.with_file_name("public.toml");
-    std::fs::copy(&config, &public).unwrap();
-    set_mode(&public, 0o644);
-    let exe = reachable_binary(dir.path());
-    let out = Command::new(&exe)
-        .arg("--config")
-        .arg(&public)
-        .args(["ls", "/"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let out = ls_as_nobody(dir.path(), &config)();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     node.stop();
 }

@@ -812,9 +812,7 @@ impl Site {
 
     /// Whether this site knows anything of version `content`: who holds it, its manifest.
     pub fn knows_version(&self, content: &ContentId) -> bool {
-        self.holders.contains_key(content)
-            || self.manifests.contains_key(content)
-            || self.held.contains_key(content)
+        self.holders.contains_key(content) || self.manifests.contains_key(content) || self.holds(content)
     }
 
     /// The state of the site.
@@ -1358,8 +1356,6 @@ impl Site {
         }
     }
 
-    /// `from` holds `content`, whose manifest it sent: reads waiting for the manifest go on. A
-    /// manifest that does not decode or match the version disconnects the peer.
     /// Whether this site asked who holds `content` (for a read or a fetch), now or before.
     fn asked_about(&self, content: &ContentId) -> bool {
         self.holders.contains_key(content)
@@ -1367,6 +1363,8 @@ impl Site {
             || self.fetches.values().any(|f| f.content == *content)
     }
 
+    /// `from` holds `content`, whose manifest it sent: reads waiting for the manifest go on. A
+    /// manifest that does not decode or match the version disconnects the peer.
     fn learn_holder(&mut self, from: &SiteId, content: ContentId, bytes: &[u8]) {
         let manifest = match Manifest::decode(bytes) {
             Ok(m) if m.content_id() == content => m,

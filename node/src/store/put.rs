@@ -157,9 +157,7 @@ mod tests {
 
     #[test]
     fn a_streamed_put_matches_the_in_memory_manifest_and_dedupes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path(), 0).unwrap();
-        let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let (_dir, store, config) = small_chunks_store();
         let data = bytes(1, 300_000);
         let mut last = 0;
         let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &mut |_, _| {}).unwrap();
@@ -186,9 +184,7 @@ mod tests {
 
     #[test]
     fn a_failed_put_hands_back_the_chunks_it_wrote_and_only_those() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path(), 0).unwrap();
-        let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let (_dir, store, config) = small_chunks_store();
         let data = bytes(7, 150_000);
         // The stream's first chunk is stored before: another put's, which the failed one finds
         // there and does not write.
@@ -220,6 +216,13 @@ mod tests {
         stored.sort_by_key(|h| h.0);
         handed.sort_by_key(|h| h.0);
         assert_eq!(stored, handed, "exactly the chunks it wrote");
+    }
+
+    /// A store in a temporary directory, and chunking in a few KiB.
+    fn small_chunks_store() -> (tempfile::TempDir, ChunkStore, ChunkerConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        (dir, store, ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 })
     }
 
     fn bytes(seed: u64, len: usize) -> Vec<u8> {
