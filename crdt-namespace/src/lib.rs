@@ -17,6 +17,7 @@
 
 mod codec;
 mod error;
+mod frontier;
 mod hlc;
 mod ids;
 mod name;
@@ -54,6 +55,7 @@ pub mod sabotage {
 
 pub use automerge::ChangeHash;
 pub use error::{DecodeError, ExchangeError, NameError, OpError, Result};
+pub use frontier::Frontier;
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{ContentId, SITE_ID_MAX_BYTES, SiteId};
 pub use name::{

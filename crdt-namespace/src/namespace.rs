@@ -36,7 +36,7 @@ use crate::query::Query;
 use crate::tree::{Data, Entry, Tree};
 use crate::trust::{self, Keys, SigningKey};
 use crate::wire::{Reader, push_varint};
-use crate::{ContentId, EntryKind, Hlc, TagValue};
+use crate::{ContentId, EntryKind, Frontier, Hlc, TagValue};
 
 /// Largest saved document accepted by [`Namespace::load`]: ample for tens of millions of
 /// entries, and a bound on what a corrupt file can make us allocate.
@@ -944,6 +944,32 @@ impl Namespace {
 
     // ------------------------------------------------------------------------------------------
     // Exchange
+
+    /// The last change of each site integrated here (this site's own committed ones included):
+    /// exactly the changes this replica holds, since a change is integrated only after
+    /// everything it depends on. Changes held for the clock bound are not included.
+    pub fn frontier(&mut self) -> Frontier {
+        self.commit();
+        self.authors
+            .iter()
+            .filter_map(|(actor, (seq, _))| {
+                let site = SiteId::new(std::str::from_utf8(actor).ok()?).ok()?;
+                Some((site, *seq))
+            })
+            .collect()
+    }
+
+    /// Whether a live entry shows version `content` (a file's current version or a conflict
+    /// copy's).
+    pub fn refers_to(&self, content: &ContentId) -> bool {
+        self.tree.refers_to(content)
+    }
+
+    /// The versions that gained or lost a live entry showing them since the last call (some
+    /// may be back where they were): what a holder of versions looks at again after a change.
+    pub fn take_touched_versions(&mut self) -> std::collections::HashSet<ContentId> {
+        self.tree.take_touched()
+    }
 
     /// The heads of the document: the changes nothing else here depends on.
     pub fn heads(&mut self) -> Vec<ChangeHash> {

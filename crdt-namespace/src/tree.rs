@@ -119,6 +119,10 @@ pub(crate) struct Tree {
     undo: Vec<Undo>,
     /// Number of live entries, the root included.
     live: usize,
+    /// Live file entries showing each version: what refers to it.
+    refs: HashMap<ContentId, u32>,
+    /// Versions whose count in `refs` changed since [`Tree::take_touched`] was last called.
+    touched: HashSet<ContentId>,
 }
 
 impl Tree {
@@ -142,6 +146,8 @@ impl Tree {
             log: Vec::new(),
             undo: Vec::new(),
             live: 1,
+            refs: HashMap::new(),
+            touched: HashSet::new(),
         };
         tree.index.insert(EntryId::ROOT, 0);
         tree
@@ -183,6 +189,17 @@ impl Tree {
 
     pub(crate) fn has_children(&self, dir: EntryId) -> bool {
         self.children.get(&dir).is_some_and(|c| !c.is_empty())
+    }
+
+    /// Whether a live entry shows version `content`.
+    pub(crate) fn refers_to(&self, content: &ContentId) -> bool {
+        self.refs.contains_key(content)
+    }
+
+    /// The versions whose references changed since the last call (gained or lost one, even if
+    /// they are back where they were).
+    pub(crate) fn take_touched(&mut self) -> HashSet<ContentId> {
+        std::mem::take(&mut self.touched)
     }
 
     pub(crate) fn live_count(&self) -> usize {
@@ -283,6 +300,22 @@ impl Tree {
             if dir.is_empty() {
                 self.children.remove(&parent);
             }
+            self.count_reference(id, false);
+        }
+    }
+
+    /// Counts the version a live file entry shows in (or out of) `refs`.
+    fn count_reference(&mut self, id: EntryId, live: bool) {
+        let Data::File(version) = &self.entry(id).data else { return };
+        let content = version.content;
+        self.touched.insert(content);
+        if live {
+            *self.refs.entry(content).or_insert(0) += 1;
+        } else if let std::collections::hash_map::Entry::Occupied(mut count) = self.refs.entry(content) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
         }
     }
 
@@ -293,6 +326,7 @@ impl Tree {
             let previous = self.children.entry(parent).or_default().insert(name, id);
             assert!(previous.is_none(), "two live entries under one name");
             self.live += 1;
+            self.count_reference(id, true);
         }
     }
 
@@ -597,6 +631,15 @@ impl Tree {
         let live = self.entries.iter().filter(|e| e.alive && e.id != EntryId::ROOT).count();
         if live != indexed || live + 1 != self.live {
             return Err(format!("{live} live entries, {indexed} indexed, {} counted", self.live));
+        }
+        let mut refs: HashMap<ContentId, u32> = HashMap::new();
+        for e in self.entries.iter().filter(|e| e.alive && e.id != EntryId::ROOT) {
+            if let Data::File(version) = &e.data {
+                *refs.entry(version.content).or_insert(0) += 1;
+            }
+        }
+        if refs != self.refs {
+            return Err(format!("{} versions referred to, {} counted", refs.len(), self.refs.len()));
         }
         Ok(())
     }

@@ -138,6 +138,12 @@ impl Keys {
             .map(|g| &g.key)
     }
 
+    /// The sites with a current key: the members (a site removed from the mesh keeps only
+    /// former keys, for the changes it wrote before).
+    pub fn members(&self) -> impl Iterator<Item = &str> {
+        self.by_site.iter().filter(|(_, g)| g.iter().any(|g| g.until_seq.is_none())).map(|(s, _)| s.as_str())
+    }
+
     /// Whether `site` has any key at all (current or former).
     pub fn knows(&self, site: &str) -> bool {
         self.by_site.get(site).is_some_and(|g| !g.is_empty())

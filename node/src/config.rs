@@ -73,6 +73,14 @@ pub struct Config {
     /// leave less fails with "no space left on <data_dir>" (0: fill the disk).
     #[serde(default = "default_reserve_bytes")]
     pub reserve_bytes: u64,
+    /// A version nothing refers to any more (removed, or replaced by a newer one) is deleted
+    /// this many seconds after every member has seen the change that unreferenced it.
+    #[serde(default = "default_gc_grace_secs")]
+    pub gc_grace_secs: u64,
+    /// Bytes of copies of other sites' versions kept here at most; the least recently used
+    /// go first. Unset: half the size of the data directory's file system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_max_bytes: Option<u64>,
     /// A group (name or number) whose members may use the control socket, besides the node's
     /// own user and root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,6 +99,10 @@ fn default_max_clock_ahead_secs() -> u64 {
 
 fn default_reserve_bytes() -> u64 {
     256 << 20
+}
+
+fn default_gc_grace_secs() -> u64 {
+    600
 }
 
 /// The staging bucket (`[staging]`). Its `Debug` hides the secrets.
@@ -360,6 +372,8 @@ impl Config {
             staging: None,
             max_clock_ahead_secs: default_max_clock_ahead_secs(),
             reserve_bytes: default_reserve_bytes(),
+            gc_grace_secs: default_gc_grace_secs(),
+            cache_max_bytes: None,
             control_group: None,
             peers: Vec::new(),
             former_keys: Vec::new(),

@@ -307,14 +307,18 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     let chunker = handle.chunker;
     let workers = handle.put_workers;
     let puts = handle.puts.clone();
+    // Every put holds `puts` shared from here until its commit is answered: it may rely on
+    // chunks it finds already stored, which the reclaimer (holding `puts` alone while it
+    // deletes) must not delete before the commit says they are held again.
+    let storing = handle.puts.clone().read_owned().await;
     let put = tokio::task::spawn_blocking(move || {
         let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
-        // Every put holds `puts` shared while it stores chunks. A failed one gives back the
-        // chunks it wrote only if it then gets `puts` alone (no other put is storing, and none
-        // starts until they are gone) and no write since it began found a chunk already
-        // stored, other than its own: nobody can be relying on one of its chunks. (A copy the
-        // core caches meanwhile can still find one and lose it: it is fetched again.)
-        let mut storing = Some(puts.read().unwrap_or_else(|e| e.into_inner()));
+        // A failed put gives back the chunks it wrote only if it then gets `puts` alone (no
+        // other put is storing or committing, and none starts until they are gone) and no
+        // write since it began found a chunk already stored, other than its own: nobody can be
+        // relying on one of its chunks. (A copy the core caches meanwhile can still find one
+        // and lose it: it is fetched again.)
+        let mut storing = Some(storing);
         let reused_before = chunks.reused();
         let mut give_back = |written: &[ChunkHash], found_by_this_put: u64| {
             storing.take();
@@ -322,7 +326,8 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
                 chunks.give_back(written, reused_before, found_by_this_put);
             }
         };
-        put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &mut give_back)
+        let outcome = put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &mut give_back);
+        (outcome, storing)
     });
     let mut complete = false;
     while let Some(frame) = api::read_frame(&mut stream).await? {
@@ -337,7 +342,8 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
         }
     }
     drop(frames);
-    let outcome = match put.await? {
+    let (outcome, _storing) = put.await?;
+    let outcome = match outcome {
         Ok(_) if !complete => {
             bail!("the client went away before the end of the data; nothing was recorded")
         }

@@ -20,7 +20,7 @@
 //! transaction, then sends the replies and messages in order. `Cache` chunks are written by the
 //! core thread at once and join a commit when fetching pauses, when 1,024 wait, or at stop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,9 +33,10 @@ use tokio::sync::mpsc;
 use crate::config::{Loaded, check_region};
 use crate::staged::StagingDriver;
 use crate::store::{ChunkError, ChunkStore, Db};
+use crdt_namespace::ContentId;
 use site_core::StagingEvent;
-use site_core::content::{ChunkRef, ChunkerConfig};
-use site_core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
+use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig};
+use site_core::{Holdings, Output, Reply, Request, RequestId, Site, SiteConfig, SiteError};
 use transport::p2p::{self, MeshConfig, MeshEvent, MeshHandle, MeshKeypair};
 use transport::proto::Message;
 use transport::staging::Staging;
@@ -84,7 +85,18 @@ enum Command {
     },
     /// The client of read `id` took one [`Event::Data`].
     Taken(RequestId),
+    /// The reclaimer holds the puts' lock alone and is about to delete chunk files the core
+    /// said it no longer needs ([`Output::Reclaim`]): the core keeps those it still does not
+    /// hold, the database forgets them, and `done` gets them back to delete.
+    Reclaim(Reclaim, std::sync::mpsc::Sender<Vec<ChunkHash>>),
     Stop,
+}
+
+/// Versions no longer held and chunks to delete ([`Output::Reclaim`]).
+#[derive(Debug, Default)]
+struct Reclaim {
+    versions: Vec<ContentId>,
+    chunks: Vec<ChunkHash>,
 }
 
 /// The status a daemon ends with when any of its threads panicked.
@@ -184,8 +196,7 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
         Namespace::load(site_id.clone(), key, &saved)
             .with_context(|| format!("loading the namespace from {}", db_path.display()))?
     };
-    let versions = db.versions()?;
-    let index = db.chunk_index()?;
+    let holdings = Holdings { versions: db.versions()?, copies: db.copies()?, chunks: db.chunk_index()? };
     let config = &resolve_former_keys(loaded, &mut ns)?;
     let mut site_config = SiteConfig::new(site_id);
     site_config.region = check_region(&config.region)?;
@@ -195,7 +206,12 @@ pub fn open(loaded: &Loaded) -> anyhow::Result<Opened> {
     if let Some(staging) = &config.staging {
         site_config.stage_read_ahead = staging.read_ahead;
     }
-    let site = Site::new(site_config, ns, versions, index);
+    site_config.collect_grace_ms = config.gc_grace_secs.saturating_mul(1000);
+    site_config.cache_max_bytes = Some(match config.cache_max_bytes {
+        Some(max) => max,
+        None => chunks.capacity()? / 2,
+    });
+    let site = Site::new(site_config, ns, holdings);
     Ok(Opened { site, db, chunks })
 }
 
@@ -252,6 +268,10 @@ struct CoreThread {
     clock: Monotonic,
     /// Fetched copies not kept for want of space.
     space: NotKept,
+    /// What the core reclaims goes to the reclaimer thread.
+    reclaims: std::sync::mpsc::Sender<Reclaim>,
+    /// Reclaims the reclaimer is ready to carry out, confirmed at the end of the turn.
+    confirming: Vec<(Reclaim, std::sync::mpsc::Sender<Vec<ChunkHash>>)>,
 }
 
 /// Fetched chunks read but not kept for want of space, reported in the log at most once a
@@ -397,6 +417,7 @@ impl CoreThread {
                 self.site.handle_local(self.clock.now_ms(), wall_ms(), id, *request);
             }
             Command::Taken(id) => self.site.handle_read_taken(self.clock.now_ms(), id),
+            Command::Reclaim(reclaim, done) => self.confirming.push((reclaim, done)),
             Command::Stop => {}
         }
     }
@@ -457,10 +478,13 @@ impl CoreThread {
     fn drain(&mut self, flush: bool) -> anyhow::Result<()> {
         let mut namespace = Vec::new();
         let mut versions = Vec::new();
+        let mut copies = Vec::new();
         let mut refs: Vec<ChunkRef> = Vec::new();
         let mut after_commit: Vec<AfterCommit> = Vec::new();
+        let mut reclaims = Vec::new();
         while let Some(output) = self.site.poll_output() {
             match output {
+                Output::Reclaim { versions, chunks } => reclaims.push(Reclaim { versions, chunks }),
                 Output::Cache { chunks, versions: held } => {
                     for (hash, data) in &chunks {
                         // The core checked every cached chunk against its hash.
@@ -496,15 +520,39 @@ impl CoreThread {
             && !(backlog.chunks.is_empty() && backlog.versions.is_empty())
         {
             refs.append(&mut backlog.chunks);
-            versions.append(&mut backlog.versions);
+            copies.append(&mut backlog.versions);
         }
         backlog.count.store(backlog.chunks.len(), Ordering::Relaxed);
         if !namespace.is_empty() {
             self.namespace_saves += 1;
         }
-        let commit = Commit { namespace, versions, refs, after_commit };
+        let commit = Commit { namespace, versions, copies, refs, after_commit };
         if !commit.is_empty() {
             self.submit(Job::Commit(commit))?;
+        }
+        for reclaim in reclaims {
+            // The reclaimer ends only with the node.
+            let _ = self.reclaims.send(reclaim);
+        }
+        self.confirm_reclaims()
+    }
+
+    /// Reclaims the reclaimer is ready for (it holds the puts' lock alone): what the core
+    /// still does not hold is forgotten by the database, after every commit before it, and
+    /// dropped from the copies not yet recorded; the reclaimer then deletes those chunk files.
+    fn confirm_reclaims(&mut self) -> anyhow::Result<()> {
+        for (reclaim, done) in std::mem::take(&mut self.confirming) {
+            let site = &self.site;
+            let versions: Vec<ContentId> = reclaim.versions.into_iter().filter(|v| !site.holds(v)).collect();
+            let chunks: Vec<ChunkHash> =
+                reclaim.chunks.into_iter().filter(|h| !site.holds_chunk(h)).collect();
+            let gone: HashSet<&ChunkHash> = chunks.iter().collect();
+            let forgotten: HashSet<&ContentId> = versions.iter().collect();
+            let backlog = &mut self.backlog;
+            backlog.chunks.retain(|c| !gone.contains(&c.hash));
+            backlog.versions.retain(|m| !forgotten.contains(&m.content_id()) && site.holds(&m.content_id()));
+            backlog.count.store(backlog.chunks.len(), Ordering::Relaxed);
+            self.submit(Job::Forget(Reclaim { versions, chunks }, done))?;
         }
         Ok(())
     }
@@ -556,7 +604,9 @@ impl CoreThread {
                     }
                 }
             }
-            Output::Durable { .. } | Output::Cache { .. } => unreachable!("stores are committed by drain"),
+            Output::Durable { .. } | Output::Cache { .. } | Output::Reclaim { .. } => {
+                unreachable!("stores are committed by drain")
+            }
         }
     }
 }
@@ -566,13 +616,18 @@ enum Job {
     Commit(Commit),
     /// Replace the namespace log by this whole save.
     Compact(Vec<u8>),
+    /// Forget these versions and chunks, then hand the chunks back to the reclaimer.
+    Forget(Reclaim, std::sync::mpsc::Sender<Vec<ChunkHash>>),
 }
 
 /// One durable commit and what waits for it.
 #[derive(Default)]
 struct Commit {
     namespace: Vec<u8>,
+    /// Versions this site wrote.
     versions: Vec<site_core::content::Manifest>,
+    /// Copies of versions other sites wrote.
+    copies: Vec<site_core::content::Manifest>,
     /// Chunks written (not yet synced) to index.
     refs: Vec<ChunkRef>,
     after_commit: Vec<AfterCommit>,
@@ -582,6 +637,7 @@ impl Commit {
     fn is_empty(&self) -> bool {
         self.namespace.is_empty()
             && self.versions.is_empty()
+            && self.copies.is_empty()
             && self.refs.is_empty()
             && self.after_commit.is_empty()
     }
@@ -591,6 +647,7 @@ impl Commit {
         // Incremental saves concatenate into one that loads the same.
         self.namespace.append(&mut later.namespace);
         self.versions.append(&mut later.versions);
+        self.copies.append(&mut later.copies);
         self.refs.append(&mut later.refs);
         self.after_commit.append(&mut later.after_commit);
     }
@@ -625,6 +682,15 @@ impl Committer {
                         self.commit(std::mem::take(&mut group))?;
                         self.db.compact_namespace(&whole)?;
                     }
+                    Job::Forget(reclaim, done) => {
+                        self.commit(std::mem::take(&mut group))?;
+                        self.db
+                            .forget(&reclaim.versions, &reclaim.chunks)
+                            .context("forgetting reclaimed chunks")?;
+                        // A reclaimer that went away deletes nothing: the files are removed as
+                        // leftovers at the next start.
+                        let _ = done.send(reclaim.chunks);
+                    }
                 }
                 next = jobs.try_recv().ok();
             }
@@ -639,10 +705,15 @@ impl Committer {
             // One sync for every chunk the puts and fetches of the group wrote.
             self.chunks.sync()?;
         }
-        if !commit.namespace.is_empty() || !commit.versions.is_empty() || !commit.refs.is_empty() {
+        if !commit.namespace.is_empty()
+            || !commit.versions.is_empty()
+            || !commit.copies.is_empty()
+            || !commit.refs.is_empty()
+        {
             let versions: Vec<_> = commit.versions.iter().collect();
+            let copies: Vec<_> = commit.copies.iter().collect();
             self.db
-                .commit(&commit.namespace, &versions, &commit.refs)
+                .commit(&commit.namespace, &versions, &copies, &commit.refs)
                 .context("committing to the database")?;
         }
         for action in commit.after_commit {
@@ -665,6 +736,51 @@ impl Committer {
     }
 }
 
+/// The reclaimer's thread: deletes the chunk files the core reclaims ([`Output::Reclaim`]),
+/// in batches. A put relies on the chunks it found already stored until its version is
+/// committed, so the reclaimer waits for the puts' lock alone (puts starting meanwhile wait
+/// behind it), has the core keep what a commit brought back since and the database forget
+/// the rest ([`Command::Reclaim`]), deletes those files, and lets puts go on.
+struct Reclaimer {
+    chunks: Arc<ChunkStore>,
+    puts: Arc<tokio::sync::RwLock<()>>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Reclaimer {
+    fn run(self, reclaims: std::sync::mpsc::Receiver<Reclaim>) {
+        while let Ok(first) = reclaims.recv() {
+            let mut batch = first;
+            while let Ok(more) = reclaims.try_recv() {
+                batch.versions.extend(more.versions);
+                batch.chunks.extend(more.chunks);
+            }
+            let _alone = self.puts.blocking_write();
+            let (done, confirmed) = std::sync::mpsc::channel();
+            if self.commands.blocking_send(Command::Reclaim(batch, done)).is_err() {
+                return;
+            }
+            // The node stopping before the database forgot them: nothing is deleted.
+            let Ok(chunks) = confirmed.recv() else { return };
+            let started = Instant::now();
+            let mut failed = 0usize;
+            for hash in &chunks {
+                if let Err(e) = self.chunks.remove(hash) {
+                    failed += 1;
+                    tracing::warn!("reclaiming: {e}");
+                }
+            }
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                chunks = chunks.len(),
+                failed,
+                ms,
+                "deleted chunk files nothing here needs any more"
+            );
+        }
+    }
+}
+
 /// A handle on the running core.
 #[derive(Clone)]
 pub struct Handle {
@@ -683,8 +799,9 @@ pub struct Handle {
     pub(crate) cache_backlog: Arc<AtomicUsize>,
     /// Threads hashing and storing the chunks of one put.
     pub(crate) put_workers: usize,
-    /// Held shared by every put while it stores chunks (see `control::serve_put`).
-    pub(crate) puts: Arc<std::sync::RwLock<()>>,
+    /// Held shared by every put from its start until its commit is answered (see
+    /// `control::serve_put`), and alone by the reclaimer while it deletes chunk files.
+    pub(crate) puts: Arc<tokio::sync::RwLock<()>>,
     /// Ids of local requests.
     next_id: Arc<AtomicU64>,
     /// Room for one request's events: its reply, a read's window, its end.
@@ -790,7 +907,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        puts: Arc::new(std::sync::RwLock::new(())),
+        puts: Arc::new(tokio::sync::RwLock::new(())),
         next_id: Arc::new(AtomicU64::new(1)),
         event_queue: opened.site.config().read_window_chunks + 2,
     };
@@ -799,6 +916,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let (commits, commit_rx) = std::sync::mpsc::sync_channel(COMMIT_QUEUE);
     let namespace_saves = opened.db.namespace_saves()?;
     let committer = Committer { db: opened.db, chunks: opened.chunks.clone(), mesh: mesh.clone() };
+    let (reclaims, reclaim_rx) = std::sync::mpsc::channel();
+    let reclaimer =
+        Reclaimer { chunks: opened.chunks.clone(), puts: handle.puts.clone(), commands: commands.clone() };
+    std::thread::Builder::new().name("meridian-reclaim".into()).spawn(move || reclaimer.run(reclaim_rx))?;
     let core = CoreThread {
         site: opened.site,
         chunks: opened.chunks,
@@ -810,6 +931,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         staging,
         clock: Monotonic(Instant::now()),
         space: NotKept::default(),
+        reclaims,
+        confirming: Vec::new(),
     };
     // A store that cannot write is fatal: stop rather than acknowledge what is not durable.
     let (failed, core_failed) = mpsc::unbounded_channel::<String>();

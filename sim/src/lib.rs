@@ -47,6 +47,10 @@ pub struct Report {
     pub events: u64,
     /// Bytes the sites read from the staging bucket (zero for seeds with one region).
     pub bytes_from_staging: u64,
+    /// Bytes of garbage the sites collected (since their last start).
+    pub bytes_collected: u64,
+    /// Bytes of cache copies the sites evicted (since their last start).
+    pub bytes_evicted: u64,
     /// Hash of the whole event trace.
     pub trace: [u8; 32],
 }

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
     let Some((first, end)) = seeds else { usage() };
     let started = Instant::now();
     let (mut ran, mut events, mut staged_seeds, mut staged_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let (mut collected_seeds, mut collected_bytes, mut evicted_seeds) = (0u64, 0u64, 0u64);
     let mut failures = 0u64;
     for seed in first..end {
         let outcome = run(seed, &options).and_then(|report| {
@@ -86,6 +87,9 @@ fn main() -> ExitCode {
                 events += report.events;
                 staged_seeds += u64::from(report.bytes_from_staging > 0);
                 staged_bytes += report.bytes_from_staging;
+                collected_seeds += u64::from(report.bytes_collected > 0);
+                collected_bytes += report.bytes_collected;
+                evicted_seeds += u64::from(report.bytes_evicted > 0);
                 if single {
                     println!(
                         "seed {seed}: ok — {} sites, {} ops, {} events, {} bytes through staging, trace {}",
@@ -110,7 +114,7 @@ fn main() -> ExitCode {
     let seconds = started.elapsed().as_secs_f64();
     if !single {
         println!(
-            "{{\"seeds\":{ran},\"failures\":{failures},\"seconds\":{seconds:.2},\"events\":{events},\"seeds_with_staged_reads\":{staged_seeds},\"bytes_from_staging\":{staged_bytes},\"seeds_per_second\":{:.2}}}",
+            "{{\"seeds\":{ran},\"failures\":{failures},\"seconds\":{seconds:.2},\"events\":{events},\"seeds_with_staged_reads\":{staged_seeds},\"bytes_from_staging\":{staged_bytes},\"seeds_with_garbage_collected\":{collected_seeds},\"bytes_collected\":{collected_bytes},\"seeds_with_evictions\":{evicted_seeds},\"seeds_per_second\":{:.2}}}",
             ran as f64 / seconds
         );
     }

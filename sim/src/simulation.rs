@@ -107,6 +107,12 @@ pub(crate) fn simulate(seed: u64, options: &Options) -> Result<Report, String> {
         bytes_from_staging: (0..world.len())
             .filter_map(|s| world.core_mut(s).map(|c| c.status().bytes_from_staging))
             .sum(),
+        bytes_collected: (0..world.len())
+            .filter_map(|s| world.core_mut(s).map(|c| c.status().space.collected_bytes))
+            .sum(),
+        bytes_evicted: (0..world.len())
+            .filter_map(|s| world.core_mut(s).map(|c| c.status().space.evicted_bytes))
+            .sum(),
         trace: world.trace(),
     })
 }
@@ -136,6 +142,19 @@ fn build(seed: u64, options: &Options) -> World<Workload> {
             // Clock faults step a site's wall clock up to an hour either way: an honest
             // site's changes are not held for that (the bound itself has tests of its own).
             config.max_clock_ahead_ms = 2 * 3_600_000;
+            config
+        })
+        .collect();
+    // Space: a short grace period, and for half the seeds a cache bound a few files make
+    // sites go over (drawn apart, so that the other draws of a seed stay what they were).
+    let mut space = Rng::new(seed ^ 0x5ace_5ace_5ace_5ace);
+    let grace_ms = space.below(3_000);
+    let cache_max_bytes = space.chance(0.5).then(|| 20_000 + space.below(200_000));
+    let configs: Vec<SiteConfig> = configs
+        .into_iter()
+        .map(|mut config| {
+            config.collect_grace_ms = grace_ms;
+            config.cache_max_bytes = cache_max_bytes;
             config
         })
         .collect();

@@ -34,10 +34,10 @@ mod disk;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 
-use crdt_namespace::{Namespace, SiteId};
+use crdt_namespace::{ContentId, Namespace, SiteId};
 use proto::Message;
 use site_core::content::{ChunkHash, ChunkRef, Manifest};
-use site_core::{Output, Reply, Request, RequestId, Site, SiteConfig, SiteError, Transfer};
+use site_core::{Holdings, Output, Reply, Request, RequestId, Site, SiteConfig, SiteError, Transfer};
 
 pub use answers::{Answers, ReadResult, SCENARIO_CHUNKS};
 pub use bucket::{BucketFault, HeldUpload};
@@ -209,6 +209,8 @@ pub struct World<D: Driver> {
     liars: BTreeSet<usize>,
     /// The ghost member's namespace ([`ghost`]).
     ghost: Namespace,
+    /// The manifest of every version a site wrote, for the checkers.
+    manifests: HashMap<ContentId, Manifest>,
     /// The last messages sent on each link (one direction), for byzantine replays.
     sent: BTreeMap<(usize, usize), VecDeque<Vec<u8>>>,
     bucket: Bucket,
@@ -224,7 +226,7 @@ pub fn signing_key(site: &SiteId) -> crdt_namespace::SigningKey {
     crdt_namespace::SigningKey::from_secret(&secret)
 }
 
-/// The ghost: a member every site knows the key of, that runs no site. Byzantine strikes
+/// The ghost: a former member every site knows the key of, that runs no site. Byzantine strikes
 /// relay changes in its name ([`World::ghost_change`]), so that they can carry any stamp
 /// without clashing with a real site's sequence of changes.
 pub fn ghost() -> SiteId {
@@ -252,7 +254,9 @@ impl<D: Driver> World<D> {
         for config in &setup.configs {
             keys.allow(&config.site, signing_key(&config.site).public());
         }
-        keys.allow(&ghost(), signing_key(&ghost()).public());
+        // A former member's key that may sign any of its changes: they are accepted, but it is
+        // not a member now, so it holds no garbage back.
+        keys.allow_until(&ghost(), signing_key(&ghost()).public(), u64::MAX);
         let sites = setup
             .configs
             .into_iter()
@@ -261,7 +265,7 @@ impl<D: Driver> World<D> {
                 let name = config.site.clone();
                 config.keys = keys.clone();
                 let ns = Namespace::new(name.clone(), signing_key(&name));
-                let core = Site::new(config.clone(), ns, Vec::new(), HashSet::new());
+                let core = Site::new(config.clone(), ns, Holdings::default());
                 SimSite { name, config, core: Some(core), disk: Disk::default(), skew_ms, timer_at: None }
             })
             .collect();
@@ -284,6 +288,7 @@ impl<D: Driver> World<D> {
             cut: BTreeSet::new(),
             liars: BTreeSet::new(),
             ghost: Namespace::new(ghost(), signing_key(&ghost())),
+            manifests: HashMap::new(),
             sent: BTreeMap::new(),
             bucket: Bucket::default(),
             next_request: 1,
@@ -599,7 +604,10 @@ impl<D: Driver> World<D> {
             }
             Output::Durable { store, then } => {
                 // Made durable with the next commit, which comes before anything waits for it.
-                self.sites[s].disk.pending.push((store.index, store.versions, store.namespace));
+                for manifest in &store.versions {
+                    self.manifests.entry(manifest.content_id()).or_insert_with(|| manifest.clone());
+                }
+                self.sites[s].disk.pending.push((store.index, store.versions, store.namespace, true));
                 if !then.is_empty() {
                     self.commit(s);
                     for output in then {
@@ -608,6 +616,7 @@ impl<D: Driver> World<D> {
                 }
             }
             Output::Cache { chunks, versions } => self.cache(s, chunks, versions),
+            Output::Reclaim { versions, chunks } => self.reclaim(s, &versions, &chunks),
             Output::LoadChunk { hash, purpose } => {
                 let loaded = self.sites[s].disk.load(&hash);
                 self.site_mut(s).handle_chunk_loaded(hash, purpose, loaded);
@@ -659,7 +668,51 @@ impl<D: Driver> World<D> {
             disk.unsynced_chunks.insert(hash);
             disk.chunk_files.insert(hash, data);
         }
-        self.sites[s].disk.pending.push((refs, versions, Vec::new()));
+        self.sites[s].disk.pending.push((refs, versions, Vec::new(), false));
+    }
+
+    /// Forgets versions and deletes chunk files, as the runtime does: the records at once,
+    /// then each chunk file the core still does not hold. Checks that no live version loses
+    /// its last copy: every version a site's namespace shows that used a deleted chunk is
+    /// still held in full on some site's disk.
+    fn reclaim(&mut self, s: usize, versions: &[ContentId], chunks: &[ChunkHash]) {
+        let core = self.sites[s].core.as_ref().expect("a site that is up reclaims");
+        let deleted: Vec<ChunkHash> = chunks.iter().copied().filter(|h| !core.holds_chunk(h)).collect();
+        self.sites[s].disk.forget(versions, &deleted);
+        if let Err(e) = self.check_live_versions_kept(&deleted) {
+            panic!("checker: {} reclaimed {e}", self.sites[s].name);
+        }
+    }
+
+    /// Every version a site's namespace shows that uses one of `deleted` is held in full on
+    /// some site's disk.
+    fn check_live_versions_kept(&self, deleted: &[ChunkHash]) -> Result<(), String> {
+        let deleted: HashSet<&ChunkHash> = deleted.iter().collect();
+        if deleted.is_empty() {
+            return Ok(());
+        }
+        for site in &self.sites {
+            let Some(core) = &site.core else { continue };
+            let walk = core.namespace().walk("/").map_err(|e| e.to_string())?;
+            for entry in walk {
+                let Some(version) = entry.stat.version else { continue };
+                let Some(manifest) = self.manifests.get(&version.content) else { continue };
+                if !manifest.chunks.iter().any(|c| deleted.contains(&c.hash)) {
+                    continue;
+                }
+                let kept = self
+                    .sites
+                    .iter()
+                    .any(|t| manifest.chunks.iter().all(|c| t.disk.chunk_files.contains_key(&c.hash)));
+                if !kept {
+                    return Err(format!(
+                        "the last copy of {} ({}), which {} shows",
+                        entry.path, version.content, site.name
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes a site's pending writes durable, as the runtime does before acknowledging.
@@ -933,8 +986,8 @@ impl<D: Driver> World<D> {
             return Ok(());
         }
         let site = &mut self.sites[s];
-        let (ns, versions, chunks) = site.disk.recover(&site.name)?;
-        site.core = Some(Site::new(site.config.clone(), ns, versions, chunks));
+        let (ns, holdings) = site.disk.recover(&site.name)?;
+        site.core = Some(Site::new(site.config.clone(), ns, holdings));
         site.timer_at = None;
         self.tell_wall_clock(s);
         self.check_site(s)?;

@@ -40,3 +40,14 @@ fn staging_a_version_twice_is_caught_within_500_seeds() {
         .expect("the simulator missed a version staged twice in 500 seeds");
     assert!(failure.message.contains("goes up twice"), "caught for another reason: {}", failure.message);
 }
+
+#[test]
+fn collecting_garbage_before_it_is_causally_stable_is_caught_within_500_seeds() {
+    let failure = first_failure_with(site_core::sabotage::set_collect_unstable, 500)
+        .expect("the simulator missed garbage collected before stability in 500 seeds");
+    assert!(
+        failure.message.contains("the last copy") || failure.message.contains("not readable"),
+        "caught for another reason: {}",
+        failure.message
+    );
+}

@@ -10,7 +10,7 @@ use crdt_namespace::{EntryKind, Namespace, SiteId};
 use proto::{Message, Region};
 use sim::world::{Answers, BucketFault, World};
 use site_core::content::ChunkHash;
-use site_core::{Output, PackName, Reply, Request, RequestId, Site, SiteConfig, Transfer};
+use site_core::{Holdings, Output, PackName, Reply, Request, RequestId, Site, SiteConfig, Transfer};
 
 /// The mesh of a scenario: the simulator's world, driven by the test.
 type Mesh = World<Answers>;
@@ -132,13 +132,18 @@ fn outputs(site: &mut Site) -> Vec<Output> {
 fn what_may_carry_a_change_waits_for_its_store_inside_the_durable_output() {
     let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
     let ns = Namespace::new(west.clone(), sim::world::signing_key(&west));
-    let mut site = Site::new(SiteConfig::new(west), ns, Vec::new(), HashSet::new());
+    let mut site = Site::new(SiteConfig::new(west), ns, Holdings::default());
     site.handle_peer_up(1, east.clone());
-    // The first sync message may carry this site's changes: it waits for the stores before it.
+    // The first sync message may carry this site's changes, and the report of what it has
+    // integrated names them: both wait for the stores before them.
     match outputs(&mut site).as_slice() {
-        [Output::Durable { then, .. }] => {
-            assert!(matches!(then.as_slice(), [Output::Send { message: Message::Sync { .. }, .. }]))
-        }
+        [Output::Durable { then, .. }] => assert!(matches!(
+            then.as_slice(),
+            [
+                Output::Send { message: Message::Sync { .. }, .. },
+                Output::Send { message: Message::Seen { .. }, .. }
+            ]
+        )),
         other => panic!("a bare sync message, or none: {other:?}"),
     }
     site.handle_local(2, 2, RequestId(7), Request::Mkdir { path: "/a".into(), parents: false, mode: 0o755 });

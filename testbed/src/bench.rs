@@ -8,7 +8,10 @@
 //! - `staged_pull_1gib`: the 1 GiB file read in another region through the staging bucket (a
 //!   real S3 server in this process), against a direct pull within the writer's region in the
 //!   same run, with the bytes uploaded per version;
-//! - `staged_small_files`: the 10,000 small files read in another region through the bucket.
+//! - `staged_small_files`: the 10,000 small files read in another region through the bucket;
+//! - `gc`: 100,000 files of 4 KiB written at one site, then removed (`rm -r`): the time until
+//!   their space is reclaimed, and the latency of other requests (`stat`) meanwhile, against
+//!   the same requests on the idle site just before.
 //!
 //! Sites are real processes on loopback in a temporary directory (under `$TMPDIR` if set), and
 //! the disk reference writes into that directory, so both measure the same disk.
@@ -26,8 +29,8 @@ use node::client::Client;
 use serde_json::json;
 use site_core::sample::pseudo_random;
 
-const ALL: [&str; 6] =
-    ["propagation", "pull_1gib", "delta", "small_files", "staged_pull_1gib", "staged_small_files"];
+const ALL: [&str; 7] =
+    ["propagation", "pull_1gib", "delta", "small_files", "staged_pull_1gib", "staged_small_files", "gc"];
 /// How long anything may take to become visible before the benchmark fails.
 const VISIBLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -38,6 +41,7 @@ struct Options {
     small_files: usize,
     small_file_bytes: usize,
     parallel: usize,
+    gc_files: usize,
 }
 
 fn parse(args: &[OsString]) -> anyhow::Result<Options> {
@@ -48,6 +52,7 @@ fn parse(args: &[OsString]) -> anyhow::Result<Options> {
         small_files: 10_000,
         small_file_bytes: 4_096,
         parallel: 16,
+        gc_files: 100_000,
     };
     let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(arg) = args.next() {
@@ -63,8 +68,9 @@ fn parse(args: &[OsString]) -> anyhow::Result<Options> {
             "--pull-mib" => options.pull_mib = value("--pull-mib")?.parse()?,
             "--small-files" => options.small_files = value("--small-files")?.parse()?,
             "--parallel" => options.parallel = value("--parallel")?.parse::<usize>()?.max(1),
+            "--gc-files" => options.gc_files = value("--gc-files")?.parse()?,
             other => bail!(
-                "unknown option {other:?} (options: --only, --creates, --pull-mib, --small-files, --parallel)"
+                "unknown option {other:?} (options: --only, --creates, --pull-mib, --small-files, --parallel, --gc-files)"
             ),
         }
     }
@@ -96,6 +102,130 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
     if wants("staged_small_files") {
         staged_small_files(&options)?;
     }
+    if wants("gc") {
+        gc(&options)?;
+    }
+    Ok(())
+}
+
+/// Seconds the disk under `dir` takes to delete `n` files of `size` bytes spread over 256
+/// directories (as the chunk store keeps them), written and synced first: what reclaiming
+/// them costs at the least.
+fn delete_reference(dir: &std::path::Path, n: usize, size: usize) -> anyhow::Result<f64> {
+    let root = dir.join("unlink-reference");
+    for d in 0..256 {
+        std::fs::create_dir_all(root.join(format!("{d:02x}")))?;
+    }
+    let path = |i: usize| root.join(format!("{:02x}", i % 256)).join(format!("{i:064x}"));
+    let data = vec![7u8; size];
+    for i in 0..n {
+        std::fs::write(path(i), &data)?;
+    }
+    std::fs::File::open(&root)?.sync_all()?;
+    std::process::Command::new("sync").status()?;
+    let started = Instant::now();
+    for i in 0..n {
+        std::fs::remove_file(path(i))?;
+    }
+    let took = started.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&root)?;
+    Ok(took)
+}
+
+/// Latencies of `stat` at `client`, in milliseconds, sorted: `n` of them, or as many as come
+/// before `stop` says so.
+fn stat_latencies(
+    client: &Client,
+    n: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<f64>> {
+    let mut took = Vec::new();
+    while took.len() < n && !stop.load(Ordering::Relaxed) {
+        let asked = Instant::now();
+        client.stat("/kept")?;
+        took.push(asked.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    took.sort_by(f64::total_cmp);
+    Ok(took)
+}
+
+fn gc(options: &Options) -> anyhow::Result<()> {
+    let mut cluster = crate::cluster(crate::program()?, 2)?;
+    for i in 0..2 {
+        cluster.configure(i, |c| c.gc_grace_secs = 0)?;
+    }
+    cluster.start_all()?;
+    cluster.wait_connected(VISIBLE_TIMEOUT)?;
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    a.mkdir_p("/kept")?;
+    a.mkdir_p("/gc")?;
+    let n = options.gc_files;
+    let size = options.small_file_bytes;
+    let path = |i: usize| format!("/gc/f{i:06}");
+    let written = Instant::now();
+    for_each_parallel(n, options.parallel, |i| {
+        a.put(&path(i), &pseudo_random(2_000_000 + i as u64, size))?;
+        Ok(())
+    })?;
+    let written = written.elapsed();
+    wait_until(Duration::from_secs(600), || b.exists(&path(n - 1)))?;
+    let stored = a.status()?.core.space.store_bytes;
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let idle = stat_latencies(&a, 2_000, &never)?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let removed = Instant::now();
+    a.call::<()>(&ApiRequest::Rm { path: "/gc".into(), recursive: true })?;
+    let rm_s = removed.elapsed().as_secs_f64();
+    let (during, stable_s, reclaimed_s) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let stats = scope.spawn(|| stat_latencies(&a, usize::MAX, &done));
+        let watched = (|| -> anyhow::Result<(f64, f64)> {
+            let mut stable = None;
+            loop {
+                let space = a.status()?.core.space;
+                if stable.is_none() && space.held_back_by.is_empty() {
+                    stable = Some(removed.elapsed().as_secs_f64());
+                }
+                if space.store_bytes == 0
+                    && space.garbage_versions == 0
+                    && crate::chunk_file_bytes(&cluster, 0) == 0
+                {
+                    return Ok((stable.unwrap_or_default(), removed.elapsed().as_secs_f64()));
+                }
+                if removed.elapsed() > Duration::from_secs(600) {
+                    bail!("{n} removed files not reclaimed within 600 s: {space:?}");
+                }
+                // The status walks the garbage waiting: asked now and then, it weighs little.
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })();
+        done.store(true, Ordering::Relaxed);
+        let during = stats.join().map_err(|_| anyhow::anyhow!("the stat thread panicked"))??;
+        let (stable, reclaimed) = watched?;
+        Ok((during, stable, reclaimed))
+    })?;
+    let reference = delete_reference(cluster.root(), n, size)?;
+    println!(
+        "{}",
+        json!({
+            "bench": "gc",
+            "files": n,
+            "file_bytes": size,
+            "stored_bytes": stored,
+            "written_s": round3(written.as_secs_f64()),
+            "rm_s": round3(rm_s),
+            "stable_after_s": round3(stable_s),
+            "reclaimed_after_s": round3(reclaimed_s),
+            "collect_s": round3(reclaimed_s - stable_s),
+            "reference_unlink_s": round3(reference),
+            "stat_idle_p50_ms": round3(percentile(&idle, 0.5)),
+            "stat_idle_p99_ms": round3(percentile(&idle, 0.99)),
+            "stat_during_p50_ms": round3(percentile(&during, 0.5)),
+            "stat_during_p99_ms": round3(percentile(&during, 0.99)),
+            "stat_during_max_ms": round3(percentile(&during, 1.0)),
+            "stats_during": during.len(),
+        })
+    );
     Ok(())
 }
 

@@ -29,3 +29,22 @@ pub fn cluster(program: Program, n: usize) -> anyhow::Result<Cluster> {
     let specs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "local")).collect();
     Cluster::create(program, None, &specs)
 }
+
+/// Bytes of the chunk files in site `i`'s data directory.
+pub fn chunk_file_bytes(cluster: &Cluster, i: usize) -> u64 {
+    fn walk(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => walk(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&cluster.site(i).dir.join("data").join("chunks"))
+}

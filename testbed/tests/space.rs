@@ -1,13 +1,17 @@
-//! Real `meridian` processes whose data directory is a small file system (a size-limited
-//! tmpfs, mounted by the test: it runs as root): a full disk fails what needs the space, with a
-//! clear error, and nothing else.
+//! Space at real `meridian` processes: removing a file frees its space at every site once
+//! every site has seen the removal, a member that stays away holds that back until it leaves
+//! the mesh, the cache of copies stays under its bound, and (on a data directory that is a
+//! small file system: a size-limited tmpfs, mounted by the test, which runs as root) a full
+//! disk fails what needs the space, with a clear error, and nothing else.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use cluster::{Cluster, wait_until};
+use node::api::StatusAnswer;
 use site_core::sample::pseudo_random;
+use testbed::chunk_file_bytes;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The small file system, and what the chunk store leaves free on it.
@@ -48,6 +52,8 @@ fn with_small_disk(n: usize, small: usize, test: impl FnOnce(&mut Cluster, &Path
         .configure(small, |c| {
             c.data_dir = data.clone();
             c.reserve_bytes = RESERVE;
+            // A cache bound beyond the disk: the disk fills before the bound evicts anything.
+            c.cache_max_bytes = Some(1 << 40);
         })
         .unwrap();
     cluster.start_all().unwrap();
@@ -110,4 +116,117 @@ fn a_read_at_a_site_whose_disk_is_full_is_served_and_the_copy_not_kept() {
         let b = cluster.site(1).client.clone();
         assert!(b.read("/big.bin", None).unwrap() == big, "b read other bytes after a restart");
     });
+}
+
+/// Site `i`'s status, through `meridian status --json`.
+fn status_json(cluster: &Cluster, i: usize) -> StatusAnswer {
+    let out = cluster.meridian(i, &["status", "--json"]).unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+/// A cluster of `n` sites whose garbage goes a second after it is stable, started and linked.
+fn quick_to_collect(n: usize, edit: impl Fn(usize, &mut node::config::Config)) -> Cluster {
+    let mut cluster = testbed::cluster(testbed::program_at(env!("CARGO_BIN_EXE_testbed")), n).unwrap();
+    for i in 0..n {
+        cluster
+            .configure(i, |c| {
+                c.gc_grace_secs = 1;
+                edit(i, c);
+            })
+            .unwrap();
+    }
+    cluster.start_all().unwrap();
+    cluster.wait_connected(TIMEOUT).unwrap();
+    cluster
+}
+
+#[test]
+fn removing_a_file_frees_its_space_at_every_site_once_every_site_has_seen_it() {
+    const SIZE: u64 = 200 << 20;
+    let cluster = quick_to_collect(2, |_, _| {});
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    let big = pseudo_random(11, SIZE as usize);
+    a.put("/big.bin", &big).unwrap();
+    wait_until(TIMEOUT, || b.exists("/big.bin")).unwrap();
+    assert!(b.read("/big.bin", None).unwrap() == big, "b read other bytes");
+    // Both hold it: a as its own version, b as a copy (cache).
+    wait_until(TIMEOUT, || Ok(chunk_file_bytes(&cluster, 1) >= SIZE)).unwrap();
+    let (sa, sb) = (status_json(&cluster, 0).core.space, status_json(&cluster, 1).core.space);
+    assert_eq!((sa.store_bytes, sa.cache_bytes), (SIZE, 0), "{sa:?}");
+    assert_eq!((sb.store_bytes, sb.cache_bytes), (SIZE, SIZE), "{sb:?}");
+    let before = [chunk_file_bytes(&cluster, 0), chunk_file_bytes(&cluster, 1)];
+    // b removes it (the CLI); both sites free the space.
+    cluster.meridian(1, &["rm", "/big.bin"]).unwrap();
+    for (i, before) in before.into_iter().enumerate() {
+        wait_until(TIMEOUT, || Ok(chunk_file_bytes(&cluster, i) + SIZE <= before)).unwrap();
+        let space = status_json(&cluster, i).core.space;
+        assert_eq!((space.store_bytes, space.garbage_bytes, space.garbage_versions), (0, 0, 0), "{space:?}");
+        assert_eq!(space.collected_bytes, SIZE);
+        let human = cluster.meridian(i, &["status"]).unwrap();
+        assert!(human.contains("reclaimed:     200.00 MiB of garbage"), "{human}");
+    }
+    // The sites go on: a new file of the same bytes is stored and read again.
+    a.put("/again.bin", &big).unwrap();
+    wait_until(TIMEOUT, || b.exists("/again.bin")).unwrap();
+    assert!(b.read("/again.bin", None).unwrap() == big);
+}
+
+#[test]
+fn a_member_that_stays_away_holds_collection_back_until_it_leaves_the_mesh() {
+    const SIZE: u64 = 8 << 20;
+    let mut cluster = quick_to_collect(3, |_, _| {});
+    let a = cluster.site(0).client.clone();
+    a.put("/f.bin", &pseudo_random(12, SIZE as usize)).unwrap();
+    let c = cluster.site(2).client.clone();
+    wait_until(TIMEOUT, || c.exists("/f.bin")).unwrap();
+    cluster.stop(2).unwrap();
+    cluster.meridian(0, &["rm", "/f.bin"]).unwrap();
+    // b sees the removal; c cannot: a keeps the version and says why.
+    std::thread::sleep(Duration::from_secs(12));
+    let space = status_json(&cluster, 0).core.space;
+    assert_eq!(
+        (space.store_bytes, space.garbage_bytes, space.garbage_versions),
+        (SIZE, SIZE, 1),
+        "{space:?}"
+    );
+    let held: Vec<(&str, u64)> = space.held_back_by.iter().map(|h| (h.site.as_str(), h.bytes)).collect();
+    assert_eq!(held, [("c", SIZE)]);
+    let human = cluster.meridian(0, &["status"]).unwrap();
+    assert!(human.contains("held back by c: 8.00 MiB in 1 versions since"), "{human}");
+    assert!(human.contains("meridian mesh rm c"), "{human}");
+    // c leaves the mesh: a frees the space.
+    cluster.meridian(0, &["mesh", "rm", "c"]).unwrap();
+    wait_until(TIMEOUT, || Ok(chunk_file_bytes(&cluster, 0) == 0)).unwrap();
+    let space = status_json(&cluster, 0).core.space;
+    assert!(space.held_back_by.is_empty() && space.garbage_versions == 0, "{space:?}");
+}
+
+#[test]
+fn the_cache_stays_under_its_bound_and_every_file_stays_readable() {
+    const MAX: u64 = 8 << 20;
+    let cluster = quick_to_collect(2, |i, c| {
+        if i == 1 {
+            c.cache_max_bytes = Some(MAX);
+        }
+    });
+    let (a, b) = (cluster.site(0).client.clone(), cluster.site(1).client.clone());
+    // b reads three times its cache's bound.
+    let files: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(20 + i, 4 << 20)).collect();
+    for (i, data) in files.iter().enumerate() {
+        a.put(&format!("/f{i}.bin"), data).unwrap();
+    }
+    wait_until(TIMEOUT, || b.exists("/f5.bin")).unwrap();
+    for (i, data) in files.iter().enumerate() {
+        assert!(b.read(&format!("/f{i}.bin"), None).unwrap() == *data, "b read other bytes of f{i}");
+        let space = status_json(&cluster, 1).core.space;
+        assert!(space.cache_bytes <= MAX, "b's cache holds {} after f{i}", space.cache_bytes);
+        assert_eq!(space.cache_max_bytes, Some(MAX));
+    }
+    wait_until(TIMEOUT, || Ok(chunk_file_bytes(&cluster, 1) <= MAX)).unwrap();
+    assert!(status_json(&cluster, 1).core.space.evicted_bytes >= 16 << 20);
+    // Every file is still readable at b, and a kept every one of its own.
+    for (i, data) in files.iter().enumerate() {
+        assert!(b.read(&format!("/f{i}.bin"), None).unwrap() == *data, "b read other bytes of f{i}");
+    }
+    assert_eq!(status_json(&cluster, 0).core.space.store_bytes, 6 * (4 << 20));
 }

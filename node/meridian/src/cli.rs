@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use node::api::{
     self, ApiError, ApiRequest, ErrorKind, FindAnswer, Kind, ListEntry, MeshLink, PutAnswer, ReadHeader,
     StatAnswer, StatusAnswer, TagAnswer,
@@ -798,6 +798,41 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
         println!(
             "peers:         {}",
             if peers.is_empty() { "none connected".to_owned() } else { peers.join(", ") }
+        );
+        let space = &v.space;
+        let bound = space
+            .cache_max_bytes
+            .map_or("unbounded".to_owned(), |max| format!("at most {}", HumanBytes(max)));
+        println!(
+            "store:         {} ({} of it cache, {bound})",
+            HumanBytes(space.store_bytes),
+            HumanBytes(space.cache_bytes)
+        );
+        println!(
+            "garbage:       {} in {} versions nothing refers to, waiting",
+            HumanBytes(space.garbage_bytes),
+            space.garbage_versions
+        );
+        for held in &space.held_back_by {
+            let since =
+                utc_minutes(i64::try_from(held.since_unix_ms).unwrap_or(i64::MAX).saturating_mul(1_000_000));
+            let why = if held.reported {
+                "has not seen the removal yet"
+            } else {
+                "has not reported since this node started"
+            };
+            println!(
+                "  held back by {}: {} in {} versions since {since} UTC ({why}; `meridian mesh rm {}` releases it)",
+                held.site,
+                HumanBytes(held.bytes),
+                held.versions,
+                held.site
+            );
+        }
+        println!(
+            "reclaimed:     {} of garbage, {} of cache since the node started",
+            HumanBytes(space.collected_bytes),
+            HumanBytes(space.evicted_bytes)
         );
     })
 }

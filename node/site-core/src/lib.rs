@@ -16,7 +16,7 @@ mod site;
 
 pub use site::*;
 
-/// Deliberate breakage of a staging rule, for testing the testers. Without the `sabotage`
+/// Deliberate breakage of a staging or space rule, for testing the testers. Without the `sabotage`
 /// feature nothing can be switched on.
 pub mod sabotage {
     #[cfg(feature = "sabotage")]
@@ -27,6 +27,29 @@ pub mod sabotage {
     #[cfg(feature = "sabotage")]
     pub fn set_stage_twice(on: bool) {
         STAGE_TWICE.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(feature = "sabotage")]
+    static COLLECT_UNSTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes sites collect garbage without waiting for causal stability: as soon as a version
+    /// is unreferenced here (the rule: once every member has integrated what unreferenced it,
+    /// and this site everything concurrent with that). For tests of the simulator only.
+    #[cfg(feature = "sabotage")]
+    pub fn set_collect_unstable(on: bool) {
+        COLLECT_UNSTABLE.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether sites collect before stability.
+    pub(crate) fn collect_unstable() -> bool {
+        #[cfg(feature = "sabotage")]
+        {
+            COLLECT_UNSTABLE.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "sabotage"))]
+        {
+            false
+        }
     }
 
     /// Whether holders stage versions twice.

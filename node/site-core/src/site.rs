@@ -39,8 +39,11 @@ use proto::{FetchId, Message, Priority, Region};
 
 use crate::content::{ChunkHash, ChunkRef, Manifest};
 
+mod space;
 mod staging;
 
+use space::{ChunkInfo, Space};
+pub use space::{GarbageHeldBack, SpaceStatus};
 pub use staging::{BucketError, PackName, StagingEvent, pack_name};
 use staging::{Holder, Reader};
 
@@ -128,6 +131,12 @@ pub struct SiteConfig {
     /// Read-ahead through the bucket: a read of a file held only in another region also asks
     /// for up to this many small files that follow it in its directory (0: none).
     pub stage_read_ahead: usize,
+    /// A version nothing refers to is deleted this long after the change that unreferenced it
+    /// became causally stable (see `space`).
+    pub collect_grace_ms: u64,
+    /// Copies of versions other sites wrote are evicted, least recently used first, to keep
+    /// their bytes under this (`None`: no bound but the disk).
+    pub cache_max_bytes: Option<u64>,
 }
 
 impl SiteConfig {
@@ -149,8 +158,21 @@ impl SiteConfig {
             stage_timeout_ms: 120_000,
             stage_uploads_in_flight: 2,
             stage_read_ahead: 256,
+            collect_grace_ms: 600_000,
+            cache_max_bytes: None,
         }
     }
+}
+
+/// What a site's store holds when the site starts.
+#[derive(Clone, Debug, Default)]
+pub struct Holdings {
+    /// Versions held in full.
+    pub versions: Vec<Manifest>,
+    /// Those of them that are copies fetched from others (the rest this site wrote).
+    pub copies: HashSet<ContentId>,
+    /// Chunks held, with their lengths.
+    pub chunks: HashMap<ChunkHash, u32>,
 }
 
 /// A request from a local client.
@@ -321,6 +343,9 @@ pub struct Status {
     /// Changes held, not integrated, because an operation in them is more than
     /// `max_clock_ahead_ms` ahead of this site's clock: how many, by the site that wrote them.
     pub held_changes: BTreeMap<String, usize>,
+    /// Bytes stored, cached and waiting for collection.
+    #[serde(default)]
+    pub space: SpaceStatus,
 }
 
 /// Why a request failed.
@@ -497,6 +522,16 @@ pub enum Output {
         /// The pack's name.
         name: PackName,
     },
+    /// Forget these versions and delete these chunk files, which nothing here needs any more
+    /// (garbage, or cache copies evicted). The core no longer counts them as held. Just
+    /// before deleting a chunk file, while no put that could rely on it stores or commits, the
+    /// driver checks [`Site::holds_chunk`]: a commit since may have brought the chunk back.
+    Reclaim {
+        /// Versions no longer held.
+        versions: Vec<ContentId>,
+        /// Chunks to delete.
+        chunks: Vec<ChunkHash>,
+    },
     /// Drop the connection to a peer that misbehaved.
     Disconnect {
         /// The peer.
@@ -578,7 +613,12 @@ pub struct Site {
     held: HashMap<ContentId, Manifest>,
     /// Manifests learned from peers for versions not held.
     manifests: HashMap<ContentId, Manifest>,
-    chunks: HashSet<ChunkHash>,
+    /// Chunks held, with their lengths and uses (see `space`).
+    chunks: HashMap<ChunkHash, ChunkInfo>,
+    /// Held versions this site wrote (the others are copies: cache).
+    own: HashSet<ContentId>,
+    /// Garbage collection and the cache's bound.
+    space: Space,
     holders: HashMap<ContentId, BTreeSet<SiteId>>,
     reads: BTreeMap<RequestId, Read>,
     fetches: BTreeMap<ChunkHash, Fetch>,
@@ -596,26 +636,23 @@ pub struct Site {
 
 impl Site {
     /// A site with the namespace, versions and chunks its store holds.
-    pub fn new(
-        config: SiteConfig,
-        mut ns: Namespace,
-        versions: Vec<Manifest>,
-        chunks: HashSet<ChunkHash>,
-    ) -> Site {
+    pub fn new(config: SiteConfig, mut ns: Namespace, holdings: Holdings) -> Site {
         let mut clock = HlcClock::new();
         clock.observe(ns.last_hlc());
         ns.set_keys(config.keys.clone());
         let pushed_heads = ns.heads();
-        Site {
+        let mut site = Site {
             config,
             ns,
             clock,
             now_ms: 0,
             wall_offset_ms: None,
             peers: BTreeMap::new(),
-            held: versions.into_iter().map(|m| (m.content_id(), m)).collect(),
+            held: HashMap::new(),
             manifests: HashMap::new(),
-            chunks,
+            chunks: HashMap::new(),
+            own: HashSet::new(),
+            space: Space::default(),
             holders: HashMap::new(),
             reads: BTreeMap::new(),
             fetches: BTreeMap::new(),
@@ -627,7 +664,19 @@ impl Site {
             bytes_fetched: 0,
             stage_in: Reader::default(),
             stage_out: Holder::default(),
+        };
+        let Holdings { versions, copies, chunks } = holdings;
+        let mut chunks: Vec<(ChunkHash, u32)> = chunks.into_iter().collect();
+        chunks.sort();
+        for (hash, len) in chunks {
+            site.add_chunk(hash, len);
         }
+        for manifest in versions {
+            let own = !copies.contains(&manifest.content_id());
+            site.hold(manifest, own);
+        }
+        site.note_references();
+        site
     }
 
     /// The site's configuration.
@@ -707,10 +756,11 @@ impl Site {
             }
         }
         for (content, manifest) in &self.held {
-            if manifest.chunks.iter().any(|c| !self.chunks.contains(&c.hash)) {
+            if manifest.chunks.iter().any(|c| !self.chunks.contains_key(&c.hash)) {
                 return Err(format!("version {content} is held without all its chunks"));
             }
         }
+        self.check_space_invariants()?;
         self.check_staging_invariants()
     }
 
@@ -775,6 +825,7 @@ impl Site {
                 self.config.keys = keys;
                 self.ns.set_keys(self.config.keys.clone());
                 self.config.regions = regions;
+                self.space_membership_changed();
                 return self.reply(id, Ok(Reply::Done));
             }
             Request::LastSeq { site } => {
@@ -789,12 +840,15 @@ impl Site {
                 let mut versions = Vec::new();
                 let mut index = Vec::new();
                 if let Some(manifest) = version {
-                    self.chunks.extend(manifest.chunks.iter().map(|c| c.hash));
+                    for chunk in &manifest.chunks {
+                        self.add_chunk(chunk.hash, chunk.len);
+                    }
                     index.extend(manifest.chunks.iter().copied());
-                    self.held.insert(manifest.content_id(), manifest.clone());
+                    self.hold(manifest.clone(), true);
                     versions.push(manifest);
                 }
                 self.ns.commit();
+                self.note_references();
                 let namespace = self.ns.save_incremental();
                 let mut then: Vec<Output> = self.push_changes().into_iter().collect();
                 then.push(Output::Reply { id, reply: Ok(Reply::Done) });
@@ -841,6 +895,9 @@ impl Site {
             staged_packs: self.stage_in.packs() + self.stage_out.packs(),
             versions_known: self.holders.len().max(self.manifests.len()),
             held_changes: self.ns.held_changes(),
+            space: self.space_status(|ms| {
+                (ms as i64).saturating_add(self.wall_offset_ms.unwrap_or(0)).max(0) as u64
+            }),
         }
     }
 
@@ -922,7 +979,8 @@ impl Site {
             }
             let chunk = manifest.chunks[index];
             let content = read.content;
-            if self.chunks.contains(&chunk.hash) {
+            if self.chunks.contains_key(&chunk.hash) {
+                self.use_chunk(&chunk.hash);
                 self.emit(Output::LoadChunk { hash: chunk.hash, purpose: LoadPurpose::Read { id, index } });
             } else if let Some(fetch) = self.fetches.get_mut(&chunk.hash) {
                 // Concurrent readers of one chunk share one fetch.
@@ -1075,10 +1133,10 @@ impl Site {
 
     /// Records a version as held once every chunk of it is here.
     fn note_if_held(&mut self, content: ContentId, manifest: Manifest) {
-        if !self.held.contains_key(&content) && manifest.chunks.iter().all(|c| self.chunks.contains(&c.hash))
+        if !self.held.contains_key(&content)
+            && manifest.chunks.iter().all(|c| self.chunks.contains_key(&c.hash))
         {
-            self.held.insert(content, manifest.clone());
-            self.manifests.remove(&content);
+            self.hold(manifest.clone(), false);
             self.emit(Output::Cache { chunks: Vec::new(), versions: vec![manifest] });
             self.confirm_staged(content);
         }
@@ -1166,11 +1224,6 @@ impl Site {
         self.forget_chunk(hash);
     }
 
-    fn forget_chunk(&mut self, hash: ChunkHash) {
-        self.chunks.remove(&hash);
-        self.held.retain(|_, m| m.chunks.iter().all(|c| c.hash != hash));
-    }
-
     // ------------------------------------------------------------------------------------------
     // Peers
 
@@ -1179,6 +1232,7 @@ impl Site {
         self.now_ms = self.now_ms.max(now_ms);
         self.peers.insert(peer.clone(), Peer { session: SyncSession::new() });
         self.sync_with(&peer);
+        self.report_frontier(&peer);
         let pending: BTreeSet<ContentId> =
             self.reads.values().filter(|r| r.manifest.is_none()).map(|r| r.content).collect();
         for content in pending {
@@ -1216,6 +1270,7 @@ impl Site {
         let namespace = self.ns.save_incremental();
         self.clock.observe(self.ns.last_hlc());
         self.emit(Output::Durable { store: Store { namespace, ..Store::default() }, then: Vec::new() });
+        self.note_references();
     }
 
     /// The wall clock reads `wall_ms` at monotonic `now_ms`. The driver says so when it starts
@@ -1290,7 +1345,8 @@ impl Site {
             Message::Holds { .. } => {}
             Message::GetChunk { request, chunk, .. } => {
                 let hash = ChunkHash(chunk);
-                if self.chunks.contains(&hash) {
+                if self.chunks.contains_key(&hash) {
+                    self.use_chunk(&hash);
                     self.emit(Output::LoadChunk {
                         hash,
                         purpose: LoadPurpose::Peer { to: from.clone(), request },
@@ -1312,6 +1368,7 @@ impl Site {
                 self.on_staged(from, region, pack.map(PackName::from_bytes), versions)
             }
             Message::Unstage { region, contents } => self.on_unstage(from, region, contents),
+            Message::Seen { frontier } => self.on_seen(from, frontier),
             Message::NoChunk { request, chunk } => {
                 let hash = ChunkHash(chunk);
                 if self.fetches.get(&hash).is_some_and(|f| f.request == request && &f.from == from) {
@@ -1343,7 +1400,7 @@ impl Site {
     /// A fetched chunk, checked: cache it, hand it to its readers, move the reads on.
     fn accept_chunk(&mut self, hash: ChunkHash, mut data: Vec<u8>) {
         let fetch = self.fetches.remove(&hash).expect("accepted chunks were fetched");
-        self.chunks.insert(hash);
+        self.add_chunk(hash, data.len() as u32);
         self.emit(Output::Cache { chunks: vec![(hash, data.clone())], versions: Vec::new() });
         let mut waiters = fetch.waiters.into_iter().peekable();
         while let Some((id, index)) = waiters.next() {
@@ -1354,6 +1411,7 @@ impl Site {
         for id in waiting {
             self.advance_read(id);
         }
+        self.bound_cache();
     }
 
     /// Whether this site asked who holds `content` (for a read or a fetch), now or before.
@@ -1417,7 +1475,7 @@ impl Site {
             [r.asked_at_ms + self.config.who_has_timeout_ms, r.last_ask_ms + self.config.who_has_retry_ms]
         });
         let sync = self.last_sync_ms + self.config.sync_interval_ms;
-        fetches.chain(reads).chain([sync]).chain(self.staging_deadline()).min()
+        fetches.chain(reads).chain([sync]).chain(self.staging_deadline()).chain(self.space_deadline()).min()
     }
 
     /// Time passes: re-send late fetches, fail reads nobody can serve, run anti-entropy.
@@ -1461,7 +1519,9 @@ impl Site {
             let peers: Vec<SiteId> = self.peers.keys().cloned().collect();
             for peer in peers {
                 self.sync_with(&peer);
+                self.report_frontier(&peer);
             }
         }
+        self.collect();
     }
 }

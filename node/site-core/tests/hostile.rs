@@ -1,10 +1,8 @@
 //! Input a site does not control, fed to the core: it answers with an error, never a panic.
 
-use std::collections::HashSet;
-
 use crdt_namespace::{Namespace, SigningKey, SiteId};
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
-use site_core::{LoadPurpose, Output, Request, RequestId, Site, SiteConfig, SiteError};
+use site_core::{Holdings, LoadPurpose, Output, Request, RequestId, Site, SiteConfig, SiteError};
 
 const WALL_MS: u64 = 1_796_000_000_000;
 
@@ -12,8 +10,7 @@ const WALL_MS: u64 = 1_796_000_000_000;
 fn a_manifest_that_lists_a_held_chunk_as_longer_fails_the_read_instead_of_panicking() {
     let west = SiteId::new("west").unwrap();
     let key = SigningKey::from_secret(blake3::hash(b"west").as_bytes());
-    let mut site =
-        Site::new(SiteConfig::new(west.clone()), Namespace::new(west, key), Vec::new(), HashSet::new());
+    let mut site = Site::new(SiteConfig::new(west.clone()), Namespace::new(west, key), Holdings::default());
     let data = b"ten bytes!".to_vec();
     let good = Manifest::of_bytes(&data, ChunkerConfig::default());
     let chunk = good.chunks[0];
@@ -55,7 +52,7 @@ fn a_change_forged_in_another_sites_name_disconnects_its_sender_and_changes_noth
     for site in [&east, &north] {
         config.keys.allow(site, key(site.as_str()).public());
     }
-    let mut site = Site::new(config, Namespace::new(west.clone(), key("west")), Vec::new(), HashSet::new());
+    let mut site = Site::new(config, Namespace::new(west.clone(), key("west")), Holdings::default());
     site.handle_peer_up(1, north.clone());
     std::iter::from_fn(|| site.poll_output()).for_each(drop);
     // North, a member, writes in east's name with its own key and pushes it.
@@ -82,7 +79,7 @@ fn a_member_asking_to_stage_for_a_region_not_its_own_is_refused_and_nothing_goes
     config.regions.insert(east.clone(), region("us"));
     config.staging = Some(site_core::Transfer::Auto);
     let key = SigningKey::from_secret(blake3::hash(b"west").as_bytes());
-    let mut site = Site::new(config, Namespace::new(west, key), Vec::new(), HashSet::new());
+    let mut site = Site::new(config, Namespace::new(west, key), Holdings::default());
     let manifest = Manifest::of_bytes(b"a version to stage", ChunkerConfig::default());
     let content = manifest.content_id();
     let commit = Request::CommitVersion { path: "/f".into(), manifest, mode: 0o644, mtime_ns: 0 };
@@ -112,8 +109,7 @@ fn a_member_asking_to_stage_for_a_region_not_its_own_is_refused_and_nothing_goes
 fn versions_announced_without_being_asked_for_are_not_kept() {
     let (west, east) = (SiteId::new("west").unwrap(), SiteId::new("east").unwrap());
     let key = SigningKey::from_secret(blake3::hash(b"west").as_bytes());
-    let mut site =
-        Site::new(SiteConfig::new(west.clone()), Namespace::new(west, key), Vec::new(), HashSet::new());
+    let mut site = Site::new(SiteConfig::new(west.clone()), Namespace::new(west, key), Holdings::default());
     site.handle_peer_up(1, east.clone());
     std::iter::from_fn(|| site.poll_output()).for_each(drop);
     // East floods announcements of versions nobody here reads, each with a valid manifest.

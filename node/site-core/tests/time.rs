@@ -2,12 +2,10 @@
 //! exactly when the next is due. The wall clock only stamps local changes, so a step of it,
 //! forwards or backwards, neither fires a timer early nor holds one back.
 
-use std::collections::HashSet;
-
 use crdt_namespace::{Keys, Namespace, SigningKey, SiteId};
 use proto::Message;
 use site_core::content::{ChunkerConfig, Manifest};
-use site_core::{Output, Request, RequestId, Site, SiteConfig};
+use site_core::{Holdings, Output, Request, RequestId, Site, SiteConfig};
 
 const HOUR_MS: u64 = 3_600_000;
 /// A wall clock of today, in milliseconds since the epoch.
@@ -48,7 +46,7 @@ fn a_read_waiting_for_who_holds() -> (Site, u64) {
     let site = |id: &SiteId| {
         let mut config = SiteConfig::new(id.clone());
         config.keys = keys.clone();
-        Site::new(config, Namespace::new(id.clone(), key(id)), Vec::new(), HashSet::new())
+        Site::new(config, Namespace::new(id.clone(), key(id)), Holdings::default())
     };
     let (mut w, mut e) = (site(&west), site(&east));
     w.handle_peer_up(10, east.clone());

@@ -197,6 +197,13 @@ impl ChunkStore {
         Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
+    /// The size of the store's file system.
+    pub fn capacity(&self) -> Result<u64, ChunkError> {
+        let stat = rustix::fs::statvfs(&self.chunks)
+            .map_err(|e| ChunkError::Io { path: self.chunks.clone(), source: e.into() })?;
+        Ok(stat.f_blocks.saturating_mul(stat.f_frsize))
+    }
+
     /// `e`, met at `path`: a full file system is [`ChunkError::NoSpace`].
     fn io_error(&self, path: &Path, e: io::Error) -> ChunkError {
         match e.kind() {

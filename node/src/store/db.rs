@@ -1,6 +1,6 @@
 //! The site's redb database: namespace changes, chunk index, held versions, peer sync states.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use crdt_namespace::ContentId;
@@ -13,6 +13,10 @@ use site_core::content::{ChunkHash, ChunkRef, Manifest};
 const NAMESPACE: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("namespace");
 /// Versions this site holds: content id → manifest.
 const VERSIONS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("versions");
+/// Versions held that are copies of what other sites wrote (the rest this site wrote): content
+/// id → nothing. A store from before this table holds no copies: every version counts as the
+/// site's own, which is only more cautious.
+const COPIES: TableDefinition<'_, &[u8], ()> = TableDefinition::new("copies");
 /// Chunks this site holds durably: hash → length.
 const CHUNKS: TableDefinition<'_, &[u8], u32> = TableDefinition::new("chunks");
 /// Sync session state per peer site.
@@ -46,6 +50,11 @@ fn redb_error<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> DbE
     move |e| DbError::Redb { what, reason: e.to_string() }
 }
 
+/// A key that is a 32-byte hash.
+fn hash_key(key: &[u8], what: &'static str) -> Result<[u8; 32], DbError> {
+    key.try_into().map_err(|_| DbError::Corrupt { what, reason: "not 32 bytes".into() })
+}
+
 /// What opening the store found and mended.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
@@ -68,6 +77,7 @@ impl Db {
         let tx = db.begin_write().map_err(redb_error("open"))?;
         tx.open_table(NAMESPACE).map_err(redb_error("open"))?;
         tx.open_table(VERSIONS).map_err(redb_error("open"))?;
+        tx.open_table(COPIES).map_err(redb_error("open"))?;
         tx.open_table(CHUNKS).map_err(redb_error("open"))?;
         tx.open_table(PEERS).map_err(redb_error("open"))?;
         tx.commit().map_err(redb_error("open"))?;
@@ -95,11 +105,14 @@ impl Db {
     }
 
     /// Records, atomically and durably: an incremental namespace save, versions now held with
-    /// their manifests, and chunks now durable. Call only after those chunks were synced.
+    /// their manifests — `own` ones this site wrote, `copies` of what others wrote (a version
+    /// already held stays as it is) — and chunks now durable. Call only after those chunks
+    /// were synced.
     pub fn commit(
         &self,
         namespace: &[u8],
-        versions: &[&Manifest],
+        own: &[&Manifest],
+        copies: &[&Manifest],
         chunks: &[ChunkRef],
     ) -> Result<(), DbError> {
         const WHAT: &str = "commit";
@@ -115,11 +128,54 @@ impl Db {
                 table.insert(c.hash.0.as_slice(), c.len).map_err(redb_error(WHAT))?;
             }
             let mut table = tx.open_table(VERSIONS).map_err(redb_error(WHAT))?;
-            for m in versions {
-                table.insert(m.content_id().0.as_slice(), m.encode().as_slice()).map_err(redb_error(WHAT))?;
+            let mut copied = tx.open_table(COPIES).map_err(redb_error(WHAT))?;
+            for m in own {
+                let id = m.content_id();
+                table.insert(id.0.as_slice(), m.encode().as_slice()).map_err(redb_error(WHAT))?;
+                copied.remove(id.0.as_slice()).map_err(redb_error(WHAT))?;
+            }
+            for m in copies {
+                let id = m.content_id();
+                if table.get(id.0.as_slice()).map_err(redb_error(WHAT))?.is_none() {
+                    table.insert(id.0.as_slice(), m.encode().as_slice()).map_err(redb_error(WHAT))?;
+                    copied.insert(id.0.as_slice(), ()).map_err(redb_error(WHAT))?;
+                }
             }
         }
         tx.commit().map_err(redb_error(WHAT))
+    }
+
+    /// Forgets, atomically and durably, versions no longer held and chunks about to be deleted
+    /// (delete the chunk files after: a crash between leaves files no record refers to, which
+    /// [`Db::recover`] removes).
+    pub fn forget(&self, versions: &[ContentId], chunks: &[ChunkHash]) -> Result<(), DbError> {
+        const WHAT: &str = "forget";
+        let tx = self.db.begin_write().map_err(redb_error(WHAT))?;
+        {
+            let mut table = tx.open_table(VERSIONS).map_err(redb_error(WHAT))?;
+            let mut copied = tx.open_table(COPIES).map_err(redb_error(WHAT))?;
+            for id in versions {
+                table.remove(id.0.as_slice()).map_err(redb_error(WHAT))?;
+                copied.remove(id.0.as_slice()).map_err(redb_error(WHAT))?;
+            }
+            let mut table = tx.open_table(CHUNKS).map_err(redb_error(WHAT))?;
+            for hash in chunks {
+                table.remove(hash.0.as_slice()).map_err(redb_error(WHAT))?;
+            }
+        }
+        tx.commit().map_err(redb_error(WHAT))
+    }
+
+    /// The versions held that are copies of what other sites wrote.
+    pub fn copies(&self) -> Result<HashSet<ContentId>, DbError> {
+        let tx = self.db.begin_read().map_err(redb_error("read copies"))?;
+        let table = tx.open_table(COPIES).map_err(redb_error("read copies"))?;
+        let mut out = HashSet::new();
+        for item in table.iter().map_err(redb_error("read copies"))? {
+            let (key, _) = item.map_err(redb_error("read copies"))?;
+            out.insert(ContentId(hash_key(key.value(), "copy key")?));
+        }
+        Ok(out)
     }
 
     /// Replaces the namespace log by one whole save.
@@ -160,18 +216,14 @@ impl Db {
         Ok(out)
     }
 
-    /// Every chunk recorded as durable.
-    pub fn chunk_index(&self) -> Result<HashSet<ChunkHash>, DbError> {
+    /// Every chunk recorded as durable, with its length.
+    pub fn chunk_index(&self) -> Result<HashMap<ChunkHash, u32>, DbError> {
         let tx = self.db.begin_read().map_err(redb_error("read chunks"))?;
         let table = tx.open_table(CHUNKS).map_err(redb_error("read chunks"))?;
-        let mut out = HashSet::new();
+        let mut out = HashMap::new();
         for item in table.iter().map_err(redb_error("read chunks"))? {
-            let (key, _) = item.map_err(redb_error("read chunks"))?;
-            let hash: [u8; 32] = key
-                .value()
-                .try_into()
-                .map_err(|_| DbError::Corrupt { what: "chunk key", reason: "not 32 bytes".into() })?;
-            out.insert(ChunkHash(hash));
+            let (key, len) = item.map_err(redb_error("read chunks"))?;
+            out.insert(ChunkHash(hash_key(key.value(), "chunk key")?), len.value());
         }
         Ok(out)
     }
@@ -198,7 +250,7 @@ impl Db {
     /// files are gone.
     pub fn recover(&self, chunks: &ChunkStore) -> Result<Recovery, DbError> {
         const WHAT: &str = "recover";
-        let index = self.chunk_index()?;
+        let index: HashSet<ChunkHash> = self.chunk_index()?.into_keys().collect();
         let mut recovery = Recovery::default();
         let on_disk: HashSet<ChunkHash> = chunks.list()?.into_iter().collect();
         for hash in on_disk.difference(&index) {
@@ -245,8 +297,8 @@ mod tests {
             let r = m.chunk_range(i);
             chunks.put(&c.hash, &data[r.start as usize..r.end as usize]).unwrap();
         }
-        db.commit(b"save-1", &[&m], &m.chunks).unwrap();
-        db.commit(b"save-2", &[], &[]).unwrap();
+        db.commit(b"save-1", &[&m], &[], &m.chunks).unwrap();
+        db.commit(b"save-2", &[], &[], &[]).unwrap();
         assert_eq!(db.namespace_bytes().unwrap(), b"save-1save-2");
         assert_eq!(db.manifest(&m.content_id()).unwrap(), Some(m.clone()));
         assert_eq!(db.versions().unwrap(), vec![m.clone()]);
@@ -263,5 +315,23 @@ mod tests {
         assert!(db.versions().unwrap().is_empty());
         db.set_peer_state("east", b"state").unwrap();
         assert_eq!(db.peer_state("east").unwrap().as_deref(), Some(&b"state"[..]));
+    }
+
+    #[test]
+    fn copies_are_told_from_own_versions_and_forgotten_with_their_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("meta.redb")).unwrap();
+        let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let own = Manifest::of_bytes(&[1u8; 20_000], config);
+        let copy = Manifest::of_bytes(&[2u8; 20_000], config);
+        db.commit(b"", &[&own], &[&copy], &[own.chunks.clone(), copy.chunks.clone()].concat()).unwrap();
+        assert_eq!(db.copies().unwrap(), HashSet::from([copy.content_id()]));
+        // A copy of a version held as own stays own; writing a copy here makes it own.
+        db.commit(b"", &[&copy], &[&own], &[]).unwrap();
+        assert!(db.copies().unwrap().is_empty());
+        assert_eq!(db.chunk_index().unwrap()[&own.chunks[0].hash], own.chunks[0].len);
+        db.forget(&[own.content_id()], &[own.chunks[0].hash]).unwrap();
+        assert_eq!(db.versions().unwrap(), vec![copy.clone()]);
+        assert!(!db.chunk_index().unwrap().contains_key(&own.chunks[0].hash));
     }
 }

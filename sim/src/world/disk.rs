@@ -4,14 +4,16 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crdt_namespace::{Namespace, SiteId};
+use crdt_namespace::{ContentId, Namespace, SiteId};
+use site_core::Holdings;
 use site_core::content::{ChunkHash, ChunkRef, Manifest};
 
 use super::{Driver, World};
 use crate::Rng;
 
-/// Records written but not yet committed: chunks to index, versions, a namespace save.
-type Pending = (Vec<ChunkRef>, Vec<Manifest>, Vec<u8>);
+/// Records written but not yet committed: chunks to index, versions, a namespace save, and
+/// whether the versions are the site's own (else copies).
+type Pending = (Vec<ChunkRef>, Vec<Manifest>, Vec<u8>, bool);
 
 /// A site's disk.
 #[derive(Default, Clone)]
@@ -20,6 +22,8 @@ pub(super) struct Disk {
     pub(super) unsynced_chunks: BTreeSet<ChunkHash>,
     namespace: Vec<Vec<u8>>,
     versions: Vec<Manifest>,
+    /// Versions recorded as copies of what others wrote.
+    copies: HashSet<ContentId>,
     index: HashSet<ChunkHash>,
     /// Records written but not yet committed.
     pub(super) pending: Vec<Pending>,
@@ -29,12 +33,34 @@ impl Disk {
     /// Makes the pending writes durable.
     pub(super) fn commit(&mut self) {
         self.unsynced_chunks.clear();
-        for (refs, versions, namespace) in std::mem::take(&mut self.pending) {
+        for (refs, versions, namespace, own) in std::mem::take(&mut self.pending) {
             self.index.extend(refs.iter().map(|r| r.hash));
-            self.versions.extend(versions);
+            for manifest in versions {
+                let content = manifest.content_id();
+                if own {
+                    self.copies.remove(&content);
+                } else if self.versions.iter().all(|m| m.content_id() != content) {
+                    self.copies.insert(content);
+                }
+                self.versions.retain(|m| m.content_id() != content);
+                self.versions.push(manifest);
+            }
             if !namespace.is_empty() {
                 self.namespace.push(namespace);
             }
+        }
+    }
+
+    /// Forgets versions and chunks, records first, as the runtime does: durably at once (one
+    /// database transaction), then the chunk files.
+    pub(super) fn forget(&mut self, versions: &[ContentId], chunks: &[ChunkHash]) {
+        let gone: HashSet<&ContentId> = versions.iter().collect();
+        self.versions.retain(|m| !gone.contains(&m.content_id()));
+        self.copies.retain(|c| !gone.contains(c));
+        for hash in chunks {
+            self.index.remove(hash);
+            self.chunk_files.remove(hash);
+            self.unsynced_chunks.remove(hash);
         }
     }
 
@@ -65,10 +91,7 @@ impl Disk {
 
     /// Recovery, as `runtime::open` does it: chunk files no commit recorded are removed; the
     /// namespace, the versions held in full and the chunks held are what the site starts from.
-    pub(super) fn recover(
-        &mut self,
-        site: &SiteId,
-    ) -> Result<(Namespace, Vec<Manifest>, HashSet<ChunkHash>), String> {
+    pub(super) fn recover(&mut self, site: &SiteId) -> Result<(Namespace, Holdings), String> {
         let index = &self.index;
         self.chunk_files.retain(|h, _| index.contains(h));
         let saved: Vec<u8> = self.namespace.concat();
@@ -78,15 +101,15 @@ impl Disk {
             Namespace::load(site.clone(), super::signing_key(site), &saved)
                 .map_err(|e| format!("{site} cannot load its namespace: {e}"))?
         };
-        let chunks: HashSet<ChunkHash> =
-            self.index.iter().copied().filter(|h| self.chunk_files.contains_key(h)).collect();
+        let chunks: HashMap<ChunkHash, u32> =
+            self.index.iter().filter_map(|h| Some((*h, self.chunk_files.get(h)?.len() as u32))).collect();
         let versions = self
             .versions
             .iter()
-            .filter(|m| m.chunks.iter().all(|c| chunks.contains(&c.hash)))
+            .filter(|m| m.chunks.iter().all(|c| chunks.contains_key(&c.hash)))
             .cloned()
             .collect();
-        Ok((ns, versions, chunks))
+        Ok((ns, Holdings { versions, copies: self.copies.clone(), chunks }))
     }
 }
 

@@ -5,11 +5,11 @@
 //! error, never panics, and never allocates more than the input's length.
 
 use crdt_namespace::wire::{Reader, push_bytes, push_varint};
-use crdt_namespace::{ContentId, DecodeError, SiteId};
+use crdt_namespace::{ContentId, DecodeError, Frontier, SiteId};
 
 /// Version of the site-to-site protocol. Bumped on any incompatible change of a message (4:
-/// namespace changes are signed, and unsigned ones refused).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// namespace changes are signed, and unsigned ones refused; 5: [`Message::Seen`]).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest encoded message. A chunk is at most 16 MiB; a first sync of a large namespace sends
 /// the document in one message (about 18 MB per million entries), so the bound leaves room for
@@ -156,6 +156,13 @@ pub enum Message {
         /// The versions (at most [`STAGE_VERSIONS_MAX`]).
         contents: Vec<ContentId>,
     },
+    /// The namespace changes the sender has integrated: the last change of each site (at most
+    /// [`SEEN_SITES_MAX`]). What a site collects waits until every member has said it saw
+    /// the change that made it garbage.
+    Seen {
+        /// The sender's frontier.
+        frontier: Frontier,
+    },
 }
 
 /// A version named in [`Message::Staged`].
@@ -169,6 +176,9 @@ pub struct StagedVersion {
 
 /// Most versions one staging message names.
 pub const STAGE_VERSIONS_MAX: usize = 4_096;
+
+/// Most sites one [`Message::Seen`] names.
+pub const SEEN_SITES_MAX: usize = 4_096;
 
 /// Longest region name: that of a site id.
 pub const REGION_MAX_BYTES: usize = crdt_namespace::SITE_ID_MAX_BYTES;
@@ -201,6 +211,7 @@ const TAG_NO_CHUNK: u8 = 6;
 const TAG_STAGE: u8 = 7;
 const TAG_STAGED: u8 = 8;
 const TAG_UNSTAGE: u8 = 9;
+const TAG_SEEN: u8 = 10;
 
 /// A flag byte (0 for none, 1 for some), then the bytes if some.
 fn push_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
@@ -309,6 +320,14 @@ impl Message {
                 push_bytes(&mut out, region.as_str().as_bytes());
                 push_contents(&mut out, contents);
             }
+            Message::Seen { frontier } => {
+                out.push(TAG_SEEN);
+                push_varint(&mut out, frontier.len() as u64);
+                for (site, seq) in frontier.iter() {
+                    push_bytes(&mut out, site.as_str().as_bytes());
+                    push_varint(&mut out, seq);
+                }
+            }
         }
         out
     }
@@ -390,6 +409,16 @@ impl Message {
                 let region = read_region(&mut r)?;
                 Message::Unstage { region, contents: read_contents(&mut r)? }
             }
+            TAG_SEEN => {
+                let (count, _) = r.count("sites seen", SEEN_SITES_MAX, 3)?;
+                let mut frontier = Frontier::new();
+                for _ in 0..count {
+                    let site = SiteId::new(r.str("site", crdt_namespace::SITE_ID_MAX_BYTES)?)
+                        .map_err(|reason| DecodeError::Invalid { what: "site", reason })?;
+                    frontier.include(site, r.varint("sequence number")?);
+                }
+                Message::Seen { frontier }
+            }
             tag => return Err(DecodeError::UnknownTag { what: "message", tag }.into()),
         };
         r.finish("message")?;
@@ -439,6 +468,12 @@ mod tests {
                 region: region("eu-west"),
                 contents: vec![ContentId([8; 32]), ContentId([7; 32])],
             },
+            Message::Seen {
+                frontier: [(SiteId::new("west").unwrap(), 7), (SiteId::new("east").unwrap(), 1 << 40)]
+                    .into_iter()
+                    .collect(),
+            },
+            Message::Seen { frontier: Frontier::new() },
         ]
     }
 

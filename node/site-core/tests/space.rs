@@ -1,0 +1,364 @@
+//! Space in the core: a version nothing refers to is deleted only once the change that
+//! unreferenced it is causally stable (every member has it, and this site everything
+//! concurrent with it), then after the grace period; a member that stays silent holds
+//! collection back until it leaves the mesh; the cache of copies stays under its bound, least
+//! recently used first, and a site's own versions are never evicted.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use crdt_namespace::{ContentId, Keys, Namespace, SigningKey, SiteId};
+use proto::Message;
+use site_core::content::{ChunkHash, ChunkerConfig, Manifest};
+use site_core::{Holdings, Output, Request, RequestId, Site, SiteConfig};
+
+const WALL_MS: u64 = 1_796_000_000_000;
+const CHUNKS: ChunkerConfig = ChunkerConfig { min_bytes: 256, avg_bytes: 1024, max_bytes: 4096 };
+
+fn key(id: &SiteId) -> SigningKey {
+    SigningKey::from_secret(blake3::hash(id.as_str().as_bytes()).as_bytes())
+}
+
+/// Sites joined by links whose messages are carried by hand; each with a chunk store.
+struct Net {
+    names: Vec<SiteId>,
+    sites: Vec<Site>,
+    stores: Vec<HashMap<ChunkHash, Vec<u8>>>,
+    queue: VecDeque<(usize, usize, Message)>,
+    /// Links (one direction) whose messages wait.
+    held: HashSet<(usize, usize)>,
+    parked: Vec<(usize, usize, Message)>,
+    /// Versions each site was told to forget, and chunks it deleted.
+    reclaimed: Vec<(Vec<ContentId>, Vec<ChunkHash>)>,
+    /// Bytes each read delivered.
+    read: HashMap<RequestId, Vec<u8>>,
+    now: u64,
+    next_id: u64,
+}
+
+impl Net {
+    fn new(names: &[&str], configure: impl Fn(&mut SiteConfig)) -> Net {
+        let names: Vec<SiteId> = names.iter().map(|n| SiteId::new(n).unwrap()).collect();
+        let mut keys = Keys::new();
+        for name in &names {
+            keys.allow(name, key(name).public());
+        }
+        let sites = names
+            .iter()
+            .map(|name| {
+                let mut config = SiteConfig::new(name.clone());
+                config.keys = keys.clone();
+                config.collect_grace_ms = 0;
+                configure(&mut config);
+                Site::new(config, Namespace::new(name.clone(), key(name)), Holdings::default())
+            })
+            .collect();
+        let n = names.len();
+        let mut net = Net {
+            names,
+            sites,
+            stores: vec![HashMap::new(); n],
+            queue: VecDeque::new(),
+            held: HashSet::new(),
+            parked: Vec::new(),
+            reclaimed: vec![(Vec::new(), Vec::new()); n],
+            read: HashMap::new(),
+            now: 10,
+            next_id: 1,
+        };
+        for a in 0..n {
+            net.sites[a].handle_wall_clock(net.now, WALL_MS);
+            for b in 0..n {
+                if a != b {
+                    let peer = net.names[b].clone();
+                    net.sites[a].handle_peer_up(net.now, peer);
+                }
+            }
+        }
+        net.pump();
+        net
+    }
+
+    fn index(&self, name: &SiteId) -> usize {
+        self.names.iter().position(|n| n == name).unwrap()
+    }
+
+    fn carry_out(&mut self, s: usize, output: Output) {
+        match output {
+            Output::Send { to, message } => {
+                let to = self.index(&to);
+                self.queue.push_back((s, to, message));
+            }
+            Output::Broadcast { to, message } => {
+                for to in to {
+                    let to = self.index(&to);
+                    self.queue.push_back((s, to, message.clone()));
+                }
+            }
+            Output::Durable { then, .. } => {
+                for output in then {
+                    self.carry_out(s, output);
+                }
+            }
+            Output::Cache { chunks, .. } => self.stores[s].extend(chunks),
+            Output::LoadChunk { hash, purpose } => {
+                let loaded = self.stores[s].get(&hash).cloned().ok_or_else(|| "missing".to_owned());
+                self.sites[s].handle_chunk_loaded(hash, purpose, loaded);
+            }
+            Output::ReadData { id, data, .. } => {
+                self.read.entry(id).or_default().extend(data);
+                self.sites[s].handle_read_taken(self.now, id);
+            }
+            Output::Reclaim { versions, chunks } => {
+                for hash in &chunks {
+                    if !self.sites[s].holds_chunk(hash) {
+                        self.stores[s].remove(hash);
+                    }
+                }
+                self.reclaimed[s].0.extend(versions);
+                self.reclaimed[s].1.extend(chunks);
+            }
+            _ => {}
+        }
+    }
+
+    /// Carries out every output and delivers every message not held, until all is quiet.
+    fn pump(&mut self) {
+        loop {
+            for s in 0..self.sites.len() {
+                while let Some(output) = self.sites[s].poll_output() {
+                    self.carry_out(s, output);
+                }
+            }
+            let Some((from, to, message)) = self.queue.pop_front() else { return };
+            if self.held.contains(&(from, to)) {
+                self.parked.push((from, to, message));
+            } else {
+                let name = self.names[from].clone();
+                self.sites[to].handle_message(self.now, &name, message);
+            }
+        }
+    }
+
+    /// Time passes, in steps of a second: every site's timers run.
+    fn wait(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now = (self.now + 1_000).min(end);
+            for s in 0..self.sites.len() {
+                self.sites[s].handle_wall_clock(self.now, WALL_MS + self.now);
+                self.sites[s].handle_timeout(self.now);
+            }
+            self.pump();
+        }
+    }
+
+    fn hold(&mut self, from: usize, to: usize) {
+        self.held.insert((from, to));
+    }
+
+    fn release(&mut self, from: usize, to: usize) {
+        self.held.remove(&(from, to));
+        let (go, stay): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.parked).into_iter().partition(|(f, t, _)| (*f, *t) == (from, to));
+        self.parked = stay;
+        self.queue.extend(go);
+        self.pump();
+    }
+
+    /// Delivers the held reports (`Seen`) from `from` to `to` ahead of the rest, as if the
+    /// changes they name had been lost on the way: the link stays held.
+    fn release_reports(&mut self, from: usize, to: usize) {
+        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|(f, t, m)| (*f, *t) == (from, to) && matches!(m, Message::Seen { .. }));
+        self.parked = stay;
+        for (from, to, message) in go {
+            let name = self.names[from].clone();
+            self.sites[to].handle_message(self.now, &name, message);
+        }
+        self.pump();
+    }
+
+    fn request(&mut self, s: usize, request: Request) -> RequestId {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.sites[s].handle_local(self.now, WALL_MS + self.now, id, request);
+        self.pump();
+        id
+    }
+
+    /// Site `s` writes `data` at `path`, its chunks stored first as the put path does.
+    fn put(&mut self, s: usize, path: &str, data: &[u8]) -> Manifest {
+        let manifest = Manifest::of_bytes(data, CHUNKS);
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            let r = manifest.chunk_range(i);
+            self.stores[s].insert(c.hash, data[r.start as usize..r.end as usize].to_vec());
+        }
+        let commit = Request::CommitVersion {
+            path: path.into(),
+            manifest: manifest.clone(),
+            mode: 0o644,
+            mtime_ns: 0,
+        };
+        self.request(s, commit);
+        manifest
+    }
+
+    fn read(&mut self, s: usize, path: &str) -> Vec<u8> {
+        let id = self.request(s, Request::Read { path: path.into(), range: None });
+        self.read.remove(&id).unwrap_or_default()
+    }
+
+    fn stored(&self, s: usize, manifest: &Manifest) -> usize {
+        manifest.chunks.iter().filter(|c| self.stores[s].contains_key(&c.hash)).count()
+    }
+}
+
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    site_core::sample::pseudo_random(seed, len)
+}
+
+#[test]
+fn a_removed_version_is_deleted_only_once_every_member_has_seen_the_removal() {
+    let mut net = Net::new(&["west", "east"], |_| {});
+    let data = bytes(1, 50_000);
+    let m = net.put(0, "/f", &data);
+    net.wait(6_000);
+    assert_eq!(net.stored(0, &m), m.chunks.len());
+    // East removes the file; west has the removal, but east's report that it has it, and
+    // everything west may lack, waits on the link.
+    net.hold(1, 0);
+    net.request(1, Request::Remove { path: "/f".into(), recursive: false });
+    net.release(1, 0);
+    net.hold(1, 0);
+    net.wait(20_000);
+    assert!(net.sites[0].namespace().stat("/f").is_err(), "west has the removal");
+    assert!(net.reclaimed[0].1.is_empty(), "nothing is deleted before east says it saw the removal");
+    let status = net.sites[0].status().space;
+    assert_eq!(status.garbage_versions, 1);
+    assert_eq!(status.garbage_bytes, data.len() as u64);
+    let held = &status.held_back_by;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!((held[0].site.as_str(), held[0].bytes, held[0].versions), ("east", data.len() as u64, 1));
+    assert!(held[0].reported, "east reported before the removal");
+    // East's reports arrive: the next look collects.
+    net.release(1, 0);
+    net.wait(7_000);
+    assert_eq!(net.reclaimed[0].0, vec![m.content_id()]);
+    assert_eq!(net.stored(0, &m), 0, "every chunk of the version is deleted");
+    let status = net.sites[0].status().space;
+    assert_eq!((status.store_bytes, status.garbage_bytes, status.garbage_versions), (0, 0, 0));
+    assert_eq!(status.collected_bytes, data.len() as u64);
+    assert!(status.held_back_by.is_empty());
+    net.sites[0].check_invariants().unwrap();
+}
+
+#[test]
+fn the_grace_period_runs_from_stability_and_shared_chunks_stay() {
+    let mut net = Net::new(&["west", "east"], |c| c.collect_grace_ms = 30_000);
+    let shared = bytes(2, 40_000);
+    let mut longer = shared.clone();
+    longer.extend(bytes(3, 20_000));
+    let a = net.put(0, "/a", &shared);
+    let b = net.put(0, "/b", &longer);
+    net.wait(6_000);
+    net.request(0, Request::Remove { path: "/b".into(), recursive: false });
+    // Stable within a sync round or two; deleted 30 s after that, not before.
+    net.wait(12_000);
+    assert!(net.reclaimed[0].1.is_empty(), "the grace period has not passed");
+    assert!(net.sites[0].status().space.held_back_by.is_empty(), "stable: nobody holds it back");
+    net.wait(30_000);
+    assert_eq!(net.reclaimed[0].0, vec![b.content_id()]);
+    assert_eq!(net.stored(0, &a), a.chunks.len(), "chunks /a shares with /b stay");
+    assert!(net.stored(0, &b) < b.chunks.len());
+    assert_eq!(net.read(0, "/a"), shared);
+    net.sites[0].check_invariants().unwrap();
+}
+
+#[test]
+fn a_move_concurrent_with_the_removal_keeps_the_version_even_when_it_arrives_last() {
+    // West wrote /f and removes it; east concurrently moves it. East gets the removal and
+    // reports so, and its report overtakes its move on the way to west: west must see that it
+    // lacks part of what east reported, wait, and then hold the version again.
+    let mut net = Net::new(&["west", "east"], |_| {});
+    let data = bytes(4, 30_000);
+    let m = net.put(0, "/f", &data);
+    net.wait(6_000);
+    net.hold(1, 0);
+    net.request(1, Request::Mkdir { path: "/keep".into(), parents: false, mode: 0o755 });
+    net.request(1, Request::Rename { from: "/f".into(), to: "/keep/f".into() });
+    net.request(0, Request::Remove { path: "/f".into(), recursive: false });
+    net.wait(12_000);
+    assert!(net.sites[1].namespace().stat("/keep/f").is_ok(), "at east the move wins");
+    net.release_reports(1, 0);
+    net.wait(3_000);
+    assert!(
+        net.sites[0].namespace().stat("/f").is_err() && net.sites[0].namespace().stat("/keep/f").is_err()
+    );
+    assert!(net.reclaimed[0].0.is_empty(), "west lacks what east reported: nothing goes");
+    let held: Vec<String> = net.sites[0].status().space.held_back_by.iter().map(|h| h.site.clone()).collect();
+    assert_eq!(held, ["east"]);
+    net.release(1, 0);
+    net.wait(20_000);
+    assert!(net.reclaimed.iter().all(|(v, _)| v.is_empty()), "the move kept the version");
+    assert_eq!(net.stored(0, &m), m.chunks.len());
+    assert_eq!(net.read(1, "/keep/f"), data, "and it is readable anywhere");
+}
+
+#[test]
+fn a_silent_member_holds_garbage_back_until_it_leaves_the_mesh() {
+    let mut net = Net::new(&["west", "east", "north"], |_| {});
+    let data = bytes(5, 20_000);
+    net.put(0, "/f", &data);
+    net.wait(6_000);
+    // North goes silent (it stays a member), then west removes the file.
+    net.hold(2, 0);
+    net.request(0, Request::Remove { path: "/f".into(), recursive: false });
+    net.wait(30_000);
+    assert!(net.reclaimed[0].0.is_empty());
+    let held: Vec<String> = net.sites[0].status().space.held_back_by.iter().map(|h| h.site.clone()).collect();
+    assert_eq!(held, ["north"]);
+    // `mesh rm north`: the membership without it.
+    let (west, east) = (net.names[0].clone(), net.names[1].clone());
+    let mut keys = Keys::new();
+    keys.allow(&west, key(&west).public());
+    keys.allow(&east, key(&east).public());
+    keys.allow_until(&net.names[2].clone(), key(&net.names[2]).public(), 10);
+    let regions = BTreeMap::new();
+    net.request(0, Request::Membership { keys, regions });
+    net.wait(2_000);
+    assert_eq!(net.reclaimed[0].0.len(), 1, "released");
+    assert!(net.sites[0].status().space.held_back_by.is_empty());
+}
+
+#[test]
+fn the_cache_stays_under_its_bound_least_recently_used_first_and_own_versions_stay() {
+    let max = 100_000;
+    let mut net = Net::new(&["west", "east"], |c| c.cache_max_bytes = Some(max));
+    let files: Vec<Vec<u8>> = (0..6).map(|i| bytes(10 + i, 50_000)).collect();
+    let manifests: Vec<Manifest> =
+        files.iter().enumerate().map(|(i, data)| net.put(0, &format!("/f{i}"), data)).collect();
+    // East writes one of its own, larger than the bound.
+    let own = bytes(30, 150_000);
+    let own_manifest = net.put(1, "/own", &own);
+    net.wait(6_000);
+    // East reads 3x its cache bound, every file readable, the cache under the bound after each.
+    for (i, data) in files.iter().enumerate() {
+        net.wait(1_000);
+        assert_eq!(&net.read(1, &format!("/f{i}")), data);
+        let space = net.sites[1].status().space;
+        assert!(space.cache_bytes <= max, "cache {} over its bound after file {i}", space.cache_bytes);
+        assert_eq!(
+            space.store_bytes - space.cache_bytes,
+            own.len() as u64,
+            "east's own version is not cache"
+        );
+    }
+    assert!(net.sites[1].status().space.evicted_bytes > 0);
+    assert_eq!(net.stored(1, &own_manifest), own_manifest.chunks.len(), "an own version is never evicted");
+    assert_eq!(net.stored(1, &manifests[0]), 0, "the least recently used went first");
+    assert_eq!(net.stored(1, &manifests[5]), manifests[5].chunks.len(), "the last read stays");
+    // Evicted files are read again from west.
+    assert_eq!(net.read(1, "/f0"), files[0]);
+    net.sites[1].check_invariants().unwrap();
+}
