@@ -966,8 +966,10 @@ impl Namespace {
     }
 
     /// The versions that gained or lost a live entry showing them since the last call (some
-    /// may be back where they were): what a holder of versions looks at again after a change.
+    /// may be back where they were), from the first call on: what a holder of versions looks
+    /// at again after a change. (Until someone asks, nothing is noted.)
     pub fn take_touched_versions(&mut self) -> std::collections::HashSet<ContentId> {
+        self.tree.track_touched();
         self.tree.take_touched()
     }
 

@@ -121,8 +121,9 @@ pub(crate) struct Tree {
     live: usize,
     /// Live file entries showing each version: what refers to it.
     refs: HashMap<ContentId, u32>,
-    /// Versions whose count in `refs` changed since [`Tree::take_touched`] was last called.
-    touched: HashSet<ContentId>,
+    /// Versions whose count in `refs` changed since [`Tree::take_touched`] was last called,
+    /// if anyone asks ([`Tree::track_touched`]).
+    touched: Option<HashSet<ContentId>>,
 }
 
 impl Tree {
@@ -147,7 +148,7 @@ impl Tree {
             undo: Vec::new(),
             live: 1,
             refs: HashMap::new(),
-            touched: HashSet::new(),
+            touched: None,
         };
         tree.index.insert(EntryId::ROOT, 0);
         tree
@@ -199,7 +200,12 @@ impl Tree {
     /// The versions whose references changed since the last call (gained or lost one, even if
     /// they are back where they were).
     pub(crate) fn take_touched(&mut self) -> HashSet<ContentId> {
-        std::mem::take(&mut self.touched)
+        self.touched.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Starts noting the versions whose references change, for [`Tree::take_touched`].
+    pub(crate) fn track_touched(&mut self) {
+        self.touched.get_or_insert_with(HashSet::new);
     }
 
     pub(crate) fn live_count(&self) -> usize {
@@ -308,7 +314,9 @@ impl Tree {
     fn count_reference(&mut self, id: EntryId, live: bool) {
         let Data::File(version) = &self.entry(id).data else { return };
         let content = version.content;
-        self.touched.insert(content);
+        if let Some(touched) = &mut self.touched {
+            touched.insert(content);
+        }
         if live {
             *self.refs.entry(content).or_insert(0) += 1;
         } else if let std::collections::hash_map::Entry::Occupied(mut count) = self.refs.entry(content) {

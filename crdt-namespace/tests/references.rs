@@ -9,10 +9,12 @@ use crdt_namespace::Frontier;
 #[test]
 fn a_version_is_referred_to_while_a_live_entry_shows_it() {
     let mut rs = replicas(2);
+    rs[0].write_file("/before", version(9), hlc(1)).unwrap();
+    assert!(rs[0].take_touched_versions().is_empty(), "nothing is noted until someone asks");
     rs[0].mkdir("/d", false, 0o755, 0, hlc(1)).unwrap();
     rs[0].write_file("/d/a", version(1), hlc(2)).unwrap();
     let v1 = version(1).content;
-    assert!(rs[0].refers_to(&v1));
+    assert!(rs[0].refers_to(&v1) && rs[0].refers_to(&version(9).content));
     assert!(rs[0].take_touched_versions().contains(&v1));
     assert!(rs[0].take_touched_versions().is_empty(), "taken once");
     // A new version: the old one is no longer shown.

@@ -14,6 +14,14 @@ struct Regression {
 /// Seeds that once failed. Each stays here after its bug is fixed.
 const REGRESSIONS: &[Regression] = &[
     Regression {
+        seed: 3710,
+        faults: None,
+        bug: "a sync message carrying a change was lost on a live link: automerge's session never \
+              sends a change twice, so both sites answered each other's heads for ever at the same \
+              instant (the simulation ran away); a session idle for SYNC_IDLE_MAX messages now \
+              starts afresh",
+    },
+    Regression {
         seed: 7288,
         faults: None,
         bug: "clock steps added up to more than the bound on peers' clocks: a site's changes were \

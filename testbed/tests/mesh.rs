@@ -539,7 +539,11 @@ fn a_forged_push_is_checked_before_it_is_relayed_and_only_its_sender_is_cut_off(
     mkdir(&b, "/back");
     wait_until(TIMEOUT, || a.exists("/back")).unwrap();
     let log = std::fs::read_to_string(cluster.site(0).log()).unwrap();
-    assert!(!log.contains("bad push") && !log.contains("disconnecting"), "a was handed the forgery:\n{log}");
+    // (A link may still be replaced as it comes up; what the forgery would cause names it.)
+    assert!(
+        !log.contains("bad push") && !log.contains("bad sync message"),
+        "a was handed the forgery:\n{log}"
+    );
     let after = tree(&a).unwrap();
     assert!(!after.iter().any(|p| p.starts_with("/forged")));
     assert_eq!(after.len(), before.len() + 2);

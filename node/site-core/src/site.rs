@@ -47,6 +47,12 @@ pub use space::{GarbageHeldBack, SpaceStatus};
 pub use staging::{BucketError, PackName, StagingEvent, pack_name};
 use staging::{Holder, Reader};
 
+/// Sync messages from a peer in a row that bring nothing new before its session starts
+/// afresh. Automerge's session never sends a change twice; one lost on a live link (a message
+/// dropped, a queue cut short) would leave both sides answering each other's heads for ever,
+/// as fast as the link goes. A fresh session resends what the peer still needs.
+const SYNC_IDLE_MAX: u32 = 16;
+
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
 const FETCH_ATTEMPTS_MAX: u32 = 8;
@@ -597,6 +603,8 @@ impl Fetch {
 
 struct Peer {
     session: SyncSession,
+    /// Sync messages received in a row that brought no change.
+    idle: u32,
 }
 
 /// One site.
@@ -675,6 +683,8 @@ impl Site {
             let own = !copies.contains(&manifest.content_id());
             site.hold(manifest, own);
         }
+        // `hold` put the unreferenced ones in an epoch; from now on changes say what they
+        // touched.
         site.note_references();
         site
     }
@@ -1230,7 +1240,7 @@ impl Site {
     /// A connection to `peer` is up: start a sync session and ask about pending reads.
     pub fn handle_peer_up(&mut self, now_ms: u64, peer: SiteId) {
         self.now_ms = self.now_ms.max(now_ms);
-        self.peers.insert(peer.clone(), Peer { session: SyncSession::new() });
+        self.peers.insert(peer.clone(), Peer { session: SyncSession::new(), idle: 0 });
         self.sync_with(&peer);
         self.report_frontier(&peer);
         let pending: BTreeSet<ContentId> =
@@ -1308,6 +1318,13 @@ impl Site {
                     Ok(report) => {
                         if report.ops > 0 {
                             self.store_namespace();
+                        }
+                        let state = self.peers.get_mut(from).expect("checked above");
+                        state.idle = if report.changes > 0 { 0 } else { state.idle + 1 };
+                        if state.idle >= SYNC_IDLE_MAX {
+                            // Stuck: start afresh at the next round rather than answer.
+                            *state = Peer { session: SyncSession::new(), idle: 0 };
+                            return;
                         }
                         // While changes are held for the clock bound, a message that brought
                         // nothing new is not answered at once: the peer's heads name what is

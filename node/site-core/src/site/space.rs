@@ -33,6 +33,10 @@
 //! copies (loaded for a read, served to a peer, or fetched) go, down to 15/16 of it; chunks a
 //! read in progress needs stay.
 //!
+//! A member is trusted with its reports as with its writes: one that reports changes it does
+//! not hold can make others collect what a change of its own then brings back (as it could
+//! remove the file outright).
+//!
 //! What is deleted leaves the core's tables at once and goes to the driver as
 //! [`Output::Reclaim`]. A put stores its chunks before it commits its version, and one that
 //! found a chunk already stored relies on it; so the driver deletes a chunk file only while no
@@ -191,7 +195,8 @@ impl Site {
     /// site's own if it wrote it (a copy held before becomes its own).
     pub(super) fn hold(&mut self, manifest: Manifest, own: bool) {
         if manifest.chunks.iter().any(|c| !self.chunks.contains_key(&c.hash)) {
-            debug_assert!(false, "a version is held once its chunks are");
+            // A store that lists a version without its chunks: it is not held.
+            tracing::warn!("version {} lacks chunks here; not counted as held", manifest.content_id());
             return;
         }
         let content = manifest.content_id();
