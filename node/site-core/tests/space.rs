@@ -362,3 +362,28 @@ fn the_cache_stays_under_its_bound_least_recently_used_first_and_own_versions_st
     assert_eq!(net.read(1, "/f0"), files[0]);
     net.sites[1].check_invariants().unwrap();
 }
+
+#[test]
+fn a_version_this_site_wrote_that_lost_a_chunk_keeps_its_other_chunks_out_of_the_cache() {
+    let max = 60_000;
+    let mut net = Net::new(&["west", "east"], |c| c.cache_max_bytes = Some(max));
+    let m = net.put(0, "/own", &bytes(40, 80_000));
+    let others: Vec<Vec<u8>> = (0..4).map(|i| bytes(50 + i, 40_000)).collect();
+    for (i, data) in others.iter().enumerate() {
+        net.put(1, &format!("/o{i}"), data);
+    }
+    net.wait(6_000);
+    // One chunk of west's own version cannot be read (gone, or an error for a moment).
+    let lost = m.chunks[3].hash;
+    net.stores[0].remove(&lost).unwrap();
+    net.read(0, "/own");
+    net.wait(10_000);
+    // West reads more than its cache holds: the rest of its own version stays.
+    for (i, data) in others.iter().enumerate() {
+        net.wait(1_000);
+        assert_eq!(&net.read(0, &format!("/o{i}")), data);
+    }
+    assert!(net.sites[0].status().space.evicted_bytes > 0);
+    assert_eq!(net.stored(0, &m), m.chunks.len() - 1, "the other chunks of west's own version stay");
+    net.sites[0].check_invariants().unwrap();
+}

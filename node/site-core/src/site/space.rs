@@ -89,6 +89,10 @@ pub(super) struct Space {
     collected_bytes: u64,
     /// Bytes of copies evicted from the cache since the site started.
     evicted_bytes: u64,
+    /// Versions this site wrote that it no longer holds in full because a chunk of them could
+    /// not be read (perhaps for a moment): their other chunks are never evicted, and the
+    /// version is its own again once whole.
+    lost_own: HashMap<ContentId, Manifest>,
 }
 
 struct Report {
@@ -200,6 +204,7 @@ impl Site {
             return;
         }
         let content = manifest.content_id();
+        let own = self.space.lost_own.remove(&content).is_some() || own;
         let newly_held = !self.held.contains_key(&content);
         let newly_own = own && self.own.insert(content);
         for (hash, len) in unique_chunks(&manifest) {
@@ -250,7 +255,12 @@ impl Site {
             .collect();
         needing.sort();
         for content in needing {
-            self.unhold(&content);
+            let own = self.own.contains(&content);
+            if let Some(manifest) = self.unhold(&content)
+                && own
+            {
+                self.space.lost_own.insert(content, manifest);
+            }
         }
         self.drop_chunk(&hash);
     }
@@ -461,7 +471,8 @@ impl Site {
             return;
         }
         let target = max - max / 16;
-        let needed = self.needed_by_reads();
+        let mut needed = self.needed_by_reads();
+        needed.extend(self.space.lost_own.values().flat_map(|m| m.chunks.iter().map(|c| c.hash)));
         let mut candidates: Vec<(u64, ChunkHash, u32)> = self
             .chunks
             .iter()
