@@ -164,11 +164,6 @@ impl Site {
         self.chunks.contains_key(hash)
     }
 
-    /// Whether this site wrote version `content` (and still holds it): its copy is not cache.
-    pub fn own(&self, content: &ContentId) -> bool {
-        self.own.contains(content)
-    }
-
     /// Records a chunk as held (a new one is counted as just used).
     pub(super) fn add_chunk(&mut self, hash: ChunkHash, len: u32) {
         let now = self.now_ms;
@@ -207,12 +202,13 @@ impl Site {
         let own = self.space.lost_own.remove(&content).is_some() || own;
         let newly_held = !self.held.contains_key(&content);
         let newly_own = own && self.own.insert(content);
-        for (hash, len) in unique_chunks(&manifest) {
+        for (hash, _) in unique_chunks(&manifest) {
             let Some(info) = self.chunks.get_mut(&hash) else { continue };
             info.versions += u32::from(newly_held);
             if newly_own {
+                // The chunk's own length: a manifest may claim another.
                 if info.pins == 0 {
-                    self.space.pinned_bytes += u64::from(len);
+                    self.space.pinned_bytes += u64::from(info.len);
                 }
                 info.pins += 1;
             }
@@ -231,13 +227,13 @@ impl Site {
         let manifest = self.held.remove(content)?;
         let own = self.own.remove(content);
         self.space.unreferenced.remove(content);
-        for (hash, len) in unique_chunks(&manifest) {
+        for (hash, _) in unique_chunks(&manifest) {
             let Some(info) = self.chunks.get_mut(&hash) else { continue };
             info.versions -= 1;
             if own {
                 info.pins -= 1;
                 if info.pins == 0 {
-                    self.space.pinned_bytes -= u64::from(len);
+                    self.space.pinned_bytes -= u64::from(info.len);
                 }
             }
         }
