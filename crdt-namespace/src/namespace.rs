@@ -171,6 +171,11 @@ impl SyncSession {
         self.state.encode()
     }
 
+    /// The heads the peer named in its latest message (`None` before its first).
+    pub fn their_heads(&self) -> Option<&[ChangeHash]> {
+        self.state.their_heads.as_deref()
+    }
+
     /// A session restored from [`SyncSession::encode`].
     pub fn decode(bytes: &[u8]) -> Result<SyncSession, ExchangeError> {
         let state = sync::State::decode(bytes)

@@ -47,11 +47,21 @@ pub use space::{GarbageHeldBack, SpaceStatus};
 pub use staging::{BucketError, PackName, StagingEvent, pack_name};
 use staging::{Holder, Reader};
 
-/// Sync messages from a peer in a row that bring nothing new before its session starts
-/// afresh. Automerge's session never sends a change twice; one lost on a live link (a message
-/// dropped, a queue cut short) would leave both sides answering each other's heads for ever,
-/// as fast as the link goes. A fresh session resends what the peer still needs.
+/// Sync messages from a peer in a row that bring nothing new, while neither side's heads move,
+/// before its session starts afresh. Automerge's session never sends a change twice; one lost
+/// on a live link (a message dropped, a queue cut short) would leave both sides answering each
+/// other's unchanging heads for ever. A fresh session resends what the peer still needs. (A
+/// healthy session whose changes all come by push also brings nothing new, but the heads move
+/// between its messages: it is not idle, and keeps its state.)
 const SYNC_IDLE_MAX: u32 = 16;
+
+/// Sync rounds in a row at which a peer has not confirmed some of this site's changes while
+/// neither side's heads moved, before the session starts afresh. A change lost on the way
+/// can also leave both sides silent: the session thinks it in flight and sends nothing more
+/// until the next change (which brings the lost one as a dependency). A change the peer holds
+/// back for its clock bound looks the same: that session restarts every few rounds meanwhile,
+/// which costs a summary of the history each time, no more.
+const SYNC_QUIET_ROUNDS_MAX: u32 = 6;
 
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
 /// a few holders whose links were reset, few enough that a chunk nobody can serve fails fast.
@@ -314,6 +324,10 @@ pub struct PeerLag {
     pub site: String,
     /// This site's namespace changes it had not confirmed at the last sync round.
     pub lag_changes: usize,
+    /// Times the sync session with it started afresh, stuck (see [`SYNC_IDLE_MAX`]), since the
+    /// link came up.
+    #[serde(default)]
+    pub sync_restarts: u64,
 }
 
 /// What a site reports about itself (also the body of the control API's status answer).
@@ -603,8 +617,40 @@ impl Fetch {
 
 struct Peer {
     session: SyncSession,
-    /// Sync messages received in a row that brought no change.
+    /// Sync messages received in a row that brought no change while neither side's heads
+    /// moved.
     idle: u32,
+    /// The peer's heads and this site's, at its last message.
+    heads_at_last: Option<Heads>,
+    /// Sync rounds in a row at which the peer had not confirmed some of this site's changes
+    /// while neither side's heads moved.
+    quiet_rounds: u32,
+    /// Both sides' heads at the last sync round.
+    heads_at_round: Option<Heads>,
+    /// Times the session started afresh, stuck.
+    restarts: u64,
+}
+
+/// The heads a peer last named, and this site's.
+type Heads = (Vec<crdt_namespace::ChangeHash>, Vec<crdt_namespace::ChangeHash>);
+
+impl Peer {
+    fn new() -> Peer {
+        Peer {
+            session: SyncSession::new(),
+            idle: 0,
+            heads_at_last: None,
+            quiet_rounds: 0,
+            heads_at_round: None,
+            restarts: 0,
+        }
+    }
+
+    /// Starts the session afresh: the peer is told everything it may lack again.
+    fn restart(&mut self) {
+        let restarts = self.restarts + 1;
+        *self = Peer { restarts, ..Peer::new() };
+    }
 }
 
 /// One site.
@@ -888,6 +934,7 @@ impl Site {
             .map(|(site, p)| PeerLag {
                 site: site.to_string(),
                 lag_changes: ns.unconfirmed_changes(&p.session),
+                sync_restarts: p.restarts,
             })
             .collect();
         Status {
@@ -1240,7 +1287,7 @@ impl Site {
     /// A connection to `peer` is up: start a sync session and ask about pending reads.
     pub fn handle_peer_up(&mut self, now_ms: u64, peer: SiteId) {
         self.now_ms = self.now_ms.max(now_ms);
-        self.peers.insert(peer.clone(), Peer { session: SyncSession::new(), idle: 0 });
+        self.peers.insert(peer.clone(), Peer::new());
         self.sync_with(&peer);
         self.report_frontier(&peer);
         let pending: BTreeSet<ContentId> =
@@ -1260,6 +1307,21 @@ impl Site {
             self.fetches.iter().filter(|(_, f)| &f.from == peer).map(|(h, _)| *h).collect();
         for hash in orphaned {
             self.send_fetch(hash);
+        }
+    }
+
+    /// At a sync round: starts the session with `peer` afresh if it has been stuck quiet for
+    /// [`SYNC_QUIET_ROUNDS_MAX`] rounds.
+    fn restart_quiet_session(&mut self, peer: &SiteId) {
+        let ours = self.ns.heads();
+        let Some(state) = self.peers.get_mut(peer) else { return };
+        let unconfirmed = self.ns.unconfirmed_changes(&state.session);
+        let heads = (state.session.their_heads().unwrap_or_default().to_vec(), ours);
+        let still = state.heads_at_round.as_ref() == Some(&heads);
+        state.quiet_rounds = if unconfirmed > 0 && still { state.quiet_rounds + 1 } else { 0 };
+        state.heads_at_round = Some(heads);
+        if state.quiet_rounds >= SYNC_QUIET_ROUNDS_MAX {
+            state.restart();
         }
     }
 
@@ -1319,11 +1381,15 @@ impl Site {
                         if report.ops > 0 {
                             self.store_namespace();
                         }
+                        let ours = self.ns.heads();
                         let state = self.peers.get_mut(from).expect("checked above");
-                        state.idle = if report.changes > 0 { 0 } else { state.idle + 1 };
+                        let heads = (state.session.their_heads().unwrap_or_default().to_vec(), ours);
+                        let still = state.heads_at_last.as_ref() == Some(&heads);
+                        state.idle = if report.changes == 0 && still { state.idle + 1 } else { 0 };
+                        state.heads_at_last = Some(heads);
                         if state.idle >= SYNC_IDLE_MAX {
                             // Stuck: start afresh at the next round rather than answer.
-                            *state = Peer { session: SyncSession::new(), idle: 0 };
+                            state.restart();
                             return;
                         }
                         // While changes are held for the clock bound, a message that brought
@@ -1535,6 +1601,7 @@ impl Site {
             self.last_sync_ms = now_ms;
             let peers: Vec<SiteId> = self.peers.keys().cloned().collect();
             for peer in peers {
+                self.restart_quiet_session(&peer);
                 self.sync_with(&peer);
                 self.report_frontier(&peer);
             }
