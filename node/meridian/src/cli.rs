@@ -816,17 +816,24 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
         for held in &space.held_back_by {
             let since =
                 utc_minutes(i64::try_from(held.since_unix_ms).unwrap_or(i64::MAX).saturating_mul(1_000_000));
-            let why = if held.reported {
-                "has not seen the removal yet"
-            } else {
-                "has not reported since this node started"
+            let why = match (&held.named_by, held.reported) {
+                (Some(by), _) => format!(
+                    "not a member here, but {by} has its changes: add it here with `meridian mesh add`, \
+                     or `meridian mesh rm {by}` releases it"
+                ),
+                (None, true) => {
+                    format!("has not seen the removal yet; `meridian mesh rm {}` releases it", held.site)
+                }
+                (None, false) => format!(
+                    "has not reported since this node started; `meridian mesh rm {}` releases it",
+                    held.site
+                ),
             };
             println!(
-                "  held back by {}: {} in {} versions since {since} UTC ({why}; `meridian mesh rm {}` releases it)",
+                "  held back by {}: {} in {} versions since {since} UTC ({why})",
                 held.site,
                 HumanBytes(held.bytes),
                 held.versions,
-                held.site
             );
         }
         println!(

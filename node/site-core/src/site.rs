@@ -1333,6 +1333,14 @@ impl Site {
         }
     }
 
+    /// `peer` sent a change this site refused: one by a site it does not know holds garbage
+    /// collection back (see [`Site::note_stranger`]).
+    fn note_refused(&mut self, peer: &SiteId, error: &crdt_namespace::ExchangeError) {
+        if let crdt_namespace::ExchangeError::Signature { site, .. } = error {
+            self.note_stranger(site, peer);
+        }
+    }
+
     fn disconnect(&mut self, peer: &SiteId, reason: String) {
         self.emit(Output::Disconnect { peer: peer.clone(), reason });
         self.handle_peer_down(self.now_ms, peer);
@@ -1400,7 +1408,10 @@ impl Site {
                             self.sync_with(from);
                         }
                     }
-                    Err(e) => self.disconnect(from, format!("bad sync message: {e}")),
+                    Err(e) => {
+                        self.note_refused(from, &e);
+                        self.disconnect(from, format!("bad sync message: {e}"))
+                    }
                 }
             }
             Message::Push { changes } => match self.ns.import(&changes) {
@@ -1409,7 +1420,10 @@ impl Site {
                         self.store_namespace();
                     }
                 }
-                Err(e) => self.disconnect(from, format!("bad push: {e}")),
+                Err(e) => {
+                    self.note_refused(from, &e);
+                    self.disconnect(from, format!("bad push: {e}"))
+                }
             },
             Message::WhoHas { content } => {
                 let manifest = self.held.get(&content).map(Manifest::encode);

@@ -8,7 +8,7 @@ mod net;
 
 use std::collections::BTreeMap;
 
-use crdt_namespace::Keys;
+use crdt_namespace::{Keys, SiteId};
 use net::{Net, bytes, key};
 use site_core::Request;
 use site_core::content::Manifest;
@@ -124,6 +124,86 @@ fn a_silent_member_holds_garbage_back_until_it_leaves_the_mesh() {
     net.wait(2_000);
     assert_eq!(net.reclaimed[0].0.len(), 1, "released");
     assert!(net.sites[0].status().space.held_back_by.is_empty());
+}
+
+#[test]
+fn a_site_added_elsewhere_but_not_here_holds_collection_back_until_it_is_added_here() {
+    // North was added at east and north, not yet at west. West's removal of /f is stable (east
+    // saw it, and nobody else west knows of is a member), but north moved /f concurrently;
+    // its move reaches east during west's grace period.
+    let names = ["west", "east", "north"].map(|n| SiteId::new(n).unwrap());
+    let mut west_keys = Keys::new();
+    for name in &names[..2] {
+        west_keys.allow(name, key(name).public());
+    }
+    let mut net = Net::new(&["west", "east", "north"], |config| {
+        if config.site.as_str() == "west" {
+            config.keys = west_keys.clone();
+            config.collect_grace_ms = 60_000;
+        }
+    });
+    let data = bytes(8, 20_000);
+    let m = net.put(0, "/f", &data);
+    net.wait(6_000);
+    for link in [(0, 2), (1, 2), (2, 1)] {
+        net.hold(link.0, link.1);
+    }
+    net.cut.insert((2, 0));
+    net.request(2, Request::Mkdir { path: "/keep".into(), parents: false, mode: 0o755 });
+    net.request(2, Request::Rename { from: "/f".into(), to: "/keep/f".into() });
+    net.request(0, Request::Remove { path: "/f".into(), recursive: false });
+    net.wait(10_000);
+    assert!(net.sites[0].status().space.held_back_by.is_empty(), "stable at west, in its grace period");
+    // North's move reaches east, which passes it on to west: west refuses it (north is no
+    // member there) and from then on holds everything back.
+    net.release(2, 1);
+    net.wait(120_000);
+    assert!(net.sites[1].namespace().stat("/keep/f").is_ok(), "at east the move wins");
+    assert!(net.reclaimed[0].0.is_empty(), "west keeps the version the move revived");
+    let held = net.sites[0].status().space.held_back_by;
+    let held: Vec<(&str, Option<&str>)> =
+        held.iter().map(|h| (h.site.as_str(), h.named_by.as_deref())).collect();
+    assert_eq!(held, [("north", Some("east"))]);
+    // North is added at west: west takes its move, and the file is whole everywhere.
+    let mut keys = west_keys.clone();
+    keys.allow(&names[2], key(&names[2]).public());
+    net.request(0, Request::Membership { keys, regions: BTreeMap::new() });
+    net.cut.clear();
+    for link in [(0, 2), (1, 2)] {
+        net.release(link.0, link.1);
+    }
+    net.reconnect(0, 1);
+    net.reconnect(0, 2);
+    net.wait(120_000);
+    assert!(net.sites[0].namespace().stat("/keep/f").is_ok(), "west has the move");
+    assert!(net.reclaimed.iter().all(|(v, _)| v.is_empty()), "nothing was collected anywhere");
+    assert_eq!(net.stored(0, &m), m.chunks.len());
+    assert_eq!(net.read(2, "/keep/f"), data, "and it is readable anywhere");
+}
+
+#[test]
+fn a_version_revived_and_removed_again_at_once_counts_once() {
+    // North is silent, so west's garbage waits; the version joins an epoch, leaves it (a
+    // concurrent move revives it) and joins the same epoch again (removed within a second).
+    let mut net = Net::new(&["west", "east", "north"], |_| {});
+    let data = bytes(9, 20_000);
+    net.put(0, "/f", &data);
+    net.wait(6_000);
+    for link in [(2, 0), (0, 1), (1, 0)] {
+        net.hold(link.0, link.1);
+    }
+    net.request(1, Request::Rename { from: "/f".into(), to: "/g".into() });
+    net.request(0, Request::Remove { path: "/f".into(), recursive: false });
+    net.release(1, 0);
+    assert!(net.sites[0].namespace().stat("/g").is_ok(), "the move revived it at west");
+    net.request(0, Request::Remove { path: "/g".into(), recursive: false });
+    net.release(0, 1);
+    net.wait(6_000);
+    let space = net.sites[0].status().space;
+    assert_eq!(space.garbage_versions, 1);
+    let held: Vec<(&str, usize, u64)> =
+        space.held_back_by.iter().map(|h| (h.site.as_str(), h.versions, h.bytes)).collect();
+    assert_eq!(held, [("north", 1, data.len() as u64)]);
 }
 
 #[test]

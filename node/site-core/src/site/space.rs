@@ -22,6 +22,14 @@
 //! operation that revives a version, so nothing is guessed — and `status` says who holds how
 //! much back since when; removing it from the mesh releases what it held back.
 //!
+//! Membership is per node: `mesh add` of a new site must reach every node before the new site
+//! writes. A node it has not reached yet does not know the site, refuses its changes, and would
+//! not wait for its reports. So a change by a site this node does not know, passed on by a
+//! member (and refused), or a member's report naming such a site, holds back all collection
+//! here, even of stable epochs still in their grace period, until the site is added here or
+//! the member that showed it leaves (`status` names both). A new site's write that reaches no
+//! member before this node collects is still not waited for.
+//!
 //! Epochs are kept in order and their frontiers only grow, so stability is looked at from the
 //! oldest until one is not stable. A version that becomes unreferenced less than
 //! [`EPOCH_MERGE_MS`] after the newest epoch began joins it, with the newer frontier (only more
@@ -43,7 +51,7 @@
 //! put stores or waits for its commit, and only if [`Site::holds_chunk`] still says no (a commit
 //! since may have brought the chunk back).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crdt_namespace::{ContentId, Frontier, SiteId};
 use proto::Message;
@@ -57,6 +65,12 @@ const EPOCH_MERGE_MS: u64 = 1_000;
 const COLLECT_BATCH_VERSIONS: usize = 4_096;
 /// How often stability is looked at while garbage waits (sooner when a batch was cut short).
 const COLLECT_CHECK_MS: u64 = 1_000;
+
+/// Reports of one member kept while this site does not yet hold everything they name.
+const REPORTS_PENDING_MAX: usize = 8;
+
+/// Sites not known here that hold collection back, at most (one is enough to hold it all).
+const STRANGERS_MAX: usize = 64;
 
 /// A chunk held here.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +89,9 @@ pub(super) struct ChunkInfo {
 pub(super) struct Space {
     /// What each member reported having integrated.
     reports: BTreeMap<SiteId, Report>,
+    /// Sites not known here whose changes a member has (see [`Site::note_stranger`]), each
+    /// with the first member that showed it.
+    strangers: BTreeMap<String, SiteId>,
     /// Held versions no live entry shows, and the epoch each joined.
     unreferenced: HashMap<ContentId, u64>,
     epochs: BTreeMap<u64, Epoch>,
@@ -96,8 +113,9 @@ pub(super) struct Space {
 }
 
 struct Report {
-    /// The member's latest report.
-    latest: Frontier,
+    /// Its reports newer than `covered`, oldest first, that this site's own frontier does not
+    /// cover yet (at most [`REPORTS_PENDING_MAX`]).
+    pending: VecDeque<Frontier>,
     /// Its latest report that this site's own frontier covers.
     covered: Option<Frontier>,
 }
@@ -108,8 +126,9 @@ struct Epoch {
     since_ms: u64,
     /// When it was first found stable.
     stable_since_ms: Option<u64>,
-    /// Versions that joined it (some may have left since: `unreferenced` says).
-    versions: Vec<ContentId>,
+    /// Versions that joined it (some may have left since: `unreferenced` says; one that left
+    /// and joined again is here once).
+    versions: BTreeSet<ContentId>,
 }
 
 /// A member that holds garbage back (part of [`super::Status`]).
@@ -126,6 +145,10 @@ pub struct GarbageHeldBack {
     /// Whether it ever reported what it integrated (an old node, or one never connected since
     /// this site started, has not).
     pub reported: bool,
+    /// Set when it is not a member here: a member whose report names it (it was added at some
+    /// nodes and not yet at this one). It holds back all collection until it is added here.
+    #[serde(default)]
+    pub named_by: Option<String>,
 }
 
 /// What the space of a site holds (part of [`super::Status`]).
@@ -300,7 +323,7 @@ impl Site {
                 frontier: Frontier::new(),
                 since_ms: now,
                 stable_since_ms: None,
-                versions: Vec::new(),
+                versions: BTreeSet::new(),
             };
             space.epochs.insert(id, epoch);
             id
@@ -309,7 +332,7 @@ impl Site {
         epoch.frontier = frontier;
         for content in versions {
             space.unreferenced.insert(content, id);
-            epoch.versions.push(content);
+            epoch.versions.insert(content);
         }
     }
 
@@ -322,22 +345,46 @@ impl Site {
             .space
             .reports
             .entry(from.clone())
-            .or_insert(Report { latest: Frontier::new(), covered: None });
-        report.latest = frontier;
+            .or_insert(Report { pending: VecDeque::new(), covered: None });
+        if report.pending.len() >= REPORTS_PENDING_MAX {
+            // The oldest stay (this site covers them first) and the newest.
+            report.pending.pop_back();
+        }
+        let named: Vec<SiteId> = frontier.iter().map(|(site, _)| site.clone()).collect();
+        report.pending.push_back(frontier);
+        for site in named {
+            self.note_stranger(site.as_str(), from);
+        }
         self.cover_reports();
     }
 
-    /// Notes, for each member, its latest report if this site now holds everything in it.
+    /// Notes, for each member, its latest report that this site now holds everything in.
     fn cover_reports(&mut self) {
-        if self.space.reports.values().all(|r| r.covered.as_ref() == Some(&r.latest)) {
+        if self.space.reports.values().all(|r| r.pending.is_empty()) {
             return;
         }
         let own = self.ns.frontier();
         for report in self.space.reports.values_mut() {
-            if report.covered.as_ref() != Some(&report.latest) && own.covers(&report.latest) {
-                report.covered = Some(report.latest.clone());
+            // The newest report covered, and the older ones with it (a member's frontier only
+            // grows; one that does not is only more cautious).
+            if let Some(newest) = report.pending.iter().rposition(|f| own.covers(f)) {
+                report.covered = report.pending.drain(..=newest).next_back();
             }
         }
+    }
+
+    /// A member passed on a change by `site`, or reported having one, and `site` is not a member
+    /// here, nor was: it was added at some nodes and not yet at this one. Until this site knows
+    /// it, it cannot integrate its changes, nor tell whether one revives what it would collect:
+    /// it holds every collection back.
+    pub(super) fn note_stranger(&mut self, site: &str, named_by: &SiteId) {
+        if site == self.config.site.as_str()
+            || self.config.keys.knows(site)
+            || self.space.strangers.len() >= STRANGERS_MAX
+        {
+            return;
+        }
+        self.space.strangers.entry(site.to_owned()).or_insert_with(|| named_by.clone());
     }
 
     /// Tells `peer` what this site has integrated, once that is durable (a site that lost a
@@ -351,9 +398,12 @@ impl Site {
     pub(super) fn space_membership_changed(&mut self) {
         let members: HashSet<&str> = self.config.keys.members().collect();
         self.space.reports.retain(|site, _| members.contains(site.as_str()));
+        let keys = &self.config.keys;
+        self.space.strangers.retain(|site, by| !keys.knows(site) && members.contains(by.as_str()));
     }
 
     /// Members (this site aside) whose reports do not show `frontier` integrated everywhere.
+    /// (The [`Site::strangers`] hold every epoch back besides.)
     fn holding_back<'a>(&'a self, frontier: &'a Frontier) -> impl Iterator<Item = &'a str> + 'a {
         self.config.keys.members().filter(move |member| {
             *member != self.config.site.as_str()
@@ -386,9 +436,14 @@ impl Site {
         let mut due = Vec::new();
         let mut cut_short = false;
         let ids: Vec<u64> = self.space.epochs.keys().copied().collect();
+        let strangers = !crate::sabotage::collect_unstable() && !self.space.strangers.is_empty();
         for id in ids {
             let epoch = &self.space.epochs[&id];
-            if epoch.stable_since_ms.is_none() && self.holding_back(&epoch.frontier).next().is_some() {
+            // Strangers hold back even the stable epochs, while in their grace period: one of
+            // them may have revived what they hold.
+            if strangers
+                || (epoch.stable_since_ms.is_none() && self.holding_back(&epoch.frontier).next().is_some())
+            {
                 break;
             }
             let epoch = self.space.epochs.get_mut(&id).expect("listed above");
@@ -396,14 +451,14 @@ impl Site {
             if stable_since.saturating_add(self.config.collect_grace_ms) > now {
                 break;
             }
-            let mut kept = Vec::new();
+            let mut kept = BTreeSet::new();
             for content in std::mem::take(&mut epoch.versions) {
                 if self.space.unreferenced.get(&content) != Some(&id) {
                     continue;
                 }
                 if reading.contains(&content) || due.len() >= COLLECT_BATCH_VERSIONS {
                     cut_short |= due.len() >= COLLECT_BATCH_VERSIONS;
-                    kept.push(content);
+                    kept.insert(content);
                 } else {
                     due.push(content);
                 }
@@ -525,20 +580,30 @@ impl Site {
             .map(|i| u64::from(i.len))
             .sum();
         let mut held_back: BTreeMap<&str, GarbageHeldBack> = BTreeMap::new();
+        let strangers: Vec<(&str, Option<&str>)> = if crate::sabotage::collect_unstable() {
+            Vec::new()
+        } else {
+            self.space.strangers.iter().map(|(site, by)| (site.as_str(), Some(by.as_str()))).collect()
+        };
         for (id, epoch) in &self.space.epochs {
-            if epoch.stable_since_ms.is_some() {
+            let mut holding = strangers.clone();
+            if epoch.stable_since_ms.is_none() {
+                holding.extend(self.holding_back(&epoch.frontier).map(|member| (member, None)));
+            }
+            if holding.is_empty() {
                 continue;
             }
             let waiting: Vec<&ContentId> =
                 epoch.versions.iter().filter(|c| self.space.unreferenced.get(c) == Some(id)).collect();
             let bytes: u64 = waiting.iter().filter_map(|c| self.held.get(c)).map(|m| m.size).sum();
-            for member in self.holding_back(&epoch.frontier) {
-                let entry = held_back.entry(member).or_insert_with(|| GarbageHeldBack {
-                    site: member.to_owned(),
+            for (site, named_by) in holding {
+                let entry = held_back.entry(site).or_insert_with(|| GarbageHeldBack {
+                    site: site.to_owned(),
                     bytes: 0,
                     versions: 0,
                     since_unix_ms: wall(epoch.since_ms),
-                    reported: SiteId::new(member).is_ok_and(|m| self.space.reports.contains_key(&m)),
+                    reported: SiteId::new(site).is_ok_and(|m| self.space.reports.contains_key(&m)),
+                    named_by: named_by.map(str::to_owned),
                 });
                 entry.bytes += bytes;
                 entry.versions += waiting.len();

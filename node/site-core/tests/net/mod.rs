@@ -184,6 +184,16 @@ impl Net {
         self.pump();
     }
 
+    /// The link between `a` and `b` goes down and comes up again.
+    pub fn reconnect(&mut self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            let peer = self.names[y].clone();
+            self.sites[x].handle_peer_down(self.now, &peer);
+            self.sites[x].handle_peer_up(self.now, peer);
+        }
+        self.pump();
+    }
+
     pub fn request(&mut self, s: usize, request: Request) -> RequestId {
         let id = RequestId(self.next_id);
         self.next_id += 1;
