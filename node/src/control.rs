@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 
 use anyhow::bail;
 use crdt_namespace::{EntryKind, Glob, OpError, Query, SiteId, TagPredicate};
-use site_core::content::ChunkHash;
 use site_core::{Reply, Request};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -21,7 +20,7 @@ use crate::api::{
 };
 use crate::membership::{Edit, Outcome};
 use crate::runtime::{Event, Handle, wall_ms};
-use crate::store::put_stream;
+use crate::store::{Claim, put_stream};
 
 /// Serves one control connection.
 pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Result<()> {
@@ -303,49 +302,46 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     }
     api::write_answer(&mut stream, Ok(())).await?;
     let (frames, frame_rx) = mpsc::channel::<Vec<u8>>(8);
-    let chunks = handle.chunks.clone();
     let chunker = handle.chunker;
     let workers = handle.put_workers;
-    let puts = handle.puts.clone();
-    // Every put holds `puts` shared from here until its commit is answered: it may rely on
-    // chunks it finds already stored, which the reclaimer (holding `puts` alone while it
-    // deletes) must not delete before the commit says they are held again.
-    let storing = handle.puts.clone().read_owned().await;
+    // The put claims every chunk it stores or finds stored until its commit is answered: the
+    // reclaimer leaves those files alone meanwhile (see `store::claims`).
+    let claim = Claim::new(handle.chunks.clone());
     let put = tokio::task::spawn_blocking(move || {
         let reader = FrameReader { frames: frame_rx, current: Vec::new(), at: 0 };
-        // A failed put gives back the chunks it wrote only if it then gets `puts` alone (no
-        // other put is storing or committing, and none starts until they are gone) and no
-        // write since it began found a chunk already stored, other than its own: nobody can be
-        // relying on one of its chunks. (A copy the core caches meanwhile can still find one
-        // and lose it: it is fetched again.)
-        let mut storing = Some(storing);
-        let reused_before = chunks.reused();
-        let mut give_back = |written: &[ChunkHash], found_by_this_put: u64| {
-            storing.take();
-            if let Ok(_alone) = puts.try_write() {
-                chunks.give_back(written, reused_before, found_by_this_put);
-            }
-        };
-        let outcome = put_stream(reader, chunker, &chunks, workers, &mut |_| {}, &mut give_back);
-        (outcome, storing)
+        let outcome = put_stream(reader, chunker, &claim, workers, &mut |_| {});
+        (outcome, claim)
     });
     let mut complete = false;
-    while let Some(frame) = api::read_frame(&mut stream).await? {
-        if frame.is_empty() {
-            complete = true;
-            break;
-        }
-        if frames.send(frame).await.is_err() {
-            // The put stopped taking data: it failed (the disk is full, say). The client hears
-            // why now, rather than after sending the rest.
-            break;
+    let mut broken = None;
+    loop {
+        match api::read_frame(&mut stream).await {
+            Ok(Some(frame)) if frame.is_empty() => {
+                complete = true;
+                break;
+            }
+            Ok(Some(frame)) => {
+                if frames.send(frame).await.is_err() {
+                    // The put stopped taking data: it failed (the disk is full, say). The
+                    // client hears why now, rather than after sending the rest.
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                broken = Some(e);
+                break;
+            }
         }
     }
     drop(frames);
-    let (outcome, _storing) = put.await?;
+    let (outcome, claim) = put.await?;
     let outcome = match outcome {
         Ok(_) if !complete => {
-            bail!("the client went away before the end of the data; nothing was recorded")
+            // Nothing records the chunks it wrote: they go now rather than at the next start.
+            claim.give_back();
+            let why = broken.map_or("went away".to_owned(), |e| format!("broke off ({e})"));
+            bail!("the client {why} before the end of the data; nothing was recorded")
         }
         Ok(outcome) => outcome,
         Err(e) => {
@@ -360,6 +356,11 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
         Some(PutAnswer { path, size, new_chunks: outcome.new_chunks, new_bytes: outcome.new_bytes })
     })
     .await?;
+    if answer.is_err() {
+        // The commit was refused (the path became a directory meanwhile, say): nothing records
+        // the chunks this put wrote.
+        claim.give_back();
+    }
     api::write_answer(&mut stream, answer).await?;
     Ok(())
 }

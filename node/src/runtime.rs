@@ -85,8 +85,8 @@ enum Command {
     },
     /// The client of read `id` took one [`Event::Data`].
     Taken(RequestId),
-    /// The reclaimer holds the puts' lock alone and is about to delete chunk files the core
-    /// said it no longer needs ([`Output::Reclaim`]): the core keeps those it still does not
+    /// The reclaimer is about to delete chunk files the core said it no longer needs
+    /// ([`Output::Reclaim`]): the core keeps those it still does not
     /// hold, the database forgets them, and `done` gets them back to delete.
     Reclaim(Reclaim, std::sync::mpsc::Sender<Vec<ChunkHash>>),
     Stop,
@@ -488,10 +488,13 @@ impl CoreThread {
                 Output::Cache { chunks, versions: held } => {
                     for (hash, data) in &chunks {
                         // The core checked every cached chunk against its hash.
-                        match self.chunks.put_verified(hash, data) {
-                            Ok(_) => {
+                        match self.chunks.put_copy(hash, data) {
+                            Ok(Some(_)) => {
                                 self.backlog.chunks.push(ChunkRef { hash: *hash, len: data.len() as u32 })
                             }
+                            // Its file is being deleted (the core reclaimed it a moment ago):
+                            // no copy is kept; the reads that wanted it have it.
+                            Ok(None) => self.site.handle_chunk_not_kept(*hash),
                             // A full disk keeps no copy; the reads that wanted the chunk have it.
                             Err(e @ ChunkError::NoSpace { .. }) => {
                                 self.space.not_kept(&e);
@@ -530,6 +533,13 @@ impl CoreThread {
         if !commit.is_empty() {
             self.submit(Job::Commit(commit))?;
         }
+        // Chunks a reclaim left to a put that has let go of them since: deleted now unless its
+        // commit brought them back.
+        let undeferred: Vec<ChunkHash> =
+            self.chunks.take_undeferred().into_iter().filter(|h| !self.site.holds_chunk(h)).collect();
+        if !undeferred.is_empty() {
+            reclaims.push(Reclaim { versions: Vec::new(), chunks: undeferred });
+        }
         for reclaim in reclaims {
             // The reclaimer ends only with the node.
             let _ = self.reclaims.send(reclaim);
@@ -537,15 +547,16 @@ impl CoreThread {
         self.confirm_reclaims()
     }
 
-    /// Reclaims the reclaimer is ready for (it holds the puts' lock alone): what the core
-    /// still does not hold is forgotten by the database, after every commit before it, and
-    /// dropped from the copies not yet recorded; the reclaimer then deletes those chunk files.
+    /// Reclaims the reclaimer is ready for: what the core still does not hold is forgotten by
+    /// the database, after every commit before it, and dropped from the copies not yet
+    /// recorded; of its chunks, those a put claims are deferred ([`ChunkStore::doom`]) and the
+    /// reclaimer deletes the others.
     fn confirm_reclaims(&mut self) -> anyhow::Result<()> {
         for (reclaim, done) in std::mem::take(&mut self.confirming) {
             let site = &self.site;
             let versions: Vec<ContentId> = reclaim.versions.into_iter().filter(|v| !site.holds(v)).collect();
-            let chunks: Vec<ChunkHash> =
-                reclaim.chunks.into_iter().filter(|h| !site.holds_chunk(h)).collect();
+            let chunks =
+                self.chunks.doom(reclaim.chunks.into_iter().filter(|h| !site.holds_chunk(h)).collect());
             let gone: HashSet<&ChunkHash> = chunks.iter().collect();
             let forgotten: HashSet<&ContentId> = versions.iter().collect();
             let backlog = &mut self.backlog;
@@ -737,13 +748,11 @@ impl Committer {
 }
 
 /// The reclaimer's thread: deletes the chunk files the core reclaims ([`Output::Reclaim`]),
-/// in batches. A put relies on the chunks it found already stored until its version is
-/// committed, so the reclaimer waits for the puts' lock alone (puts starting meanwhile wait
-/// behind it), has the core keep what a commit brought back since and the database forget
-/// the rest ([`Command::Reclaim`]), deletes those files, and lets puts go on.
+/// in batches. It has the core keep what a commit brought back since, leave what a put claims
+/// (see `store::claims`) and the database forget the rest ([`Command::Reclaim`]), then deletes
+/// those files. Puts go on meanwhile; one that needs a chunk being deleted waits for it.
 struct Reclaimer {
     chunks: Arc<ChunkStore>,
-    puts: Arc<tokio::sync::RwLock<()>>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -755,7 +764,6 @@ impl Reclaimer {
                 batch.versions.extend(more.versions);
                 batch.chunks.extend(more.chunks);
             }
-            let _alone = self.puts.blocking_write();
             let (done, confirmed) = std::sync::mpsc::channel();
             if self.commands.blocking_send(Command::Reclaim(batch, done)).is_err() {
                 return;
@@ -765,7 +773,7 @@ impl Reclaimer {
             let started = Instant::now();
             let mut failed = 0usize;
             for hash in &chunks {
-                if let Err(e) = self.chunks.remove(hash) {
+                if let Err(e) = self.chunks.remove_doomed(hash) {
                     failed += 1;
                     tracing::warn!("reclaiming: {e}");
                 }
@@ -799,9 +807,6 @@ pub struct Handle {
     pub(crate) cache_backlog: Arc<AtomicUsize>,
     /// Threads hashing and storing the chunks of one put.
     pub(crate) put_workers: usize,
-    /// Held shared by every put from its start until its commit is answered (see
-    /// `control::serve_put`), and alone by the reclaimer while it deletes chunk files.
-    pub(crate) puts: Arc<tokio::sync::RwLock<()>>,
     /// Ids of local requests.
     next_id: Arc<AtomicU64>,
     /// Room for one request's events: its reply, a read's window, its end.
@@ -907,7 +912,6 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         chunker: loaded.config.chunker(),
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        puts: Arc::new(tokio::sync::RwLock::new(())),
         next_id: Arc::new(AtomicU64::new(1)),
         event_queue: opened.site.config().read_window_chunks + 2,
     };
@@ -917,8 +921,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let namespace_saves = opened.db.namespace_saves()?;
     let committer = Committer { db: opened.db, chunks: opened.chunks.clone(), mesh: mesh.clone() };
     let (reclaims, reclaim_rx) = std::sync::mpsc::channel();
-    let reclaimer =
-        Reclaimer { chunks: opened.chunks.clone(), puts: handle.puts.clone(), commands: commands.clone() };
+    let reclaimer = Reclaimer { chunks: opened.chunks.clone(), commands: commands.clone() };
     std::thread::Builder::new().name("meridian-reclaim".into()).spawn(move || reclaimer.run(reclaim_rx))?;
     let core = CoreThread {
         site: opened.site,

@@ -171,6 +171,82 @@ fn removing_a_file_frees_its_space_at_every_site_once_every_site_has_seen_it() {
     assert!(b.read("/again.bin", None).unwrap() == big);
 }
 
+/// A source that gives `first`, then waits for `go` before giving `rest`; it says on `reached`
+/// when it has given `first`.
+struct Stalling {
+    first: std::io::Cursor<Vec<u8>>,
+    rest: std::io::Cursor<Vec<u8>>,
+    reached: Option<std::sync::mpsc::Sender<()>>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+impl std::io::Read for Stalling {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.first.read(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        if let Some(reached) = self.reached.take() {
+            let _ = reached.send(());
+            self.go.recv().map_err(|_| std::io::Error::other("the test ended"))?;
+        }
+        self.rest.read(buf)
+    }
+}
+
+#[test]
+fn a_stalled_put_holds_up_neither_other_puts_nor_collection_and_keeps_what_it_found() {
+    const HALF: usize = 16 << 20;
+    let cluster = quick_to_collect(1, |_, _| {});
+    let a = cluster.site(0).client.clone();
+    let old = pseudo_random(13, 2 * HALF);
+    a.put("/old.bin", &old).unwrap();
+    // A put whose client stalls after the first half of /old.bin's bytes: it finds their
+    // chunks stored and relies on them.
+    let slow: Vec<u8> = [&old[..HALF], &pseudo_random(14, 4 << 20)[..]].concat();
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let source = Stalling {
+        first: std::io::Cursor::new(slow[..HALF].to_vec()),
+        rest: std::io::Cursor::new(slow[HALF..].to_vec()),
+        reached: Some(reached_tx),
+        go: go_rx,
+    };
+    let stalled = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let mut source = source;
+            a.put_from("/slow.bin", &mut source)
+        })
+    };
+    reached.recv_timeout(TIMEOUT).unwrap();
+    // /old.bin goes: its garbage is collected while the put waits, and another put goes
+    // through meanwhile.
+    cluster.meridian(0, &["rm", "/old.bin"]).unwrap();
+    wait_until(TIMEOUT, || Ok(status_json(&cluster, 0).core.space.collected_bytes > 0)).unwrap();
+    let other = pseudo_random(15, 4 << 20);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    {
+        let (a, other) = (a.clone(), other.clone());
+        std::thread::spawn(move || done_tx.send(a.put("/other.bin", &other).map(|_| ())));
+    }
+    let finished = done.recv_timeout(TIMEOUT);
+    assert!(matches!(finished, Ok(Ok(()))), "another put waited behind the stalled one: {finished:?}");
+    // The stalled put goes on: the chunks it found stored were left to it.
+    go.send(()).unwrap();
+    stalled.join().unwrap().unwrap();
+    assert!(a.read("/slow.bin", None).unwrap() == slow, "the stalled put's file lost bytes");
+    assert!(a.read("/other.bin", None).unwrap() == other);
+    // Only /old.bin's second half went; what the core counts is what the disk holds.
+    wait_until(TIMEOUT, || {
+        let space = status_json(&cluster, 0).core.space;
+        Ok(space.garbage_versions == 0 && space.store_bytes == chunk_file_bytes(&cluster, 0))
+    })
+    .unwrap();
+    let stored = chunk_file_bytes(&cluster, 0);
+    assert!(stored < (HALF as u64) + (12 << 20), "{stored} bytes stored");
+}
+
 #[test]
 fn a_member_that_stays_away_holds_collection_back_until_it_leaves_the_mesh() {
     const SIZE: u64 = 8 << 20;

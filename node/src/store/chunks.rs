@@ -11,12 +11,15 @@
 //! a chunk file that no committed transaction refers to may be incomplete after a crash, and is
 //! removed when the store opens (`Db::recover`). Every read is verified against the hash: a
 //! corrupt chunk is reported and never served. The store must never be handed data whose hash it
-//! has not checked.
+//! has not checked. Writers that rely on a chunk file until something records it, and deleting,
+//! go through the claims (`claims.rs`).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::claims::Claims;
 
 use site_core::content::ChunkHash;
 
@@ -78,8 +81,8 @@ pub struct ChunkStore {
     /// Bytes of the file system left free for the database and the namespace's log: a chunk
     /// that would leave less is refused ([`ChunkError::NoSpace`]).
     reserve: u64,
-    /// Writes that found their chunk already stored (see [`ChunkStore::reused`]).
-    reused: AtomicU64,
+    /// Who relies on which chunk, and what is being deleted (see [`super::claims`]).
+    pub(super) claims: Claims,
 }
 
 impl ChunkStore {
@@ -97,7 +100,7 @@ impl ChunkStore {
             chunks,
             next_tmp: AtomicU64::new(0),
             reserve,
-            reused: AtomicU64::new(0),
+            claims: Claims::default(),
         })
     }
 
@@ -123,13 +126,12 @@ impl ChunkStore {
     }
 
     /// Stores `data`, whose hash the caller has just computed as `hash`: whether this call wrote
-    /// it (false: it was stored already, and the caller may now rely on it). Of two concurrent
-    /// writes of one chunk, one only is told it wrote it. Nothing stays behind when it cannot be
-    /// stored.
+    /// it (false: it was stored already). Of two concurrent writes of one chunk, one only is
+    /// told it wrote it. Nothing stays behind when it cannot be stored. A writer that relies on
+    /// the file until something records it goes through a [`super::Claim`].
     pub(crate) fn put_verified(&self, hash: &ChunkHash, data: &[u8]) -> Result<bool, ChunkError> {
         let path = self.path(hash);
         if path.exists() {
-            self.reused.fetch_add(1, Ordering::SeqCst);
             return Ok(false);
         }
         if self.reserve > 0 && self.available()? < data.len() as u64 + self.reserve {
@@ -149,7 +151,6 @@ impl ChunkStore {
             Err(rustix::io::Errno::EXIST) => {
                 // Another write stored it first.
                 let _ = fs::remove_file(&tmp);
-                self.reused.fetch_add(1, Ordering::SeqCst);
                 Ok(false)
             }
             // A file system without RENAME_NOREPLACE: a plain rename (two concurrent writers
@@ -166,28 +167,6 @@ impl ChunkStore {
                 Err(self.io_error(&path, e.into()))
             }
         }
-    }
-
-    /// How many writes so far found their chunk already stored: a put that failed may remove
-    /// the chunks it wrote only if no one else found one of them stored (and relied on it)
-    /// since it began.
-    pub fn reused(&self) -> u64 {
-        self.reused.load(Ordering::SeqCst)
-    }
-
-    /// Removes `written`, the chunks a failed put wrote, unless a write since the put began
-    /// (when [`ChunkStore::reused`] was `reused_before`) found a chunk already stored, other
-    /// than the `found` ones of the put itself: then someone may rely on one of them, and they
-    /// stay until the next start. Whether they were removed. The caller keeps other puts from
-    /// storing meanwhile.
-    pub fn give_back(&self, written: &[ChunkHash], reused_before: u64, found: u64) -> bool {
-        if self.reused() != reused_before + found {
-            return false;
-        }
-        for hash in written {
-            let _ = self.remove(hash);
-        }
-        true
     }
 
     /// Bytes an unprivileged writer may still use on the store's file system.
@@ -342,27 +321,6 @@ mod tests {
         assert!(store.list().unwrap().is_empty());
         let fan_out = store.path(&hash).parent().unwrap().to_owned();
         assert_eq!(fs::read_dir(&fan_out).unwrap().count(), 0, "a temporary file stayed behind");
-    }
-
-    #[test]
-    fn a_failed_puts_chunks_are_given_back_only_if_nobody_found_one_since() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path(), 0).unwrap();
-        let (x, y) = (ChunkHash::of(b"x"), ChunkHash::of(b"y"));
-        // A put begins and writes x; another finds x there (and commits a version with it);
-        // the first fails: x stays.
-        let began = store.reused();
-        assert!(store.put(&x, b"x").unwrap());
-        assert!(!store.put(&x, b"x").unwrap());
-        assert!(!store.give_back(&[x], began, 0));
-        assert_eq!(store.get(&x).unwrap(), b"x");
-        // A put that wrote y and found x itself, alone since it began: y goes, x stays.
-        let began = store.reused();
-        assert!(!store.put(&x, b"x").unwrap());
-        assert!(store.put(&y, b"y").unwrap());
-        assert!(store.give_back(&[y], began, 1));
-        assert!(matches!(store.get(&y), Err(ChunkError::Missing(_))));
-        assert_eq!(store.get(&x).unwrap(), b"x");
     }
 
     #[test]

@@ -273,6 +273,18 @@ impl Db {
                             .is_ok_and(|m| m.chunks.iter().all(|c| !missing.contains(&c.hash)))
                     })
                     .map_err(redb_error(WHAT))?;
+                // A version no longer held is no copy either.
+                let mut copied = tx.open_table(COPIES).map_err(redb_error(WHAT))?;
+                let mut dropped = Vec::new();
+                for row in copied.iter().map_err(redb_error(WHAT))? {
+                    let (id, _) = row.map_err(redb_error(WHAT))?;
+                    if table.get(id.value()).map_err(redb_error(WHAT))?.is_none() {
+                        dropped.push(id.value().to_vec());
+                    }
+                }
+                for id in dropped {
+                    copied.remove(id.as_slice()).map_err(redb_error(WHAT))?;
+                }
             }
             tx.commit().map_err(redb_error(WHAT))?;
         }
@@ -333,5 +345,25 @@ mod tests {
         db.forget(&[own.content_id()], &[own.chunks[0].hash]).unwrap();
         assert_eq!(db.versions().unwrap(), vec![copy.clone()]);
         assert!(!db.chunk_index().unwrap().contains_key(&own.chunks[0].hash));
+    }
+
+    #[test]
+    fn a_copy_that_recovery_drops_is_no_copy_any_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = ChunkStore::open(dir.path(), 0).unwrap();
+        let db = Db::open(&dir.path().join("meta.redb")).unwrap();
+        let data = vec![3u8; 30_000];
+        let config = ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let copy = Manifest::of_bytes(&data, config);
+        for (i, c) in copy.chunks.iter().enumerate() {
+            let r = copy.chunk_range(i);
+            chunks.put(&c.hash, &data[r.start as usize..r.end as usize]).unwrap();
+        }
+        db.commit(b"", &[], &[&copy], &copy.chunks).unwrap();
+        assert_eq!(db.copies().unwrap(), HashSet::from([copy.content_id()]));
+        chunks.remove(&copy.chunks[0].hash).unwrap();
+        assert_eq!(db.recover(&chunks).unwrap().missing_chunks, 1);
+        assert!(db.versions().unwrap().is_empty());
+        assert!(db.copies().unwrap().is_empty(), "the dropped version's row of copies stayed");
     }
 }

@@ -7,9 +7,11 @@
 //! recorded are leftovers and are removed when the store opens.
 
 pub mod chunks;
+pub mod claims;
 pub mod db;
 pub mod put;
 
 pub use chunks::{ChunkError, ChunkStore};
+pub use claims::Claim;
 pub use db::{Db, DbError, Recovery};
 pub use put::{PutError, PutOutcome, put_stream};

@@ -9,7 +9,8 @@
 use std::io::Read;
 use std::sync::Mutex;
 
-use crate::store::chunks::{ChunkError, ChunkStore};
+use crate::store::chunks::ChunkError;
+use crate::store::claims::Claim;
 use site_core::content::{ChunkHash, ChunkRef, ChunkerConfig, Manifest};
 
 /// Chunks queued per worker: enough to keep every worker busy while the reader cuts the next.
@@ -37,28 +38,41 @@ pub enum PutError {
     Store(#[from] ChunkError),
 }
 
-/// Reads `source` to its end and stores it as chunks; `progress` is called with the bytes read so
-/// far after each chunk. The chunks are written but not yet durable: sync the store
-/// ([`ChunkStore::sync`]) before anything durable refers to the manifest — one sync can then
-/// serve many puts.
+/// Reads `source` to its end and stores it as chunks through `claim` (which holds them until it
+/// is dropped: keep it until the version is committed); `progress` is called with the bytes read
+/// so far after each chunk. The chunks are written but not yet durable: sync the store
+/// ([`crate::store::ChunkStore::sync`]) before anything durable refers to the manifest — one
+/// sync can then serve many puts.
 ///
-/// A put that fails hands `failed` the chunks it wrote (none of them recorded anywhere) and how
-/// many it found stored already ([`ChunkStore::reused`] counts those too): it may remove them if
-/// no one else can be relying on them; what stays is removed at the next start (`Db::recover`).
+/// A put that fails gives back the chunks it wrote that nobody else relies on
+/// ([`Claim::give_back`]); what stays is removed at the next start (`Db::recover`).
 pub fn put_stream<R: Read>(
-    mut source: R,
+    source: R,
     config: ChunkerConfig,
-    store: &ChunkStore,
+    claim: &Claim,
     workers: usize,
     progress: &mut dyn FnMut(u64),
-    failed: &mut dyn FnMut(&[ChunkHash], u64),
+) -> Result<PutOutcome, PutError> {
+    let outcome = put_claimed(source, config, claim, workers, progress);
+    if outcome.is_err() {
+        claim.give_back();
+    }
+    outcome
+}
+
+fn put_claimed<R: Read>(
+    mut source: R,
+    config: ChunkerConfig,
+    claim: &Claim,
+    workers: usize,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<PutOutcome, PutError> {
     // A source shorter than the smallest chunk is one chunk (or none): stored here, without the
     // chunker's buffer of the largest chunk size or the worker threads.
     let mut head = Vec::new();
     (&mut source).take(u64::from(config.min_bytes)).read_to_end(&mut head).map_err(PutError::Read)?;
     if head.len() < config.min_bytes as usize {
-        return put_small(&head, store, progress);
+        return put_small(&head, claim, progress);
     }
     let source = std::io::Cursor::new(head).chain(source);
     let workers = workers.max(1);
@@ -80,7 +94,7 @@ pub fn put_stream<R: Read>(
             scope.spawn(move || {
                 for (index, data) in chunk_rx {
                     let hash = ChunkHash::of(&data);
-                    match store.put_verified(&hash, &data) {
+                    match claim.put(&hash, &data) {
                         Ok(new) => results.lock().expect("results lock").push((
                             index,
                             ChunkRef { hash, len: data.len() as u32 },
@@ -121,9 +135,6 @@ pub fn put_stream<R: Read>(
         (Ok(()), None) => None,
     };
     if let Some(e) = failed_with {
-        let written: Vec<ChunkHash> =
-            results.iter().filter(|(_, _, new)| *new).map(|(_, c, _)| c.hash).collect();
-        failed(&written, (results.len() - written.len()) as u64);
         return Err(e);
     }
     results.sort_by_key(|(i, _, _)| *i);
@@ -135,12 +146,12 @@ pub fn put_stream<R: Read>(
 }
 
 /// Stores `data`, shorter than the smallest chunk, as a version of at most one chunk.
-fn put_small(data: &[u8], store: &ChunkStore, progress: &mut dyn FnMut(u64)) -> Result<PutOutcome, PutError> {
+fn put_small(data: &[u8], claim: &Claim, progress: &mut dyn FnMut(u64)) -> Result<PutOutcome, PutError> {
     let mut chunks = Vec::new();
     let mut new_chunks = 0;
     if !data.is_empty() {
         let hash = ChunkHash::of(data);
-        if store.put_verified(&hash, data)? {
+        if claim.put(&hash, data)? {
             new_chunks = 1;
         }
         chunks.push(ChunkRef { hash, len: data.len() as u32 });
@@ -158,32 +169,33 @@ mod tests {
     #[test]
     fn a_streamed_put_matches_the_in_memory_manifest_and_dedupes() {
         let (_dir, store, config) = small_chunks_store();
+        let claim = Claim::new(store.clone());
         let data = bytes(1, 300_000);
         let mut last = 0;
-        let first = put_stream(&data[..], config, &store, 3, &mut |n| last = n, &mut |_, _| {}).unwrap();
+        let first = put_stream(&data[..], config, &claim, 3, &mut |n| last = n).unwrap();
         assert_eq!(last, data.len() as u64);
         assert_eq!(first.manifest, Manifest::of_bytes(&data, config));
         assert_eq!(first.new_chunks, first.manifest.chunks.len());
-        let again = put_stream(&data[..], config, &store, 2, &mut |_| {}, &mut |_, _| {}).unwrap();
+        let again = put_stream(&data[..], config, &claim, 2, &mut |_| {}).unwrap();
         assert_eq!(again.new_chunks, 0);
         for (i, c) in first.manifest.chunks.iter().enumerate() {
             let r = first.manifest.chunk_range(i);
             assert_eq!(store.get(&c.hash).unwrap(), &data[r.start as usize..r.end as usize]);
         }
-        let empty = put_stream(&[][..], config, &store, 2, &mut |_| {}, &mut |_, _| {}).unwrap();
+        let empty = put_stream(&[][..], config, &claim, 2, &mut |_| {}).unwrap();
         assert_eq!(empty.manifest.size, 0);
         assert!(empty.manifest.chunks.is_empty());
         assert_eq!(empty.manifest, Manifest::of_bytes(&[], config));
         // Shorter than the smallest chunk, exactly that long, and one byte longer.
         for len in [1, 1023, 1024, 1025] {
-            let small = put_stream(&data[..len], config, &store, 2, &mut |_| {}, &mut |_, _| {}).unwrap();
+            let small = put_stream(&data[..len], config, &claim, 2, &mut |_| {}).unwrap();
             assert_eq!(small.manifest, Manifest::of_bytes(&data[..len], config), "{len} bytes");
             assert_eq!(store.get(&small.manifest.chunks[0].hash).unwrap(), &data[..len]);
         }
     }
 
     #[test]
-    fn a_failed_put_hands_back_the_chunks_it_wrote_and_only_those() {
+    fn a_failed_put_gives_back_the_chunks_it_wrote_and_only_those() {
         let (_dir, store, config) = small_chunks_store();
         let data = bytes(7, 150_000);
         // The stream's first chunk is stored before: another put's, which the failed one finds
@@ -204,24 +216,21 @@ mod tests {
                 Ok(n)
             }
         }
-        let mut handed = Vec::new();
-        let failed = put_stream(Failing(&data), config, &store, 2, &mut |_| {}, &mut |written, _| {
-            handed = written.to_vec()
-        });
+        let claim = Claim::new(store.clone());
+        let failed = put_stream(Failing(&data), config, &claim, 2, &mut |_| {});
         assert!(matches!(failed, Err(PutError::Read(_))));
-        assert!(!handed.is_empty(), "the chunks written before the failure are handed back");
-        assert!(!handed.contains(&first), "a chunk it found stored was handed back");
-        let mut stored: Vec<ChunkHash> = store.list().unwrap();
-        stored.retain(|h| *h != first);
-        stored.sort_by_key(|h| h.0);
-        handed.sort_by_key(|h| h.0);
-        assert_eq!(stored, handed, "exactly the chunks it wrote");
+        drop(claim);
+        assert_eq!(
+            store.list().unwrap(),
+            vec![first],
+            "the chunks it wrote are given back, the one it found stays"
+        );
     }
 
     /// A store in a temporary directory, and chunking in a few KiB.
-    fn small_chunks_store() -> (tempfile::TempDir, ChunkStore, ChunkerConfig) {
+    fn small_chunks_store() -> (tempfile::TempDir, std::sync::Arc<crate::store::ChunkStore>, ChunkerConfig) {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let store = std::sync::Arc::new(crate::store::ChunkStore::open(dir.path(), 0).unwrap());
         (dir, store, ChunkerConfig { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 })
     }
 

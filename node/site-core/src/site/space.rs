@@ -39,7 +39,7 @@
 //! (until objectives place copies elsewhere). Every other chunk held is a copy fetched from
 //! others: the cache, bounded by `cache_max_bytes`. Above the bound the least recently used
 //! copies (loaded for a read, served to a peer, or fetched) go, down to 15/16 of it; chunks a
-//! read in progress needs stay.
+//! read in progress needs, and those of packs going up to the staging bucket, stay.
 //!
 //! A member is trusted with its reports as with its writes: one that reports changes it does
 //! not hold can make others collect what a change of its own then brings back (as it could
@@ -47,9 +47,9 @@
 //!
 //! What is deleted leaves the core's tables at once and goes to the driver as
 //! [`Output::Reclaim`]. A put stores its chunks before it commits its version, and one that
-//! found a chunk already stored relies on it; so the driver deletes a chunk file only while no
-//! put stores or waits for its commit, and only if [`Site::holds_chunk`] still says no (a commit
-//! since may have brought the chunk back).
+//! found a chunk already stored relies on it; so the driver deletes a chunk file only if no put
+//! in progress relies on it, and only if [`Site::holds_chunk`] still says no (a commit since may
+//! have brought the chunk back).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
@@ -432,7 +432,9 @@ impl Site {
         }
         let now = self.now_ms;
         self.space.checked_ms = Some(now);
-        let reading: HashSet<ContentId> = self.reads.values().map(|r| r.content).collect();
+        // Versions a read or a pack going up is reading wait.
+        let mut reading: HashSet<ContentId> = self.reads.values().map(|r| r.content).collect();
+        reading.extend(self.stage_out.uploading_contents());
         let mut due = Vec::new();
         let mut cut_short = false;
         let ids: Vec<u64> = self.space.epochs.keys().copied().collect();
@@ -480,12 +482,17 @@ impl Site {
         self.space.collected_bytes += freed;
     }
 
-    /// Chunks a read in progress will deliver.
+    /// Chunks a read in progress will deliver, or a pack going up holds.
     fn needed_by_reads(&self) -> HashSet<ChunkHash> {
         let mut needed = HashSet::new();
         for read in self.reads.values() {
             if let Some(manifest) = &read.manifest {
                 needed.extend(manifest.chunks[read.next.min(read.end)..read.end].iter().map(|c| c.hash));
+            }
+        }
+        for content in self.stage_out.uploading_contents() {
+            if let Some(manifest) = self.held.get(content) {
+                needed.extend(manifest.chunks.iter().map(|c| c.hash));
             }
         }
         needed

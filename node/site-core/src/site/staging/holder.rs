@@ -58,6 +58,11 @@ impl Holder {
         self.packs_out.len()
     }
 
+    /// The versions of the packs going up: their chunks are read for the upload.
+    pub fn uploading_contents(&self) -> impl Iterator<Item = &ContentId> {
+        self.packs_out.values().filter(|p| !p.uploaded).flat_map(|p| p.contents.iter())
+    }
+
     /// The answers naming `pack` for `contents` (as many messages as the bound per message
     /// needs), with the manifests of the small versions, to `to`.
     fn send_staged(
