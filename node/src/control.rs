@@ -339,12 +339,13 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     let outcome = match outcome {
         Ok(_) if !complete => {
             // Nothing records the chunks it wrote: they go now rather than at the next start.
-            claim.give_back();
+            handle.give_back(claim.into_written()).await;
             let why = broken.map_or("went away".to_owned(), |e| format!("broke off ({e})"));
             bail!("the client {why} before the end of the data; nothing was recorded")
         }
         Ok(outcome) => outcome,
         Err(e) => {
+            handle.give_back(claim.into_written()).await;
             let error = ApiError::new(ErrorKind::Io, e);
             return Ok(api::write_answer::<PutAnswer>(&mut stream, Err(error)).await?);
         }
@@ -359,7 +360,9 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
     if answer.is_err() {
         // The commit was refused (the path became a directory meanwhile, say): nothing records
         // the chunks this put wrote.
-        claim.give_back();
+        handle.give_back(claim.into_written()).await;
+    } else {
+        drop(claim);
     }
     api::write_answer(&mut stream, answer).await?;
     Ok(())

@@ -92,11 +92,14 @@ enum Command {
     Stop,
 }
 
-/// Versions no longer held and chunks to delete ([`Output::Reclaim`]).
+/// Versions no longer held and chunks to delete ([`Output::Reclaim`]), or the chunks a failed
+/// put wrote ([`Handle::give_back`]).
 #[derive(Debug, Default)]
-struct Reclaim {
+pub(crate) struct Reclaim {
     versions: Vec<ContentId>,
     chunks: Vec<ChunkHash>,
+    /// Told once the chunk files are deleted.
+    finished: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The status a daemon ends with when any of its threads panicked.
@@ -484,7 +487,9 @@ impl CoreThread {
         let mut reclaims = Vec::new();
         while let Some(output) = self.site.poll_output() {
             match output {
-                Output::Reclaim { versions, chunks } => reclaims.push(Reclaim { versions, chunks }),
+                Output::Reclaim { versions, chunks } => {
+                    reclaims.push(Reclaim { versions, chunks, finished: Vec::new() })
+                }
                 Output::Cache { chunks, versions: held } => {
                     for (hash, data) in &chunks {
                         // The core checked every cached chunk against its hash.
@@ -538,7 +543,7 @@ impl CoreThread {
         let undeferred: Vec<ChunkHash> =
             self.chunks.take_undeferred().into_iter().filter(|h| !self.site.holds_chunk(h)).collect();
         if !undeferred.is_empty() {
-            reclaims.push(Reclaim { versions: Vec::new(), chunks: undeferred });
+            reclaims.push(Reclaim { chunks: undeferred, ..Reclaim::default() });
         }
         for reclaim in reclaims {
             // The reclaimer ends only with the node.
@@ -563,7 +568,7 @@ impl CoreThread {
             backlog.chunks.retain(|c| !gone.contains(&c.hash));
             backlog.versions.retain(|m| !forgotten.contains(&m.content_id()) && site.holds(&m.content_id()));
             backlog.count.store(backlog.chunks.len(), Ordering::Relaxed);
-            self.submit(Job::Forget(Reclaim { versions, chunks }, done))?;
+            self.submit(Job::Forget(Reclaim { versions, chunks, finished: Vec::new() }, done))?;
         }
         Ok(())
     }
@@ -763,13 +768,20 @@ impl Reclaimer {
             while let Ok(more) = reclaims.try_recv() {
                 batch.versions.extend(more.versions);
                 batch.chunks.extend(more.chunks);
+                batch.finished.extend(more.finished);
             }
+            let finished = std::mem::take(&mut batch.finished);
             let (done, confirmed) = std::sync::mpsc::channel();
             if self.commands.blocking_send(Command::Reclaim(batch, done)).is_err() {
+                self.chunks.abandon_deleting();
                 return;
             }
-            // The node stopping before the database forgot them: nothing is deleted.
-            let Ok(chunks) = confirmed.recv() else { return };
+            // The node stopping (or its store failing) before the database forgot them:
+            // nothing is deleted, and puts waiting for a deletion go on.
+            let Ok(chunks) = confirmed.recv() else {
+                self.chunks.abandon_deleting();
+                return;
+            };
             let started = Instant::now();
             let mut failed = 0usize;
             for hash in &chunks {
@@ -785,6 +797,9 @@ impl Reclaimer {
                 ms,
                 "deleted chunk files nothing here needs any more"
             );
+            for finished in finished {
+                let _ = finished.send(());
+            }
         }
     }
 }
@@ -793,6 +808,8 @@ impl Reclaimer {
 #[derive(Clone)]
 pub struct Handle {
     commands: mpsc::Sender<Command>,
+    /// The reclaimer's queue (for what failed puts wrote).
+    reclaims: std::sync::mpsc::Sender<Reclaim>,
     pub(crate) mesh: MeshHandle,
     pub(crate) config: Loaded,
     /// Held while the configuration file and the live membership change together.
@@ -844,6 +861,20 @@ impl Handle {
             .await
             .map_err(|_| anyhow::anyhow!("the node is stopping"))?;
         Ok(Events { id, events: rx, commands: self.commands.clone() })
+    }
+
+    /// Hands the chunks a failed put wrote to the reclaimer, and waits until it has deleted
+    /// those the core does not hold and no other put claims (see `store::claims`).
+    pub(crate) async fn give_back(&self, chunks: Vec<ChunkHash>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let reclaim = Reclaim { chunks, finished: vec![finished], ..Reclaim::default() };
+        if self.reclaims.send(reclaim).is_ok() {
+            // The node stopping first: what stays is removed at the next start.
+            let _ = done.await;
+        }
     }
 
     /// Sends a request and waits for its answer.
@@ -901,7 +932,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         "meridian node running"
     );
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (reclaims, reclaim_rx) = std::sync::mpsc::channel();
     let handle = Handle {
+        reclaims: reclaims.clone(),
         commands: commands.clone(),
         mesh: mesh.clone(),
         config: loaded.clone(),
@@ -920,7 +953,6 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let (commits, commit_rx) = std::sync::mpsc::sync_channel(COMMIT_QUEUE);
     let namespace_saves = opened.db.namespace_saves()?;
     let committer = Committer { db: opened.db, chunks: opened.chunks.clone(), mesh: mesh.clone() };
-    let (reclaims, reclaim_rx) = std::sync::mpsc::channel();
     let reclaimer = Reclaimer { chunks: opened.chunks.clone(), commands: commands.clone() };
     std::thread::Builder::new().name("meridian-reclaim".into()).spawn(move || reclaimer.run(reclaim_rx))?;
     let core = CoreThread {

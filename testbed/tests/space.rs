@@ -171,11 +171,11 @@ fn removing_a_file_frees_its_space_at_every_site_once_every_site_has_seen_it() {
     assert!(b.read("/again.bin", None).unwrap() == big);
 }
 
-/// A source that gives `first`, then waits for `go` before giving `rest`; it says on `reached`
-/// when it has given `first`.
+/// A source that gives `first`, then waits for `go` before giving `rest` (or failing, without
+/// a `rest`); it says on `reached` when it has given `first`.
 struct Stalling {
     first: std::io::Cursor<Vec<u8>>,
-    rest: std::io::Cursor<Vec<u8>>,
+    rest: Option<std::io::Cursor<Vec<u8>>>,
     reached: Option<std::sync::mpsc::Sender<()>>,
     go: std::sync::mpsc::Receiver<()>,
 }
@@ -190,8 +190,36 @@ impl std::io::Read for Stalling {
             let _ = reached.send(());
             self.go.recv().map_err(|_| std::io::Error::other("the test ended"))?;
         }
-        self.rest.read(buf)
+        match &mut self.rest {
+            Some(rest) => rest.read(buf),
+            None => Err(std::io::Error::other("the source broke")),
+        }
     }
+}
+
+/// Starts a put of `first` then `rest` at `path` whose source stalls in between (and fails
+/// there if `rest` is `None`): the put's thread, a receiver told when the source stalls, and the
+/// sender that lets it go on.
+fn stalled_put(
+    client: &node::client::Client,
+    path: &str,
+    first: &[u8],
+    rest: Option<&[u8]>,
+) -> (
+    std::thread::JoinHandle<anyhow::Result<node::api::PutAnswer>>,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let mut source = Stalling {
+        first: std::io::Cursor::new(first.to_vec()),
+        rest: rest.map(|r| std::io::Cursor::new(r.to_vec())),
+        reached: Some(reached_tx),
+        go: go_rx,
+    };
+    let (client, path) = (client.clone(), path.to_owned());
+    (std::thread::spawn(move || client.put_from(&path, &mut source)), reached, go)
 }
 
 #[test]
@@ -204,21 +232,7 @@ fn a_stalled_put_holds_up_neither_other_puts_nor_collection_and_keeps_what_it_fo
     // A put whose client stalls after the first half of /old.bin's bytes: it finds their
     // chunks stored and relies on them.
     let slow: Vec<u8> = [&old[..HALF], &pseudo_random(14, 4 << 20)[..]].concat();
-    let (reached_tx, reached) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    let source = Stalling {
-        first: std::io::Cursor::new(slow[..HALF].to_vec()),
-        rest: std::io::Cursor::new(slow[HALF..].to_vec()),
-        reached: Some(reached_tx),
-        go: go_rx,
-    };
-    let stalled = {
-        let a = a.clone();
-        std::thread::spawn(move || {
-            let mut source = source;
-            a.put_from("/slow.bin", &mut source)
-        })
-    };
+    let (stalled, reached, go) = stalled_put(&a, "/slow.bin", &slow[..HALF], Some(&slow[HALF..]));
     reached.recv_timeout(TIMEOUT).unwrap();
     // /old.bin goes: its garbage is collected while the put waits, and another put goes
     // through meanwhile.
@@ -245,6 +259,32 @@ fn a_stalled_put_holds_up_neither_other_puts_nor_collection_and_keeps_what_it_fo
     .unwrap();
     let stored = chunk_file_bytes(&cluster, 0);
     assert!(stored < (HALF as u64) + (12 << 20), "{stored} bytes stored");
+}
+
+#[test]
+fn a_failed_put_gives_back_its_chunks_but_not_those_another_put_committed_meanwhile() {
+    const SIZE: usize = 16 << 20;
+    let cluster = quick_to_collect(1, |_, _| {});
+    let a = cluster.site(0).client.clone();
+    let data = pseudo_random(16, SIZE);
+    // A put writes the chunks of `data`, then its source stalls; another put of the same bytes
+    // finds them stored and commits; then the first put's source fails.
+    let (failing, reached, go) = stalled_put(&a, "/failing.bin", &data, None);
+    reached.recv_timeout(TIMEOUT).unwrap();
+    a.put("/same.bin", &data).unwrap();
+    go.send(()).unwrap();
+    assert!(failing.join().unwrap().is_err(), "the put whose source broke failed");
+    assert!(!a.exists("/failing.bin").unwrap());
+    assert!(a.read("/same.bin", None).unwrap() == data, "the committed file lost chunks");
+    let space = status_json(&cluster, 0).core.space;
+    assert_eq!((space.store_bytes, chunk_file_bytes(&cluster, 0)), (SIZE as u64, SIZE as u64));
+    // A put that fails alone leaves nothing behind.
+    let (failing, reached, go) = stalled_put(&a, "/alone.bin", &pseudo_random(17, SIZE), None);
+    reached.recv_timeout(TIMEOUT).unwrap();
+    go.send(()).unwrap();
+    assert!(failing.join().unwrap().is_err());
+    // Its client went away: the node gives its chunks back after it noticed.
+    wait_until(TIMEOUT, || Ok(chunk_file_bytes(&cluster, 0) == SIZE as u64)).unwrap();
 }
 
 #[test]

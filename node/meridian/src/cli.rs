@@ -818,8 +818,9 @@ async fn status(cli: &Cli) -> anyhow::Result<()> {
                 utc_minutes(i64::try_from(held.since_unix_ms).unwrap_or(i64::MAX).saturating_mul(1_000_000));
             let why = match (&held.named_by, held.reported) {
                 (Some(by), _) => format!(
-                    "not a member here, but {by} has its changes: add it here with `meridian mesh add`, \
-                     or `meridian mesh rm {by}` releases it"
+                    "not a member here, but {by} has its changes: `meridian mesh add {}` here releases it \
+                     (then `meridian mesh rm {}` if it is not wanted)",
+                    held.site, held.site
                 ),
                 (None, true) => {
                     format!("has not seen the removal yet; `meridian mesh rm {}` releases it", held.site)

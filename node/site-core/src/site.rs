@@ -56,11 +56,11 @@ use staging::{Holder, Reader};
 const SYNC_IDLE_MAX: u32 = 16;
 
 /// Sync rounds in a row at which a peer has not confirmed some of this site's changes while
-/// neither side's heads moved, before the session starts afresh. A change lost on the way
-/// can also leave both sides silent: the session thinks it in flight and sends nothing more
-/// until the next change (which brings the lost one as a dependency). A change the peer holds
-/// back for its clock bound looks the same: that session restarts every few rounds meanwhile,
-/// which costs a summary of the history each time, no more.
+/// its heads did not move, before the session starts afresh. A change lost on the way leaves
+/// the session sure it is in flight: both sides stay silent until a later change makes the peer
+/// ask for it, and for ever if none comes (the peer's heads stay put, whatever this site's do).
+/// A change the peer holds back for its clock bound looks the same: that session restarts every
+/// few rounds meanwhile, which costs a summary of the history each time, no more.
 const SYNC_QUIET_ROUNDS_MAX: u32 = 6;
 
 /// Times one chunk fetch is sent (over all holders) before its readers fail: enough to go round
@@ -324,8 +324,8 @@ pub struct PeerLag {
     pub site: String,
     /// This site's namespace changes it had not confirmed at the last sync round.
     pub lag_changes: usize,
-    /// Times the sync session with it started afresh, stuck (see [`SYNC_IDLE_MAX`]), since the
-    /// link came up.
+    /// Times the sync session with it started afresh, stuck (see [`SYNC_IDLE_MAX`] and
+    /// [`SYNC_QUIET_ROUNDS_MAX`]), since the link came up.
     #[serde(default)]
     pub sync_restarts: u64,
 }
@@ -623,10 +623,10 @@ struct Peer {
     /// The peer's heads and this site's, at its last message.
     heads_at_last: Option<Heads>,
     /// Sync rounds in a row at which the peer had not confirmed some of this site's changes
-    /// while neither side's heads moved.
+    /// while its heads did not move.
     quiet_rounds: u32,
-    /// Both sides' heads at the last sync round.
-    heads_at_round: Option<Heads>,
+    /// The peer's heads at the last sync round.
+    their_heads_at_round: Option<Vec<crdt_namespace::ChangeHash>>,
     /// Times the session started afresh, stuck.
     restarts: u64,
 }
@@ -641,7 +641,7 @@ impl Peer {
             idle: 0,
             heads_at_last: None,
             quiet_rounds: 0,
-            heads_at_round: None,
+            their_heads_at_round: None,
             restarts: 0,
         }
     }
@@ -1310,16 +1310,15 @@ impl Site {
         }
     }
 
-    /// At a sync round: starts the session with `peer` afresh if it has been stuck quiet for
+    /// At a sync round: starts the session with `peer` afresh if it has been stuck for
     /// [`SYNC_QUIET_ROUNDS_MAX`] rounds.
     fn restart_quiet_session(&mut self, peer: &SiteId) {
-        let ours = self.ns.heads();
         let Some(state) = self.peers.get_mut(peer) else { return };
         let unconfirmed = self.ns.unconfirmed_changes(&state.session);
-        let heads = (state.session.their_heads().unwrap_or_default().to_vec(), ours);
-        let still = state.heads_at_round.as_ref() == Some(&heads);
+        let theirs = state.session.their_heads().unwrap_or_default().to_vec();
+        let still = state.their_heads_at_round.as_ref() == Some(&theirs);
         state.quiet_rounds = if unconfirmed > 0 && still { state.quiet_rounds + 1 } else { 0 };
-        state.heads_at_round = Some(heads);
+        state.their_heads_at_round = Some(theirs);
         if state.quiet_rounds >= SYNC_QUIET_ROUNDS_MAX {
             state.restart();
         }

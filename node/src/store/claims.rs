@@ -10,10 +10,12 @@
 //!   [`ChunkStore::take_undeferred`]), the others are marked as being deleted;
 //! - a put that needs a chunk being deleted waits until its file is gone, then writes it anew;
 //! - a copy the core caches is not kept if its chunk is being deleted (it is fetched again when
-//!   needed); one that a put claims is marked as kept, so that the put, if it fails, leaves it.
+//!   needed).
 //!
-//! A put that fails gives back the chunks it wrote that no other put claims and the core keeps
-//! no copy of ([`Claim::give_back`]).
+//! A put that fails lets go of its claims and hands the chunks it wrote to the reclaimer
+//! ([`Claim::into_written`]), like chunks the core reclaims: they go only if the core does not
+//! hold them (another put of the same bytes may have committed, or a fetch cached a copy) and
+//! no put claims them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -34,8 +36,6 @@ pub(super) struct Claims {
 struct State {
     /// Chunks puts claim, by how many claims (a put that stores one chunk twice counts twice).
     claimed: HashMap<ChunkHash, u32>,
-    /// Claimed chunks the core also keeps a copy of.
-    kept: HashSet<ChunkHash>,
     /// Chunks whose files are being deleted.
     deleting: HashSet<ChunkHash>,
     /// Chunks a reclaim left because a put claimed them.
@@ -68,7 +68,6 @@ impl Claims {
             *left = left.saturating_sub(*count);
             if *left == 0 {
                 state.claimed.remove(hash);
-                state.kept.remove(hash);
                 if state.deferred.remove(hash) {
                     state.undeferred.push(*hash);
                 }
@@ -108,24 +107,26 @@ impl ChunkStore {
         std::mem::take(&mut self.claims.lock().undeferred)
     }
 
+    /// The deletions doomed chunks wait for will not happen (the node is stopping): puts
+    /// waiting for one go on.
+    pub fn abandon_deleting(&self) {
+        self.claims.lock().deleting.clear();
+        self.claims.gone.notify_all();
+    }
+
     /// Stores a copy the core caches (its hash checked): `None` if the chunk is being deleted
-    /// (the copy is not kept), otherwise whether this wrote it.
+    /// (the copy is not kept), otherwise whether this wrote it. The core deletes only chunks
+    /// it does not hold, so it needs no claim.
     pub(crate) fn put_copy(&self, hash: &ChunkHash, data: &[u8]) -> Result<Option<bool>, ChunkError> {
-        {
-            let mut state = self.claims.lock();
-            if state.deleting.contains(hash) {
-                return Ok(None);
-            }
-            if state.claimed.contains_key(hash) {
-                state.kept.insert(*hash);
-            }
+        if self.claims.lock().deleting.contains(hash) {
+            return Ok(None);
         }
         self.put_verified(hash, data).map(Some)
     }
 }
 
 /// The chunks one put stores or finds stored, claimed until it is dropped (after the put's
-/// commit is answered, or after [`Claim::give_back`]).
+/// commit is answered, or [`Claim::into_written`] if it failed).
 pub struct Claim {
     store: Arc<ChunkStore>,
     mine: Mutex<Mine>,
@@ -166,33 +167,14 @@ impl Claim {
         Ok(new)
     }
 
-    /// The put failed: deletes the chunks it wrote that no other put claims and the core keeps
-    /// no copy of (what stays is removed at the next start if nothing records it).
-    pub fn give_back(&self) {
-        let doomed: Vec<ChunkHash> = {
-            let mine = self.mine();
-            let mut state = self.store.claims.lock();
-            mine.written
-                .iter()
-                .filter(|hash| {
-                    state.claimed.get(*hash) == mine.claims.get(*hash)
-                        && !state.kept.contains(*hash)
-                        && !state.deleting.contains(*hash)
-                })
-                .copied()
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .inspect(|hash| {
-                    state.deleting.insert(*hash);
-                })
-                .collect()
-        };
-        for hash in &doomed {
-            if let Err(e) = self.store.remove_doomed(hash) {
-                tracing::warn!("giving back a failed put's chunk: {e}");
-            }
-        }
-        self.mine().written.clear();
+    /// The put failed: lets go of every claim and returns the chunks it wrote (each once),
+    /// which nothing records. Hand them to the reclaimer, which deletes those the core does
+    /// not hold and no put claims.
+    pub fn into_written(self) -> Vec<ChunkHash> {
+        let written = std::mem::take(&mut self.mine().written);
+        drop(self);
+        let unique: HashSet<ChunkHash> = written.into_iter().collect();
+        unique.into_iter().collect()
     }
 }
 
@@ -264,24 +246,34 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_put_gives_back_only_what_it_wrote_and_nobody_else_relies_on() {
+    fn a_failed_put_hands_back_what_it_wrote_and_lets_go_of_everything() {
         let (_dir, store) = store();
-        let [x, y, z, w] = [b"x", b"y", b"z", b"w"].map(|d| ChunkHash::of(d));
+        let [x, y] = [b"x", b"y"].map(|d| ChunkHash::of(d));
         store.put(&x, b"x").unwrap();
         let failed = Claim::new(store.clone());
-        // It found x, wrote y, z and w; another put found y; the core cached a copy of z.
         assert!(!failed.put(&x, b"x").unwrap());
-        for (hash, data) in [(y, b"y"), (z, b"z"), (w, b"w")] {
-            assert!(failed.put(&hash, data).unwrap());
-        }
-        let other = Claim::new(store.clone());
-        assert!(!other.put(&y, b"y").unwrap());
-        assert_eq!(store.put_copy(&z, b"z").unwrap(), Some(false));
-        failed.give_back();
-        drop(failed);
-        assert!(matches!(store.get(&w), Err(ChunkError::Missing(_))), "only the failed put needed w");
-        for (hash, data) in [(x, b"x"), (y, b"y"), (z, b"z")] {
-            assert_eq!(store.get(&hash).unwrap(), data);
-        }
+        assert!(failed.put(&y, b"y").unwrap());
+        assert!(!failed.put(&y, b"y").unwrap(), "a chunk twice in one file");
+        assert_eq!(failed.into_written(), vec![y], "only what it wrote, once");
+        // Nothing is claimed any more: both may be doomed.
+        let mut doomed = store.doom(vec![x, y]);
+        doomed.sort_by_key(|h| h.0);
+        let mut both = vec![x, y];
+        both.sort_by_key(|h| h.0);
+        assert_eq!(doomed, both);
+    }
+
+    #[test]
+    fn puts_waiting_for_a_deletion_that_never_comes_go_on_when_it_is_abandoned() {
+        let (_dir, store) = store();
+        let x = ChunkHash::of(b"x");
+        store.put(&x, b"x").unwrap();
+        assert_eq!(store.doom(vec![x]), vec![x]);
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || Claim::new(store).put(&x, b"x").unwrap())
+        };
+        store.abandon_deleting();
+        assert!(!writer.join().unwrap(), "the file was never deleted: found stored");
     }
 }

@@ -26,9 +26,10 @@
 //! writes. A node it has not reached yet does not know the site, refuses its changes, and would
 //! not wait for its reports. So a change by a site this node does not know, passed on by a
 //! member (and refused), or a member's report naming such a site, holds back all collection
-//! here, even of stable epochs still in their grace period, until the site is added here or
-//! the member that showed it leaves (`status` names both). A new site's write that reaches no
-//! member before this node collects is still not waited for.
+//! here, even of stable epochs still in their grace period, until the site is added here
+//! (`status` names it and a member that has its changes; a site added and removed elsewhere is
+//! released by adding and removing it here too: a former member holds nothing back). A new
+//! site's write that reaches no member before this node collects is still not waited for.
 //!
 //! Epochs are kept in order and their frontiers only grow, so stability is looked at from the
 //! oldest until one is not stable. A version that becomes unreferenced less than
@@ -90,8 +91,8 @@ pub(super) struct Space {
     /// What each member reported having integrated.
     reports: BTreeMap<SiteId, Report>,
     /// Sites not known here whose changes a member has (see [`Site::note_stranger`]), each
-    /// with the first member that showed it.
-    strangers: BTreeMap<String, SiteId>,
+    /// with the first member that showed it, and when (monotonic ms).
+    strangers: BTreeMap<String, (SiteId, u64)>,
     /// Held versions no live entry shows, and the epoch each joined.
     unreferenced: HashMap<ContentId, u64>,
     epochs: BTreeMap<u64, Epoch>,
@@ -145,8 +146,9 @@ pub struct GarbageHeldBack {
     /// Whether it ever reported what it integrated (an old node, or one never connected since
     /// this site started, has not).
     pub reported: bool,
-    /// Set when it is not a member here: a member whose report names it (it was added at some
-    /// nodes and not yet at this one). It holds back all collection until it is added here.
+    /// Set when it is not a member here: a member that has its changes (it was added at some
+    /// nodes and not yet at this one). It holds back all collection until it is added here
+    /// (and, if it is not wanted, removed again: a former member holds nothing back).
     #[serde(default)]
     pub named_by: Option<String>,
 }
@@ -384,7 +386,8 @@ impl Site {
         {
             return;
         }
-        self.space.strangers.entry(site.to_owned()).or_insert_with(|| named_by.clone());
+        let now = self.now_ms;
+        self.space.strangers.entry(site.to_owned()).or_insert_with(|| (named_by.clone(), now));
     }
 
     /// Tells `peer` what this site has integrated, once that is durable (a site that lost a
@@ -399,11 +402,11 @@ impl Site {
         let members: HashSet<&str> = self.config.keys.members().collect();
         self.space.reports.retain(|site, _| members.contains(site.as_str()));
         let keys = &self.config.keys;
-        self.space.strangers.retain(|site, by| !keys.knows(site) && members.contains(by.as_str()));
+        self.space.strangers.retain(|site, _| !keys.knows(site));
     }
 
     /// Members (this site aside) whose reports do not show `frontier` integrated everywhere.
-    /// (The [`Site::strangers`] hold every epoch back besides.)
+    /// (The strangers, [`Site::note_stranger`], hold every epoch back besides.)
     fn holding_back<'a>(&'a self, frontier: &'a Frontier) -> impl Iterator<Item = &'a str> + 'a {
         self.config.keys.members().filter(move |member| {
             *member != self.config.site.as_str()
@@ -587,15 +590,17 @@ impl Site {
             .map(|i| u64::from(i.len))
             .sum();
         let mut held_back: BTreeMap<&str, GarbageHeldBack> = BTreeMap::new();
-        let strangers: Vec<(&str, Option<&str>)> = if crate::sabotage::collect_unstable() {
+        let strangers: Vec<(&str, Option<&str>, u64)> = if crate::sabotage::collect_unstable() {
             Vec::new()
         } else {
-            self.space.strangers.iter().map(|(site, by)| (site.as_str(), Some(by.as_str()))).collect()
+            let strangers = self.space.strangers.iter();
+            strangers.map(|(site, (by, since))| (site.as_str(), Some(by.as_str()), *since)).collect()
         };
         for (id, epoch) in &self.space.epochs {
             let mut holding = strangers.clone();
             if epoch.stable_since_ms.is_none() {
-                holding.extend(self.holding_back(&epoch.frontier).map(|member| (member, None)));
+                holding
+                    .extend(self.holding_back(&epoch.frontier).map(|member| (member, None, epoch.since_ms)));
             }
             if holding.is_empty() {
                 continue;
@@ -603,12 +608,12 @@ impl Site {
             let waiting: Vec<&ContentId> =
                 epoch.versions.iter().filter(|c| self.space.unreferenced.get(c) == Some(id)).collect();
             let bytes: u64 = waiting.iter().filter_map(|c| self.held.get(c)).map(|m| m.size).sum();
-            for (site, named_by) in holding {
+            for (site, named_by, since) in holding {
                 let entry = held_back.entry(site).or_insert_with(|| GarbageHeldBack {
                     site: site.to_owned(),
                     bytes: 0,
                     versions: 0,
-                    since_unix_ms: wall(epoch.since_ms),
+                    since_unix_ms: wall(since.max(epoch.since_ms)),
                     reported: SiteId::new(site).is_ok_and(|m| self.space.reports.contains_key(&m)),
                     named_by: named_by.map(str::to_owned),
                 });
