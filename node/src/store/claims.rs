@@ -195,6 +195,14 @@ mod tests {
         (dir, store)
     }
 
+    /// Chunk `x`, stored and then doomed.
+    fn stored_and_doomed(store: &ChunkStore) -> ChunkHash {
+        let x = ChunkHash::of(b"x");
+        store.put(&x, b"x").unwrap();
+        assert_eq!(store.doom(vec![x]), vec![x]);
+        x
+    }
+
     #[test]
     fn a_chunk_a_put_claims_is_deferred_not_deleted_and_comes_back_when_the_put_ends() {
         let (_dir, store) = store();
@@ -217,9 +225,7 @@ mod tests {
     #[test]
     fn a_put_that_needs_a_chunk_being_deleted_waits_and_writes_it_anew() {
         let (_dir, store) = store();
-        let x = ChunkHash::of(b"x");
-        store.put(&x, b"x").unwrap();
-        assert_eq!(store.doom(vec![x]), vec![x]);
+        let x = stored_and_doomed(&store);
         let writer = {
             let store = store.clone();
             std::thread::spawn(move || {
@@ -237,9 +243,7 @@ mod tests {
     #[test]
     fn a_copy_of_a_chunk_being_deleted_is_not_kept() {
         let (_dir, store) = store();
-        let x = ChunkHash::of(b"x");
-        store.put(&x, b"x").unwrap();
-        assert_eq!(store.doom(vec![x]), vec![x]);
+        let x = stored_and_doomed(&store);
         assert_eq!(store.put_copy(&x, b"x").unwrap(), None);
         store.remove_doomed(&x).unwrap();
         assert_eq!(store.put_copy(&x, b"x").unwrap(), Some(true), "kept once the deletion is done");
@@ -266,9 +270,7 @@ mod tests {
     #[test]
     fn puts_waiting_for_a_deletion_that_never_comes_go_on_when_it_is_abandoned() {
         let (_dir, store) = store();
-        let x = ChunkHash::of(b"x");
-        store.put(&x, b"x").unwrap();
-        assert_eq!(store.doom(vec![x]), vec![x]);
+        let x = stored_and_doomed(&store);
         let writer = {
             let store = store.clone();
             std::thread::spawn(move || Claim::new(store).put(&x, b"x").unwrap())
