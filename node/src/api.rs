@@ -52,6 +52,27 @@ pub enum ApiRequest {
         path: String,
         /// With parents.
         parents: bool,
+        /// Permission bits (default 0o755).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+    },
+    /// Make a symbolic link at `path` pointing at `target` (stored as given, never resolved): `()`.
+    Symlink {
+        /// Where.
+        path: String,
+        /// What it points at.
+        target: String,
+    },
+    /// Change the permission bits and/or the modification time of an entry: `()`.
+    SetAttr {
+        /// Which.
+        path: String,
+        /// New permission bits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+        /// New modification time, nanoseconds since the Unix epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<i64>,
     },
     /// Move or rename: `()`.
     Mv {
@@ -88,6 +109,14 @@ pub enum ApiRequest {
     },
     /// Unset a tag explicitly: `()`.
     TagUnset {
+        /// On what.
+        path: String,
+        /// Key.
+        key: String,
+    },
+    /// Forget the entry's own definition of a tag (set or unset), so that it inherits it
+    /// again: `()`.
+    TagClear {
         /// On what.
         path: String,
         /// Key.

@@ -66,7 +66,7 @@ impl Client {
 
     /// Makes directory `path` and its parents.
     pub fn mkdir_p(&self, path: &str) -> anyhow::Result<()> {
-        self.call(&ApiRequest::Mkdir { path: path.to_owned(), parents: true })
+        self.call(&ApiRequest::Mkdir { path: path.to_owned(), parents: true, mode: None })
     }
 
     /// Stores `data` at `path`.
@@ -76,7 +76,12 @@ impl Client {
 
     /// Stores what `source` yields at `path`.
     pub fn put_from(&self, path: &str, source: &mut dyn Read) -> anyhow::Result<PutAnswer> {
-        let mut stream = self.connect(&ApiRequest::Put { path: path.to_owned(), mode: 0o644 })?;
+        self.put_with_mode(path, 0o644, source)
+    }
+
+    /// Stores what `source` yields at `path`, with permission bits `mode`.
+    pub fn put_with_mode(&self, path: &str, mode: u32, source: &mut dyn Read) -> anyhow::Result<PutAnswer> {
+        let mut stream = self.connect(&ApiRequest::Put { path: path.to_owned(), mode })?;
         blocking::read_answer::<()>(&mut stream)?;
         let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
         let sent = loop {

@@ -43,9 +43,14 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
             };
             return serve_read(stream, handle, Request::Read { path, range }).await;
         }
-        ApiRequest::Mkdir { path, parents } => {
-            done(s, &handle, Request::Mkdir { path, parents, mode: 0o755 }).await?
+        ApiRequest::Mkdir { path, parents, mode } => {
+            done(s, &handle, Request::Mkdir { path, parents, mode: mode.unwrap_or(0o755) }).await?
         }
+        ApiRequest::Symlink { path, target } => done(s, &handle, Request::Symlink { path, target }).await?,
+        ApiRequest::SetAttr { path, mode, mtime_ns } => {
+            done(s, &handle, Request::SetAttr { path, mode, mtime_ns }).await?
+        }
+        ApiRequest::TagClear { path, key } => done(s, &handle, Request::ClearTag { path, key }).await?,
         ApiRequest::Mv { from, to } => done(s, &handle, Request::Rename { from, to }).await?,
         ApiRequest::Rm { path, recursive } => done(s, &handle, Request::Remove { path, recursive }).await?,
         ApiRequest::TagSet { path, key, value } => {

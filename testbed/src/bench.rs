@@ -366,7 +366,7 @@ fn propagation(options: &Options) -> anyhow::Result<()> {
     for i in 0..options.creates {
         let path = format!("/p/d{i}");
         let asked = Instant::now();
-        a.call::<()>(&ApiRequest::Mkdir { path: path.clone(), parents: false })?;
+        a.call::<()>(&ApiRequest::Mkdir { path: path.clone(), parents: false, mode: None })?;
         let committed = Instant::now();
         wait_for(b, &path, Duration::ZERO)?;
         from_commit.push(committed.elapsed().as_secs_f64() * 1e3);

@@ -142,6 +142,20 @@ enum Command {
     },
     /// Show the site's state.
     Status,
+    /// Mount the namespace at a directory (FUSE) until Ctrl-C, SIGTERM or `fusermount3 -u DIR`.
+    /// The node must be running.
+    Mount {
+        /// An empty directory.
+        dir: PathBuf,
+        /// Let other users use the mount (their access checked against the modes; a mount by
+        /// an ordinary user needs `user_allow_other` in /etc/fuse.conf).
+        #[arg(long)]
+        allow_other: bool,
+        /// Seconds a read waits for bytes no reachable site or bucket supplies before it fails
+        /// with EIO.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        read_timeout: u64,
+    },
     /// The other sites of the mesh.
     #[command(subcommand)]
     Mesh(MeshCommand),
@@ -242,6 +256,9 @@ pub fn main<I: IntoIterator<Item = OsString>>(args: I) -> ExitCode {
             init(site, region, dir.as_deref(), &bind.to_string(), *port, cli.json)
         }
         Command::Node => run_node(&cli),
+        Command::Mount { dir, allow_other, read_timeout } => {
+            run_mount(&cli, dir, *allow_other, *read_timeout)
+        }
         Command::Mesh(MeshCommand::Add { name, peer_id, addrs, region }) => {
             let peer = PeerConfig {
                 site: name.clone(),
@@ -366,6 +383,68 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
         .block_on(node::runtime::run(loaded))
 }
 
+/// `meridian mount DIR`: mounts until a signal, or until the mount is taken away.
+fn run_mount(cli: &Cli, dir: &Path, allow_other: bool, read_timeout: u64) -> anyhow::Result<()> {
+    let path = config_path(cli);
+    let loaded = Config::load(&path)?;
+    if let Err(e) = std::os::unix::net::UnixStream::connect(loaded.socket())
+        && matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+    {
+        return Err(node_not_running(&path));
+    }
+    let data_scratch = loaded.data_dir().join("mount-scratch");
+    let scratch_dir =
+        if std::fs::create_dir_all(&data_scratch).is_ok() && tempfile::tempfile_in(&data_scratch).is_ok() {
+            data_scratch
+        } else {
+            std::env::temp_dir()
+        };
+    let options = mount::MountOptions {
+        read_timeout: std::time::Duration::from_secs(read_timeout),
+        scratch_dir,
+        allow_other,
+    };
+    let mounted = mount::mount(&loaded.socket(), dir, &options)?;
+    eprintln!(
+        "mounted site {} at {}; Ctrl-C, SIGTERM or `fusermount3 -u {}` unmounts",
+        loaded.config.site,
+        dir.display(),
+        dir.display()
+    );
+    let (signalled, signal) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        let _ = signalled.send(());
+    });
+    let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    loop {
+        if signal.recv_timeout(std::time::Duration::from_millis(200)).is_ok() {
+            return mounted.unmount();
+        }
+        if !is_mount_point(&canonical) {
+            // Unmounted from outside.
+            return mounted.wait();
+        }
+    }
+}
+
+/// Whether `dir` is a mount point of this process's mount namespace.
+fn is_mount_point(dir: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return true };
+    let dir = dir.to_string_lossy();
+    table.lines().any(|line| line.split(' ').nth(4) == Some(&dir))
+}
+
 /// `meridian key rotate`.
 fn rotate_own_key(cli: &Cli) -> anyhow::Result<()> {
     let path = config_path(cli);
@@ -463,6 +542,16 @@ fn mesh_edit(cli: &Cli, edit: Edit) -> anyhow::Result<()> {
     })
 }
 
+/// The error for a configuration whose node does not answer.
+fn node_not_running(config: &Path) -> anyhow::Error {
+    let message = format!(
+        "no meridian node is running for {}; start it with `meridian --config {} node`",
+        config.display(),
+        config.display()
+    );
+    ApiError::new(ErrorKind::NodeNotRunning, message).into()
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<UnixStream> {
     let path = config_path(cli);
     let loaded = Config::load(&path)?;
@@ -471,12 +560,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<UnixStream> {
         Err(e)
             if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
         {
-            let message = format!(
-                "no meridian node is running for {}; start it with `meridian --config {} node`",
-                path.display(),
-                path.display()
-            );
-            Err(ApiError::new(ErrorKind::NodeNotRunning, message).into())
+            Err(node_not_running(&path))
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             let message = format!(
@@ -523,6 +607,7 @@ async fn client(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Init { .. }
         | Command::Node
+        | Command::Mount { .. }
         | Command::Demo(_)
         | Command::Key(_)
         | Command::Mesh(
@@ -541,7 +626,8 @@ async fn client(cli: &Cli) -> anyhow::Result<()> {
         Command::Ls { paths, l } => ls(cli, paths, *l).await,
         Command::Stat { paths } => stat(cli, paths).await,
         Command::Mkdir { paths, p } => {
-            let requests = paths.iter().map(|path| ApiRequest::Mkdir { path: path.clone(), parents: *p });
+            let requests =
+                paths.iter().map(|path| ApiRequest::Mkdir { path: path.clone(), parents: *p, mode: None });
             changes(cli, requests).await
         }
         Command::Mv { from, to } => {

@@ -244,6 +244,29 @@ pub enum Request {
         /// Key.
         key: String,
     },
+    /// Forget the entry's own definition of a tag (set or unset): it inherits it again.
+    ClearTag {
+        /// On what.
+        path: String,
+        /// Key.
+        key: String,
+    },
+    /// Make a symbolic link (its target is stored, never resolved).
+    Symlink {
+        /// Where.
+        path: String,
+        /// What it points at.
+        target: String,
+    },
+    /// Change an entry's permission bits and/or modification time.
+    SetAttr {
+        /// Which.
+        path: String,
+        /// New permission bits.
+        mode: Option<u32>,
+        /// New modification time, nanoseconds since the epoch.
+        mtime_ns: Option<i64>,
+    },
     /// What is known of an entry.
     Stat {
         /// Which.
@@ -869,6 +892,13 @@ impl Site {
             Request::Remove { path, recursive } => self.ns.remove(&path, recursive, hlc).map(|()| None),
             Request::SetTag { path, key, value } => self.ns.set_tag(&path, &key, &value, hlc).map(|()| None),
             Request::UnsetTag { path, key } => self.ns.unset_tag(&path, &key, hlc).map(|()| None),
+            Request::ClearTag { path, key } => self.ns.clear_tag(&path, &key, hlc).map(|()| None),
+            Request::Symlink { path, target } => {
+                self.ns.symlink(&path, &target, mtime_ns(wall_ms), hlc).map(|()| None)
+            }
+            Request::SetAttr { path, mode, mtime_ns } => {
+                self.ns.set_attr(&path, mode, mtime_ns, hlc).map(|()| None)
+            }
             Request::Stat { path } => return self.answer(id, self.ns.stat(&path).map(Reply::Stat)),
             Request::List { path } => return self.answer(id, self.ns.list(&path).map(Reply::List)),
             Request::Tags { path } => return self.answer(id, self.ns.effective_tags(&path).map(Reply::Tags)),

@@ -1,0 +1,101 @@
+//! `meridian mount`: the local site's namespace as a POSIX file system (FUSE, `fuser`), a client
+//! of the node's control socket. The file system itself is [`fs::MeridianFs`]; its module doc
+//! says how each operation is served. `docs/posix.md` lists what differs from POSIX.
+
+pub mod fs;
+pub mod inodes;
+pub mod remote;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use fuser::{Config, MountOption, SessionACL};
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// How long a read waits for bytes no reachable site or bucket supplies before it fails
+    /// with EIO.
+    pub read_timeout: Duration,
+    /// Where files open for writing are kept until they are committed.
+    pub scratch_dir: PathBuf,
+    /// Let other users than the mount's use it (their permissions checked against the modes).
+    pub allow_other: bool,
+}
+
+/// A mounted namespace: unmounted when dropped or by [`Mounted::unmount`].
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    runtime: Option<tokio::runtime::Runtime>,
+    dir: PathBuf,
+}
+
+/// Mounts the namespace of the node listening on `socket` at `dir`.
+pub fn mount(socket: &Path, dir: &Path, options: &MountOptions) -> anyhow::Result<Mounted> {
+    std::fs::create_dir_all(&options.scratch_dir)
+        .with_context(|| format!("making the scratch directory {}", options.scratch_dir.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("meridian-mount")
+        .enable_all()
+        .build()
+        .context("starting the mount's runtime")?;
+    let remote = remote::Remote::new(socket.to_owned(), options.read_timeout);
+    let fs = fs::MeridianFs::new(remote, runtime.handle().clone(), options.scratch_dir.clone())
+        .with_context(|| format!("asking the node at {} for its namespace", socket.display()))?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("meridian".into()),
+        MountOption::Subtype("meridian".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if options.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, dir, &config)
+        .with_context(|| format!("mounting at {} (is fuse3 installed, and /dev/fuse there?)", dir.display()))?
+        .spawn()
+        .context("starting the mount's threads")?;
+    Ok(Mounted { session: Some(session), runtime: Some(runtime), dir: dir.to_owned() })
+}
+
+impl Mounted {
+    /// Where it is mounted.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Unmounts and waits for the mount's threads.
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        self.stop()
+    }
+
+    /// Waits until the file system is unmounted from outside (`fusermount3 -u`, `umount`).
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        if let Some(session) = self.session.take() {
+            session.join().context("the mount's threads")?;
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(session) = self.session.take() {
+            session.umount_and_join().with_context(|| format!("unmounting {}", self.dir.display()))?;
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!("{e:#}");
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The node's control API as the mount uses it: metadata calls answered at once by the local
+//! replica (blocking, on the FUSE thread that asked), reads and commits as tasks.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fuser::Errno;
+use node::api::{self, ApiError, ApiRequest, ErrorKind, ReadHeader};
+use node::client::Client;
+use tokio::net::UnixStream;
+
+/// The errno a program understands for a failed call.
+pub fn errno(error: &anyhow::Error) -> Errno {
+    match ApiError::kind_of(error) {
+        Some(ErrorKind::NotFound) => Errno::ENOENT,
+        Some(ErrorKind::AlreadyExists) => Errno::EEXIST,
+        Some(ErrorKind::NotADirectory) => Errno::ENOTDIR,
+        Some(ErrorKind::IsADirectory) => Errno::EISDIR,
+        Some(ErrorKind::NotAFile) => Errno::EINVAL,
+        Some(ErrorKind::NotEmpty) => Errno::ENOTEMPTY,
+        Some(ErrorKind::InvalidArgument) => Errno::EINVAL,
+        Some(ErrorKind::PermissionDenied) => Errno::EACCES,
+        Some(ErrorKind::Unavailable | ErrorKind::Io) => Errno::EIO,
+        Some(
+            ErrorKind::NotMember | ErrorKind::BadRequest | ErrorKind::NodeNotRunning | ErrorKind::Internal,
+        )
+        | None => Errno::EIO,
+    }
+}
+
+/// A client of the node's control socket.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    client: Client,
+    /// How long a read may wait for its bytes before it fails with EIO.
+    pub read_timeout: Duration,
+}
+
+impl Remote {
+    /// A client of the node listening on `socket`.
+    pub fn new(socket: PathBuf, read_timeout: Duration) -> Remote {
+        Remote { client: Client::new(socket), read_timeout }
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        self.client.socket()
+    }
+
+    /// A call answered by the local replica.
+    pub fn call<T: serde::de::DeserializeOwned>(&self, request: &ApiRequest) -> anyhow::Result<T> {
+        self.client.call(request)
+    }
+
+    /// Stores what `source` yields as the new version of the file at `path`, with `mode`.
+    pub fn put(&self, path: &str, mode: u32, source: &mut dyn Read) -> anyhow::Result<()> {
+        self.client.put_with_mode(path, mode, source).map(|_| ())
+    }
+
+    /// Reads bytes `start..end` of the file at `path` (fewer at its end), waiting at most
+    /// `read_timeout` for them.
+    pub async fn read(&self, path: &str, start: u64, end: u64) -> anyhow::Result<Vec<u8>> {
+        let reading = read_range(self.client.socket(), path, start, end);
+        match tokio::time::timeout(self.read_timeout, reading).await {
+            Ok(read) => read,
+            Err(_) => bail!(
+                "reading {path}: no reachable site or bucket supplied bytes {start}..{end} within {:?}",
+                self.read_timeout
+            ),
+        }
+    }
+}
+
+async fn read_range(socket: &Path, path: &str, start: u64, end: u64) -> anyhow::Result<Vec<u8>> {
+    let mut stream =
+        UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;
+    let request = ApiRequest::Read { path: path.to_owned(), start: Some(start), end: Some(end) };
+    api::write_frame(&mut stream, &api::encode_request(&request)).await?;
+    let header: ReadHeader = api::read_answer(&mut stream).await?;
+    let mut data = Vec::with_capacity((header.end - header.start) as usize);
+    loop {
+        let frame =
+            api::read_frame(&mut stream).await?.context("the node closed the connection inside a read")?;
+        if frame.is_empty() {
+            break;
+        }
+        data.extend_from_slice(&frame);
+    }
+    api::read_answer::<()>(&mut stream).await?;
+    if data.len() as u64 != header.end - header.start {
+        bail!("read {} bytes of {path}, expected {}", data.len(), header.end - header.start);
+    }
+    Ok(data)
+}

@@ -1,0 +1,215 @@
+//! The mount at real `meridian` processes: each site's namespace mounted (FUSE) in this test
+//! process, which runs as root. A file written through one mount is read, byte for byte,
+//! through the other; directories, renames, removals, symlinks, modes and tags made through
+//! one show in the other.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cluster::{Cluster, wait_until};
+use site_core::sample::pseudo_random;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Two sites, each mounted under a temporary directory; unmounted (before the sites stop)
+/// when dropped.
+struct Mounts {
+    mounts: Vec<mount::Mounted>,
+    cluster: Cluster,
+    _root: tempfile::TempDir,
+}
+
+impl Mounts {
+    fn start(n: usize) -> Mounts {
+        Mounts::start_with(n, Duration::from_secs(30))
+    }
+
+    fn start_with(n: usize, read_timeout: Duration) -> Mounts {
+        let root = tempfile::tempdir().unwrap();
+        let mut cluster = testbed::cluster(testbed::program_at(env!("CARGO_BIN_EXE_testbed")), n).unwrap();
+        cluster.start_all().unwrap();
+        cluster.wait_connected(TIMEOUT).unwrap();
+        let mounts = (0..n)
+            .map(|i| {
+                let dir = root.path().join(format!("mnt{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let options = mount::MountOptions {
+                    read_timeout,
+                    scratch_dir: root.path().join(format!("scratch{i}")),
+                    allow_other: false,
+                };
+                mount::mount(cluster.site(i).client.socket(), &dir, &options).unwrap()
+            })
+            .collect();
+        Mounts { mounts, cluster, _root: root }
+    }
+
+    fn dir(&self, i: usize) -> PathBuf {
+        self.mounts[i].dir().to_owned()
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for mounted in self.mounts.drain(..) {
+            let _ = mounted.unmount();
+        }
+    }
+}
+
+fn exists(path: &Path) -> anyhow::Result<bool> {
+    Ok(path.symlink_metadata().is_ok())
+}
+
+#[test]
+fn a_file_written_through_one_mount_is_read_through_the_other() {
+    let mounts = Mounts::start(2);
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    let data = pseudo_random(21, 12 << 20);
+    std::fs::create_dir(a.join("shots")).unwrap();
+    std::fs::write(a.join("shots/f1.exr"), &data).unwrap();
+    // Written, closed: the new version is durable at a and its entry reaches b.
+    assert_eq!(std::fs::read(a.join("shots/f1.exr")).unwrap(), data);
+    let at_b = b.join("shots/f1.exr");
+    wait_until(TIMEOUT, || Ok(at_b.metadata().is_ok_and(|m| m.len() == data.len() as u64))).unwrap();
+    assert!(std::fs::read(&at_b).unwrap() == data, "b read other bytes");
+    // The node's API sees what the mount wrote.
+    let client = mounts.cluster.site(1).client.clone();
+    assert_eq!(client.stat("/shots/f1.exr").unwrap().size, data.len() as u64);
+    // A range in the middle: only what is asked for.
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(&at_b).unwrap();
+    file.seek(SeekFrom::Start(9 << 20)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..], &data[9 << 20..(9 << 20) + 4096]);
+}
+
+#[test]
+fn changes_through_one_mount_show_in_the_other() {
+    let mounts = Mounts::start(2);
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    std::fs::create_dir_all(a.join("proj/scenes")).unwrap();
+    std::fs::write(a.join("proj/scenes/s.txt"), b"scene one").unwrap();
+    wait_until(TIMEOUT, || exists(&b.join("proj/scenes/s.txt"))).unwrap();
+    // Rename across directories, and over an existing file.
+    std::fs::create_dir(b.join("proj/done")).unwrap();
+    std::fs::rename(b.join("proj/scenes/s.txt"), b.join("proj/done/s.txt")).unwrap();
+    std::fs::write(b.join("proj/done/t.txt"), b"two").unwrap();
+    std::fs::rename(b.join("proj/done/t.txt"), b.join("proj/done/s.txt")).unwrap();
+    wait_until(TIMEOUT, || Ok(std::fs::read(a.join("proj/done/s.txt")).is_ok_and(|d| d == b"two"))).unwrap();
+    assert!(!exists(&a.join("proj/scenes/s.txt")).unwrap() && !exists(&a.join("proj/done/t.txt")).unwrap());
+    // Listing, modes, symlinks.
+    let mut names: Vec<String> = std::fs::read_dir(a.join("proj"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["done", "scenes"]);
+    std::fs::set_permissions(a.join("proj/done/s.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("done/s.txt", a.join("proj/link")).unwrap();
+    wait_until(TIMEOUT, || Ok(b.join("proj/done/s.txt").metadata()?.mode() & 0o777 == 0o600)).unwrap();
+    wait_until(TIMEOUT, || exists(&b.join("proj/link"))).unwrap();
+    assert_eq!(std::fs::read_link(b.join("proj/link")).unwrap(), Path::new("done/s.txt"));
+    assert_eq!(std::fs::read(b.join("proj/link")).unwrap(), b"two");
+    // Errors a program understands.
+    let e = std::fs::remove_dir(a.join("proj")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_enotempty()), "{e}");
+    let e = std::fs::hard_link(a.join("proj/done/s.txt"), a.join("proj/hard")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(1), "hard links are refused with EPERM: {e}");
+    // Removal shows at the other site.
+    std::fs::remove_dir_all(b.join("proj/done")).unwrap();
+    wait_until(TIMEOUT, || Ok(!exists(&a.join("proj/done"))?)).unwrap();
+}
+
+#[test]
+fn tags_are_extended_attributes() {
+    let mounts = Mounts::start(2);
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    std::fs::create_dir(a.join("show")).unwrap();
+    std::fs::write(a.join("show/plate.exr"), b"plate").unwrap();
+    let set = Command::new("setfattr")
+        .args(["-n", "user.meridian.stage", "-v", "comp"])
+        .arg(a.join("show"))
+        .status()
+        .expect("running setfattr (apt-get install attr)");
+    assert!(set.success());
+    // Inherited below, and seen at the other site.
+    let client = mounts.cluster.site(1).client.clone();
+    wait_until(TIMEOUT, || {
+        let tags: Vec<node::api::TagAnswer> =
+            client.call(&node::api::ApiRequest::TagGet { path: "/show/plate.exr".into() })?;
+        Ok(tags.iter().any(|t| t.key == "stage" && t.value == "comp"))
+    })
+    .unwrap();
+    let got = Command::new("getfattr")
+        .args(["-n", "user.meridian.stage", "--only-values"])
+        .arg(b.join("show/plate.exr"))
+        .output()
+        .unwrap();
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert_eq!(got.stdout, b"comp");
+    let removed =
+        Command::new("setfattr").args(["-x", "user.meridian.stage"]).arg(a.join("show")).status().unwrap();
+    assert!(removed.success());
+    let got = Command::new("getfattr")
+        .args(["-n", "user.meridian.stage"])
+        .arg(a.join("show/plate.exr"))
+        .output()
+        .unwrap();
+    assert!(!got.status.success(), "the tag is gone");
+}
+
+/// A site's process stopped with SIGSTOP (its links stay up, it answers nothing), continued
+/// when dropped.
+struct Paused(u32);
+
+impl Paused {
+    fn pause(pid: u32) -> Paused {
+        assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+#[test]
+fn a_read_waiting_for_a_paused_site_holds_up_nothing_else_and_fails_with_eio() {
+    let mounts = Mounts::start_with(2, Duration::from_secs(15));
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    let data = pseudo_random(22, 8 << 20);
+    std::fs::write(a.join("remote.bin"), &data).unwrap();
+    std::fs::write(a.join("note.txt"), b"here").unwrap();
+    wait_until(TIMEOUT, || exists(&b.join("note.txt"))).unwrap();
+    // b holds note.txt's bytes once it read them; then a stops answering.
+    assert_eq!(std::fs::read(b.join("note.txt")).unwrap(), b"here");
+    let paused = Paused::pause(mounts.cluster.site(0).pid().expect("a is running"));
+    let reader = {
+        let path = b.join("remote.bin");
+        std::thread::spawn(move || std::fs::read(path))
+    };
+    // While the read waits for a, everything else at b goes on.
+    for _ in 0..20 {
+        let names: Vec<_> = std::fs::read_dir(&b).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2);
+        assert_eq!(std::fs::read(b.join("note.txt")).unwrap(), b"here");
+        std::fs::write(b.join("mine.txt"), b"b's own").unwrap();
+        std::fs::remove_file(b.join("mine.txt")).unwrap();
+    }
+    assert!(!reader.is_finished(), "the read did not wait for the paused site");
+    let failed = reader.join().unwrap().unwrap_err();
+    assert_eq!(failed.raw_os_error(), Some(5), "EIO after the read timeout: {failed}");
+    // a answers again: the read goes through.
+    drop(paused);
+    wait_until(TIMEOUT, || Ok(std::fs::read(b.join("remote.bin")).is_ok_and(|d| d == data))).unwrap();
+}
+
+fn libc_enotempty() -> i32 {
+    39
+}
