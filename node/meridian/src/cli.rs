@@ -365,7 +365,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     file.sync_all().with_context(|| format!("writing {}", path.display()))
 }
 
-fn run_node(cli: &Cli) -> anyhow::Result<()> {
+/// Logs to stderr, at `RUST_LOG`'s level or the daemon's default.
+fn log_to_stderr() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -373,6 +374,10 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn run_node(cli: &Cli) -> anyhow::Result<()> {
+    log_to_stderr();
     let loaded = Config::load(&config_path(cli))?;
     node::runtime::load_keypair(&loaded)?;
     node::runtime::exit_on_panic();
@@ -385,6 +390,7 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
 
 /// `meridian mount DIR`: mounts until a signal, or until the mount is taken away.
 fn run_mount(cli: &Cli, dir: &Path, allow_other: bool, read_timeout: u64) -> anyhow::Result<()> {
+    log_to_stderr();
     let path = config_path(cli);
     let loaded = Config::load(&path)?;
     if let Err(e) = std::os::unix::net::UnixStream::connect(loaded.socket())
