@@ -186,7 +186,9 @@ fn a_read_waiting_for_a_paused_site_holds_up_nothing_else_and_fails_with_eio() {
     let data = pseudo_random(22, 8 << 20);
     std::fs::write(a.join("remote.bin"), &data).unwrap();
     std::fs::write(a.join("note.txt"), b"here").unwrap();
+    std::fs::write(a.join("old.bin"), pseudo_random(23, 4 << 20)).unwrap();
     wait_until(TIMEOUT, || exists(&b.join("note.txt"))).unwrap();
+    wait_until(TIMEOUT, || exists(&b.join("old.bin"))).unwrap();
     // b holds note.txt's bytes once it read them; then a stops answering.
     assert_eq!(std::fs::read(b.join("note.txt")).unwrap(), b"here");
     let paused = Paused::pause(mounts.cluster.site(0).pid().expect("a is running"));
@@ -197,11 +199,20 @@ fn a_read_waiting_for_a_paused_site_holds_up_nothing_else_and_fails_with_eio() {
     // While the read waits for a, everything else at b goes on.
     for _ in 0..20 {
         let names: Vec<_> = std::fs::read_dir(&b).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names.len(), 2);
+        assert_eq!(names.len(), 3);
         assert_eq!(std::fs::read(b.join("note.txt")).unwrap(), b"here");
         std::fs::write(b.join("mine.txt"), b"b's own").unwrap();
         std::fs::remove_file(b.join("mine.txt")).unwrap();
     }
+    // Overwriting a file whose bytes only the paused site holds needs none of them.
+    let (done, overwritten) = std::sync::mpsc::channel();
+    {
+        let path = b.join("old.bin");
+        std::thread::spawn(move || done.send(std::fs::write(path, b"new bytes").map_err(|e| e.to_string())));
+    }
+    let overwrite = overwritten.recv_timeout(TIMEOUT);
+    assert!(matches!(overwrite, Ok(Ok(()))), "overwriting waited for the old bytes: {overwrite:?}");
+    assert_eq!(std::fs::read(b.join("old.bin")).unwrap(), b"new bytes");
     assert!(!reader.is_finished(), "the read did not wait for the paused site");
     let failed = reader.join().unwrap().unwrap_err();
     assert_eq!(failed.raw_os_error(), Some(5), "EIO after the read timeout: {failed}");

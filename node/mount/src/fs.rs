@@ -64,7 +64,8 @@ pub struct MeridianFs {
 /// An open file or directory.
 enum Open {
     Read(Arc<ReadFile>),
-    Write(u64),
+    /// A handle on the scratch file of the inode; `true` if it may write (only those commit).
+    Write(u64, bool),
     Dir(Vec<(u64, FileType, String)>),
 }
 
@@ -235,9 +236,13 @@ impl MeridianFs {
         mode: u32,
         truncate: bool,
     ) -> Result<Arc<Mutex<Scratch>>, Errno> {
-        let open = lock(&self.writing).get(&ino).cloned();
-        if let Some(scratch) = open {
-            return Self::one_more_handle(scratch, truncate);
+        {
+            // One more handle while `writing` is held: a release racing this open cannot
+            // take the scratch file away in between.
+            let writing = lock(&self.writing);
+            if let Some(scratch) = writing.get(&ino).cloned() {
+                return Self::one_more_handle(scratch, truncate);
+            }
         }
         let mut file = tempfile::tempfile_in(&self.scratch_dir).map_err(|e| {
             tracing::error!("making a scratch file in {}: {e}", self.scratch_dir.display());
@@ -263,7 +268,6 @@ impl MeridianFs {
         let mut writing = lock(&self.writing);
         if let Some(scratch) = writing.get(&ino).cloned() {
             // Another open made one meanwhile, of the same content: that one it is.
-            drop(writing);
             return Self::one_more_handle(scratch, truncate);
         }
         let scratch =
@@ -302,14 +306,23 @@ impl MeridianFs {
 
     fn scratch_of(&self, fh: FileHandle) -> Option<Arc<Mutex<Scratch>>> {
         let ino = match lock(&self.open).get(&fh.0) {
-            Some(Open::Write(ino)) => *ino,
+            Some(Open::Write(ino, _)) => *ino,
             _ => return None,
         };
         lock(&self.writing).get(&ino).cloned()
     }
 
+    /// Whether `fh` may write.
+    fn writes(&self, fh: FileHandle) -> bool {
+        matches!(lock(&self.open).get(&fh.0), Some(Open::Write(_, true)))
+    }
+
     /// Commits the scratch file of `fh` on a blocking task and replies when it is durable.
     fn commit_then(&self, fh: FileHandle, reply: ReplyEmpty) {
+        // A reader of a file this mount writes never publishes the writer's unfinished bytes.
+        if !self.writes(fh) {
+            return reply.ok();
+        }
         let Some(scratch) = self.scratch_of(fh) else { return reply.ok() };
         let remote = self.remote.clone();
         self.runtime.spawn_blocking(move || match Self::commit(&remote, &scratch) {
@@ -383,6 +396,9 @@ impl MeridianFs {
 impl Filesystem for MeridianFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // open(O_TRUNC) arrives as such, rather than as an open then a truncation: a file
+        // overwritten is never copied into the scratch space first.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
     }
@@ -621,7 +637,7 @@ impl Filesystem for MeridianFs {
                 // A file this mount writes is read from its scratch file, whatever the handle.
                 let truncate = writes && flags.0 & libc::O_TRUNC != 0;
                 self.start_writing(ino.0, &path, stat.mode, truncate)?;
-                return Ok((self.new_fh(Open::Write(ino.0)), FopenFlags::FOPEN_DIRECT_IO));
+                return Ok((self.new_fh(Open::Write(ino.0, writes)), FopenFlags::FOPEN_DIRECT_IO));
             }
             let version = stat.version.as_ref().map(|v| v.id.clone()).unwrap_or_default();
             let same = lock(&self.opened_versions).insert(ino.0, version.clone()).as_ref() == Some(&version);
@@ -648,7 +664,7 @@ impl Filesystem for MeridianFs {
     ) {
         let reading = match lock(&self.open).get(&fh.0) {
             Some(Open::Read(file)) => Some(file.clone()),
-            Some(Open::Write(_)) => None,
+            Some(Open::Write(..)) => None,
             _ => return reply.error(Errno::EBADF),
         };
         if let Some(file) = reading {
@@ -709,7 +725,7 @@ impl Filesystem for MeridianFs {
         reply: ReplyEmpty,
     ) {
         let closed = lock(&self.open).remove(&fh.0);
-        if let Some(Open::Write(ino)) = closed {
+        if let Some(Open::Write(ino, _)) = closed {
             self.stop_writing(ino);
         }
         reply.ok();
@@ -899,7 +915,7 @@ impl Filesystem for MeridianFs {
                 // Empty, as committed: nothing to commit until something is written.
                 lock(&scratch).dirty = false;
             }
-            let fh = self.new_fh(Open::Write(ino));
+            let fh = self.new_fh(Open::Write(ino, true));
             Ok((self.attr(ino, &stat), fh))
         })();
         match result {

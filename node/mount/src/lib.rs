@@ -82,14 +82,35 @@ impl Mounted {
     }
 
     fn stop(&mut self) -> anyhow::Result<()> {
-        if let Some(session) = self.session.take() {
-            session.umount_and_join().with_context(|| format!("unmounting {}", self.dir.display()))?;
+        if let Some(session) = self.session.take()
+            && let Err(e) = session.umount_and_join()
+        {
+            // Busy (a program has a file open there): detached now, gone once it lets go.
+            tracing::info!("unmounting {}: {e}; detaching it", self.dir.display());
+            detach(&self.dir)?;
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(5));
         }
         Ok(())
     }
+}
+
+/// Unmounts `dir` lazily: `fusermount3 -u -z`, else `umount -l`.
+fn detach(dir: &Path) -> anyhow::Result<()> {
+    let tried = [("fusermount3", ["-u", "-z"]), ("umount", ["-l", ""])];
+    for (program, args) in tried {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let status = std::process::Command::new(program)
+            .args(args)
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if status.is_ok_and(|s| s.success()) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("could not unmount {} (try `fusermount3 -u -z {}`)", dir.display(), dir.display())
 }
 
 impl Drop for Mounted {
