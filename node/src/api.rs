@@ -533,6 +533,49 @@ pub async fn read_answer<T: DeserializeOwned>(r: &mut (impl AsyncRead + Unpin)) 
     decode_answer(read_frame(r).await?)
 }
 
+/// A read in progress over a connection of its own: [`Reading::start`] sends the request and
+/// takes the [`ReadHeader`]; [`Reading::next`] gives the data frames, then `None` once the
+/// node's final answer came and the bytes add up to what the header announced.
+pub struct Reading<S> {
+    stream: S,
+    path: String,
+    header: ReadHeader,
+    got: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Reading<S> {
+    /// Asks for `path` (or bytes `range` of it) on `stream`, a new connection to the node.
+    pub async fn start(mut stream: S, path: &str, range: Option<(u64, u64)>) -> anyhow::Result<Reading<S>> {
+        let request =
+            ApiRequest::Read { path: path.to_owned(), start: range.map(|r| r.0), end: range.map(|r| r.1) };
+        write_frame(&mut stream, &encode_request(&request)).await?;
+        let header = read_answer(&mut stream).await?;
+        Ok(Reading { stream, path: path.to_owned(), header, got: 0 })
+    }
+
+    /// The size and the range being read.
+    pub fn header(&self) -> ReadHeader {
+        self.header
+    }
+
+    /// The next data frame; `None` at the end of a read that delivered every byte.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        let frame = read_frame(&mut self.stream)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the node closed the connection inside a read"))?;
+        if !frame.is_empty() {
+            self.got += frame.len() as u64;
+            return Ok(Some(frame));
+        }
+        read_answer::<()>(&mut self.stream).await?;
+        let expected = self.header.end - self.header.start;
+        if self.got != expected {
+            anyhow::bail!("read {} bytes of {}, expected {expected}", self.got, self.path);
+        }
+        Ok(None)
+    }
+}
+
 /// The blocking movers, for clients without an async runtime.
 pub mod blocking {
     use std::io::{Read, Write};

@@ -12,8 +12,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use node::api::{
-    self, ApiError, ApiRequest, ErrorKind, FindAnswer, Kind, ListEntry, MeshLink, PutAnswer, ReadHeader,
-    StatAnswer, StatusAnswer, TagAnswer,
+    self, ApiError, ApiRequest, ErrorKind, FindAnswer, Kind, ListEntry, MeshLink, PutAnswer, StatAnswer,
+    StatusAnswer, TagAnswer,
 };
 use node::config::{CONFIG_FILE, Config, DEFAULT_PORT, PeerConfig, listen_addrs};
 use node::membership::{Edit, Outcome};
@@ -963,31 +963,17 @@ async fn read_into<W: tokio::io::AsyncWrite + Unpin>(
     show_progress: bool,
 ) -> anyhow::Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let mut stream = connect(cli).await?;
-    let request =
-        ApiRequest::Read { path: remote.to_owned(), start: range.map(|r| r.0), end: range.map(|r| r.1) };
-    api::write_frame(&mut stream, &api::encode_request(&request)).await?;
-    let header: ReadHeader = api::read_answer(&mut stream).await?;
-    let expected = header.end - header.start;
-    let bar = if show_progress { progress(expected) } else { ProgressBar::hidden() };
+    let mut reading = api::Reading::start(connect(cli).await?, remote, range).await?;
+    let header = reading.header();
+    let bar = if show_progress { progress(header.end - header.start) } else { ProgressBar::hidden() };
     let mut written = 0u64;
-    loop {
-        let frame = api::read_frame(&mut stream)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("the node closed the read early"))?;
-        if frame.is_empty() {
-            break;
-        }
+    while let Some(frame) = reading.next().await? {
         out.write_all(&frame).await?;
         written += frame.len() as u64;
         bar.inc(frame.len() as u64);
     }
     out.flush().await?;
     bar.finish_and_clear();
-    api::read_answer::<()>(&mut stream).await?;
-    if written != expected {
-        bail!("read {written} bytes of {remote}, expected {expected}");
-    }
     Ok(written)
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fuser::Errno;
-use node::api::{self, ApiError, ApiRequest, ErrorKind, ReadHeader};
+use node::api::{self, ApiError, ApiRequest, ErrorKind};
 use node::client::Client;
 use tokio::net::UnixStream;
 
@@ -74,23 +74,13 @@ impl Remote {
 }
 
 async fn read_range(socket: &Path, path: &str, start: u64, end: u64) -> anyhow::Result<Vec<u8>> {
-    let mut stream =
+    let stream =
         UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;
-    let request = ApiRequest::Read { path: path.to_owned(), start: Some(start), end: Some(end) };
-    api::write_frame(&mut stream, &api::encode_request(&request)).await?;
-    let header: ReadHeader = api::read_answer(&mut stream).await?;
+    let mut reading = api::Reading::start(stream, path, Some((start, end))).await?;
+    let header = reading.header();
     let mut data = Vec::with_capacity((header.end - header.start) as usize);
-    loop {
-        let frame =
-            api::read_frame(&mut stream).await?.context("the node closed the connection inside a read")?;
-        if frame.is_empty() {
-            break;
-        }
+    while let Some(frame) = reading.next().await? {
         data.extend_from_slice(&frame);
-    }
-    api::read_answer::<()>(&mut stream).await?;
-    if data.len() as u64 != header.end - header.start {
-        bail!("read {} bytes of {path}, expected {}", data.len(), header.end - header.start);
     }
     Ok(data)
 }

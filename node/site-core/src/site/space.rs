@@ -405,8 +405,16 @@ impl Site {
         self.space.strangers.retain(|site, _| !keys.knows(site));
     }
 
+    /// The sites not known here that hold every epoch back ([`Site::note_stranger`]), with a
+    /// member that showed each and since when; none under the sabotage that collects early.
+    fn strangers(&self) -> impl Iterator<Item = (&str, &str, u64)> {
+        let sabotaged = crate::sabotage::collect_unstable();
+        let strangers = self.space.strangers.iter().filter(move |_| !sabotaged);
+        strangers.map(|(site, (by, since))| (site.as_str(), by.as_str(), *since))
+    }
+
     /// Members (this site aside) whose reports do not show `frontier` integrated everywhere.
-    /// (The strangers, [`Site::note_stranger`], hold every epoch back besides.)
+    /// (The strangers hold every epoch back besides.)
     fn holding_back<'a>(&'a self, frontier: &'a Frontier) -> impl Iterator<Item = &'a str> + 'a {
         self.config.keys.members().filter(move |member| {
             *member != self.config.site.as_str()
@@ -441,7 +449,7 @@ impl Site {
         let mut due = Vec::new();
         let mut cut_short = false;
         let ids: Vec<u64> = self.space.epochs.keys().copied().collect();
-        let strangers = !crate::sabotage::collect_unstable() && !self.space.strangers.is_empty();
+        let strangers = self.strangers().next().is_some();
         for id in ids {
             let epoch = &self.space.epochs[&id];
             // Strangers hold back even the stable epochs, while in their grace period: one of
@@ -590,12 +598,8 @@ impl Site {
             .map(|i| u64::from(i.len))
             .sum();
         let mut held_back: BTreeMap<&str, GarbageHeldBack> = BTreeMap::new();
-        let strangers: Vec<(&str, Option<&str>, u64)> = if crate::sabotage::collect_unstable() {
-            Vec::new()
-        } else {
-            let strangers = self.space.strangers.iter();
-            strangers.map(|(site, (by, since))| (site.as_str(), Some(by.as_str()), *since)).collect()
-        };
+        let strangers: Vec<(&str, Option<&str>, u64)> =
+            self.strangers().map(|(site, by, since)| (site, Some(by), since)).collect();
         for (id, epoch) in &self.space.epochs {
             let mut holding = strangers.clone();
             if epoch.stable_since_ms.is_none() {
