@@ -691,6 +691,40 @@ impl Namespace {
         Ok(())
     }
 
+    /// Moves `from` to `to` like [`Namespace::rename`], replacing what is at `to` as POSIX's
+    /// `rename` does: a file or symlink by anything but a directory, a directory only by a
+    /// directory, and only an empty one. The removal (stamped `remove_hlc`, before `hlc`) and
+    /// the move are one change: every site applies both or neither. Checked in full before
+    /// either is recorded.
+    pub fn rename_replacing(&mut self, from: &str, to: &str, remove_hlc: Hlc, hlc: Hlc) -> Result<()> {
+        let target = self.resolve_id(from)?;
+        if target == EntryId::ROOT {
+            return Err(OpError::Root { action: "moved" });
+        }
+        let (parent, name) = self.resolve_parent(to)?;
+        let Some(existing) = self.tree.child(parent, name).filter(|e| *e != target) else {
+            return self.rename(from, to, hlc);
+        };
+        let mut cur = parent;
+        while cur != EntryId::ROOT {
+            if cur == target {
+                return Err(OpError::MoveIntoSelf { from: from.to_owned(), to: to.to_owned() });
+            }
+            cur = self.tree.entry(cur).parent;
+        }
+        let is_dir = |id: EntryId| matches!(self.tree.entry(id).data, Data::Dir);
+        match (is_dir(target), is_dir(existing)) {
+            (true, false) => return Err(OpError::NotADirectory { path: to.to_owned() }),
+            (false, true) => return Err(OpError::IsADirectory { path: to.to_owned() }),
+            (true, true) if self.tree.has_children(existing) => {
+                return Err(OpError::NotEmpty { path: to.to_owned() });
+            }
+            _ => {}
+        }
+        self.remove(to, false, remove_hlc)?;
+        self.rename(from, to, hlc)
+    }
+
     /// Removes the entry at `path`; a directory with entries only if `recursive`.
     pub fn remove(&mut self, path: &str, recursive: bool, hlc: Hlc) -> Result<()> {
         let target = self.resolve_id(path)?;
@@ -976,6 +1010,18 @@ impl Namespace {
     pub fn take_touched_versions(&mut self) -> std::collections::HashSet<ContentId> {
         self.tree.track_touched();
         self.tree.take_touched()
+    }
+
+    /// The ids of the existing entries changed (written, moved, removed, re-tagged, their mode
+    /// or time set) since the last call, from the first call on, each once: what a cache of
+    /// entries (the mount's) forgets. New entries are not named: no cache holds them yet.
+    pub fn take_changed_entries(&mut self) -> Vec<String> {
+        self.tree.track_changed();
+        let mut changed: Vec<String> =
+            self.tree.take_changed().into_iter().map(|id| id.hex(&self.sites)).collect();
+        changed.sort_unstable();
+        changed.dedup();
+        changed
     }
 
     /// The heads of the document: the changes nothing else here depends on.

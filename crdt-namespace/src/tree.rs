@@ -124,6 +124,9 @@ pub(crate) struct Tree {
     /// Versions whose count in `refs` changed since [`Tree::take_touched`] was last called,
     /// if anyone asks ([`Tree::track_touched`]).
     touched: Option<HashSet<ContentId>>,
+    /// Entries changed (renamed, removed, written, re-tagged, ...) since
+    /// [`Tree::take_changed`] was last called, if anyone asks ([`Tree::track_changed`]).
+    changed: Option<Vec<EntryId>>,
 }
 
 impl Tree {
@@ -149,6 +152,7 @@ impl Tree {
             live: 1,
             refs: HashMap::new(),
             touched: None,
+            changed: None,
         };
         tree.index.insert(EntryId::ROOT, 0);
         tree
@@ -206,6 +210,17 @@ impl Tree {
     /// Starts noting the versions whose references change, for [`Tree::take_touched`].
     pub(crate) fn track_touched(&mut self) {
         self.touched.get_or_insert_with(HashSet::new);
+    }
+
+    /// The entries changed since the last call (some may be back as they were, and one may
+    /// be named more than once).
+    pub(crate) fn take_changed(&mut self) -> Vec<EntryId> {
+        self.changed.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Starts noting the entries that change, for [`Tree::take_changed`].
+    pub(crate) fn track_changed(&mut self) {
+        self.changed.get_or_insert_with(Vec::new);
     }
 
     pub(crate) fn live_count(&self) -> usize {
@@ -353,6 +368,9 @@ impl Tree {
         self.unindex(id);
         let i = self.index[&id] as usize;
         self.undo.push(Undo::Changed(Box::new(self.entries[i].clone())));
+        if let Some(changed) = &mut self.changed {
+            changed.push(id);
+        }
         change(&mut self.entries[i]);
         self.reindex(id);
     }

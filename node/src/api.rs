@@ -80,6 +80,10 @@ pub enum ApiRequest {
         from: String,
         /// To.
         to: String,
+        /// Replace what is at `to` as POSIX's `rename` does (one change at every site);
+        /// otherwise an existing `to` is an error.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        replace: bool,
     },
     /// Remove: `()`.
     Rm {
@@ -136,6 +140,13 @@ pub enum ApiRequest {
     },
     /// The site's state: a [`StatusAnswer`].
     Status,
+    /// The entries changed after a sequence number, for a cache of the namespace (the mount)
+    /// to follow: a [`site_core::Changes`]. `after`: the `next` of the last answer, less one;
+    /// `None`: only where the log is now.
+    Changes {
+        /// The last sequence number seen.
+        after: Option<u64>,
+    },
     /// The mesh members and their links: `Vec<`[`MeshLink`]`>`.
     MeshLs,
     /// Change the membership (`mesh add|rm|rotate|block|unblock`): the configuration file and

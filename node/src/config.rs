@@ -91,6 +91,44 @@ pub struct Config {
     /// Keys sites had before (see [`FormerKey`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub former_keys: Vec<FormerKey>,
+    /// The mount (`[mount]`): where `meridian node` mounts the namespace, and how.
+    #[serde(default, skip_serializing_if = "MountConfig::is_default")]
+    pub mount: MountConfig,
+}
+
+/// `[mount]`: the mount's settings, for `meridian node` (which mounts at `path` when it is set
+/// and unmounts when it stops) and `meridian mount`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    /// Where `meridian node` mounts the namespace (an existing empty directory), relative to
+    /// the configuration file's directory. Unset: it does not mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Seconds a read through the mount waits for bytes no reachable site or bucket supplies
+    /// before it fails with EIO.
+    #[serde(default = "default_read_timeout_secs")]
+    pub read_timeout_secs: u64,
+    /// Let other users than the node's use the mount (their access checked against the modes;
+    /// an ordinary user's mount needs `user_allow_other` in /etc/fuse.conf).
+    #[serde(default)]
+    pub allow_other: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> MountConfig {
+        MountConfig { path: None, read_timeout_secs: default_read_timeout_secs(), allow_other: false }
+    }
+}
+
+impl MountConfig {
+    fn is_default(&self) -> bool {
+        *self == MountConfig::default()
+    }
+}
+
+fn default_read_timeout_secs() -> u64 {
+    30
 }
 
 fn default_max_clock_ahead_secs() -> u64 {
@@ -377,6 +415,7 @@ impl Config {
             control_group: None,
             peers: Vec::new(),
             former_keys: Vec::new(),
+            mount: MountConfig::default(),
         }
     }
 
@@ -387,6 +426,9 @@ impl Config {
         self.chunker().check().map_err(anyhow::Error::msg)?;
         if let Some(group) = &self.control_group {
             group_id(group)?;
+        }
+        if self.mount.read_timeout_secs == 0 {
+            bail!("mount.read_timeout_secs is 0: every read of a file not held here would fail at once");
         }
         if self.max_clock_ahead_secs == 0 {
             bail!("max_clock_ahead_secs is 0: every change from a clock a millisecond ahead would be held");
@@ -550,6 +592,11 @@ impl Loaded {
     /// The key file.
     pub fn key_file(&self) -> PathBuf {
         self.dir.join(&self.config.key_file)
+    }
+
+    /// Where `meridian node` mounts the namespace, if it does.
+    pub fn mount_path(&self) -> Option<PathBuf> {
+        self.config.mount.path.as_ref().map(|p| self.dir.join(p))
     }
 
     /// The control socket the daemon listens on, next to the configuration file.

@@ -51,7 +51,8 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
             done(s, &handle, Request::SetAttr { path, mode, mtime_ns }).await?
         }
         ApiRequest::TagClear { path, key } => done(s, &handle, Request::ClearTag { path, key }).await?,
-        ApiRequest::Mv { from, to } => done(s, &handle, Request::Rename { from, to }).await?,
+        ApiRequest::Mv { from, to, replace: false } => done(s, &handle, Request::Rename { from, to }).await?,
+        ApiRequest::Mv { from, to, replace: true } => done(s, &handle, Request::Replace { from, to }).await?,
         ApiRequest::Rm { path, recursive } => done(s, &handle, Request::Remove { path, recursive }).await?,
         ApiRequest::TagSet { path, key, value } => {
             done(s, &handle, Request::SetTag { path, key, value }).await?
@@ -92,6 +93,13 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
                 Err(e) => Err(e.into()),
             };
             api::write_answer::<Vec<FindAnswer>>(s, answer).await?
+        }
+        ApiRequest::Changes { after } => {
+            let answer = ask(&handle, Request::Changes { after }, |reply| match reply {
+                Reply::Changes(changes) => Some(changes),
+                _ => None,
+            });
+            api::write_answer(s, answer.await?).await?
         }
         ApiRequest::Status => {
             let backlog = handle.cache_backlog.load(Ordering::Relaxed);

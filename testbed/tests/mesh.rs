@@ -74,6 +74,7 @@ fn namespace_changes_reach_every_site() {
     a.call::<()>(&ApiRequest::Mv {
         from: "/shots/sq010/sh0010/take1.clip".into(),
         to: "/shots/take1.clip".into(),
+        replace: false,
     })
     .unwrap();
     let trees = wait_same_trees(&cluster, &[0, 1, 2]);

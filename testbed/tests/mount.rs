@@ -3,7 +3,7 @@
 //! through the other; directories, renames, removals, symlinks, modes and tags made through
 //! one show in the other.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -27,19 +27,28 @@ impl Mounts {
     }
 
     fn start_with(n: usize, read_timeout: Duration) -> Mounts {
+        Mounts::start_configured(n, |_| {}, |options| options.read_timeout = read_timeout)
+    }
+
+    /// `n` sites, their configuration edited by `site`, mounted with options edited by `mount`.
+    fn start_configured(
+        n: usize,
+        site: impl Fn(&mut node::config::Config),
+        mount: impl Fn(&mut mount::MountOptions),
+    ) -> Mounts {
         let root = tempfile::tempdir().unwrap();
         let mut cluster = testbed::cluster(testbed::program_at(env!("CARGO_BIN_EXE_testbed")), n).unwrap();
+        for i in 0..n {
+            cluster.configure(i, &site).unwrap();
+        }
         cluster.start_all().unwrap();
         cluster.wait_connected(TIMEOUT).unwrap();
         let mounts = (0..n)
             .map(|i| {
                 let dir = root.path().join(format!("mnt{i}"));
                 std::fs::create_dir_all(&dir).unwrap();
-                let options = mount::MountOptions {
-                    read_timeout,
-                    scratch_dir: root.path().join(format!("scratch{i}")),
-                    allow_other: false,
-                };
+                let mut options = mount::MountOptions::new(root.path().join(format!("scratch{i}")));
+                mount(&mut options);
                 mount::mount(cluster.site(i).client.socket(), &dir, &options).unwrap()
             })
             .collect();
@@ -119,6 +128,15 @@ fn changes_through_one_mount_show_in_the_other() {
     assert_eq!(e.raw_os_error(), Some(libc_enotempty()), "{e}");
     let e = std::fs::hard_link(a.join("proj/done/s.txt"), a.join("proj/hard")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(1), "hard links are refused with EPERM: {e}");
+    // A time set before close (`cp -a`, `tar`) is the committed version's.
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    {
+        let mut file = std::fs::File::create(a.join("proj/dated.txt")).unwrap();
+        std::io::Write::write_all(&mut file, b"dated").unwrap();
+        file.set_modified(when).unwrap();
+    }
+    assert_eq!(a.join("proj/dated.txt").metadata().unwrap().modified().unwrap(), when);
+    wait_until(TIMEOUT, || Ok(b.join("proj/dated.txt").metadata()?.modified()? == when)).unwrap();
     // Removal shows at the other site.
     std::fs::remove_dir_all(b.join("proj/done")).unwrap();
     wait_until(TIMEOUT, || Ok(!exists(&a.join("proj/done"))?)).unwrap();
@@ -223,4 +241,101 @@ fn a_read_waiting_for_a_paused_site_holds_up_nothing_else_and_fails_with_eio() {
 
 fn libc_enotempty() -> i32 {
     39
+}
+
+#[test]
+fn concurrent_writes_through_two_mounts_leave_the_same_conflict_copy_at_both() {
+    let mounts = Mounts::start(2);
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    std::fs::create_dir(a.join("shots")).unwrap();
+    std::fs::write(a.join("shots/comp.nk"), b"v1").unwrap();
+    wait_until(TIMEOUT, || exists(&b.join("shots/comp.nk"))).unwrap();
+    // Cut apart (a blocks b, and has seen the last of the link), both write the same file.
+    mounts.cluster.meridian(0, &["mesh", "block", "b"]).unwrap();
+    let client = mounts.cluster.site(0).client.clone();
+    wait_until(TIMEOUT, || Ok(client.status()?.core.peers.is_empty())).unwrap();
+    std::fs::write(a.join("shots/comp.nk"), b"v2 written at a").unwrap();
+    std::fs::write(b.join("shots/comp.nk"), b"v2 written at b").unwrap();
+    mounts.cluster.meridian(0, &["mesh", "unblock", "b"]).unwrap();
+    // Each mount shows one file and one conflict copy beside it, the same at both.
+    let listing = |dir: &Path| -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir.join("shots"))? {
+            let name = entry?.file_name().into_string().unwrap();
+            files.push((name.clone(), std::fs::read(dir.join("shots").join(&name))?));
+        }
+        files.sort();
+        Ok(files)
+    };
+    wait_until(TIMEOUT, || {
+        let (at_a, at_b) = (listing(&a)?, listing(&b)?);
+        Ok(at_a.len() == 2 && at_a == at_b)
+    })
+    .unwrap();
+    let files = listing(&a).unwrap();
+    let copy = files.iter().find(|(name, _)| name.starts_with("comp.conflict-")).expect("a conflict copy");
+    let kept = files.iter().find(|(name, _)| name == "comp.nk").expect("the file");
+    let mut contents = [copy.1.clone(), kept.1.clone()];
+    contents.sort();
+    assert_eq!(contents, [b"v2 written at a".to_vec(), b"v2 written at b".to_vec()], "{files:?}");
+}
+
+#[test]
+fn a_read_at_an_offset_fetches_only_the_chunks_covering_it() {
+    // Small chunks (16..256 KiB), so that what a read fetches shows.
+    let small = |c: &mut node::config::Config| {
+        c.chunking = node::config::Chunking { min_bytes: 16 << 10, avg_bytes: 64 << 10, max_bytes: 256 << 10 }
+    };
+    let mounts = Mounts::start_configured(2, small, |_| {});
+    let data = pseudo_random(24, 64 << 20);
+    mounts.cluster.site(0).client.put("/big.bin", &data).unwrap();
+    let b = mounts.cluster.site(1).client.clone();
+    let at_b = mounts.dir(1).join("big.bin");
+    wait_until(TIMEOUT, || Ok(at_b.metadata().is_ok_and(|m| m.len() == data.len() as u64))).unwrap();
+    let before = b.status().unwrap().core.bytes_fetched;
+    let offset = 40 << 20;
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(&at_b).unwrap().read_exact_at(&mut buf, offset).unwrap();
+    assert!(buf[..] == data[offset as usize..offset as usize + 4096]);
+    let fetched = b.status().unwrap().core.bytes_fetched - before;
+    // At most what the kernel asked for (its readahead: 1 MiB at most) and a chunk on either
+    // side; the whole file is 64 MiB.
+    assert!(
+        fetched > 0 && fetched <= (1 << 20) + 2 * (256 << 10),
+        "fetched {fetched} bytes for a read of 4 KiB"
+    );
+}
+
+#[test]
+fn another_sites_changes_reach_the_kernel_before_its_attributes_expire() {
+    // The kernel may keep names and attributes for ten minutes: only the change log can tell it.
+    let mounts = Mounts::start_configured(2, |_| {}, |options| options.attr_ttl = Duration::from_secs(600));
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    std::fs::write(a.join("clip.mov"), b"old").unwrap();
+    std::fs::write(a.join("gone.txt"), b"soon gone").unwrap();
+    wait_until(TIMEOUT, || exists(&b.join("gone.txt"))).unwrap();
+    // b's kernel holds both names and the first version's size and pages.
+    assert_eq!(std::fs::read(b.join("clip.mov")).unwrap(), b"old");
+    assert!(exists(&b.join("gone.txt")).unwrap());
+    std::fs::write(a.join("clip.mov"), b"a newer, longer version").unwrap();
+    std::fs::rename(a.join("gone.txt"), a.join("moved.txt")).unwrap();
+    wait_until(TIMEOUT, || Ok(std::fs::read(b.join("clip.mov"))? == b"a newer, longer version")).unwrap();
+    wait_until(TIMEOUT, || Ok(!exists(&b.join("gone.txt"))? && exists(&b.join("moved.txt"))?)).unwrap();
+}
+
+#[test]
+fn the_node_mounts_the_configured_path_and_unmounts_it_when_it_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let mut cluster = testbed::cluster(testbed::program_at(env!("CARGO_BIN_EXE_testbed")), 1).unwrap();
+    cluster.configure(0, |c| c.mount.path = Some(dir.clone())).unwrap();
+    cluster.start_all().unwrap();
+    let mounted =
+        || Ok(std::fs::read_to_string("/proc/self/mountinfo")?.contains(&format!(" {} ", dir.display())));
+    wait_until(TIMEOUT, mounted).unwrap();
+    std::fs::write(dir.join("hello.txt"), b"through the node's own mount").unwrap();
+    assert_eq!(cluster.site(0).client.read("/hello.txt", None).unwrap(), b"through the node's own mount");
+    cluster.stop(0).unwrap();
+    assert!(!mounted().unwrap(), "stopping the node unmounts");
 }

@@ -148,13 +148,14 @@ enum Command {
         /// An empty directory.
         dir: PathBuf,
         /// Let other users use the mount (their access checked against the modes; a mount by
-        /// an ordinary user needs `user_allow_other` in /etc/fuse.conf).
+        /// an ordinary user needs `user_allow_other` in /etc/fuse.conf). Default: the
+        /// configuration's `mount.allow_other`.
         #[arg(long)]
         allow_other: bool,
         /// Seconds a read waits for bytes no reachable site or bucket supplies before it fails
-        /// with EIO.
-        #[arg(long, default_value_t = 30, value_name = "SECS")]
-        read_timeout: u64,
+        /// with EIO. Default: the configuration's `mount.read_timeout_secs` (30).
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        read_timeout: Option<u64>,
     },
     /// The other sites of the mesh.
     #[command(subcommand)]
@@ -381,15 +382,69 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
     let loaded = Config::load(&config_path(cli))?;
     node::runtime::load_keypair(&loaded)?;
     node::runtime::exit_on_panic();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the tokio runtime")?
-        .block_on(node::runtime::run(loaded))
+        .context("starting the tokio runtime")?;
+    let Some(dir) = loaded.mount_path() else { return runtime.block_on(node::runtime::run(loaded)) };
+    // `[mount] path`: mounted once the control socket answers, unmounted when the node stops.
+    let options = mount_options(&loaded, false, None);
+    let socket = loaded.socket();
+    let node = runtime.spawn(node::runtime::run(loaded));
+    let mounted = runtime.block_on(async {
+        loop {
+            if node.is_finished() {
+                return Ok(None);
+            }
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mounted = tokio::task::spawn_blocking(move || mount::mount(&socket, &dir, &options))
+            .await
+            .context("mounting")??;
+        eprintln!("mounted the namespace at {}", mounted.dir().display());
+        anyhow::Ok(Some(mounted))
+    });
+    let mounted = match mounted {
+        Ok(mounted) => mounted,
+        Err(e) => {
+            // The node runs without its mount only if asked to; a mount that fails stops it.
+            node.abort();
+            return Err(e.context("`[mount] path` in the configuration"));
+        }
+    };
+    let ran = runtime.block_on(node).context("the node's task")?;
+    if let Some(mounted) = mounted {
+        mounted.unmount()?;
+    }
+    ran
+}
+
+/// How to mount for `loaded`'s site: the configuration's `[mount]` settings, unless the
+/// command line says otherwise.
+fn mount_options(
+    loaded: &node::config::Loaded,
+    allow_other: bool,
+    read_timeout: Option<u64>,
+) -> mount::MountOptions {
+    let data_scratch = loaded.data_dir().join("mount-scratch");
+    let scratch_dir =
+        if std::fs::create_dir_all(&data_scratch).is_ok() && tempfile::tempfile_in(&data_scratch).is_ok() {
+            data_scratch
+        } else {
+            std::env::temp_dir()
+        };
+    let settings = &loaded.config.mount;
+    let mut options = mount::MountOptions::new(scratch_dir);
+    options.read_timeout = std::time::Duration::from_secs(read_timeout.unwrap_or(settings.read_timeout_secs));
+    options.allow_other = allow_other || settings.allow_other;
+    options
 }
 
 /// `meridian mount DIR`: mounts until a signal, or until the mount is taken away.
-fn run_mount(cli: &Cli, dir: &Path, allow_other: bool, read_timeout: u64) -> anyhow::Result<()> {
+fn run_mount(cli: &Cli, dir: &Path, allow_other: bool, read_timeout: Option<u64>) -> anyhow::Result<()> {
     log_to_stderr();
     let path = config_path(cli);
     let loaded = Config::load(&path)?;
@@ -398,18 +453,7 @@ fn run_mount(cli: &Cli, dir: &Path, allow_other: bool, read_timeout: u64) -> any
     {
         return Err(node_not_running(&path));
     }
-    let data_scratch = loaded.data_dir().join("mount-scratch");
-    let scratch_dir =
-        if std::fs::create_dir_all(&data_scratch).is_ok() && tempfile::tempfile_in(&data_scratch).is_ok() {
-            data_scratch
-        } else {
-            std::env::temp_dir()
-        };
-    let options = mount::MountOptions {
-        read_timeout: std::time::Duration::from_secs(read_timeout),
-        scratch_dir,
-        allow_other,
-    };
+    let options = mount_options(&loaded, allow_other, read_timeout);
     let mounted = mount::mount(&loaded.socket(), dir, &options)?;
     eprintln!(
         "mounted site {} at {}; Ctrl-C, SIGTERM or `fusermount3 -u {}` unmounts",
@@ -637,7 +681,7 @@ async fn client(cli: &Cli) -> anyhow::Result<()> {
             changes(cli, requests).await
         }
         Command::Mv { from, to } => {
-            changes(cli, [ApiRequest::Mv { from: from.clone(), to: to.clone() }]).await
+            changes(cli, [ApiRequest::Mv { from: from.clone(), to: to.clone(), replace: false }]).await
         }
         Command::Rm { paths, r } => {
             let requests = paths.iter().map(|path| ApiRequest::Rm { path: path.clone(), recursive: *r });

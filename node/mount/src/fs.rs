@@ -4,18 +4,24 @@
 //! - Metadata (`lookup`, `getattr`, `readdir`) is one call to the node, answered by the local
 //!   replica without the network, on the FUSE thread that asked.
 //! - Reads run as tasks on the mount's runtime and reply when their bytes arrive, so a read
-//!   waiting for a remote chunk holds up no other operation. Each open file keeps the last
-//!   window it read ([`READ_WINDOW`]), so the kernel's sequential reads cost one call per window.
+//!   waiting for a remote chunk holds up no other operation. A read fetches what the kernel
+//!   asked for (so a read at some offset of a remote file fetches only the chunks covering
+//!   it); reads that continue where the last fetch ended fetch twice as much each time, up to
+//!   [`READ_WINDOW`], so a sequential read costs one call to the node per window. Each open file
+//!   keeps its last few windows, fetched or in flight, and a read inside one waits for it
+//!   instead of fetching again.
+//! - Another site's changes reach the kernel's caches through [`crate::follow`], on a thread
+//!   of its own: it follows the node's log of changed entries and tells the kernel to forget
+//!   their names, attributes and pages.
 //! - Writes are close-to-open: a file open for writing is a scratch file (the current content
 //!   copied in first, unless it is truncated); `flush` (each `close`) and `fsync` make it the
 //!   file's new version through the ordinary put path, durable before they return.
 //! - Tags are the extended attributes `user.meridian.<key>`.
 //! - Hard links are refused with EPERM; ownership is the mount's user's and cannot change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,11 +35,16 @@ use fuser::{
 };
 use node::api::{ApiRequest, Kind, ListEntry, StatAnswer, TagAnswer};
 
+use crate::follow::Follower;
 use crate::inodes::{Inodes, ROOT, child_path};
 use crate::remote::{Remote, errno};
 
-/// How long the kernel may keep names and attributes before asking again.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep names and attributes before asking again, by default: the
+/// change log ([`crate::follow`]) tells it sooner when another site changes them.
+pub const TTL: Duration = Duration::from_secs(1);
+
+/// Windows an open file keeps, fetched or in flight.
+const WINDOWS_KEPT: usize = 4;
 
 /// Bytes one call to the node reads for an open file (its kernel reads are smaller).
 pub const READ_WINDOW: u64 = 4 << 20;
@@ -48,17 +59,24 @@ const MAX_BACKGROUND: u16 = 64;
 pub struct MeridianFs {
     remote: Remote,
     runtime: tokio::runtime::Handle,
-    inodes: Mutex<Inodes>,
-    open: Mutex<HashMap<u64, Open>>,
-    /// Files open for writing, by inode: every handle of one file shares its scratch file.
-    writing: Mutex<HashMap<u64, Arc<Mutex<Scratch>>>>,
+    inodes: Arc<Mutex<Inodes>>,
+    ttl: Duration,
+    /// Open files and directories, shared with the tasks that open files for writing.
+    h: Arc<Handles>,
     /// The version each file had when it was last opened: its pages stay cached while it is
     /// the same.
     opened_versions: Mutex<HashMap<u64, String>>,
-    next_fh: AtomicU64,
-    scratch_dir: PathBuf,
     uid: u32,
     gid: u32,
+}
+
+/// Open files and directories.
+struct Handles {
+    open: Mutex<HashMap<u64, Open>>,
+    /// Files open for writing, by inode: every handle of one file shares its scratch file.
+    writing: Mutex<HashMap<u64, Arc<Mutex<Scratch>>>>,
+    next_fh: AtomicU64,
+    scratch_dir: PathBuf,
 }
 
 /// An open file or directory.
@@ -69,25 +87,78 @@ enum Open {
     Dir(Vec<(u64, FileType, String)>),
 }
 
-/// A file open for reading: its path and size at open, and the last window read.
+/// A file open for reading: its path and size at open, and its recent windows.
 struct ReadFile {
     path: String,
     size: u64,
-    window: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    windows: Mutex<Windows>,
+}
+
+/// The bytes of a window once fetched, or why they could not be.
+type Fetched = Option<Result<Arc<Vec<u8>>, Errno>>;
+
+/// Windows of an open file: fetched, or in flight.
+#[derive(Default)]
+struct Windows {
+    /// The most recent, newest last.
+    recent: VecDeque<Window>,
+    /// Where the last window fetched ended, and its length: a read starting there continues a
+    /// sequential read.
+    next: u64,
+    len: u64,
+}
+
+/// Bytes `start..end` of a file, there once the receiver holds `Some`.
+struct Window {
+    start: u64,
+    end: u64,
+    fetched: tokio::sync::watch::Receiver<Fetched>,
 }
 
 /// A file open for writing.
 struct Scratch {
     path: String,
-    file: File,
+    /// Shared, so that a commit reads it without holding the scratch's lock (writes and
+    /// attributes go on meanwhile).
+    file: Arc<File>,
     mode: u32,
-    /// Written since the last commit.
-    dirty: bool,
+    /// A modification time set while it was open (`futimens` before `close`, as `cp -a` and
+    /// `tar` do): given to the version it commits. A later write forgets it.
+    mtime_ns: Option<i64>,
+    /// Changes made to it: a write or resize adds one.
+    changes: u64,
+    /// `changes` when it was last committed (or made): it is dirty when they differ.
+    committed: u64,
     /// Handles open on it.
     handles: usize,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Reads a file from the start by position, leaving its offset alone (another handle may use
+/// it).
+struct PositionedReader<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl std::io::Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl Scratch {
+    fn dirty(&self) -> bool {
+        self.changes != self.committed
+    }
+
+    fn changed(&mut self) {
+        self.changes += 1;
+    }
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -121,25 +192,34 @@ fn name_of(name: &OsStr) -> Result<&str, Errno> {
 
 impl MeridianFs {
     /// The file system of the node behind `remote`; data calls run on `runtime`; files open for
-    /// writing are kept under `scratch_dir`.
+    /// writing are kept under `scratch_dir`; the kernel keeps names and attributes for `ttl`.
     pub fn new(
         remote: Remote,
         runtime: tokio::runtime::Handle,
         scratch_dir: PathBuf,
+        ttl: Duration,
     ) -> anyhow::Result<MeridianFs> {
         let root: StatAnswer = remote.call(&ApiRequest::Stat { path: "/".into() })?;
         Ok(MeridianFs {
             remote,
             runtime,
-            inodes: Mutex::new(Inodes::new(root.id)),
-            open: Mutex::new(HashMap::new()),
-            writing: Mutex::new(HashMap::new()),
+            inodes: Arc::new(Mutex::new(Inodes::new(root.id))),
+            ttl,
+            h: Arc::new(Handles {
+                open: Mutex::new(HashMap::new()),
+                writing: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                scratch_dir,
+            }),
             opened_versions: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
-            scratch_dir,
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
         })
+    }
+
+    /// What follows the node's changes for the kernel ([`crate::follow`]).
+    pub fn follower(&self) -> Follower {
+        Follower { remote: self.remote.clone(), inodes: self.inodes.clone() }
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
@@ -176,13 +256,14 @@ impl MeridianFs {
             _ => stat.size,
         };
         let mut mtime = time_of(stat.mtime_ns);
-        let scratch = lock(&self.writing).get(&ino).cloned();
+        let scratch = lock(&self.h.writing).get(&ino).cloned();
         if let Some(scratch) = scratch {
             // What this mount is writing shows before it is committed.
-            let s = lock(&scratch);
-            if s.dirty
-                && let Ok(meta) = s.file.metadata()
-            {
+            let file = {
+                let s = lock(&scratch);
+                s.dirty().then(|| s.file.clone())
+            };
+            if let Some(meta) = file.and_then(|f| f.metadata().ok()) {
                 size = meta.len();
                 mtime = meta.modified().unwrap_or(mtime);
             }
@@ -206,12 +287,12 @@ impl MeridianFs {
         }
     }
 
-    /// Replies with the entry now at `path`, counting a lookup.
-    fn reply_entry(&self, path: &str, reply: ReplyEntry) {
+    /// Replies with the entry now at `path` in directory `parent`, counting a lookup.
+    fn reply_entry(&self, parent: INodeNo, path: &str, reply: ReplyEntry) {
         match self.stat(path) {
             Ok(stat) => {
-                let ino = lock(&self.inodes).learn(&stat.id, path);
-                reply.entry(&TTL, &self.attr(ino, &stat), Generation(0));
+                let ino = lock(&self.inodes).learn(&stat.id, parent.0, path);
+                reply.entry(&self.ttl, &self.attr(ino, &stat), Generation(0));
             }
             Err(e) => reply.error(e),
         }
@@ -221,6 +302,133 @@ impl MeridianFs {
         Ok(child_path(&self.path_of(parent)?, name_of(name)?))
     }
 
+    /// Makes what was written to `scratch` the file's new version, if anything was. The
+    /// scratch's lock is not held while the bytes go to the node: writes, attributes and other
+    /// handles of the file go on meanwhile (a write made during the commit leaves the file
+    /// dirty, for the next one).
+    fn commit(remote: &Remote, scratch: &Mutex<Scratch>) -> Result<(), Errno> {
+        let (path, mode, mtime_ns, file, changes) = {
+            let s = lock(scratch);
+            if !s.dirty() {
+                return Ok(());
+            }
+            (s.path.clone(), s.mode, s.mtime_ns, s.file.clone(), s.changes)
+        };
+        let mut source = PositionedReader { file: &file, at: 0 };
+        remote.put(&path, mode, &mut source).map_err(|e| {
+            tracing::warn!("committing {path}: {e:#}");
+            errno(&e)
+        })?;
+        if let Some(mtime_ns) = mtime_ns {
+            remote
+                .call::<()>(&ApiRequest::SetAttr { path: path.clone(), mode: None, mtime_ns: Some(mtime_ns) })
+                .map_err(|e| {
+                    tracing::warn!("setting the time of {path}: {e:#}");
+                    errno(&e)
+                })?;
+        }
+        let mut s = lock(scratch);
+        s.committed = s.committed.max(changes);
+        Ok(())
+    }
+
+    /// Commits the scratch file of `fh` on a blocking task and replies when it is durable.
+    fn commit_then(&self, fh: FileHandle, reply: ReplyEmpty) {
+        // A reader of a file this mount writes never publishes the writer's unfinished bytes.
+        if !self.h.writes(fh) {
+            return reply.ok();
+        }
+        let Some(scratch) = self.h.scratch_of(fh) else { return reply.ok() };
+        let remote = self.remote.clone();
+        self.runtime.spawn_blocking(move || match Self::commit(&remote, &scratch) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    /// Changes the size of the file at `path` (`ino`) outside any open handle.
+    fn truncate(&self, ino: u64, path: &str, mode: u32, size: u64) -> Result<(), Errno> {
+        let scratch = self.h.start_writing(&self.remote, &self.runtime, ino, path, mode, size == 0)?;
+        let resized = {
+            let mut s = lock(&scratch);
+            s.changed();
+            s.file.set_len(size).map_err(|_| Errno::EIO)
+        };
+        let result = resized.and_then(|()| Self::commit(&self.remote, &scratch));
+        self.h.stop_writing(ino);
+        result
+    }
+
+    fn read_window(&self, file: Arc<ReadFile>, offset: u64, size: u32, reply: ReplyData) {
+        let end = (offset + u64::from(size)).min(file.size);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let (start, mut fetched) = {
+            let mut windows = lock(&file.windows);
+            // A window whose fetch failed is fetched again.
+            let usable = |w: &&Window| {
+                w.start <= offset && end <= w.end && w.fetched.borrow().as_ref().is_none_or(Result::is_ok)
+            };
+            match windows.recent.iter().find(usable) {
+                Some(w) => (w.start, w.fetched.clone()),
+                None => {
+                    // A read where the last fetch ended continues a sequential read: fetch
+                    // twice as much as then. Any other fetches what was asked.
+                    let asked = end - offset;
+                    let len = if offset == windows.next {
+                        (windows.len * 2).clamp(asked, READ_WINDOW.max(asked))
+                    } else {
+                        asked
+                    };
+                    let fetch_end = (offset + len).min(file.size);
+                    let (sender, receiver) = tokio::sync::watch::channel(None);
+                    if windows.recent.len() == WINDOWS_KEPT {
+                        windows.recent.pop_front();
+                    }
+                    windows.recent.push_back(Window {
+                        start: offset,
+                        end: fetch_end,
+                        fetched: receiver.clone(),
+                    });
+                    windows.next = fetch_end;
+                    windows.len = fetch_end - offset;
+                    let remote = self.remote.clone();
+                    let path = file.path.clone();
+                    self.runtime.spawn(async move {
+                        let result = remote.read(&path, offset, fetch_end).await.map(Arc::new).map_err(|e| {
+                            tracing::error!("{e:#}");
+                            errno(&e)
+                        });
+                        let _ = sender.send(Some(result));
+                    });
+                    (offset, receiver)
+                }
+            }
+        };
+        self.runtime.spawn(async move {
+            let result = match fetched.wait_for(Option::is_some).await {
+                Ok(fetched) => fetched.clone().expect("waited for it"),
+                // The fetching task is gone (the mount is stopping).
+                Err(_) => Err(Errno::EIO),
+            };
+            match result {
+                Ok(data) => {
+                    let from = ((offset - start) as usize).min(data.len());
+                    let to = ((end - start) as usize).min(data.len());
+                    reply.data(&data[from..to]);
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn tag_key(name: &OsStr) -> Option<&str> {
+        name.to_str()?.strip_prefix(TAG_PREFIX)
+    }
+}
+
+impl Handles {
     fn new_fh(&self, open: Open) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.open).insert(fh, open);
@@ -228,9 +436,12 @@ impl MeridianFs {
     }
 
     /// The scratch file of `ino` open for writing (one more handle on it), made from the
-    /// file's current content unless `truncate`.
+    /// file's current content unless `truncate` (copied through `runtime`, failing with EIO if
+    /// no bytes come for the read timeout: not on a FUSE thread when it can be long).
     fn start_writing(
         &self,
+        remote: &Remote,
+        runtime: &tokio::runtime::Handle,
         ino: u64,
         path: &str,
         mode: u32,
@@ -241,37 +452,36 @@ impl MeridianFs {
             // take the scratch file away in between.
             let writing = lock(&self.writing);
             if let Some(scratch) = writing.get(&ino).cloned() {
-                return Self::one_more_handle(scratch, truncate);
+                return Handles::one_more_handle(scratch, truncate);
             }
         }
-        let mut file = tempfile::tempfile_in(&self.scratch_dir).map_err(|e| {
+        let file = tempfile::tempfile_in(&self.scratch_dir).map_err(|e| {
             tracing::error!("making a scratch file in {}: {e}", self.scratch_dir.display());
             Errno::EIO
         })?;
         if !truncate {
-            let mut copied = Ok(());
-            let mut sink = |data: &[u8]| {
-                if copied.is_ok() {
-                    copied = std::io::Write::write_all(&mut file, data);
-                }
-            };
-            let client = node::client::Client::new(self.remote.socket());
-            client.read_with(path, None, &mut sink).map_err(|e| {
+            runtime.block_on(remote.copy_into(path, &file)).map_err(|e| {
                 tracing::warn!("opening {path} for writing: {e:#}");
-                errno(&e)
-            })?;
-            copied.map_err(|e| {
-                tracing::error!("copying {path} into the scratch space: {e}");
-                if e.raw_os_error() == Some(libc::ENOSPC) { Errno::ENOSPC } else { Errno::EIO }
+                match e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) {
+                    Some(libc::ENOSPC) => Errno::ENOSPC,
+                    _ => errno(&e),
+                }
             })?;
         }
         let mut writing = lock(&self.writing);
         if let Some(scratch) = writing.get(&ino).cloned() {
             // Another open made one meanwhile, of the same content: that one it is.
-            return Self::one_more_handle(scratch, truncate);
+            return Handles::one_more_handle(scratch, truncate);
         }
-        let scratch =
-            Arc::new(Mutex::new(Scratch { path: path.to_owned(), file, mode, dirty: truncate, handles: 1 }));
+        let scratch = Arc::new(Mutex::new(Scratch {
+            path: path.to_owned(),
+            file: Arc::new(file),
+            mode,
+            mtime_ns: None,
+            changes: u64::from(truncate),
+            committed: 0,
+            handles: 1,
+        }));
         writing.insert(ino, scratch.clone());
         Ok(scratch)
     }
@@ -280,28 +490,11 @@ impl MeridianFs {
         let mut s = lock(&scratch);
         if truncate {
             s.file.set_len(0).map_err(|_| Errno::EIO)?;
-            s.dirty = true;
+            s.changed();
         }
         s.handles += 1;
         drop(s);
         Ok(scratch)
-    }
-
-    /// Makes what was written to `scratch` the file's new version, if anything was.
-    fn commit(remote: &Remote, scratch: &Mutex<Scratch>) -> Result<(), Errno> {
-        let mut s = lock(scratch);
-        if !s.dirty {
-            return Ok(());
-        }
-        s.file.seek(SeekFrom::Start(0)).map_err(|_| Errno::EIO)?;
-        let (path, mode) = (s.path.clone(), s.mode);
-        let mut source = &s.file;
-        remote.put(&path, mode, &mut source).map_err(|e| {
-            tracing::warn!("committing {path}: {e:#}");
-            errno(&e)
-        })?;
-        s.dirty = false;
-        Ok(())
     }
 
     fn scratch_of(&self, fh: FileHandle) -> Option<Arc<Mutex<Scratch>>> {
@@ -317,31 +510,30 @@ impl MeridianFs {
         matches!(lock(&self.open).get(&fh.0), Some(Open::Write(_, true)))
     }
 
-    /// Commits the scratch file of `fh` on a blocking task and replies when it is durable.
-    fn commit_then(&self, fh: FileHandle, reply: ReplyEmpty) {
-        // A reader of a file this mount writes never publishes the writer's unfinished bytes.
-        if !self.writes(fh) {
-            return reply.ok();
-        }
-        let Some(scratch) = self.scratch_of(fh) else { return reply.ok() };
-        let remote = self.remote.clone();
-        self.runtime.spawn_blocking(move || match Self::commit(&remote, &scratch) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+    /// Keeps the bytes of a file closed with writes that could not be committed (the node was
+    /// down, the disk full) in the scratch directory's `unsaved/`, and says where.
+    fn keep_unsaved(&self, s: &Scratch) {
+        let dir = self.scratch_dir.join("unsaved");
+        let name = s.path.trim_start_matches('/').replace('/', "%");
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let kept = dir.join(format!("{stamp}-{name}"));
+        let copied = std::fs::create_dir_all(&dir).and_then(|()| {
+            let mut out = File::create(&kept)?;
+            std::io::copy(&mut PositionedReader { file: &s.file, at: 0 }, &mut out)?;
+            out.sync_all()
         });
-    }
-
-    /// Changes the size of the file at `path` (`ino`) outside any open handle.
-    fn truncate(&self, ino: u64, path: &str, mode: u32, size: u64) -> Result<(), Errno> {
-        let scratch = self.start_writing(ino, path, mode, size == 0)?;
-        let resized = {
-            let mut s = lock(&scratch);
-            s.dirty = true;
-            s.file.set_len(size).map_err(|_| Errno::EIO)
-        };
-        let result = resized.and_then(|()| Self::commit(&self.remote, &scratch));
-        self.stop_writing(ino);
-        result
+        match copied {
+            Ok(()) => tracing::error!(
+                "{}: closed with writes that could not be committed; its bytes are kept in {}",
+                s.path,
+                kept.display()
+            ),
+            Err(e) => tracing::error!(
+                "{}: closed with writes that could not be committed, and keeping them in {} failed: {e}",
+                s.path,
+                kept.display()
+            ),
+        }
     }
 
     /// One handle fewer on the scratch file of `ino`; the last one removes it.
@@ -351,45 +543,12 @@ impl MeridianFs {
         let mut s = lock(&scratch);
         s.handles = s.handles.saturating_sub(1);
         if s.handles == 0 {
-            if s.dirty {
-                tracing::warn!("{}: closed with writes that could not be committed; they are lost", s.path);
+            if s.dirty() {
+                self.keep_unsaved(&s);
             }
             drop(s);
             writing.remove(&ino);
         }
-    }
-
-    fn read_window(&self, file: Arc<ReadFile>, offset: u64, size: u32, reply: ReplyData) {
-        let end = (offset + u64::from(size)).min(file.size);
-        if offset >= end {
-            return reply.data(&[]);
-        }
-        if let Some((start, data)) = lock(&file.window).clone()
-            && start <= offset
-            && end <= start + data.len() as u64
-        {
-            return reply.data(&data[(offset - start) as usize..(end - start) as usize]);
-        }
-        let remote = self.remote.clone();
-        self.runtime.spawn(async move {
-            let fetch_end = (offset + READ_WINDOW.max(u64::from(size))).min(file.size);
-            match remote.read(&file.path, offset, fetch_end).await {
-                Ok(data) => {
-                    let data = Arc::new(data);
-                    let got = (end - offset).min(data.len() as u64) as usize;
-                    reply.data(&data[..got]);
-                    *lock(&file.window) = Some((offset, data));
-                }
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    reply.error(errno(&e));
-                }
-            }
-        });
-    }
-
-    fn tag_key(name: &OsStr) -> Option<&str> {
-        name.to_str()?.strip_prefix(TAG_PREFIX)
     }
 }
 
@@ -405,7 +564,7 @@ impl Filesystem for MeridianFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.child(parent, name) {
-            Ok(path) => self.reply_entry(&path, reply),
+            Ok(path) => self.reply_entry(parent, &path, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -416,7 +575,7 @@ impl Filesystem for MeridianFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.stat_ino(ino) {
-            Ok((_, stat)) => reply.attr(&TTL, &self.attr(ino.0, &stat)),
+            Ok((_, stat)) => reply.attr(&self.ttl, &self.attr(ino.0, &stat)),
             Err(e) => reply.error(e),
         }
     }
@@ -449,13 +608,13 @@ impl Filesystem for MeridianFs {
                     return Err(Errno::EISDIR);
                 }
                 match fh
-                    .and_then(|fh| self.scratch_of(fh))
-                    .or_else(|| lock(&self.writing).get(&ino.0).cloned())
+                    .and_then(|fh| self.h.scratch_of(fh))
+                    .or_else(|| lock(&self.h.writing).get(&ino.0).cloned())
                 {
                     Some(scratch) => {
                         let mut s = lock(&scratch);
                         s.file.set_len(size).map_err(|_| Errno::EIO)?;
-                        s.dirty = true;
+                        s.changed();
                     }
                     None => self.truncate(ino.0, &path, stat.mode, size)?,
                 }
@@ -467,16 +626,23 @@ impl Filesystem for MeridianFs {
             if mode.is_some() || mtime_ns.is_some() {
                 let mode = mode.map(|m| m & 0o7777);
                 self.call(ApiRequest::SetAttr { path: path.clone(), mode, mtime_ns })?;
-                let scratch = lock(&self.writing).get(&ino.0).cloned();
-                if let (Some(mode), Some(scratch)) = (mode, scratch) {
-                    lock(&scratch).mode = mode;
+                if let Some(scratch) = lock(&self.h.writing).get(&ino.0).cloned() {
+                    let mut s = lock(&scratch);
+                    if let Some(mode) = mode {
+                        s.mode = mode;
+                    }
+                    if let Some(mtime_ns) = mtime_ns {
+                        // Kept for the commit, and shown until then.
+                        s.mtime_ns = Some(mtime_ns);
+                        let _ = s.file.set_modified(time_of(mtime_ns));
+                    }
                 }
             }
             let stat = self.stat(&path)?;
             Ok(self.attr(ino.0, &stat))
         })();
         match result {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -508,7 +674,7 @@ impl Filesystem for MeridianFs {
         let _ = req;
         match self.child(parent, name) {
             Ok(path) => match self.remote.put(&path, mode & !umask & 0o7777, &mut std::io::empty()) {
-                Ok(()) => self.reply_entry(&path, reply),
+                Ok(()) => self.reply_entry(parent, &path, reply),
                 Err(e) => reply.error(errno(&e)),
             },
             Err(e) => reply.error(e),
@@ -524,7 +690,7 @@ impl Filesystem for MeridianFs {
                     mode: Some(mode & !umask & 0o7777),
                 };
                 match self.call(request) {
-                    Ok(()) => self.reply_entry(&path, reply),
+                    Ok(()) => self.reply_entry(parent, &path, reply),
                     Err(e) => reply.error(e),
                 }
             }
@@ -565,7 +731,7 @@ impl Filesystem for MeridianFs {
             Ok(path)
         });
         match result {
-            Ok(path) => self.reply_entry(&path, reply),
+            Ok(path) => self.reply_entry(parent, &path, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -586,26 +752,13 @@ impl Filesystem for MeridianFs {
             }
             let from = self.child(parent, name)?;
             let to = self.child(newparent, newname)?;
-            let source = self.stat(&from)?;
-            match self.stat(&to) {
-                Ok(_) if flags.contains(RenameFlags::RENAME_NOREPLACE) => return Err(Errno::EEXIST),
-                Ok(target) if target.id == source.id => return Ok(()),
-                Ok(target) => {
-                    // POSIX replaces the target: a directory only by a directory, and only an
-                    // empty one; anything else only by a non-directory.
-                    match (source.kind == Kind::Dir, target.kind == Kind::Dir) {
-                        (true, false) => return Err(Errno::ENOTDIR),
-                        (false, true) => return Err(Errno::EISDIR),
-                        _ => {}
-                    }
-                    self.call(ApiRequest::Rm { path: to.clone(), recursive: false })?;
-                }
-                Err(e) if e == Errno::ENOENT => {}
-                Err(e) => return Err(e),
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) && self.stat(&to).is_ok() {
+                return Err(Errno::EEXIST);
             }
-            self.call(ApiRequest::Mv { from: from.clone(), to: to.clone() })?;
-            lock(&self.inodes).moved(&from, &to);
-            for scratch in lock(&self.writing).values() {
+            // Over an existing entry: replaced in the same change (POSIX's checks in the node).
+            self.call(ApiRequest::Mv { from: from.clone(), to: to.clone(), replace: true })?;
+            lock(&self.inodes).moved(&from, &to, newparent.0);
+            for scratch in lock(&self.h.writing).values() {
                 let mut s = lock(scratch);
                 if s.path == from {
                     s.path = to.clone();
@@ -627,28 +780,37 @@ impl Filesystem for MeridianFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let result = (|| {
-            let (path, stat) = self.stat_ino(ino)?;
-            if stat.kind == Kind::Dir {
-                return Err(Errno::EISDIR);
-            }
-            let writes = flags.acc_mode() != OpenAccMode::O_RDONLY;
-            if writes || lock(&self.writing).contains_key(&ino.0) {
-                // A file this mount writes is read from its scratch file, whatever the handle.
-                let truncate = writes && flags.0 & libc::O_TRUNC != 0;
-                self.start_writing(ino.0, &path, stat.mode, truncate)?;
-                return Ok((self.new_fh(Open::Write(ino.0, writes)), FopenFlags::FOPEN_DIRECT_IO));
-            }
-            let version = stat.version.as_ref().map(|v| v.id.clone()).unwrap_or_default();
-            let same = lock(&self.opened_versions).insert(ino.0, version.clone()).as_ref() == Some(&version);
-            let file = ReadFile { path, size: stat.size, window: Mutex::new(None) };
-            let flags = if same { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-            Ok((self.new_fh(Open::Read(Arc::new(file))), flags))
-        })();
-        match result {
-            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
-            Err(e) => reply.error(e),
+        let (path, stat) = match self.stat_ino(ino) {
+            Ok(found) => found,
+            Err(e) => return reply.error(e),
+        };
+        if stat.kind == Kind::Dir {
+            return reply.error(Errno::EISDIR);
         }
+        let writes = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        if writes || lock(&self.h.writing).contains_key(&ino.0) {
+            // A file this mount writes is read from its scratch file, whatever the handle.
+            let truncate = writes && flags.0 & libc::O_TRUNC != 0;
+            let (h, remote, runtime) = (self.h.clone(), self.remote.clone(), self.runtime.clone());
+            let open = move || match h.start_writing(&remote, &runtime, ino.0, &path, stat.mode, truncate) {
+                Ok(_) => reply
+                    .opened(FileHandle(h.new_fh(Open::Write(ino.0, writes))), FopenFlags::FOPEN_DIRECT_IO),
+                Err(e) => reply.error(e),
+            };
+            if truncate || lock(&self.h.writing).contains_key(&ino.0) {
+                open();
+            } else {
+                // The file's current content is copied in first, which may take long: on a
+                // task, so that this thread serves other requests meanwhile.
+                self.runtime.spawn_blocking(open);
+            }
+            return;
+        }
+        let version = stat.version.as_ref().map(|v| v.id.clone()).unwrap_or_default();
+        let same = lock(&self.opened_versions).insert(ino.0, version.clone()).as_ref() == Some(&version);
+        let file = ReadFile { path, size: stat.size, windows: Mutex::new(Windows::default()) };
+        let flags = if same { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+        reply.opened(FileHandle(self.h.new_fh(Open::Read(Arc::new(file)))), flags);
     }
 
     fn read(
@@ -662,7 +824,7 @@ impl Filesystem for MeridianFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let reading = match lock(&self.open).get(&fh.0) {
+        let reading = match lock(&self.h.open).get(&fh.0) {
             Some(Open::Read(file)) => Some(file.clone()),
             Some(Open::Write(..)) => None,
             _ => return reply.error(Errno::EBADF),
@@ -670,7 +832,7 @@ impl Filesystem for MeridianFs {
         if let Some(file) = reading {
             return self.read_window(file, offset, size, reply);
         }
-        let Some(scratch) = self.scratch_of(fh) else { return reply.error(Errno::EBADF) };
+        let Some(scratch) = self.h.scratch_of(fh) else { return reply.error(Errno::EBADF) };
         let mut buf = vec![0u8; size as usize];
         let read = lock(&scratch).file.read_at(&mut buf, offset);
         match read {
@@ -691,11 +853,12 @@ impl Filesystem for MeridianFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(scratch) = self.scratch_of(fh) else { return reply.error(Errno::EBADF) };
+        let Some(scratch) = self.h.scratch_of(fh) else { return reply.error(Errno::EBADF) };
         let mut s = lock(&scratch);
         match s.file.write_all_at(data, offset) {
             Ok(()) => {
-                s.dirty = true;
+                s.changed();
+                s.mtime_ns = None;
                 reply.written(data.len() as u32);
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => reply.error(Errno::ENOSPC),
@@ -724,9 +887,9 @@ impl Filesystem for MeridianFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let closed = lock(&self.open).remove(&fh.0);
+        let closed = lock(&self.h.open).remove(&fh.0);
         if let Some(Open::Write(ino, _)) = closed {
-            self.stop_writing(ino);
+            self.h.stop_writing(ino);
         }
         reply.ok();
     }
@@ -743,34 +906,25 @@ impl Filesystem for MeridianFs {
             }
             let entries: Vec<ListEntry> =
                 self.remote.call(&ApiRequest::Ls { path: path.clone() }).map_err(|e| errno(&e))?;
-            let parent = match path.rsplit_once('/') {
-                Some(("", _)) | None => ROOT,
-                Some((up, _)) => {
-                    let up = self.stat(up).ok();
-                    up.and_then(|s| lock(&self.inodes).ino_of(&s.id)).unwrap_or(ROOT)
-                }
-            };
+            let parent = lock(&self.inodes).get(ino.0).map_or(ROOT, |n| n.parent);
             let mut listing = vec![
                 (ino.0, FileType::Directory, ".".to_owned()),
                 (parent, FileType::Directory, "..".to_owned()),
             ];
             let inodes = lock(&self.inodes);
             for entry in entries {
-                // Entries the kernel does not know yet get their inode at lookup; until then
-                // the listing names them by a number no inode has.
-                let ino = inodes.ino_of(&entry.stat.id).unwrap_or(u64::MAX);
-                listing.push((ino, kind_of(entry.stat.kind), entry.name));
+                listing.push((inodes.listed_ino(&entry.stat.id), kind_of(entry.stat.kind), entry.name));
             }
             Ok(listing)
         })();
         match result {
-            Ok(listing) => reply.opened(FileHandle(self.new_fh(Open::Dir(listing))), FopenFlags::empty()),
+            Ok(listing) => reply.opened(FileHandle(self.h.new_fh(Open::Dir(listing))), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let open = lock(&self.open);
+        let open = lock(&self.h.open);
         let Some(Open::Dir(listing)) = open.get(&fh.0) else { return reply.error(Errno::EBADF) };
         for (i, (ino, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
@@ -788,13 +942,13 @@ impl Filesystem for MeridianFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        lock(&self.open).remove(&fh.0);
+        lock(&self.h.open).remove(&fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // The scratch space's file system: what a write through the mount can use.
-        match rustix::fs::statvfs(&self.scratch_dir) {
+        match rustix::fs::statvfs(&self.h.scratch_dir) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -815,7 +969,7 @@ impl Filesystem for MeridianFs {
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
-        _flags: i32,
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
@@ -823,6 +977,17 @@ impl Filesystem for MeridianFs {
             let key = Self::tag_key(name).ok_or(Errno::ENOTSUP)?.to_owned();
             let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?.to_owned();
             let (path, _) = self.stat_ino(ino)?;
+            if flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) != 0 {
+                let tags: Vec<TagAnswer> =
+                    self.remote.call(&ApiRequest::TagGet { path: path.clone() }).map_err(|e| errno(&e))?;
+                let exists = tags.iter().any(|t| t.key == key);
+                if exists && flags & libc::XATTR_CREATE != 0 {
+                    return Err(Errno::EEXIST);
+                }
+                if !exists && flags & libc::XATTR_REPLACE != 0 {
+                    return Err(Errno::ENODATA);
+                }
+            }
             self.call(ApiRequest::TagSet { path, key, value })
         })();
         match result {
@@ -909,18 +1074,20 @@ impl Filesystem for MeridianFs {
                 Err(e) => return Err(e),
             };
             let stat = self.stat(&path)?;
-            let ino = lock(&self.inodes).learn(&stat.id, &path);
-            let scratch = self.start_writing(ino, &path, stat.mode, truncate)?;
+            let ino = lock(&self.inodes).learn(&stat.id, parent.0, &path);
+            let scratch =
+                self.h.start_writing(&self.remote, &self.runtime, ino, &path, stat.mode, truncate)?;
             if created {
                 // Empty, as committed: nothing to commit until something is written.
-                lock(&scratch).dirty = false;
+                let mut s = lock(&scratch);
+                s.committed = s.changes;
             }
-            let fh = self.new_fh(Open::Write(ino, true));
+            let fh = self.h.new_fh(Open::Write(ino, true));
             Ok((self.attr(ino, &stat), fh))
         })();
         match result {
             Ok((attr, fh)) => {
-                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                reply.created(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
             Err(e) => reply.error(e),
         }

@@ -1,6 +1,10 @@
 //! Inode numbers for the kernel, each standing for one namespace entry (its stable id) and the
 //! path it was last seen at.
 //!
+//! An entry's inode number is the first 64 bits of its id (ids are hashes, the same at every
+//! site), so it is the same in every listing, at every site and after a remount: `readdir`
+//! names entries the kernel has not looked up yet by the number their lookup will give.
+//!
 //! The control API speaks paths; the kernel speaks inode numbers. An entry keeps its inode
 //! number while the kernel remembers it (lookups minus forgets), whatever its path: a rename
 //! through the mount moves the paths of the entry and everything below it here; a rename at
@@ -19,6 +23,8 @@ pub struct Node {
     pub id: String,
     /// Where it was last seen.
     pub path: String,
+    /// The inode of the directory it was last seen in.
+    pub parent: u64,
     /// Lookups the kernel has not forgotten.
     lookups: u64,
 }
@@ -28,18 +34,23 @@ pub struct Node {
 pub struct Inodes {
     by_ino: HashMap<u64, Node>,
     by_id: HashMap<String, u64>,
-    next: u64,
+}
+
+/// The inode number entry `id` gets unless another entry the kernel knows has it.
+pub fn ino_for(id: &str) -> u64 {
+    // Ids are hexadecimal; anything else (never seen) is hashed (FNV-1a).
+    let hashed = id.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or_else(|| {
+        id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    });
+    // 0 is no inode and 1 the root.
+    hashed.max(ROOT + 1)
 }
 
 impl Inodes {
     /// A table holding the root, whose entry id is `root_id`.
     pub fn new(root_id: String) -> Inodes {
-        let root = Node { id: root_id.clone(), path: "/".to_owned(), lookups: 1 };
-        Inodes {
-            by_ino: HashMap::from([(ROOT, root)]),
-            by_id: HashMap::from([(root_id, ROOT)]),
-            next: ROOT + 1,
-        }
+        let root = Node { id: root_id.clone(), path: "/".to_owned(), parent: ROOT, lookups: 1 };
+        Inodes { by_ino: HashMap::from([(ROOT, root)]), by_id: HashMap::from([(root_id, ROOT)]) }
     }
 
     /// The entry behind `ino`.
@@ -47,24 +58,41 @@ impl Inodes {
         self.by_ino.get(&ino)
     }
 
-    /// The inode of entry `id`, seen at `path`, counting one lookup (the kernel is told it).
-    pub fn learn(&mut self, id: &str, path: &str) -> u64 {
+    /// The inode of entry `id`, seen at `path` in the directory `parent`, counting one lookup
+    /// (the kernel is told it).
+    pub fn learn(&mut self, id: &str, parent: u64, path: &str) -> u64 {
         if let Some(&ino) = self.by_id.get(id) {
             let node = self.by_ino.get_mut(&ino).expect("the two maps agree");
             node.path = path.to_owned();
+            node.parent = parent;
             node.lookups += 1;
             return ino;
         }
-        let ino = self.next;
-        self.next += 1;
-        self.by_ino.insert(ino, Node { id: id.to_owned(), path: path.to_owned(), lookups: 1 });
+        // Two ids whose first 64 bits agree: the later one takes the next free number.
+        let mut ino = ino_for(id);
+        while self.by_ino.contains_key(&ino) {
+            ino = ino.checked_add(1).unwrap_or(ROOT + 1);
+        }
+        let node = Node { id: id.to_owned(), path: path.to_owned(), parent, lookups: 1 };
+        self.by_ino.insert(ino, node);
         self.by_id.insert(id.to_owned(), ino);
         ino
+    }
+
+    /// Every inode the kernel knows.
+    pub fn all(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_ino.keys().copied()
     }
 
     /// The inode entry `id` has, if the kernel knows it (no lookup counted).
     pub fn ino_of(&self, id: &str) -> Option<u64> {
         self.by_id.get(id).copied()
+    }
+
+    /// The inode number a listing gives entry `id`: the one it has, or the one its lookup
+    /// will give.
+    pub fn listed_ino(&self, id: &str) -> u64 {
+        self.ino_of(id).unwrap_or_else(|| ino_for(id))
     }
 
     /// The kernel forgot `n` lookups of `ino`.
@@ -81,12 +109,14 @@ impl Inodes {
         }
     }
 
-    /// The entry at `from` moved to `to`: it and everything below it are there now.
-    pub fn moved(&mut self, from: &str, to: &str) {
+    /// The entry at `from` moved to `to` in directory `parent`: it and everything below it
+    /// are there now.
+    pub fn moved(&mut self, from: &str, to: &str, parent: u64) {
         let below = format!("{from}/");
         for node in self.by_ino.values_mut() {
             if node.path == from {
                 node.path = to.to_owned();
+                node.parent = parent;
             } else if let Some(rest) = node.path.strip_prefix(&below) {
                 node.path = format!("{to}/{rest}");
             }
@@ -106,11 +136,12 @@ mod tests {
     #[test]
     fn an_entry_keeps_its_inode_across_moves_until_the_kernel_forgets_it() {
         let mut inodes = Inodes::new("root".into());
-        let dir = inodes.learn("d", "/a");
-        let file = inodes.learn("f", "/a/x");
-        let other = inodes.learn("o", "/ab");
-        assert_eq!(inodes.learn("f", "/a/x"), file, "the same entry, the same inode");
-        inodes.moved("/a", "/b");
+        let dir = inodes.learn("d", ROOT, "/a");
+        let file = inodes.learn("f", dir, "/a/x");
+        let other = inodes.learn("o", ROOT, "/ab");
+        assert_eq!(inodes.learn("f", dir, "/a/x"), file, "the same entry, the same inode");
+        assert_eq!(inodes.listed_ino("f"), file);
+        inodes.moved("/a", "/b", ROOT);
         assert_eq!(inodes.get(dir).unwrap().path, "/b");
         assert_eq!(inodes.get(file).unwrap().path, "/b/x");
         assert_eq!(inodes.get(other).unwrap().path, "/ab", "a sibling whose name starts alike stays");
@@ -121,6 +152,18 @@ mod tests {
         inodes.forget(ROOT, 10);
         assert_eq!(inodes.get(ROOT).unwrap().path, "/");
         assert_eq!(child_path("/", "a"), "/a");
+    }
+
+    #[test]
+    fn an_inode_number_is_the_start_of_the_id_and_a_listing_gives_the_same() {
+        let mut inodes = Inodes::new("0".repeat(32));
+        let id = "00000000000000ab0000000000000000";
+        assert_eq!(inodes.listed_ino(id), 0xab, "before any lookup");
+        assert_eq!(inodes.learn(id, ROOT, "/x"), 0xab);
+        // Another id starting alike takes the next number; the root's and 0 are never given.
+        assert_eq!(inodes.learn("00000000000000abffffffffffffffff", ROOT, "/y"), 0xac);
+        assert_eq!(ino_for(&"0".repeat(32)), ROOT + 1);
+        assert!(ino_for("not hex at all, but still a number") > ROOT);
         assert_eq!(child_path("/a", "b"), "/a/b");
     }
 }

@@ -2,14 +2,17 @@
 //! of the node's control socket. The file system itself is [`fs::MeridianFs`]; its module doc
 //! says how each operation is served. `docs/posix.md` lists what differs from POSIX.
 
+pub mod follow;
 pub mod fs;
 pub mod inodes;
 pub mod remote;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use fuser::{Config, MountOption, SessionACL};
 
 /// How to mount.
@@ -22,12 +25,32 @@ pub struct MountOptions {
     pub scratch_dir: PathBuf,
     /// Let other users than the mount's use it (their permissions checked against the modes).
     pub allow_other: bool,
+    /// How long the kernel keeps names and attributes without asking (another site's changes
+    /// make it forget them sooner: [`follow`]).
+    pub attr_ttl: Duration,
 }
+
+impl MountOptions {
+    /// The defaults, with files open for writing kept in `scratch_dir`.
+    pub fn new(scratch_dir: PathBuf) -> MountOptions {
+        MountOptions {
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            scratch_dir,
+            allow_other: false,
+            attr_ttl: fs::TTL,
+        }
+    }
+}
+
+/// How long a read waits for its bytes by default.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A mounted namespace: unmounted when dropped or by [`Mounted::unmount`].
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The thread following the node's changes, and what stops it.
+    follower: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
     dir: PathBuf,
 }
 
@@ -42,8 +65,10 @@ pub fn mount(socket: &Path, dir: &Path, options: &MountOptions) -> anyhow::Resul
         .build()
         .context("starting the mount's runtime")?;
     let remote = remote::Remote::new(socket.to_owned(), options.read_timeout);
-    let fs = fs::MeridianFs::new(remote, runtime.handle().clone(), options.scratch_dir.clone())
-        .with_context(|| format!("asking the node at {} for its namespace", socket.display()))?;
+    let fs =
+        fs::MeridianFs::new(remote, runtime.handle().clone(), options.scratch_dir.clone(), options.attr_ttl)
+            .with_context(|| format!("asking the node at {} for its namespace", socket.display()))?;
+    let follower = fs.follower();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("meridian".into()),
@@ -55,11 +80,37 @@ pub fn mount(socket: &Path, dir: &Path, options: &MountOptions) -> anyhow::Resul
     }
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, dir, &config)
+    // fuser mounts directly as root and through the setuid fusermount3 otherwise; both open
+    // /dev/fuse as this user, which some systems (containers) allow root only.
+    if !rustix::process::geteuid().is_root()
+        && let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        bail!(
+            "cannot open /dev/fuse as this user ({e}): a mount by an ordinary user needs it open to everyone, \
+             as fuse3's udev rule makes it (`chmod 666 /dev/fuse`), or mount as root"
+        );
+    }
+    let session = fuser::Session::new(fs, dir, &config);
+    let session = session
         .with_context(|| format!("mounting at {} (is fuse3 installed, and /dev/fuse there?)", dir.display()))?
         .spawn()
         .context("starting the mount's threads")?;
-    Ok(Mounted { session: Some(session), runtime: Some(runtime), dir: dir.to_owned() })
+    let stop = Arc::new(AtomicBool::new(false));
+    let notifier = session.notifier();
+    let following = std::thread::Builder::new()
+        .name("meridian-follow".into())
+        .spawn({
+            let stop = stop.clone();
+            move || follower.run(notifier, stop)
+        })
+        .context("starting the thread that follows the node's changes")?;
+    Ok(Mounted {
+        session: Some(session),
+        runtime: Some(runtime),
+        follower: Some((following, stop)),
+        dir: dir.to_owned(),
+    })
 }
 
 impl Mounted {
@@ -78,10 +129,14 @@ impl Mounted {
         if let Some(session) = self.session.take() {
             session.join().context("the mount's threads")?;
         }
-        Ok(())
+        self.stop()
     }
 
     fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some((thread, stop)) = self.follower.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
         if let Some(session) = self.session.take()
             && let Err(e) = session.umount_and_join()
         {

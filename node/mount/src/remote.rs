@@ -73,6 +73,32 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// Copies the current content of the file at `path` into `file`, failing if no bytes come
+    /// for `read_timeout`.
+    pub async fn copy_into(&self, path: &str, file: &std::fs::File) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let socket = self.client.socket();
+        let stream = UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        let mut reading = api::Reading::start(stream, path, None).await?;
+        let mut at = 0u64;
+        loop {
+            let frame = match tokio::time::timeout(self.read_timeout, reading.next()).await {
+                Ok(frame) => frame?,
+                Err(_) => bail!(
+                    "reading {path}: no reachable site or bucket supplied bytes from {at} on within {:?}",
+                    self.read_timeout
+                ),
+            };
+            let Some(frame) = frame else { return Ok(()) };
+            file.write_all_at(&frame, at)?;
+            at += frame.len() as u64;
+        }
+    }
+}
+
 async fn read_range(socket: &Path, path: &str, start: u64, end: u64) -> anyhow::Result<Vec<u8>> {
     let stream =
         UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;

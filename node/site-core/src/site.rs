@@ -39,9 +39,12 @@ use proto::{FetchId, Message, Priority, Region};
 
 use crate::content::{ChunkHash, ChunkRef, Manifest};
 
+mod changes;
 mod space;
 mod staging;
 
+use changes::ChangeLog;
+pub use changes::{CHANGE_LOG_MAX, Changes};
 use space::{ChunkInfo, Space};
 pub use space::{GarbageHeldBack, SpaceStatus};
 pub use staging::{BucketError, PackName, StagingEvent, pack_name};
@@ -221,6 +224,14 @@ pub enum Request {
         /// To.
         to: String,
     },
+    /// Move or rename over what is at `to`, as POSIX's `rename` (one change: the removal and
+    /// the move reach every site together).
+    Replace {
+        /// From.
+        from: String,
+        /// To.
+        to: String,
+    },
     /// Remove an entry.
     Remove {
         /// What.
@@ -297,6 +308,11 @@ pub enum Request {
     },
     /// The site's state.
     Status,
+    /// The entries changed after a sequence number (`None`: where the log is now).
+    Changes {
+        /// The `next` of the last answer, less one.
+        after: Option<u64>,
+    },
     /// The membership changed (`meridian mesh add|rm|rotate`): every member's keys, current and
     /// former, and regions, from now on.
     Membership {
@@ -338,6 +354,8 @@ pub enum Reply {
     Status(Status),
     /// A sequence number ([`Request::LastSeq`]).
     Seq(u64),
+    /// Entries changed ([`Request::Changes`]).
+    Changes(Changes),
 }
 
 /// A connected peer and how far behind it is.
@@ -705,6 +723,8 @@ pub struct Site {
     outputs: VecDeque<Output>,
     chunks_fetched: u64,
     bytes_fetched: u64,
+    /// Entries changed, for caches of the namespace to follow.
+    changes: ChangeLog,
     /// Versions read through the staging bucket.
     stage_in: Reader,
     /// Packs staged for other regions.
@@ -738,6 +758,7 @@ impl Site {
             pushed_heads,
             outputs: VecDeque::new(),
             chunks_fetched: 0,
+            changes: ChangeLog::new(),
             bytes_fetched: 0,
             stage_in: Reader::default(),
             stage_out: Holder::default(),
@@ -889,6 +910,10 @@ impl Site {
                 self.ns.write_file(&path, version, hlc).map(|()| Some(manifest))
             }
             Request::Rename { from, to } => self.ns.rename(&from, &to, hlc).map(|()| None),
+            Request::Replace { from, to } => {
+                let later = self.clock.tick(wall_ms);
+                self.ns.rename_replacing(&from, &to, hlc, later).map(|()| None)
+            }
             Request::Remove { path, recursive } => self.ns.remove(&path, recursive, hlc).map(|()| None),
             Request::SetTag { path, key, value } => self.ns.set_tag(&path, &key, &value, hlc).map(|()| None),
             Request::UnsetTag { path, key } => self.ns.unset_tag(&path, &key, hlc).map(|()| None),
@@ -903,6 +928,9 @@ impl Site {
             Request::List { path } => return self.answer(id, self.ns.list(&path).map(Reply::List)),
             Request::Tags { path } => return self.answer(id, self.ns.effective_tags(&path).map(Reply::Tags)),
             Request::Find { query } => return self.reply(id, Ok(Reply::Found(self.ns.find(&query)))),
+            Request::Changes { after } => {
+                return self.reply(id, Ok(Reply::Changes(self.changes.since(after))));
+            }
             Request::Status => {
                 let status = self.status();
                 return self.reply(id, Ok(Reply::Status(status)));

@@ -287,8 +287,11 @@ impl Site {
     }
 
     /// After a change of the namespace: held versions that lost their last reference join an
-    /// epoch, those that gained one leave theirs; reports this site now covers are noted.
+    /// epoch, those that gained one leave theirs; reports this site now covers are noted; the
+    /// entries it changed go into the change log.
     pub(super) fn note_references(&mut self) {
+        let changed = self.ns.take_changed_entries();
+        self.changes.note(changed);
         let mut lost = Vec::new();
         for content in self.ns.take_touched_versions() {
             if !self.held.contains_key(&content) {
