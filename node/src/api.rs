@@ -36,6 +36,9 @@ pub enum ApiRequest {
         path: String,
         /// Permission bits.
         mode: u32,
+        /// The version's modification time (nanoseconds since the Unix epoch); now if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<i64>,
     },
     /// Read a file (or bytes `start..end` of it): a [`ReadHeader`], data frames, `()`.
     Read {

@@ -81,7 +81,19 @@ impl Client {
 
     /// Stores what `source` yields at `path`, with permission bits `mode`.
     pub fn put_with_mode(&self, path: &str, mode: u32, source: &mut dyn Read) -> anyhow::Result<PutAnswer> {
-        let mut stream = self.connect(&ApiRequest::Put { path: path.to_owned(), mode })?;
+        self.put_with(path, mode, None, source)
+    }
+
+    /// Stores what `source` yields at `path`, with permission bits `mode` and modification time
+    /// `mtime_ns` (now if `None`).
+    pub fn put_with(
+        &self,
+        path: &str,
+        mode: u32,
+        mtime_ns: Option<i64>,
+        source: &mut dyn Read,
+    ) -> anyhow::Result<PutAnswer> {
+        let mut stream = self.connect(&ApiRequest::Put { path: path.to_owned(), mode, mtime_ns })?;
         blocking::read_answer::<()>(&mut stream)?;
         let mut buf = vec![0u8; api::DATA_FRAME_BYTES];
         let sent = loop {

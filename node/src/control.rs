@@ -35,7 +35,9 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
     };
     let s = &mut stream;
     match request {
-        ApiRequest::Put { path, mode } => return serve_put(stream, handle, path, mode).await,
+        ApiRequest::Put { path, mode, mtime_ns } => {
+            return serve_put(stream, handle, path, mode, mtime_ns).await;
+        }
         ApiRequest::Read { path, start, end } => {
             let range = match (start, end) {
                 (None, None) => None,
@@ -309,7 +311,13 @@ async fn refuse_put(handle: &Handle, path: &str) -> anyhow::Result<Option<ApiErr
     })
 }
 
-async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u32) -> anyhow::Result<()> {
+async fn serve_put(
+    mut stream: UnixStream,
+    handle: Handle,
+    path: String,
+    mode: u32,
+    mtime_ns: Option<i64>,
+) -> anyhow::Result<()> {
     if let Some(refused) = refuse_put(&handle, &path).await? {
         return Ok(api::write_answer::<()>(&mut stream, Err(refused)).await?);
     }
@@ -363,7 +371,7 @@ async fn serve_put(mut stream: UnixStream, handle: Handle, path: String, mode: u
             return Ok(api::write_answer::<PutAnswer>(&mut stream, Err(error)).await?);
         }
     };
-    let mtime_ns = (wall_ms() as i64).saturating_mul(1_000_000);
+    let mtime_ns = mtime_ns.unwrap_or_else(|| (wall_ms() as i64).saturating_mul(1_000_000));
     let size = outcome.manifest.size;
     let request = Request::CommitVersion { path: path.clone(), manifest: outcome.manifest, mode, mtime_ns };
     let answer = ask(&handle, request, |_| {

@@ -199,7 +199,8 @@ fn small_files(c: &mut Criterion) {
                         let mut data = vec![0u8; SMALL_BYTES];
                         data[..8].copy_from_slice(&(i as u64).to_le_bytes());
                         let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                        let request = ApiRequest::Put { path: format!("/small/f{i:05}"), mode: 0o644 };
+                        let request =
+                            ApiRequest::Put { path: format!("/small/f{i:05}"), mode: 0o644, mtime_ns: None };
                         api::write_frame(&mut stream, &api::encode_request(&request)).await.unwrap();
                         api::read_answer::<()>(&mut stream).await.unwrap();
                         api::write_frame(&mut stream, &data).await.unwrap();

@@ -793,7 +793,7 @@ async fn put(cli: &Cli, local: &Path, remote: &str, mode: &str) -> anyhow::Resul
         (Box::new(file), size)
     };
     let mut stream = connect(cli).await?;
-    let request = ApiRequest::Put { path: remote.clone(), mode };
+    let request = ApiRequest::Put { path: remote.clone(), mode, mtime_ns: None };
     api::write_frame(&mut stream, &api::encode_request(&request)).await?;
     api::read_answer::<()>(&mut stream).await?;
     let bar = progress(size);

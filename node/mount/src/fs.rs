@@ -84,7 +84,16 @@ enum Open {
     Read(Arc<ReadFile>),
     /// A handle on the scratch file of the inode; `true` if it may write (only those commit).
     Write(u64, bool),
-    Dir(Vec<(u64, FileType, String)>),
+    Dir(Vec<Listed>),
+}
+
+/// An entry of a directory listing: its inode number, kind and name, and its stat (`.` and
+/// `..` have none).
+struct Listed {
+    ino: u64,
+    kind: FileType,
+    name: String,
+    stat: Option<Box<StatAnswer>>,
 }
 
 /// A file open for reading: its path and size at open, and its recent windows.
@@ -256,16 +265,20 @@ impl MeridianFs {
             _ => stat.size,
         };
         let mut mtime = time_of(stat.mtime_ns);
+        let mut mode = stat.mode;
         let scratch = lock(&self.h.writing).get(&ino).cloned();
         if let Some(scratch) = scratch {
             // What this mount is writing shows before it is committed.
             let file = {
                 let s = lock(&scratch);
-                s.dirty().then(|| s.file.clone())
+                s.dirty().then(|| (s.file.clone(), s.mode))
             };
-            if let Some(meta) = file.and_then(|f| f.metadata().ok()) {
+            if let Some((file, scratch_mode)) = file
+                && let Ok(meta) = file.metadata()
+            {
                 size = meta.len();
                 mtime = meta.modified().unwrap_or(mtime);
+                mode = scratch_mode;
             }
         }
         FileAttr {
@@ -277,8 +290,29 @@ impl MeridianFs {
             ctime: mtime,
             crtime: mtime,
             kind,
-            perm: (stat.mode & 0o7777) as u16,
+            perm: (mode & 0o7777) as u16,
             nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 128 << 10,
+            flags: 0,
+        }
+    }
+
+    /// Attributes for `.` and `..` in a listing (the kernel does not keep them).
+    fn dir_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ROOT),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
@@ -315,18 +349,10 @@ impl MeridianFs {
             (s.path.clone(), s.mode, s.mtime_ns, s.file.clone(), s.changes)
         };
         let mut source = PositionedReader { file: &file, at: 0 };
-        remote.put(&path, mode, &mut source).map_err(|e| {
+        remote.put(&path, mode, mtime_ns, &mut source).map_err(|e| {
             tracing::warn!("committing {path}: {e:#}");
             errno(&e)
         })?;
-        if let Some(mtime_ns) = mtime_ns {
-            remote
-                .call::<()>(&ApiRequest::SetAttr { path: path.clone(), mode: None, mtime_ns: Some(mtime_ns) })
-                .map_err(|e| {
-                    tracing::warn!("setting the time of {path}: {e:#}");
-                    errno(&e)
-                })?;
-        }
         let mut s = lock(scratch);
         s.committed = s.committed.max(changes);
         Ok(())
@@ -559,6 +585,8 @@ impl Filesystem for MeridianFs {
         // overwritten is never copied into the scratch space first.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_readahead(1 << 20);
+        // Listings carry attributes (readdirplus).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         Ok(())
     }
 
@@ -625,8 +653,14 @@ impl Filesystem for MeridianFs {
             });
             if mode.is_some() || mtime_ns.is_some() {
                 let mode = mode.map(|m| m & 0o7777);
-                self.call(ApiRequest::SetAttr { path: path.clone(), mode, mtime_ns })?;
-                if let Some(scratch) = lock(&self.h.writing).get(&ino.0).cloned() {
+                let scratch = lock(&self.h.writing).get(&ino.0).cloned();
+                // A file written and not yet committed takes them with its commit (one
+                // change, as `cp -a` sets both before closing); any other now.
+                let deferred = scratch.as_ref().is_some_and(|s| lock(s).dirty());
+                if !deferred {
+                    self.call(ApiRequest::SetAttr { path: path.clone(), mode, mtime_ns })?;
+                }
+                if let Some(scratch) = scratch {
                     let mut s = lock(&scratch);
                     if let Some(mode) = mode {
                         s.mode = mode;
@@ -673,7 +707,7 @@ impl Filesystem for MeridianFs {
         }
         let _ = req;
         match self.child(parent, name) {
-            Ok(path) => match self.remote.put(&path, mode & !umask & 0o7777, &mut std::io::empty()) {
+            Ok(path) => match self.remote.put(&path, mode & !umask & 0o7777, None, &mut std::io::empty()) {
                 Ok(()) => self.reply_entry(parent, &path, reply),
                 Err(e) => reply.error(errno(&e)),
             },
@@ -907,13 +941,21 @@ impl Filesystem for MeridianFs {
             let entries: Vec<ListEntry> =
                 self.remote.call(&ApiRequest::Ls { path: path.clone() }).map_err(|e| errno(&e))?;
             let parent = lock(&self.inodes).get(ino.0).map_or(ROOT, |n| n.parent);
-            let mut listing = vec![
-                (ino.0, FileType::Directory, ".".to_owned()),
-                (parent, FileType::Directory, "..".to_owned()),
-            ];
+            let dot = |ino: u64, name: &str| Listed {
+                ino,
+                kind: FileType::Directory,
+                name: name.to_owned(),
+                stat: None,
+            };
+            let mut listing = vec![dot(ino.0, "."), dot(parent, "..")];
             let inodes = lock(&self.inodes);
             for entry in entries {
-                listing.push((inodes.listed_ino(&entry.stat.id), kind_of(entry.stat.kind), entry.name));
+                listing.push(Listed {
+                    ino: inodes.listed_ino(&entry.stat.id),
+                    kind: kind_of(entry.stat.kind),
+                    name: entry.name,
+                    stat: Some(Box::new(entry.stat)),
+                });
             }
             Ok(listing)
         })();
@@ -926,8 +968,45 @@ impl Filesystem for MeridianFs {
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let open = lock(&self.h.open);
         let Some(Open::Dir(listing)) = open.get(&fh.0) else { return reply.error(Errno::EBADF) };
-        for (i, (ino, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+        for (i, entry) in listing.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(entry.ino), (i + 1) as u64, entry.kind, &entry.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// A listing with each entry's attributes, from the same call to the node: `ls -l`, `find`
+    /// and `du` need no lookup per entry. Each entry given counts as a lookup, as the kernel
+    /// counts it.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let open = lock(&self.h.open);
+        let Some(Open::Dir(listing)) = open.get(&fh.0) else { return reply.error(Errno::EBADF) };
+        let dir = lock(&self.inodes).get(ino.0).map(|n| n.path.clone());
+        let Some(dir) = dir else { return reply.error(Errno::ENOENT) };
+        for (i, entry) in listing.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            let Some(stat) = &entry.stat else {
+                // `.` and `..`: the kernel takes no entry for them.
+                let attr = FileAttr { ino: INodeNo(entry.ino), kind: FileType::Directory, ..self.dir_attr() };
+                if reply.add(INodeNo(entry.ino), next, &entry.name, &Duration::ZERO, &attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            };
+            let path = child_path(&dir, &entry.name);
+            let ino = lock(&self.inodes).learn(&stat.id, ino.0, &path);
+            let attr = self.attr(ino, stat);
+            if reply.add(INodeNo(ino), next, &entry.name, &self.ttl, &attr, Generation(0)) {
+                // Full: not given, not counted.
+                lock(&self.inodes).forget(ino, 1);
                 break;
             }
         }
@@ -944,6 +1023,22 @@ impl Filesystem for MeridianFs {
     ) {
         lock(&self.h.open).remove(&fh.0);
         reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls: ENOTTY, what a program asking whether a file is a terminal expects (and,
+        // unlike fuser's default, without a log line for each).
+        reply.error(Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1068,7 +1163,7 @@ impl Filesystem for MeridianFs {
                 Err(e) if e == Errno::ENOENT => {
                     // The file exists from now on, empty, at every site; its bytes follow at
                     // close.
-                    self.remote.put(&path, mode, &mut std::io::empty()).map_err(|e| errno(&e))?;
+                    self.remote.put(&path, mode, None, &mut std::io::empty()).map_err(|e| errno(&e))?;
                     (true, true)
                 }
                 Err(e) => return Err(e),

@@ -54,9 +54,16 @@ impl Remote {
         self.client.call(request)
     }
 
-    /// Stores what `source` yields as the new version of the file at `path`, with `mode`.
-    pub fn put(&self, path: &str, mode: u32, source: &mut dyn Read) -> anyhow::Result<()> {
-        self.client.put_with_mode(path, mode, source).map(|_| ())
+    /// Stores what `source` yields as the new version of the file at `path`, with `mode` and
+    /// modification time `mtime_ns` (now if `None`).
+    pub fn put(
+        &self,
+        path: &str,
+        mode: u32,
+        mtime_ns: Option<i64>,
+        source: &mut dyn Read,
+    ) -> anyhow::Result<()> {
+        self.client.put_with(path, mode, mtime_ns, source).map(|_| ())
     }
 
     /// Reads bytes `start..end` of the file at `path` (fewer at its end), waiting at most
