@@ -705,6 +705,8 @@ impl Namespace {
         let Some(existing) = self.tree.child(parent, name).filter(|e| *e != target) else {
             return self.rename(from, to, hlc);
         };
+        // Two operations: both stamps must be there before the first is recorded.
+        self.check_clock(2)?;
         let mut cur = parent;
         while cur != EntryId::ROOT {
             if cur == target {

@@ -889,6 +889,27 @@ impl Handle {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
+    run_until(loaded, stop_signal()).await
+}
+
+/// SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut sigterm) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// [`run`], stopping when `stop` completes instead of at a signal (`meridian node` with a
+/// mount unmounts first, then stops the node).
+pub async fn run_until(loaded: Loaded, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let socket = loaded.socket();
     if UnixStream::connect(&socket).await.is_ok() {
         bail!("a meridian node is already running for {}", loaded.path.display());
@@ -991,7 +1012,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         result.and(committed)
     })?;
 
-    serve_until_stopped(listener, access, handle, core_failed).await?;
+    serve_until_stopped(listener, access, handle, core_failed, stop).await?;
     tracing::info!("stopping");
     mesh.stop();
     let _ = commands.send(Command::Stop).await;
@@ -1070,19 +1091,19 @@ fn listen_locally(loaded: &Loaded) -> anyhow::Result<(UnixListener, Access)> {
     Ok((listener, Access { uid: rustix::process::getuid().as_raw(), gid }))
 }
 
-/// Serves control connections until SIGINT, SIGTERM or the core's failure.
+/// Serves control connections until `stop` completes or the core fails.
 async fn serve_until_stopped(
     listener: UnixListener,
     access: Access,
     handle: Handle,
     mut core_failed: mpsc::UnboundedReceiver<String>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             biased;
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = &mut stop => break,
             Some(error) = core_failed.recv() => {
                 tracing::error!("the site stopped: {error}");
                 break;

@@ -339,3 +339,24 @@ fn the_node_mounts_the_configured_path_and_unmounts_it_when_it_stops() {
     cluster.stop(0).unwrap();
     assert!(!mounted().unwrap(), "stopping the node unmounts");
 }
+
+#[test]
+fn a_truncation_by_path_of_a_file_held_open_for_reading_is_committed_at_once() {
+    use std::io::Write;
+    let mounts = Mounts::start(1);
+    let a = mounts.dir(0);
+    let client = mounts.cluster.site(0).client.clone();
+    // A truncation by path while the file is open only for reading through a scratch file
+    // (a writer opened and closed it meanwhile) is committed at once.
+    std::fs::write(a.join("g.txt"), b"").unwrap();
+    let mut writer = std::fs::OpenOptions::new().write(true).open(a.join("g.txt")).unwrap();
+    let reader = std::fs::File::open(a.join("g.txt")).unwrap();
+    writer.write_all(b"sixteen bytes...").unwrap();
+    drop(writer);
+    assert_eq!(client.read("/g.txt", None).unwrap(), b"sixteen bytes...");
+    let truncated = Command::new("truncate").args(["-s", "3"]).arg(a.join("g.txt")).status().unwrap();
+    assert!(truncated.success());
+    assert_eq!(client.read("/g.txt", None).unwrap(), b"six", "the truncation reached the node");
+    drop(reader);
+    assert_eq!(std::fs::read(a.join("g.txt")).unwrap(), b"six");
+}

@@ -387,10 +387,14 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let Some(dir) = loaded.mount_path() else { return runtime.block_on(node::runtime::run(loaded)) };
-    // `[mount] path`: mounted once the control socket answers, unmounted when the node stops.
+    // `[mount] path`: mounted once the control socket answers; at a signal it is unmounted
+    // first (its last commits still reach the node), then the node stops.
     let options = mount_options(&loaded, false, None);
     let socket = loaded.socket();
-    let node = runtime.spawn(node::runtime::run(loaded));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut node = runtime.spawn(node::runtime::run_until(loaded, async {
+        let _ = stopped.await;
+    }));
     let mounted = runtime.block_on(async {
         loop {
             if node.is_finished() {
@@ -410,16 +414,29 @@ fn run_node(cli: &Cli) -> anyhow::Result<()> {
     let mounted = match mounted {
         Ok(mounted) => mounted,
         Err(e) => {
-            // The node runs without its mount only if asked to; a mount that fails stops it.
-            node.abort();
+            // The node runs without its mount only if asked to: a mount that fails stops it
+            // (cleanly).
+            let _ = stop.send(());
+            let _ = runtime.block_on(node);
             return Err(e.context("`[mount] path` in the configuration"));
         }
     };
-    let ran = runtime.block_on(node).context("the node's task")?;
-    if let Some(mounted) = mounted {
-        mounted.unmount()?;
-    }
-    ran
+    let ended = runtime.block_on(async {
+        tokio::select! {
+            _ = node::runtime::stop_signal() => None,
+            ran = &mut node => Some(ran),
+        }
+    });
+    let unmounted = mounted.map_or(Ok(()), mount::Mounted::unmount);
+    let ran = match ended {
+        Some(ran) => ran,
+        None => {
+            let _ = stop.send(());
+            runtime.block_on(node)
+        }
+    };
+    ran.context("the node's task")??;
+    unmounted
 }
 
 /// How to mount for `loaded`'s site: the configuration's `[mount]` settings, unless the

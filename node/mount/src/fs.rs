@@ -244,8 +244,10 @@ impl MeridianFs {
         };
         let stat = self.stat(&path)?;
         if stat.id != id {
-            // Moved or replaced at another site: this inode no longer has a path.
-            return Err(Errno::ENOENT);
+            // Moved or replaced at another site, and the kernel's name for it is older than
+            // the news: ESTALE makes a call by path (chmod, open, ...) look the name up again
+            // and act on the entry there now.
+            return Err(Errno::ESTALE);
         }
         Ok((path, stat))
     }
@@ -342,7 +344,11 @@ impl MeridianFs {
     /// dirty, for the next one).
     fn commit(remote: &Remote, scratch: &Mutex<Scratch>) -> Result<(), Errno> {
         let (path, mode, mtime_ns, file, changes) = {
-            let s = lock(scratch);
+            let mut s = lock(scratch);
+            if s.path.is_empty() {
+                // Replaced by a rename: nothing to commit to.
+                s.committed = s.changes;
+            }
             if !s.dirty() {
                 return Ok(());
             }
@@ -569,7 +575,7 @@ impl Handles {
         let mut s = lock(&scratch);
         s.handles = s.handles.saturating_sub(1);
         if s.handles == 0 {
-            if s.dirty() {
+            if s.dirty() && !s.path.is_empty() {
                 self.keep_unsaved(&s);
             }
             drop(s);
@@ -635,14 +641,22 @@ impl Filesystem for MeridianFs {
                 if stat.kind == Kind::Dir {
                     return Err(Errno::EISDIR);
                 }
+                let through_writer = fh.is_some_and(|fh| self.h.writes(fh));
                 match fh
                     .and_then(|fh| self.h.scratch_of(fh))
                     .or_else(|| lock(&self.h.writing).get(&ino.0).cloned())
                 {
                     Some(scratch) => {
-                        let mut s = lock(&scratch);
-                        s.file.set_len(size).map_err(|_| Errno::EIO)?;
-                        s.changed();
+                        {
+                            let mut s = lock(&scratch);
+                            s.file.set_len(size).map_err(|_| Errno::EIO)?;
+                            s.changed();
+                        }
+                        // `truncate` by path (or through a read-only handle): done now, as
+                        // no close of a writer may come to commit it.
+                        if !through_writer {
+                            Self::commit(&self.remote, &scratch)?;
+                        }
                     }
                     None => self.truncate(ino.0, &path, stat.mode, size)?,
                 }
@@ -655,21 +669,26 @@ impl Filesystem for MeridianFs {
                 let mode = mode.map(|m| m & 0o7777);
                 let scratch = lock(&self.h.writing).get(&ino.0).cloned();
                 // A file written and not yet committed takes them with its commit (one
-                // change, as `cp -a` sets both before closing); any other now.
-                let deferred = scratch.as_ref().is_some_and(|s| lock(s).dirty());
-                if !deferred {
-                    self.call(ApiRequest::SetAttr { path: path.clone(), mode, mtime_ns })?;
-                }
-                if let Some(scratch) = scratch {
+                // change, as `cp -a` sets both before closing): decided and kept under the
+                // scratch's lock, and counted as a change, so that a commit in flight leaves
+                // them for the next one. Any other file: now.
+                let deferred = scratch.is_some_and(|scratch| {
                     let mut s = lock(&scratch);
                     if let Some(mode) = mode {
                         s.mode = mode;
                     }
+                    if !s.dirty() {
+                        return false;
+                    }
                     if let Some(mtime_ns) = mtime_ns {
-                        // Kept for the commit, and shown until then.
                         s.mtime_ns = Some(mtime_ns);
                         let _ = s.file.set_modified(time_of(mtime_ns));
                     }
+                    s.changed();
+                    true
+                });
+                if !deferred {
+                    self.call(ApiRequest::SetAttr { path: path.clone(), mode, mtime_ns })?;
                 }
             }
             let stat = self.stat(&path)?;
@@ -794,7 +813,11 @@ impl Filesystem for MeridianFs {
             lock(&self.inodes).moved(&from, &to, newparent.0);
             for scratch in lock(&self.h.writing).values() {
                 let mut s = lock(scratch);
-                if s.path == from {
+                if s.path == to && to != from {
+                    // The file it was writing is gone (replaced): like writes to an unlinked
+                    // file, its bytes go nowhere, and never over the file now there.
+                    s.path.clear();
+                } else if s.path == from {
                     s.path = to.clone();
                 } else if let Some(rest) = s.path.strip_prefix(&format!("{from}/")) {
                     s.path = format!("{to}/{rest}");
