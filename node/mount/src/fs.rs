@@ -36,7 +36,7 @@ use fuser::{
 use node::api::{ApiRequest, Kind, ListEntry, StatAnswer, TagAnswer};
 
 use crate::follow::Follower;
-use crate::inodes::{Inodes, ROOT, child_path};
+use crate::inodes::{Inodes, ROOT, child_path, moved_path};
 use crate::remote::{Remote, errno};
 
 /// How long the kernel may keep names and attributes before asking again, by default: the
@@ -817,10 +817,8 @@ impl Filesystem for MeridianFs {
                     // The file it was writing is gone (replaced): like writes to an unlinked
                     // file, its bytes go nowhere, and never over the file now there.
                     s.path.clear();
-                } else if s.path == from {
-                    s.path = to.clone();
-                } else if let Some(rest) = s.path.strip_prefix(&format!("{from}/")) {
-                    s.path = format!("{to}/{rest}");
+                } else if let Some(path) = moved_path(&s.path, &from, &to) {
+                    s.path = path;
                 }
             }
             Ok(())

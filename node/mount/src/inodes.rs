@@ -112,16 +112,25 @@ impl Inodes {
     /// The entry at `from` moved to `to` in directory `parent`: it and everything below it
     /// are there now.
     pub fn moved(&mut self, from: &str, to: &str, parent: u64) {
-        let below = format!("{from}/");
         for node in self.by_ino.values_mut() {
             if node.path == from {
-                node.path = to.to_owned();
                 node.parent = parent;
-            } else if let Some(rest) = node.path.strip_prefix(&below) {
-                node.path = format!("{to}/{rest}");
+            }
+            if let Some(path) = moved_path(&node.path, from, to) {
+                node.path = path;
             }
         }
     }
+}
+
+/// Where `path` is after the entry at `from` moved to `to`: `to` itself or below it, or
+/// `None` if the move does not touch it.
+pub fn moved_path(path: &str, from: &str, to: &str) -> Option<String> {
+    if path == from {
+        return Some(to.to_owned());
+    }
+    let rest = path.strip_prefix(from)?.strip_prefix('/')?;
+    Some(format!("{to}/{rest}"))
 }
 
 /// The path of `name` in the directory at `parent`.
