@@ -162,6 +162,27 @@ impl fmt::Display for ContentId {
     }
 }
 
+impl ContentId {
+    /// The id its lowercase hexadecimal spelling (as displayed) names.
+    pub fn parse_hex(text: &str) -> Option<ContentId> {
+        parse_lower_hex(text).map(ContentId)
+    }
+}
+
+/// The `N` bytes spelled by `text` in lowercase hexadecimal (one spelling per value).
+pub(crate) fn parse_lower_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 2 * N {
+        return None;
+    }
+    let digit = |c: u8| matches!(c, b'0'..=b'9' | b'a'..=b'f').then(|| (c as char).to_digit(16)).flatten();
+    let mut out = [0u8; N];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(out)
+}
+
 impl fmt::Debug for ContentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ContentId({self})")
@@ -171,6 +192,15 @@ impl fmt::Debug for ContentId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ids_parse_from_their_spelling_only() {
+        let id = ContentId([0xab; 32]);
+        assert_eq!(ContentId::parse_hex(&id.to_string()), Some(id));
+        assert_eq!(ContentId::parse_hex(&id.to_string().to_uppercase()), None);
+        assert_eq!(ContentId::parse_hex("ab"), None);
+        assert_eq!(ContentId::parse_hex(&"zz".repeat(32)), None);
+    }
 
     #[test]
     fn site_ids_are_checked() {

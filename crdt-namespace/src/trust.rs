@@ -204,16 +204,6 @@ pub(crate) fn verify(
 }
 
 fn parse_signature(hex: &str) -> Option<Signature> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 128 {
-        return None;
-    }
-    let mut out = [0u8; 64];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        // Lowercase only: one spelling per signature.
-        let digit =
-            |c: u8| matches!(c, b'0'..=b'9' | b'a'..=b'f').then(|| (c as char).to_digit(16)).flatten();
-        out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-    }
-    Some(Signature::from_bytes(&out))
+    // Lowercase only: one spelling per signature.
+    crate::ids::parse_lower_hex::<64>(hex).map(|bytes| Signature::from_bytes(&bytes))
 }

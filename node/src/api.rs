@@ -48,6 +48,11 @@ pub enum ApiRequest {
         start: Option<u64>,
         /// One past the last byte.
         end: Option<u64>,
+        /// The version to read, current or older (what a program that opened the file reads
+        /// until it opens it again): its content id and size ([`VersionAnswer`]); the
+        /// current one if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<ReadVersion>,
     },
     /// Make a directory: `()`.
     Mkdir {
@@ -144,7 +149,7 @@ pub enum ApiRequest {
     /// The site's state: a [`StatusAnswer`].
     Status,
     /// The entries changed after a sequence number, for a cache of the namespace (the mount)
-    /// to follow: a [`site_core::Changes`]. `after`: the `next` of the last answer, less one;
+    /// to follow: a [`ChangesAnswer`]. `after`: the `next` of the last answer, less one;
     /// `None`: only where the log is now.
     Changes {
         /// The last sequence number seen.
@@ -455,6 +460,30 @@ pub struct PutAnswer {
     pub new_bytes: u64,
 }
 
+/// A version of a file to read ([`ApiRequest::Read`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReadVersion {
+    /// Its content id ([`VersionAnswer::content`]).
+    pub content: String,
+    /// Its size.
+    pub size: u64,
+}
+
+/// What changed after a sequence number ([`ApiRequest::Changes`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChangesAnswer {
+    /// This run of the node: sequence numbers of another run say nothing about this one's (a
+    /// follower that sees it change forgets everything).
+    pub boot: String,
+    /// The sequence number to ask after next time.
+    pub next: u64,
+    /// Ids of the entries changed, oldest first (one may be named twice).
+    pub entries: Vec<String>,
+    /// Whether `entries` is everything that changed; if not, a follower forgets all it holds.
+    pub complete: bool,
+}
+
 /// The start of a read: these bytes of a file of this size follow.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReadHeader {
@@ -558,10 +587,20 @@ pub struct Reading<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Reading<S> {
-    /// Asks for `path` (or bytes `range` of it) on `stream`, a new connection to the node.
-    pub async fn start(mut stream: S, path: &str, range: Option<(u64, u64)>) -> anyhow::Result<Reading<S>> {
-        let request =
-            ApiRequest::Read { path: path.to_owned(), start: range.map(|r| r.0), end: range.map(|r| r.1) };
+    /// Asks for `path` (or bytes `range` of it; of `version` of it, the current one if
+    /// `None`) on `stream`, a new connection to the node.
+    pub async fn start(
+        mut stream: S,
+        path: &str,
+        range: Option<(u64, u64)>,
+        version: Option<ReadVersion>,
+    ) -> anyhow::Result<Reading<S>> {
+        let request = ApiRequest::Read {
+            path: path.to_owned(),
+            start: range.map(|r| r.0),
+            end: range.map(|r| r.1),
+            version,
+        };
         write_frame(&mut stream, &encode_request(&request)).await?;
         let header = read_answer(&mut stream).await?;
         Ok(Reading { stream, path: path.to_owned(), header, got: 0 })

@@ -128,6 +128,7 @@ impl Client {
             path: path.to_owned(),
             start: range.as_ref().map(|r| r.start),
             end: range.as_ref().map(|r| r.end),
+            version: None,
         };
         let mut stream = self.connect(&request)?;
         let header: ReadHeader = blocking::read_answer(&mut stream)?;

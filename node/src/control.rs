@@ -8,15 +8,15 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 
 use anyhow::bail;
-use crdt_namespace::{EntryKind, Glob, OpError, Query, SiteId, TagPredicate};
+use crdt_namespace::{ContentId, EntryKind, Glob, OpError, Query, SiteId, TagPredicate};
 use site_core::{Reply, Request};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use transport::p2p::LinkState;
 
 use crate::api::{
-    self, ApiError, ApiRequest, ErrorKind, FindAnswer, ListEntry, MeshLink, PutAnswer, ReadHeader,
-    StatAnswer, StatusAnswer, TagAnswer,
+    self, ApiError, ApiRequest, ChangesAnswer, ErrorKind, FindAnswer, ListEntry, MeshLink, PutAnswer,
+    ReadHeader, StatAnswer, StatusAnswer, TagAnswer,
 };
 use crate::membership::{Edit, Outcome};
 use crate::runtime::{Event, Handle, wall_ms};
@@ -38,12 +38,23 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
         ApiRequest::Put { path, mode, mtime_ns } => {
             return serve_put(stream, handle, path, mode, mtime_ns).await;
         }
-        ApiRequest::Read { path, start, end } => {
+        ApiRequest::Read { path, start, end, version } => {
             let range = match (start, end) {
                 (None, None) => None,
                 (s, e) => Some(s.unwrap_or(0)..e.unwrap_or(u64::MAX)),
             };
-            return serve_read(stream, handle, Request::Read { path, range }).await;
+            let request = match version {
+                None => Request::Read { path, range },
+                Some(v) => match ContentId::parse_hex(&v.content) {
+                    Some(content) => Request::ReadVersion { path, content, size: v.size, range },
+                    None => {
+                        let why = format!("bad request: {:?} is not a content id", v.content);
+                        let error = ApiError::new(ErrorKind::BadRequest, why);
+                        return Ok(api::write_answer::<()>(s, Err(error)).await?);
+                    }
+                },
+            };
+            return serve_read(stream, handle, request).await;
         }
         ApiRequest::Mkdir { path, parents, mode } => {
             done(s, &handle, Request::Mkdir { path, parents, mode: mode.unwrap_or(0o755) }).await?
@@ -97,8 +108,14 @@ pub(crate) async fn serve(mut stream: UnixStream, handle: Handle) -> anyhow::Res
             api::write_answer::<Vec<FindAnswer>>(s, answer).await?
         }
         ApiRequest::Changes { after } => {
+            let boot = handle.boot.clone();
             let answer = ask(&handle, Request::Changes { after }, |reply| match reply {
-                Reply::Changes(changes) => Some(changes),
+                Reply::Changes(changes) => Some(ChangesAnswer {
+                    boot,
+                    next: changes.next,
+                    entries: changes.entries,
+                    complete: changes.complete,
+                }),
                 _ => None,
             });
             api::write_answer(s, answer.await?).await?

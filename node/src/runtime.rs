@@ -826,6 +826,9 @@ pub struct Handle {
     pub(crate) put_workers: usize,
     /// Ids of local requests.
     next_id: Arc<AtomicU64>,
+    /// This run of the node (its start's wall time in nanoseconds and its process id): what
+    /// tells a follower of the change log that its sequence numbers started again.
+    pub(crate) boot: String,
     /// Room for one request's events: its reply, a read's window, its end.
     event_queue: usize,
 }
@@ -967,6 +970,7 @@ pub async fn run_until(loaded: Loaded, stop: impl std::future::Future<Output = (
         cache_backlog: Arc::new(AtomicUsize::new(0)),
         put_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         next_id: Arc::new(AtomicU64::new(1)),
+        boot: format!("{}-{}", wall_ms(), std::process::id()),
         event_queue: opened.site.config().read_window_chunks + 2,
     };
     let runtime = tokio::runtime::Handle::current();

@@ -356,6 +356,42 @@ fn a_read_of_a_version_no_reachable_site_holds_fails_clearly() {
 }
 
 #[test]
+fn a_read_of_a_version_the_file_had_returns_that_version_also_once_replaced_or_removed() {
+    let mut mesh = World::with_sites(&["west", "east"]);
+    let old = random_bytes(100_000, 7);
+    let first = mesh.put(0, "/f", &old);
+    let new = random_bytes(80_000, 8);
+    mesh.put(0, "/f", &new);
+    let pinned = |path: &str, range| Request::ReadVersion {
+        path: path.into(),
+        content: first.content_id(),
+        size: old.len() as u64,
+        range,
+    };
+    let read = |mesh: &mut World<Answers>, request| {
+        let id = mesh.request(1, request);
+        let header = mesh.driver.replies.remove(&id).unwrap().unwrap();
+        let result = mesh.take_read(id);
+        result.done.unwrap().unwrap();
+        (header, result.data)
+    };
+    // East, which never held it, reads the replaced version from west (not collected yet).
+    let (header, data) = read(&mut mesh, pinned("/f", None));
+    assert_eq!(header, Reply::ReadStarted { size: old.len() as u64, range: 0..old.len() as u64 });
+    assert!(data == old, "the version asked for, not the current one");
+    assert!(mesh.read(1, "/f", None).unwrap() == new, "a read without a version reads the current one");
+    let (_, data) = read(&mut mesh, pinned("/f", Some(40_000..40_100)));
+    assert!(data[..] == old[40_000..40_100]);
+    // Moved away, then removed: still the version asked for, while a site holds it.
+    mesh.ok(0, Request::Rename { from: "/f".into(), to: "/g".into() });
+    let (_, data) = read(&mut mesh, pinned("/f", None));
+    assert!(data == old);
+    mesh.ok(0, Request::Remove { path: "/g".into(), recursive: false });
+    let (_, data) = read(&mut mesh, pinned("/g", None));
+    assert!(data == old);
+}
+
+#[test]
 fn concurrent_readers_of_one_chunk_share_one_fetch() {
     let mut mesh = World::with_sites(&["west", "east"]);
     let data = random_bytes(50_000, 7);

@@ -311,7 +311,7 @@ fn a_reader_that_stops_reading_delays_nobody_else() {
 
     // `meridian cat /big.bin | less`: the first bytes are read, then nothing.
     let mut paused = std::os::unix::net::UnixStream::connect(a.socket()).unwrap();
-    let request = ApiRequest::Read { path: "/big.bin".into(), start: None, end: None };
+    let request = ApiRequest::Read { path: "/big.bin".into(), start: None, end: None, version: None };
     blocking::write_frame(&mut paused, &api::encode_request(&request)).unwrap();
     let header: node::api::ReadHeader = blocking::read_answer(&mut paused).unwrap();
     assert_eq!(header.end, big.len() as u64);
@@ -369,7 +369,7 @@ fn a_reader_that_leaves_mid_file_is_let_go() {
     // Many clients read the first bytes and hang up: each read the site let go of.
     for _ in 0..20 {
         let mut reader = std::os::unix::net::UnixStream::connect(a.socket()).unwrap();
-        let request = ApiRequest::Read { path: "/big.bin".into(), start: None, end: None };
+        let request = ApiRequest::Read { path: "/big.bin".into(), start: None, end: None, version: None };
         blocking::write_frame(&mut reader, &api::encode_request(&request)).unwrap();
         let _: node::api::ReadHeader = blocking::read_answer(&mut reader).unwrap();
         blocking::read_frame(&mut reader).unwrap().unwrap();

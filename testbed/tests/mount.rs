@@ -109,7 +109,13 @@ fn changes_through_one_mount_show_in_the_other() {
     std::fs::write(b.join("proj/done/t.txt"), b"two").unwrap();
     std::fs::rename(b.join("proj/done/t.txt"), b.join("proj/done/s.txt")).unwrap();
     wait_until(TIMEOUT, || Ok(std::fs::read(a.join("proj/done/s.txt")).is_ok_and(|d| d == b"two"))).unwrap();
-    assert!(!exists(&a.join("proj/scenes/s.txt")).unwrap() && !exists(&a.join("proj/done/t.txt")).unwrap());
+    // The old names go when a's follower of the change log tells its kernel (it may not have
+    // yet when the new name, never looked up at a, was found).
+    wait_until(
+        TIMEOUT,
+        || Ok(!exists(&a.join("proj/scenes/s.txt"))? && !exists(&a.join("proj/done/t.txt"))?),
+    )
+    .unwrap();
     // Listing, modes, symlinks.
     let mut names: Vec<String> = std::fs::read_dir(a.join("proj"))
         .unwrap()
@@ -136,7 +142,9 @@ fn changes_through_one_mount_show_in_the_other() {
         file.set_modified(when).unwrap();
     }
     assert_eq!(a.join("proj/dated.txt").metadata().unwrap().modified().unwrap(), when);
-    wait_until(TIMEOUT, || Ok(b.join("proj/dated.txt").metadata()?.modified()? == when)).unwrap();
+    // (Absent at b until a's close made the entry and it arrived.)
+    let dated_at_b = || b.join("proj/dated.txt").metadata().and_then(|m| m.modified()).ok();
+    wait_until(TIMEOUT, || Ok(dated_at_b() == Some(when))).unwrap();
     // Removal shows at the other site.
     std::fs::remove_dir_all(b.join("proj/done")).unwrap();
     wait_until(TIMEOUT, || Ok(!exists(&a.join("proj/done"))?)).unwrap();
@@ -321,6 +329,12 @@ fn another_sites_changes_reach_the_kernel_before_its_attributes_expire() {
     std::fs::rename(a.join("gone.txt"), a.join("moved.txt")).unwrap();
     wait_until(TIMEOUT, || Ok(std::fs::read(b.join("clip.mov"))? == b"a newer, longer version")).unwrap();
     wait_until(TIMEOUT, || Ok(!exists(&b.join("gone.txt"))? && exists(&b.join("moved.txt"))?)).unwrap();
+    // A file b created (its inode given before the entry existed) and a then replaced.
+    std::fs::write(b.join("made-at-b.txt"), b"b's").unwrap();
+    assert_eq!(std::fs::read(b.join("made-at-b.txt")).unwrap(), b"b's");
+    wait_until(TIMEOUT, || Ok(std::fs::read(a.join("made-at-b.txt")).is_ok_and(|d| d == b"b's"))).unwrap();
+    std::fs::write(a.join("made-at-b.txt"), b"a's, longer").unwrap();
+    wait_until(TIMEOUT, || Ok(std::fs::read(b.join("made-at-b.txt"))? == b"a's, longer")).unwrap();
 }
 
 #[test]
@@ -359,4 +373,178 @@ fn a_truncation_by_path_of_a_file_held_open_for_reading_is_committed_at_once() {
     assert_eq!(client.read("/g.txt", None).unwrap(), b"six", "the truncation reached the node");
     drop(reader);
     assert_eq!(std::fs::read(a.join("g.txt")).unwrap(), b"six");
+}
+
+#[test]
+fn a_file_created_through_the_mount_becomes_an_entry_at_its_close() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::DirEntryExt;
+    let mounts = Mounts::start(2);
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    let (client_a, client_b) = (mounts.cluster.site(0).client.clone(), mounts.cluster.site(1).client.clone());
+    std::fs::create_dir(a.join("d")).unwrap();
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(a.join("d/new.txt")).unwrap();
+    file.write_all(b"hello").unwrap();
+    // Open and not closed: this mount shows it (stat, listing, another handle), the node does
+    // not have it yet, and its name is taken.
+    let ino = a.join("d/new.txt").metadata().unwrap().ino();
+    assert_eq!(a.join("d/new.txt").metadata().unwrap().len(), 5);
+    let listed: Vec<(String, u64)> = std::fs::read_dir(a.join("d"))
+        .unwrap()
+        .map(|e| e.map(|e| (e.file_name().into_string().unwrap(), e.ino())).unwrap())
+        .collect();
+    assert_eq!(listed, [("new.txt".to_owned(), ino)]);
+    let mut read = String::new();
+    std::fs::File::open(a.join("d/new.txt")).unwrap().read_to_string(&mut read).unwrap();
+    assert_eq!(read, "hello");
+    assert!(client_a.stat("/d/new.txt").is_err(), "the node has no entry before the close");
+    let e = std::fs::create_dir(a.join("d/new.txt")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    let e = std::fs::OpenOptions::new().write(true).create_new(true).open(a.join("d/new.txt")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    let e = std::fs::remove_dir(a.join("d")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_enotempty()), "a directory holding it is not empty: {e}");
+    // The close makes the entry, with its bytes (the rmdir above did already: a directory
+    // with it is not empty at any site); from then on the file has the entry's inode number,
+    // the one it has at every site.
+    drop(file);
+    assert_eq!(client_a.read("/d/new.txt", None).unwrap(), b"hello");
+    wait_until(TIMEOUT, || Ok(client_b.read("/d/new.txt", None).is_ok_and(|d| d == b"hello"))).unwrap();
+    assert_eq!(std::fs::read(b.join("d/new.txt")).unwrap(), b"hello");
+    let own = b.join("d/new.txt").metadata().unwrap().ino();
+    wait_until(TIMEOUT, || Ok(a.join("d/new.txt").metadata()?.ino() == own)).unwrap();
+    std::thread::sleep(Duration::from_millis(1_100)); // the kernel's names expire: looked up again
+    assert_eq!(a.join("d/new.txt").metadata().unwrap().ino(), own);
+    // Created and closed with nothing else: its own number at once.
+    std::fs::write(a.join("d/at-once.txt"), b"x").unwrap();
+    let at_once = a.join("d/at-once.txt").metadata().unwrap().ino();
+    wait_until(TIMEOUT, || Ok(client_b.stat("/d/at-once.txt").is_ok())).unwrap();
+    assert_eq!(b.join("d/at-once.txt").metadata().unwrap().ino(), at_once);
+    // Unlinked before its close: never an entry.
+    let mut gone = std::fs::File::create(a.join("d/gone.txt")).unwrap();
+    gone.write_all(b"nobody sees this").unwrap();
+    std::fs::remove_file(a.join("d/gone.txt")).unwrap();
+    assert!(!exists(&a.join("d/gone.txt")).unwrap());
+    drop(gone);
+    assert!(!exists(&a.join("d/gone.txt")).unwrap());
+    assert!(client_a.stat("/d/gone.txt").is_err());
+    // Renamed before its close: committed first, then moved; later writes follow it.
+    let mut moved = std::fs::File::create(a.join("d/tmp.txt")).unwrap();
+    moved.write_all(b"first ").unwrap();
+    std::fs::rename(a.join("d/tmp.txt"), a.join("d/final.txt")).unwrap();
+    moved.write_all(b"second").unwrap();
+    drop(moved);
+    assert!(!exists(&a.join("d/tmp.txt")).unwrap());
+    assert_eq!(std::fs::read(a.join("d/final.txt")).unwrap(), b"first second");
+    assert_eq!(client_a.read("/d/final.txt", None).unwrap(), b"first second");
+    // Created empty and closed: an empty file, at every site.
+    std::fs::File::create(a.join("d/empty")).unwrap();
+    wait_until(TIMEOUT, || Ok(client_b.stat("/d/empty").is_ok_and(|s| s.size == 0))).unwrap();
+}
+
+#[test]
+fn a_commit_in_flight_never_lands_on_a_file_renamed_over_or_removed() {
+    use std::io::Write;
+    let mounts = Mounts::start(1);
+    let a = mounts.dir(0);
+    let client = mounts.cluster.site(0).client.clone();
+    // Big enough that its commit is still going when the rename or removal comes.
+    let big = pseudo_random(5, 16 << 20);
+    std::fs::write(a.join("x"), b"first").unwrap();
+    for round in 0..3u64 {
+        std::fs::write(a.join("y"), b"the renamed file").unwrap();
+        let mut writer = std::fs::File::create(a.join("x")).unwrap();
+        writer.write_all(&big).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(move || drop(writer));
+            std::thread::sleep(Duration::from_millis(2 + 5 * round));
+            std::fs::rename(a.join("y"), a.join("x")).unwrap();
+        });
+        // (Not assert_eq!: a failure would print 16 MiB.)
+        let at_node = client.read("/x", None).unwrap();
+        assert!(at_node == b"the renamed file", "round {round}: {} bytes at /x", at_node.len());
+        assert!(std::fs::read(a.join("x")).unwrap() == b"the renamed file", "round {round}");
+    }
+    // Removed while its close commits it: an existing file, and one created by that writer.
+    for (round, existing) in [(0u64, true), (1, false), (2, true), (3, false)] {
+        let path = a.join(format!("z{round}"));
+        if existing {
+            std::fs::write(&path, b"before").unwrap();
+        }
+        let mut writer = std::fs::File::create(&path).unwrap();
+        writer.write_all(&big).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(move || drop(writer));
+            std::thread::sleep(Duration::from_millis(2 + 3 * round));
+            std::fs::remove_file(&path).unwrap();
+        });
+        assert!(client.stat(&format!("/z{round}")).is_err(), "round {round}: the file came back");
+        assert!(!exists(&path).unwrap());
+    }
+}
+
+#[test]
+fn an_edit_of_a_few_bytes_commits_a_version_sharing_every_unchanged_chunk() {
+    // Small chunks (16..256 KiB), so that what moves shows.
+    let small = |c: &mut node::config::Config| {
+        c.chunking = node::config::Chunking { min_bytes: 16 << 10, avg_bytes: 64 << 10, max_bytes: 256 << 10 }
+    };
+    let mounts = Mounts::start_configured(2, small, |_| {});
+    let (a, b) = (mounts.cluster.site(0).client.clone(), mounts.cluster.site(1).client.clone());
+    let mut data = pseudo_random(25, 16 << 20);
+    a.put("/big.bin", &data).unwrap();
+    let at_b = mounts.dir(1).join("big.bin");
+    wait_until(TIMEOUT, || Ok(at_b.metadata().is_ok_and(|m| m.len() == data.len() as u64))).unwrap();
+    // Edited at b, which does not hold it: b fetches it once (the site that writes a version
+    // holds all of it) and commits a version whose chunks are the old ones but around the edit.
+    let fetched_b = b.status().unwrap().core.bytes_fetched;
+    let offset = 10 << 20;
+    let file = std::fs::OpenOptions::new().write(true).open(&at_b).unwrap();
+    file.write_all_at(b"an edit!", offset).unwrap();
+    drop(file);
+    data[offset as usize..offset as usize + 8].copy_from_slice(b"an edit!");
+    let fetched_b = b.status().unwrap().core.bytes_fetched - fetched_b;
+    assert!(fetched_b <= data.len() as u64, "b fetched {fetched_b} bytes to edit a file of {}", data.len());
+    // a, which holds the old version, fetches only the chunks around the edit to read the new.
+    let new_version = b.stat("/big.bin").unwrap().version.unwrap().id;
+    wait_until(TIMEOUT, || Ok(a.stat("/big.bin")?.version.is_some_and(|v| v.id == new_version))).unwrap();
+    let fetched_a = a.status().unwrap().core.bytes_fetched;
+    assert!(a.read("/big.bin", None).unwrap() == data, "the edit is in the version a reads");
+    let fetched_a = a.status().unwrap().core.bytes_fetched - fetched_a;
+    assert!(
+        fetched_a > 0 && fetched_a <= 3 * (256 << 10),
+        "a fetched {fetched_a} bytes of a new version differing by 8 bytes"
+    );
+}
+
+#[test]
+fn an_open_file_reads_the_version_it_opened() {
+    let mounts = Mounts::start(2);
+    let (a, b) = (mounts.dir(0), mounts.dir(1));
+    let client_b = mounts.cluster.site(1).client.clone();
+    let (old, new) = (pseudo_random(26, 32 << 20), pseudo_random(27, 32 << 20));
+    std::fs::write(a.join("frame.exr"), &old).unwrap();
+    wait_until(TIMEOUT, || Ok(b.join("frame.exr").metadata().is_ok_and(|m| m.len() == old.len() as u64)))
+        .unwrap();
+    let reader = std::fs::File::open(b.join("frame.exr")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    assert!(head[..] == old[..1 << 20]);
+    // A new version written at a while b's program has the file open: that program goes on
+    // reading the version it opened, to its end (never a mix of the two).
+    let opened = client_b.stat("/frame.exr").unwrap().version.unwrap().id;
+    std::fs::write(a.join("frame.exr"), &new).unwrap();
+    wait_until(TIMEOUT, || Ok(client_b.stat("/frame.exr")?.version.is_some_and(|v| v.id != opened))).unwrap();
+    let mut tail = vec![0u8; 8 << 20];
+    reader.read_exact_at(&mut tail, 24 << 20).unwrap();
+    assert!(tail[..] == old[24 << 20..], "the open file read bytes of the new version");
+    // Opened again: the new version.
+    wait_until(TIMEOUT, || Ok(std::fs::read(b.join("frame.exr"))? == new)).unwrap();
+    // Moved at a while open at b: still read.
+    let reader = std::fs::File::open(b.join("frame.exr")).unwrap();
+    std::fs::rename(a.join("frame.exr"), a.join("moved.exr")).unwrap();
+    wait_until(TIMEOUT, || Ok(client_b.stat("/moved.exr").is_ok())).unwrap();
+    reader.read_exact_at(&mut tail, 16 << 20).unwrap();
+    assert!(tail[..] == new[16 << 20..24 << 20], "the open file, moved, read other bytes");
 }

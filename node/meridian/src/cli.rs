@@ -1024,7 +1024,7 @@ async fn read_into<W: tokio::io::AsyncWrite + Unpin>(
     show_progress: bool,
 ) -> anyhow::Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let mut reading = api::Reading::start(connect(cli).await?, remote, range).await?;
+    let mut reading = api::Reading::start(connect(cli).await?, remote, range, None).await?;
     let header = reading.header();
     let bar = if show_progress { progress(header.end - header.start) } else { ProgressBar::hidden() };
     let mut written = 0u64;

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{INodeNo, Notifier};
-use node::api::ApiRequest;
-use site_core::Changes;
+use node::api::{ApiRequest, ChangesAnswer};
 
 use crate::inodes::{Inodes, ROOT};
 use crate::remote::Remote;
@@ -22,19 +21,26 @@ pub const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 pub struct Follower {
     pub(crate) remote: Remote,
     pub(crate) inodes: Arc<Mutex<Inodes>>,
+    /// Names the file system asks to have forgotten (directory inode, name).
+    pub(crate) names: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 impl Follower {
     /// Follows the change log until `stop` is set. A log that no longer reaches back to the
-    /// last change seen, or a node that was unreachable (it may have restarted), makes the
-    /// kernel forget every entry it knows.
+    /// last change seen, a node that was unreachable or that restarted makes the kernel
+    /// forget every entry it knows.
     pub fn run(self, notifier: Notifier, stop: Arc<AtomicBool>) {
         let mut after: Option<u64> = None;
+        let mut boot: Option<String> = None;
         let mut lost = false;
         while !stop.load(Ordering::Relaxed) {
-            match self.remote.call::<Changes>(&ApiRequest::Changes { after }) {
+            match self.remote.call::<ChangesAnswer>(&ApiRequest::Changes { after }) {
                 Ok(changes) => {
-                    let everything = lost || (after.is_some() && !changes.complete);
+                    // A node that restarted numbers its log again: what it answered `after` says
+                    // nothing, and its `next` is where to go on from.
+                    let restarted = boot.as_ref().is_some_and(|b| *b != changes.boot);
+                    let everything = lost || restarted || (after.is_some() && !changes.complete);
+                    boot = Some(changes.boot);
                     lost = false;
                     for (ino, parent, name) in self.known(&changes.entries, everything) {
                         // ENOENT: the kernel had already forgotten it.
@@ -50,6 +56,10 @@ impl Follower {
                     lost = true;
                     after = None;
                 }
+            }
+            let names = std::mem::take(&mut *crate::fs::lock(&self.names));
+            for (parent, name) in names {
+                let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
             }
             std::thread::sleep(FOLLOW_EVERY);
         }

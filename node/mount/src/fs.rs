@@ -25,18 +25,19 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
-use node::api::{ApiRequest, Kind, ListEntry, StatAnswer, TagAnswer};
+use node::api::{ApiRequest, Kind, ListEntry, ReadVersion, StatAnswer, TagAnswer};
 
 use crate::follow::Follower;
-use crate::inodes::{Inodes, ROOT, child_path, moved_path};
+use crate::inodes::{Inodes, ROOT, child_path, is_pending, moved_path, within};
 use crate::remote::{Remote, errno};
 
 /// How long the kernel may keep names and attributes before asking again, by default: the
@@ -68,6 +69,10 @@ pub struct MeridianFs {
     opened_versions: Mutex<HashMap<u64, String>>,
     uid: u32,
     gid: u32,
+    /// What tells the kernel to forget names, once the session is up.
+    notifier: Arc<OnceLock<Notifier>>,
+    /// Names (directory inode, name) for the follower's thread to have the kernel forget.
+    names: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 /// Open files and directories.
@@ -96,9 +101,12 @@ struct Listed {
     stat: Option<Box<StatAnswer>>,
 }
 
-/// A file open for reading: its path and size at open, and its recent windows.
+/// A file open for reading: its path, version and size at open, and its recent windows. It
+/// reads that version until it is opened again, whatever is written meanwhile (never a mix
+/// of two versions), also once moved or removed while the version is still held somewhere.
 struct ReadFile {
     path: String,
+    version: Option<ReadVersion>,
     size: u64,
     windows: Mutex<Windows>,
 }
@@ -126,7 +134,12 @@ struct Window {
 
 /// A file open for writing.
 struct Scratch {
+    /// Its inode.
+    ino: u64,
     path: String,
+    /// Created through the mount and not committed yet: the entry is made by its first commit
+    /// (its `close`), with its bytes, in one change. Until then only this mount knows it.
+    pending: bool,
     /// Shared, so that a commit reads it without holding the scratch's lock (writes and
     /// attributes go on meanwhile).
     file: Arc<File>,
@@ -134,12 +147,19 @@ struct Scratch {
     /// A modification time set while it was open (`futimens` before `close`, as `cp -a` and
     /// `tar` do): given to the version it commits. A later write forgets it.
     mtime_ns: Option<i64>,
+    /// When its bytes or size last changed (or it was made), by the system's fine clock (file
+    /// systems keep a coarser one: two changes a millisecond apart get different times).
+    modified_ns: i64,
     /// Changes made to it: a write or resize adds one.
     changes: u64,
     /// `changes` when it was last committed (or made): it is dirty when they differ.
     committed: u64,
     /// Handles open on it.
     handles: usize,
+    /// Held by a commit while its bytes go to the node, and by a rename or removal of the file
+    /// while it changes where the file is: a commit that read the path before never puts its
+    /// bytes there after.
+    commit_lock: Arc<Mutex<()>>,
 }
 
 /// Reads a file from the start by position, leaving its offset alone (another handle may use
@@ -164,6 +184,17 @@ impl Scratch {
 
     fn changed(&mut self) {
         self.changes += 1;
+    }
+
+    /// Its bytes or size changed now.
+    fn touched(&mut self) {
+        self.changed();
+        self.modified_ns = ns_of(SystemTime::now());
+    }
+
+    /// Its modification time: the one set while open, or that of its last write.
+    fn mtime_ns(&self) -> i64 {
+        self.mtime_ns.unwrap_or(self.modified_ns)
     }
 }
 
@@ -223,12 +254,19 @@ impl MeridianFs {
             opened_versions: Mutex::new(HashMap::new()),
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
+            notifier: Arc::new(OnceLock::new()),
+            names: Arc::new(Mutex::new(Vec::new())),
         })
+    }
+
+    /// Where the session's notifier goes once it is up.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     /// What follows the node's changes for the kernel ([`crate::follow`]).
     pub fn follower(&self) -> Follower {
-        Follower { remote: self.remote.clone(), inodes: self.inodes.clone() }
+        Follower { remote: self.remote.clone(), inodes: self.inodes.clone(), names: self.names.clone() }
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
@@ -242,6 +280,9 @@ impl MeridianFs {
             let node = inodes.get(ino.0).ok_or(Errno::ENOENT)?;
             (node.id.clone(), node.path.clone())
         };
+        if is_pending(&id) {
+            return self.pending_stat(ino.0).map(|stat| (path, stat)).ok_or(Errno::ENOENT);
+        }
         let stat = self.stat(&path)?;
         if stat.id != id {
             // Moved or replaced at another site, and the kernel's name for it is older than
@@ -273,16 +314,29 @@ impl MeridianFs {
             // What this mount is writing shows before it is committed.
             let file = {
                 let s = lock(&scratch);
-                s.dirty().then(|| (s.file.clone(), s.mode))
+                s.dirty().then(|| (s.file.clone(), s.mode, s.mtime_ns()))
             };
-            if let Some((file, scratch_mode)) = file
+            if let Some((file, scratch_mode, scratch_mtime)) = file
                 && let Ok(meta) = file.metadata()
             {
                 size = meta.len();
-                mtime = meta.modified().unwrap_or(mtime);
+                mtime = time_of(scratch_mtime);
                 mode = scratch_mode;
             }
         }
+        self.attr_of(ino, kind, size, mtime, mode, if kind == FileType::Directory { 2 } else { 1 })
+    }
+
+    /// Attributes: the mount's user and group; atime and ctime are the mtime.
+    fn attr_of(
+        &self,
+        ino: u64,
+        kind: FileType,
+        size: u64,
+        mtime: SystemTime,
+        mode: u32,
+        nlink: u32,
+    ) -> FileAttr {
         FileAttr {
             ino: INodeNo(ino),
             size,
@@ -293,7 +347,7 @@ impl MeridianFs {
             crtime: mtime,
             kind,
             perm: (mode & 0o7777) as u16,
-            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            nlink,
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
@@ -302,24 +356,97 @@ impl MeridianFs {
         }
     }
 
+    /// Attributes of a file this mount has open for writing and that was removed (or renamed
+    /// over) meanwhile: what its descriptors show (no links), as long as they are open.
+    fn unlinked_attr(&self, ino: u64) -> Option<FileAttr> {
+        let scratch = lock(&self.h.writing).get(&ino).cloned()?;
+        let (file, mode, mtime_ns) = {
+            let s = lock(&scratch);
+            if !s.path.is_empty() {
+                return None;
+            }
+            (s.file.clone(), s.mode, s.mtime_ns())
+        };
+        let size = file.metadata().ok()?.len();
+        Some(self.attr_of(ino, FileType::RegularFile, size, time_of(mtime_ns), mode, 0))
+    }
+
     /// Attributes for `.` and `..` in a listing (the kernel does not keep them).
     fn dir_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ROOT),
-            size: 0,
-            blocks: 0,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: FileType::Directory,
-            perm: 0o755,
-            nlink: 2,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 128 << 10,
-            flags: 0,
+        self.attr_of(ROOT, FileType::Directory, 0, UNIX_EPOCH, 0o755, 2)
+    }
+
+    /// What a file created through the mount and not yet committed looks like (only this
+    /// mount knows it).
+    fn pending_stat(&self, ino: u64) -> Option<StatAnswer> {
+        let scratch = lock(&self.h.writing).get(&ino).cloned()?;
+        let s = lock(&scratch);
+        if !s.pending {
+            return None;
+        }
+        let meta = s.file.metadata().ok()?;
+        let mtime_ns = s.mtime_ns();
+        let id = lock(&self.inodes).get(ino)?.id.clone();
+        Some(StatAnswer {
+            id,
+            kind: Kind::File,
+            size: meta.len(),
+            mode: s.mode,
+            mtime_ns,
+            version: None,
+            symlink_target: None,
+            tags: Vec::new(),
+        })
+    }
+
+    /// Commits the files created through the mount at `path` or below it that are not
+    /// committed yet: before an operation the node must see them for (a rename, a `rmdir`).
+    fn settle(&self, path: &str) -> Result<(), Errno> {
+        for scratch in self.h.pending_under(path) {
+            let made = Self::commit(&self.remote, &self.inodes, &scratch)?;
+            self.forget_name(made);
+        }
+        Ok(())
+    }
+
+    /// Has the follower's thread tell the kernel to forget a name (never from inside a
+    /// request handler: the kernel may hold the directory until the handler replies).
+    fn forget_name(&self, name: Option<(u64, String)>) {
+        if let Some(name) = name {
+            lock(&self.names).push(name);
+        }
+    }
+
+    /// Commits the file of `ino` if it was created through the mount and not committed yet.
+    fn settle_ino(&self, ino: INodeNo) -> Result<(), Errno> {
+        let scratch = lock(&self.h.writing).get(&ino.0).cloned();
+        match scratch {
+            Some(scratch) if lock(&scratch).pending => {
+                let made = Self::commit(&self.remote, &self.inodes, &scratch)?;
+                self.forget_name(made);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates the file at `path` (there is none) for this mount only: the entry is made when
+    /// it is first committed (its `close`), with its bytes and attributes, in one change,
+    /// instead of an empty version first. Other sites see it from then on.
+    fn create_pending(&self, parent: INodeNo, path: &str, mode: u32) -> Result<(FileAttr, u64), Errno> {
+        let ino = lock(&self.inodes).pending(parent.0, path);
+        let made =
+            self.h.start_writing(&self.remote, &self.runtime, ino, path, mode, true).and_then(|scratch| {
+                lock(&scratch).pending = true;
+                self.pending_stat(ino).ok_or(Errno::EIO)
+            });
+        match made {
+            Ok(stat) => Ok((self.attr(ino, &stat), self.h.new_fh(Open::Write(ino, true)))),
+            Err(e) => {
+                self.h.stop_writing(ino);
+                lock(&self.inodes).forget(ino, 1);
+                Err(e)
+            }
         }
     }
 
@@ -338,30 +465,63 @@ impl MeridianFs {
         Ok(child_path(&self.path_of(parent)?, name_of(name)?))
     }
 
+    /// `path`, unless a file created through the mount and not committed yet is there (the
+    /// node would not know it is taken).
+    fn vacant(&self, path: String) -> Result<String, Errno> {
+        match self.h.pending_at(&path) {
+            Some(_) => Err(Errno::EEXIST),
+            None => Ok(path),
+        }
+    }
+
     /// Makes what was written to `scratch` the file's new version, if anything was. The
     /// scratch's lock is not held while the bytes go to the node: writes, attributes and other
     /// handles of the file go on meanwhile (a write made during the commit leaves the file
-    /// dirty, for the next one).
-    fn commit(remote: &Remote, scratch: &Mutex<Scratch>) -> Result<(), Errno> {
-        let (path, mode, mtime_ns, file, changes) = {
+    /// dirty, for the next one). Returns the directory inode and name of a file created
+    /// through the mount that this, its first commit, made an entry: the kernel should forget
+    /// that name, so that a lookup gives the entry its own inode number from now on.
+    fn commit(
+        remote: &Remote,
+        inodes: &Mutex<Inodes>,
+        scratch: &Mutex<Scratch>,
+    ) -> Result<Option<(u64, String)>, Errno> {
+        let commit_lock = lock(scratch).commit_lock.clone();
+        let _committing = lock(&commit_lock);
+        let (path, mode, mtime_ns, file, changes, pending, ino) = {
             let mut s = lock(scratch);
             if s.path.is_empty() {
                 // Replaced by a rename: nothing to commit to.
                 s.committed = s.changes;
             }
             if !s.dirty() {
-                return Ok(());
+                return Ok(None);
             }
-            (s.path.clone(), s.mode, s.mtime_ns, s.file.clone(), s.changes)
+            // The time of the last write, as the file showed while open (not the commit's).
+            let mtime_ns = Some(s.mtime_ns());
+            (s.path.clone(), s.mode, mtime_ns, s.file.clone(), s.changes, s.pending, s.ino)
         };
         let mut source = PositionedReader { file: &file, at: 0 };
         remote.put(&path, mode, mtime_ns, &mut source).map_err(|e| {
             tracing::warn!("committing {path}: {e:#}");
             errno(&e)
         })?;
+        let mut made = None;
+        if pending {
+            // Its first commit made the entry: the inode the kernel has stands for it now.
+            match remote.call::<StatAnswer>(&ApiRequest::Stat { path: path.clone() }) {
+                Ok(stat) => {
+                    let mut inodes = lock(inodes);
+                    inodes.bind(ino, &stat.id);
+                    let name = path.rsplit_once('/').map(|(_, name)| name.to_owned());
+                    made = inodes.get(ino).map(|n| n.parent).zip(name);
+                }
+                Err(e) => tracing::warn!("{path}: committed, then not found: {e:#}"),
+            }
+        }
         let mut s = lock(scratch);
         s.committed = s.committed.max(changes);
-        Ok(())
+        s.pending = false;
+        Ok(made)
     }
 
     /// Commits the scratch file of `fh` on a blocking task and replies when it is durable.
@@ -371,9 +531,18 @@ impl MeridianFs {
             return reply.ok();
         }
         let Some(scratch) = self.h.scratch_of(fh) else { return reply.ok() };
-        let remote = self.remote.clone();
-        self.runtime.spawn_blocking(move || match Self::commit(&remote, &scratch) {
-            Ok(()) => reply.ok(),
+        let (remote, inodes) = (self.remote.clone(), self.inodes.clone());
+        let notifier = self.notifier.get().cloned();
+        self.runtime.spawn_blocking(move || match Self::commit(&remote, &inodes, &scratch) {
+            Ok(made) => {
+                // Told holding nothing of the mount's (the kernel may hold the directory for a
+                // request waiting for a commit lock) and before `close` returns; `flush` and
+                // `fsync` hold no lock of the directory.
+                if let (Some(notifier), Some((parent, name))) = (notifier, made) {
+                    let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         });
     }
@@ -383,10 +552,10 @@ impl MeridianFs {
         let scratch = self.h.start_writing(&self.remote, &self.runtime, ino, path, mode, size == 0)?;
         let resized = {
             let mut s = lock(&scratch);
-            s.changed();
+            s.touched();
             s.file.set_len(size).map_err(|_| Errno::EIO)
         };
-        let result = resized.and_then(|()| Self::commit(&self.remote, &scratch));
+        let result = resized.and_then(|()| Self::commit(&self.remote, &self.inodes, &scratch).map(drop));
         self.h.stop_writing(ino);
         result
     }
@@ -426,12 +595,13 @@ impl MeridianFs {
                     windows.next = fetch_end;
                     windows.len = fetch_end - offset;
                     let remote = self.remote.clone();
-                    let path = file.path.clone();
+                    let (path, version) = (file.path.clone(), file.version.clone());
                     self.runtime.spawn(async move {
-                        let result = remote.read(&path, offset, fetch_end).await.map(Arc::new).map_err(|e| {
-                            tracing::error!("{e:#}");
-                            errno(&e)
-                        });
+                        let result =
+                            remote.read(&path, version, offset, fetch_end).await.map(Arc::new).map_err(|e| {
+                                tracing::error!("{e:#}");
+                                errno(&e)
+                            });
                         let _ = sender.send(Some(result));
                     });
                     (offset, receiver)
@@ -506,13 +676,17 @@ impl Handles {
             return Handles::one_more_handle(scratch, truncate);
         }
         let scratch = Arc::new(Mutex::new(Scratch {
+            ino,
             path: path.to_owned(),
+            pending: false,
             file: Arc::new(file),
             mode,
             mtime_ns: None,
+            modified_ns: ns_of(SystemTime::now()),
             changes: u64::from(truncate),
             committed: 0,
             handles: 1,
+            commit_lock: Arc::new(Mutex::new(())),
         }));
         writing.insert(ino, scratch.clone());
         Ok(scratch)
@@ -522,11 +696,92 @@ impl Handles {
         let mut s = lock(&scratch);
         if truncate {
             s.file.set_len(0).map_err(|_| Errno::EIO)?;
-            s.changed();
+            s.touched();
         }
         s.handles += 1;
         drop(s);
         Ok(scratch)
+    }
+
+    /// The inode of the file created through the mount at `path` and not committed yet.
+    fn pending_at(&self, path: &str) -> Option<u64> {
+        let writing = lock(&self.writing);
+        writing
+            .iter()
+            .find(|(_, s)| {
+                let s = lock(s);
+                s.pending && s.path == path
+            })
+            .map(|(ino, _)| *ino)
+    }
+
+    /// The files created through the mount at `path` or below it and not committed yet.
+    fn pending_under(&self, path: &str) -> Vec<Arc<Mutex<Scratch>>> {
+        let writing = lock(&self.writing);
+        writing
+            .values()
+            .filter(|s| {
+                let s = lock(s);
+                s.pending && within(&s.path, path)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The files created through the mount in the directory at `dir` and not committed yet:
+    /// inode and name.
+    fn pending_in(&self, dir: &str) -> Vec<(u64, String)> {
+        let writing = lock(&self.writing);
+        writing
+            .iter()
+            .filter_map(|(ino, s)| {
+                let s = lock(s);
+                let (parent, name) = s.path.rsplit_once('/')?;
+                let parent = if parent.is_empty() { "/" } else { parent };
+                (s.pending && parent == dir).then(|| (*ino, name.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Unlinks the file created through the mount at `path` and not committed yet, if there
+    /// is one: like writes to any unlinked file, its bytes go nowhere.
+    fn unlink_pending(&self, path: &str) -> bool {
+        let writing = lock(&self.writing);
+        for s in writing.values() {
+            let mut s = lock(s);
+            if s.pending && s.path == path {
+                s.pending = false;
+                s.path.clear();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The commit locks of the files open for writing at or below any of `paths`, in inode
+    /// order: while they are held, no commit of those files is in flight or starts.
+    fn commit_locks(&self, paths: &[&str]) -> Vec<Arc<Mutex<()>>> {
+        let writing = lock(&self.writing);
+        let mut found: Vec<(u64, Arc<Mutex<()>>)> = writing
+            .iter()
+            .filter_map(|(ino, s)| {
+                let s = lock(s);
+                paths.iter().any(|p| within(&s.path, p)).then(|| (*ino, s.commit_lock.clone()))
+            })
+            .collect();
+        found.sort_by_key(|(ino, _)| *ino);
+        found.into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// The file at `path` was removed: what this mount has open for writing there goes
+    /// nowhere at its close.
+    fn detach(&self, path: &str) {
+        for s in lock(&self.writing).values() {
+            let mut s = lock(s);
+            if s.path == path {
+                s.path.clear();
+            }
+        }
     }
 
     fn scratch_of(&self, fh: FileHandle) -> Option<Arc<Mutex<Scratch>>> {
@@ -597,10 +852,21 @@ impl Filesystem for MeridianFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.child(parent, name) {
-            Ok(path) => self.reply_entry(parent, &path, reply),
-            Err(e) => reply.error(e),
+        let path = match self.child(parent, name) {
+            Ok(path) => path,
+            Err(e) => return reply.error(e),
+        };
+        if let Some(ino) = self.h.pending_at(&path) {
+            // Created here and not committed yet: only this mount knows it.
+            return match self.stat_ino(INodeNo(ino)) {
+                Ok((_, stat)) => {
+                    lock(&self.inodes).looked_up(ino);
+                    reply.entry(&self.ttl, &self.attr(ino, &stat), Generation(0));
+                }
+                Err(e) => reply.error(e),
+            };
         }
+        self.reply_entry(parent, &path, reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -610,7 +876,10 @@ impl Filesystem for MeridianFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.stat_ino(ino) {
             Ok((_, stat)) => reply.attr(&self.ttl, &self.attr(ino.0, &stat)),
-            Err(e) => reply.error(e),
+            Err(e) => match self.unlinked_attr(ino.0) {
+                Some(attr) => reply.attr(&Duration::ZERO, &attr),
+                None => reply.error(e),
+            },
         }
     }
 
@@ -637,6 +906,9 @@ impl Filesystem for MeridianFs {
                 return Err(Errno::EPERM);
             }
             let (path, stat) = self.stat_ino(ino)?;
+            // Whether the node was told anything: if not, the attributes are the ones just
+            // read, with what the scratch file holds.
+            let mut sent = false;
             if let Some(size) = size {
                 if stat.kind == Kind::Dir {
                     return Err(Errno::EISDIR);
@@ -650,15 +922,19 @@ impl Filesystem for MeridianFs {
                         {
                             let mut s = lock(&scratch);
                             s.file.set_len(size).map_err(|_| Errno::EIO)?;
-                            s.changed();
+                            s.touched();
                         }
                         // `truncate` by path (or through a read-only handle): done now, as
                         // no close of a writer may come to commit it.
                         if !through_writer {
-                            Self::commit(&self.remote, &scratch)?;
+                            Self::commit(&self.remote, &self.inodes, &scratch).map(drop)?;
+                            sent = true;
                         }
                     }
-                    None => self.truncate(ino.0, &path, stat.mode, size)?,
+                    None => {
+                        self.truncate(ino.0, &path, stat.mode, size)?;
+                        sent = true;
+                    }
                 }
             }
             let mtime_ns = mtime.map(|t| match t {
@@ -682,16 +958,16 @@ impl Filesystem for MeridianFs {
                     }
                     if let Some(mtime_ns) = mtime_ns {
                         s.mtime_ns = Some(mtime_ns);
-                        let _ = s.file.set_modified(time_of(mtime_ns));
                     }
                     s.changed();
                     true
                 });
                 if !deferred {
                     self.call(ApiRequest::SetAttr { path: path.clone(), mode, mtime_ns })?;
+                    sent = true;
                 }
             }
-            let stat = self.stat(&path)?;
+            let stat = if sent { self.stat_ino(ino)?.1 } else { stat };
             Ok(self.attr(ino.0, &stat))
         })();
         match result {
@@ -725,7 +1001,7 @@ impl Filesystem for MeridianFs {
             return reply.error(Errno::EPERM);
         }
         let _ = req;
-        match self.child(parent, name) {
+        match self.child(parent, name).and_then(|path| self.vacant(path)) {
             Ok(path) => match self.remote.put(&path, mode & !umask & 0o7777, None, &mut std::io::empty()) {
                 Ok(()) => self.reply_entry(parent, &path, reply),
                 Err(e) => reply.error(errno(&e)),
@@ -735,7 +1011,7 @@ impl Filesystem for MeridianFs {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        match self.child(parent, name) {
+        match self.child(parent, name).and_then(|path| self.vacant(path)) {
             Ok(path) => {
                 let request = ApiRequest::Mkdir {
                     path: path.clone(),
@@ -753,10 +1029,18 @@ impl Filesystem for MeridianFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent, name).and_then(|path| {
+            // A commit of it in flight finishes first; none starts until it is detached.
+            let locks = self.h.commit_locks(&[&path]);
+            let _held: Vec<_> = locks.iter().map(|l| lock(l)).collect();
+            if self.h.unlink_pending(&path) {
+                return Ok(());
+            }
             if self.stat(&path)?.kind == Kind::Dir {
                 return Err(Errno::EISDIR);
             }
-            self.call(ApiRequest::Rm { path, recursive: false })
+            self.call(ApiRequest::Rm { path: path.clone(), recursive: false })?;
+            self.h.detach(&path);
+            Ok(())
         });
         match result {
             Ok(()) => reply.ok(),
@@ -766,6 +1050,11 @@ impl Filesystem for MeridianFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent, name).and_then(|path| {
+            if self.h.pending_at(&path).is_some() {
+                return Err(Errno::ENOTDIR);
+            }
+            // Files created in it through the mount make it not empty.
+            self.settle(&path)?;
             if self.stat(&path)?.kind != Kind::Dir {
                 return Err(Errno::ENOTDIR);
             }
@@ -778,7 +1067,7 @@ impl Filesystem for MeridianFs {
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let result = self.child(parent, link_name).and_then(|path| {
+        let result = self.child(parent, link_name).and_then(|path| self.vacant(path)).and_then(|path| {
             let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
             self.call(ApiRequest::Symlink { path: path.clone(), target })?;
             Ok(path)
@@ -805,9 +1094,16 @@ impl Filesystem for MeridianFs {
             }
             let from = self.child(parent, name)?;
             let to = self.child(newparent, newname)?;
+            // The node moves only what it knows.
+            self.settle(&from)?;
+            self.settle(&to)?;
             if flags.contains(RenameFlags::RENAME_NOREPLACE) && self.stat(&to).is_ok() {
                 return Err(Errno::EEXIST);
             }
+            // Commits in flight of what moves or is replaced finish first, and none starts
+            // until the files open for writing know where they are now.
+            let locks = self.h.commit_locks(&[&from, &to]);
+            let _held: Vec<_> = locks.iter().map(|l| lock(l)).collect();
             // Over an existing entry: replaced in the same change (POSIX's checks in the node).
             self.call(ApiRequest::Mv { from: from.clone(), to: to.clone(), replace: true })?;
             lock(&self.inodes).moved(&from, &to, newparent.0);
@@ -863,7 +1159,9 @@ impl Filesystem for MeridianFs {
         }
         let version = stat.version.as_ref().map(|v| v.id.clone()).unwrap_or_default();
         let same = lock(&self.opened_versions).insert(ino.0, version.clone()).as_ref() == Some(&version);
-        let file = ReadFile { path, size: stat.size, windows: Mutex::new(Windows::default()) };
+        let pinned = stat.version.as_ref().map(|v| ReadVersion { content: v.content.clone(), size: v.size });
+        let file =
+            ReadFile { path, version: pinned, size: stat.size, windows: Mutex::new(Windows::default()) };
         let flags = if same { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
         reply.opened(FileHandle(self.h.new_fh(Open::Read(Arc::new(file)))), flags);
     }
@@ -912,7 +1210,7 @@ impl Filesystem for MeridianFs {
         let mut s = lock(&scratch);
         match s.file.write_all_at(data, offset) {
             Ok(()) => {
-                s.changed();
+                s.touched();
                 s.mtime_ns = None;
                 reply.written(data.len() as u32);
             }
@@ -969,8 +1267,22 @@ impl Filesystem for MeridianFs {
                 stat: None,
             };
             let mut listing = vec![dot(ino.0, "."), dot(parent, "..")];
+            // Files created here through the mount and not committed yet: only this mount
+            // knows them (and one shadows an entry of the same name another site made).
+            let pending: Vec<Listed> = self
+                .h
+                .pending_in(&path)
+                .into_iter()
+                .filter_map(|(ino, name)| {
+                    let stat = self.pending_stat(ino)?;
+                    Some(Listed { ino, kind: FileType::RegularFile, name, stat: Some(Box::new(stat)) })
+                })
+                .collect();
             let inodes = lock(&self.inodes);
             for entry in entries {
+                if pending.iter().any(|p| p.name == entry.name) {
+                    continue;
+                }
                 listing.push(Listed {
                     ino: inodes.listed_ino(&entry.stat.id),
                     kind: kind_of(entry.stat.kind),
@@ -978,6 +1290,7 @@ impl Filesystem for MeridianFs {
                     stat: Some(Box::new(entry.stat)),
                 });
             }
+            listing.extend(pending);
             Ok(listing)
         })();
         match result {
@@ -1023,7 +1336,17 @@ impl Filesystem for MeridianFs {
                 continue;
             };
             let path = child_path(&dir, &entry.name);
-            let ino = lock(&self.inodes).learn(&stat.id, ino.0, &path);
+            let ino = if is_pending(&stat.id) {
+                // Its inode, still known (or, committed meanwhile, the entry it stands for).
+                let mut inodes = lock(&self.inodes);
+                if inodes.get(entry.ino).is_none() {
+                    continue;
+                }
+                inodes.looked_up(entry.ino);
+                entry.ino
+            } else {
+                lock(&self.inodes).learn(&stat.id, ino.0, &path)
+            };
             let attr = self.attr(ino, stat);
             if reply.add(INodeNo(ino), next, &entry.name, &self.ttl, &attr, Generation(0)) {
                 // Full: not given, not counted.
@@ -1092,6 +1415,8 @@ impl Filesystem for MeridianFs {
         let result = (|| {
             let key = Self::tag_key(name).ok_or(Errno::ENOTSUP)?.to_owned();
             let value = std::str::from_utf8(value).map_err(|_| Errno::EINVAL)?.to_owned();
+            // A tag needs the entry.
+            self.settle_ino(ino)?;
             let (path, _) = self.stat_ino(ino)?;
             if flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) != 0 {
                 let tags: Vec<TagAnswer> =
@@ -1115,7 +1440,10 @@ impl Filesystem for MeridianFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let result = (|| {
             let key = Self::tag_key(name).ok_or(Errno::ENODATA)?;
-            let (path, _) = self.stat_ino(ino)?;
+            let (path, stat) = self.stat_ino(ino)?;
+            if is_pending(&stat.id) {
+                return Err(Errno::ENODATA);
+            }
             let tags: Vec<TagAnswer> =
                 self.remote.call(&ApiRequest::TagGet { path }).map_err(|e| errno(&e))?;
             tags.into_iter().find(|t| t.key == key).map(|t| t.value.into_bytes()).ok_or(Errno::ENODATA)
@@ -1130,9 +1458,12 @@ impl Filesystem for MeridianFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let result = (|| {
-            let (path, _) = self.stat_ino(ino)?;
-            let tags: Vec<TagAnswer> =
-                self.remote.call(&ApiRequest::TagGet { path }).map_err(|e| errno(&e))?;
+            let (path, stat) = self.stat_ino(ino)?;
+            let tags: Vec<TagAnswer> = if is_pending(&stat.id) {
+                Vec::new()
+            } else {
+                self.remote.call(&ApiRequest::TagGet { path }).map_err(|e| errno(&e))?
+            };
             let mut names = Vec::new();
             for tag in tags {
                 names.extend_from_slice(TAG_PREFIX.as_bytes());
@@ -1177,26 +1508,30 @@ impl Filesystem for MeridianFs {
         let result = (|| {
             let path = self.child(parent, name)?;
             let mode = mode & !umask & 0o7777;
-            let (truncate, created) = match self.stat(&path) {
+            let truncate = flags & libc::O_TRUNC != 0;
+            if let Some(ino) = self.h.pending_at(&path) {
+                // Created here before and not committed yet: opened again.
+                if flags & libc::O_EXCL != 0 {
+                    return Err(Errno::EEXIST);
+                }
+                let (_, stat) = self.stat_ino(INodeNo(ino))?;
+                self.h.start_writing(&self.remote, &self.runtime, ino, &path, stat.mode, truncate)?;
+                lock(&self.inodes).looked_up(ino);
+                let fh = self.h.new_fh(Open::Write(ino, true));
+                return Ok((self.attr(ino, &stat), fh));
+            }
+            let stat = match self.stat(&path) {
                 Ok(_) if flags & libc::O_EXCL != 0 => return Err(Errno::EEXIST),
                 Ok(stat) if stat.kind == Kind::Dir => return Err(Errno::EISDIR),
-                Ok(_) => (flags & libc::O_TRUNC != 0, false),
-                Err(e) if e == Errno::ENOENT => {
-                    // The file exists from now on, empty, at every site; its bytes follow at
-                    // close.
-                    self.remote.put(&path, mode, None, &mut std::io::empty()).map_err(|e| errno(&e))?;
-                    (true, true)
-                }
+                Ok(stat) => stat,
+                Err(e) if e == Errno::ENOENT => return self.create_pending(parent, &path, mode),
                 Err(e) => return Err(e),
             };
-            let stat = self.stat(&path)?;
             let ino = lock(&self.inodes).learn(&stat.id, parent.0, &path);
-            let scratch =
-                self.h.start_writing(&self.remote, &self.runtime, ino, &path, stat.mode, truncate)?;
-            if created {
-                // Empty, as committed: nothing to commit until something is written.
-                let mut s = lock(&scratch);
-                s.committed = s.changes;
+            if let Err(e) = self.h.start_writing(&self.remote, &self.runtime, ino, &path, stat.mode, truncate)
+            {
+                lock(&self.inodes).forget(ino, 1);
+                return Err(e);
             }
             let fh = self.h.new_fh(Open::Write(ino, true));
             Ok((self.attr(ino, &stat), fh))

@@ -34,6 +34,17 @@ pub struct Node {
 pub struct Inodes {
     by_ino: HashMap<u64, Node>,
     by_id: HashMap<String, u64>,
+    /// Files created through the mount and not yet committed, numbered.
+    pending: u64,
+}
+
+/// The prefix of the stand-in id of a file created through the mount and not yet committed:
+/// never an entry id (those are hexadecimal).
+const PENDING: &str = "pending:";
+
+/// Whether `id` stands for a file created through the mount and not yet committed.
+pub fn is_pending(id: &str) -> bool {
+    id.starts_with(PENDING)
 }
 
 /// The inode number entry `id` gets unless another entry the kernel knows has it.
@@ -50,7 +61,7 @@ impl Inodes {
     /// A table holding the root, whose entry id is `root_id`.
     pub fn new(root_id: String) -> Inodes {
         let root = Node { id: root_id.clone(), path: "/".to_owned(), parent: ROOT, lookups: 1 };
-        Inodes { by_ino: HashMap::from([(ROOT, root)]), by_id: HashMap::from([(root_id, ROOT)]) }
+        Inodes { by_ino: HashMap::from([(ROOT, root)]), by_id: HashMap::from([(root_id, ROOT)]), pending: 0 }
     }
 
     /// The entry behind `ino`.
@@ -79,6 +90,32 @@ impl Inodes {
         ino
     }
 
+    /// The inode of a file created at `path` in the directory `parent` through the mount and
+    /// not yet committed (it has no entry id yet), counting one lookup.
+    pub fn pending(&mut self, parent: u64, path: &str) -> u64 {
+        self.pending += 1;
+        let id = format!("{PENDING}{}", self.pending);
+        self.learn(&id, parent, path)
+    }
+
+    /// The kernel was given `ino` once more.
+    pub fn looked_up(&mut self, ino: u64) {
+        if let Some(node) = self.by_ino.get_mut(&ino) {
+            node.lookups += 1;
+        }
+    }
+
+    /// The file created as `ino` is committed as entry `id`: the inode stands for it for as
+    /// long as the kernel holds it (its open handles), but a lookup gives the entry its own
+    /// number, the one it has at every site.
+    pub fn bind(&mut self, ino: u64, id: &str) {
+        let Some(node) = self.by_ino.get_mut(&ino) else { return };
+        let old = std::mem::replace(&mut node.id, id.to_owned());
+        if self.by_id.get(&old) == Some(&ino) {
+            self.by_id.remove(&old);
+        }
+    }
+
     /// Every inode the kernel knows.
     pub fn all(&self) -> impl Iterator<Item = u64> + '_ {
         self.by_ino.keys().copied()
@@ -105,7 +142,9 @@ impl Inodes {
         if node.lookups == 0 {
             let id = node.id.clone();
             self.by_ino.remove(&ino);
-            self.by_id.remove(&id);
+            if self.by_id.get(&id) == Some(&ino) {
+                self.by_id.remove(&id);
+            }
         }
     }
 
@@ -131,6 +170,11 @@ pub fn moved_path(path: &str, from: &str, to: &str) -> Option<String> {
     }
     let rest = path.strip_prefix(from)?.strip_prefix('/')?;
     Some(format!("{to}/{rest}"))
+}
+
+/// Whether `path` is `dir` or below it.
+pub fn within(path: &str, dir: &str) -> bool {
+    moved_path(path, dir, dir).is_some()
 }
 
 /// The path of `name` in the directory at `parent`.
@@ -161,6 +205,7 @@ mod tests {
         inodes.forget(ROOT, 10);
         assert_eq!(inodes.get(ROOT).unwrap().path, "/");
         assert_eq!(child_path("/", "a"), "/a");
+        assert!(within("/a", "/a") && within("/a/b", "/a") && !within("/ab", "/a") && !within("/a", "/a/b"));
     }
 
     #[test]
@@ -174,5 +219,31 @@ mod tests {
         assert_eq!(ino_for(&"0".repeat(32)), ROOT + 1);
         assert!(ino_for("not hex at all, but still a number") > ROOT);
         assert_eq!(child_path("/a", "b"), "/a/b");
+    }
+
+    #[test]
+    fn a_file_created_through_the_mount_is_its_entry_once_committed() {
+        let mut inodes = Inodes::new("root".into());
+        let ino = inodes.pending(ROOT, "/new");
+        let id = inodes.get(ino).unwrap().id.clone();
+        assert!(is_pending(&id) && !is_pending("00ab"));
+        assert_ne!(inodes.pending(ROOT, "/other"), ino, "each creation its own number");
+        inodes.bind(ino, "00000000000000ab0000000000000000");
+        assert_eq!(
+            inodes.get(ino).unwrap().id,
+            "00000000000000ab0000000000000000",
+            "it stands for the entry"
+        );
+        assert_eq!(inodes.ino_of(&id), None);
+        // Looked up, the entry has its own number; both stand for it until one is forgotten.
+        let own = inodes.learn("00000000000000ab0000000000000000", ROOT, "/new");
+        assert_eq!(own, 0xab);
+        inodes.forget(ino, 1);
+        assert!(inodes.get(ino).is_none());
+        assert_eq!(
+            inodes.ino_of("00000000000000ab0000000000000000"),
+            Some(own),
+            "forgetting one leaves the other"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fuser::Errno;
-use node::api::{self, ApiError, ApiRequest, ErrorKind};
+use node::api::{self, ApiError, ApiRequest, ErrorKind, ReadVersion};
 use node::client::Client;
 use tokio::net::UnixStream;
 
@@ -66,10 +66,16 @@ impl Remote {
         self.client.put_with(path, mode, mtime_ns, source).map(|_| ())
     }
 
-    /// Reads bytes `start..end` of the file at `path` (fewer at its end), waiting at most
-    /// `read_timeout` for them.
-    pub async fn read(&self, path: &str, start: u64, end: u64) -> anyhow::Result<Vec<u8>> {
-        let reading = read_range(self.client.socket(), path, start, end);
+    /// Reads bytes `start..end` of `version` of the file at `path` (the current one if
+    /// `None`; fewer bytes at its end), waiting at most `read_timeout` for them.
+    pub async fn read(
+        &self,
+        path: &str,
+        version: Option<ReadVersion>,
+        start: u64,
+        end: u64,
+    ) -> anyhow::Result<Vec<u8>> {
+        let reading = read_range(self.client.socket(), path, version, start, end);
         match tokio::time::timeout(self.read_timeout, reading).await {
             Ok(read) => read,
             Err(_) => bail!(
@@ -89,7 +95,7 @@ impl Remote {
         let stream = UnixStream::connect(socket)
             .await
             .with_context(|| format!("connecting to {}", socket.display()))?;
-        let mut reading = api::Reading::start(stream, path, None).await?;
+        let mut reading = api::Reading::start(stream, path, None, None).await?;
         let mut at = 0u64;
         loop {
             let frame = match tokio::time::timeout(self.read_timeout, reading.next()).await {
@@ -106,10 +112,16 @@ impl Remote {
     }
 }
 
-async fn read_range(socket: &Path, path: &str, start: u64, end: u64) -> anyhow::Result<Vec<u8>> {
+async fn read_range(
+    socket: &Path,
+    path: &str,
+    version: Option<ReadVersion>,
+    start: u64,
+    end: u64,
+) -> anyhow::Result<Vec<u8>> {
     let stream =
         UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;
-    let mut reading = api::Reading::start(stream, path, Some((start, end))).await?;
+    let mut reading = api::Reading::start(stream, path, Some((start, end)), version).await?;
     let header = reading.header();
     let mut data = Vec::with_capacity((header.end - header.start) as usize);
     while let Some(frame) = reading.next().await? {

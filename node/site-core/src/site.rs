@@ -306,6 +306,20 @@ pub enum Request {
         /// Which bytes; all if `None`.
         range: Option<Range<u64>>,
     },
+    /// Read the version of the file at `path` whose content is `content` (`size` bytes), or a
+    /// byte range of it, like [`Request::Read`]: the current version, or one it had before
+    /// (or, removed since, the last it had), fetched from whoever still holds it. What a
+    /// program that opened a file reads until it opens it again.
+    ReadVersion {
+        /// Which file.
+        path: String,
+        /// Which version.
+        content: ContentId,
+        /// Its size.
+        size: u64,
+        /// Which bytes; all if `None`.
+        range: Option<Range<u64>>,
+    },
     /// The site's state.
     Status,
     /// The entries changed after a sequence number (`None`: where the log is now).
@@ -946,7 +960,10 @@ impl Site {
                 let seq = self.ns.last_seq_of(&site);
                 return self.reply(id, Ok(Reply::Seq(seq)));
             }
-            Request::Read { path, range } => return self.start_read(id, path, range),
+            Request::Read { path, range } => return self.start_read(id, path, range, None),
+            Request::ReadVersion { path, content, size, range } => {
+                return self.start_read(id, path, range, Some((content, size)));
+            }
         };
         match changed {
             Err(e) => self.reply(id, Err(e.into())),
@@ -1028,26 +1045,41 @@ impl Site {
     // ------------------------------------------------------------------------------------------
     // Reads
 
-    fn start_read(&mut self, id: RequestId, path: String, range: Option<Range<u64>>) {
-        let stat = match self.ns.stat(&path) {
-            Ok(stat) => stat,
-            Err(e) => return self.reply(id, Err(e.into())),
+    /// Starts a read of the current version of the file at `path`, or of the version `pinned`
+    /// (content, size) it has or had.
+    fn start_read(
+        &mut self,
+        id: RequestId,
+        path: String,
+        range: Option<Range<u64>>,
+        pinned: Option<(ContentId, u64)>,
+    ) {
+        let current = match self.ns.stat(&path) {
+            Ok(stat) if stat.kind == EntryKind::File => stat.version,
+            Ok(_) => None,
+            Err(e) if pinned.is_none() => return self.reply(id, Err(e.into())),
+            Err(_) => None,
         };
-        let Some(version) = stat.version.filter(|_| stat.kind == EntryKind::File) else {
-            return self.reply(id, Err(SiteError::NotAFile { path }));
+        // The version's content and size, and the site that wrote it when it is the current
+        // one (an older one is asked of every site).
+        let (content, size, writer) = match (current, pinned) {
+            (Some(v), Some((content, _))) if v.content == content => {
+                (v.content, v.size, SiteId::new(&v.site).ok())
+            }
+            (_, Some((content, size))) => (content, size, None),
+            (Some(v), None) => (v.content, v.size, SiteId::new(&v.site).ok()),
+            (None, None) => return self.reply(id, Err(SiteError::NotAFile { path })),
         };
-        let size = version.size;
         let range = range.map_or(0..size, |r| r.start.min(size)..r.end.min(size).max(r.start.min(size)));
         self.reply(id, Ok(Reply::ReadStarted { size, range: range.clone() }));
         if range.is_empty() {
             return self.emit(Output::ReadDone { id, result: Ok(()) });
         }
-        let manifest =
-            self.held.get(&version.content).or_else(|| self.manifests.get(&version.content)).cloned();
+        let manifest = self.held.get(&content).or_else(|| self.manifests.get(&content)).cloned();
         let read = Read {
             path,
-            content: version.content,
-            writer: SiteId::new(&version.site).ok(),
+            content,
+            writer,
             range,
             manifest: None,
             asked_at_ms: self.now_ms,
@@ -1061,7 +1093,7 @@ impl Site {
         self.reads.insert(id, read);
         match manifest {
             Some(m) => self.set_manifest(id, m),
-            None => self.ask_who_has(version.content),
+            None => self.ask_who_has(content),
         }
     }
 
