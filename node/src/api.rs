@@ -243,6 +243,7 @@ impl From<SiteError> for ApiError {
             SiteError::NotAFile { .. } => ErrorKind::NotAFile,
             SiteError::NoHolder { .. } | SiteError::Staging { .. } => ErrorKind::Unavailable,
             SiteError::Chunk { .. } => ErrorKind::Io,
+            SiteError::BeyondEnd { .. } => ErrorKind::BadRequest,
         };
         ApiError::new(kind, error)
     }
@@ -458,6 +459,10 @@ pub struct PutAnswer {
     pub new_chunks: usize,
     /// Their bytes.
     pub new_bytes: u64,
+    /// The id of the entry at `path` right after the commit (the file's, unless another
+    /// request moved it in between).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// A version of a file to read ([`ApiRequest::Read`]).

@@ -391,10 +391,16 @@ async fn serve_put(
     let mtime_ns = mtime_ns.unwrap_or_else(|| (wall_ms() as i64).saturating_mul(1_000_000));
     let size = outcome.manifest.size;
     let request = Request::CommitVersion { path: path.clone(), manifest: outcome.manifest, mode, mtime_ns };
-    let answer = ask(&handle, request, |_| {
-        Some(PutAnswer { path, size, new_chunks: outcome.new_chunks, new_bytes: outcome.new_bytes })
+    let mut answer = ask(&handle, request, |_| {
+        Some(PutAnswer { path, size, new_chunks: outcome.new_chunks, new_bytes: outcome.new_bytes, id: None })
     })
     .await?;
+    if let Ok(put) = &mut answer
+        && let Ok(Reply::Stat(stat)) = handle.call(Request::Stat { path: put.path.clone() }).await?
+    {
+        // The entry's id, for a client that made the file (the mount) and would ask next.
+        put.id = Some(stat.id);
+    }
     if answer.is_err() {
         // The commit was refused (the path became a directory meanwhile, say): nothing records
         // the chunks this put wrote.

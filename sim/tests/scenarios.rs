@@ -389,6 +389,17 @@ fn a_read_of_a_version_the_file_had_returns_that_version_also_once_replaced_or_r
     mesh.ok(0, Request::Remove { path: "/g".into(), recursive: false });
     let (_, data) = read(&mut mesh, pinned("/g", None));
     assert!(data == old);
+    // A size that is not the version's: the read ends with an error, not a hang.
+    let wrong = Request::ReadVersion {
+        path: "/g".into(),
+        content: first.content_id(),
+        size: 1 << 30,
+        range: Some(500_000..500_010),
+    };
+    let id = mesh.request(1, wrong);
+    mesh.driver.replies.remove(&id).unwrap().unwrap();
+    let error = mesh.take_read(id).done.unwrap().unwrap_err();
+    assert!(error.starts_with("bytes up to 500010 asked of version"), "{error}");
 }
 
 #[test]

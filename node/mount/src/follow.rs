@@ -21,8 +21,6 @@ pub const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 pub struct Follower {
     pub(crate) remote: Remote,
     pub(crate) inodes: Arc<Mutex<Inodes>>,
-    /// Names the file system asks to have forgotten (directory inode, name).
-    pub(crate) names: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 impl Follower {
@@ -56,10 +54,6 @@ impl Follower {
                     lost = true;
                     after = None;
                 }
-            }
-            let names = std::mem::take(&mut *crate::fs::lock(&self.names));
-            for (parent, name) in names {
-                let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
             }
             std::thread::sleep(FOLLOW_EVERY);
         }

@@ -25,14 +25,13 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use node::api::{ApiRequest, Kind, ListEntry, ReadVersion, StatAnswer, TagAnswer};
 
@@ -69,10 +68,6 @@ pub struct MeridianFs {
     opened_versions: Mutex<HashMap<u64, String>>,
     uid: u32,
     gid: u32,
-    /// What tells the kernel to forget names, once the session is up.
-    notifier: Arc<OnceLock<Notifier>>,
-    /// Names (directory inode, name) for the follower's thread to have the kernel forget.
-    names: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 /// Open files and directories.
@@ -82,6 +77,11 @@ struct Handles {
     writing: Mutex<HashMap<u64, Arc<Mutex<Scratch>>>>,
     next_fh: AtomicU64,
     scratch_dir: PathBuf,
+    /// The file system's inode table: where an inode's file is now.
+    inodes: Arc<Mutex<Inodes>>,
+    /// Renames and removals through the mount so far: an open that copied a file's content
+    /// while one happened takes the file's path anew before it makes its scratch file.
+    moves: AtomicU64,
 }
 
 /// An open file or directory.
@@ -240,44 +240,41 @@ impl MeridianFs {
         ttl: Duration,
     ) -> anyhow::Result<MeridianFs> {
         let root: StatAnswer = remote.call(&ApiRequest::Stat { path: "/".into() })?;
+        let inodes = Arc::new(Mutex::new(Inodes::new(root.id)));
         Ok(MeridianFs {
             remote,
             runtime,
-            inodes: Arc::new(Mutex::new(Inodes::new(root.id))),
+            inodes: inodes.clone(),
             ttl,
             h: Arc::new(Handles {
                 open: Mutex::new(HashMap::new()),
                 writing: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 scratch_dir,
+                inodes,
+                moves: AtomicU64::new(0),
             }),
             opened_versions: Mutex::new(HashMap::new()),
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
-            notifier: Arc::new(OnceLock::new()),
-            names: Arc::new(Mutex::new(Vec::new())),
         })
-    }
-
-    /// Where the session's notifier goes once it is up.
-    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
-        self.notifier.clone()
     }
 
     /// What follows the node's changes for the kernel ([`crate::follow`]).
     pub fn follower(&self) -> Follower {
-        Follower { remote: self.remote.clone(), inodes: self.inodes.clone(), names: self.names.clone() }
+        Follower { remote: self.remote.clone(), inodes: self.inodes.clone() }
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
-        lock(&self.inodes).get(ino.0).map(|n| n.path.clone()).ok_or(Errno::ENOENT)
+        // An empty path: removed through the mount.
+        lock(&self.inodes).get(ino.0).map(|n| n.path.clone()).filter(|p| !p.is_empty()).ok_or(Errno::ENOENT)
     }
 
     /// The entry behind `ino`, checked to still be the one at its path.
     fn stat_ino(&self, ino: INodeNo) -> Result<(String, StatAnswer), Errno> {
         let (id, path) = {
             let inodes = lock(&self.inodes);
-            let node = inodes.get(ino.0).ok_or(Errno::ENOENT)?;
+            let node = inodes.get(ino.0).filter(|n| !n.path.is_empty()).ok_or(Errno::ENOENT)?;
             (node.id.clone(), node.path.clone())
         };
         if is_pending(&id) {
@@ -403,29 +400,16 @@ impl MeridianFs {
     /// committed yet: before an operation the node must see them for (a rename, a `rmdir`).
     fn settle(&self, path: &str) -> Result<(), Errno> {
         for scratch in self.h.pending_under(path) {
-            let made = Self::commit(&self.remote, &self.inodes, &scratch)?;
-            self.forget_name(made);
+            Self::commit(&self.remote, &self.inodes, &scratch)?;
         }
         Ok(())
-    }
-
-    /// Has the follower's thread tell the kernel to forget a name (never from inside a
-    /// request handler: the kernel may hold the directory until the handler replies).
-    fn forget_name(&self, name: Option<(u64, String)>) {
-        if let Some(name) = name {
-            lock(&self.names).push(name);
-        }
     }
 
     /// Commits the file of `ino` if it was created through the mount and not committed yet.
     fn settle_ino(&self, ino: INodeNo) -> Result<(), Errno> {
         let scratch = lock(&self.h.writing).get(&ino.0).cloned();
         match scratch {
-            Some(scratch) if lock(&scratch).pending => {
-                let made = Self::commit(&self.remote, &self.inodes, &scratch)?;
-                self.forget_name(made);
-                Ok(())
-            }
+            Some(scratch) if lock(&scratch).pending => Self::commit(&self.remote, &self.inodes, &scratch),
             _ => Ok(()),
         }
     }
@@ -477,14 +461,8 @@ impl MeridianFs {
     /// Makes what was written to `scratch` the file's new version, if anything was. The
     /// scratch's lock is not held while the bytes go to the node: writes, attributes and other
     /// handles of the file go on meanwhile (a write made during the commit leaves the file
-    /// dirty, for the next one). Returns the directory inode and name of a file created
-    /// through the mount that this, its first commit, made an entry: the kernel should forget
-    /// that name, so that a lookup gives the entry its own inode number from now on.
-    fn commit(
-        remote: &Remote,
-        inodes: &Mutex<Inodes>,
-        scratch: &Mutex<Scratch>,
-    ) -> Result<Option<(u64, String)>, Errno> {
+    /// dirty, for the next one).
+    fn commit(remote: &Remote, inodes: &Mutex<Inodes>, scratch: &Mutex<Scratch>) -> Result<(), Errno> {
         let commit_lock = lock(scratch).commit_lock.clone();
         let _committing = lock(&commit_lock);
         let (path, mode, mtime_ns, file, changes, pending, ino) = {
@@ -494,34 +472,32 @@ impl MeridianFs {
                 s.committed = s.changes;
             }
             if !s.dirty() {
-                return Ok(None);
+                return Ok(());
             }
             // The time of the last write, as the file showed while open (not the commit's).
             let mtime_ns = Some(s.mtime_ns());
             (s.path.clone(), s.mode, mtime_ns, s.file.clone(), s.changes, s.pending, s.ino)
         };
         let mut source = PositionedReader { file: &file, at: 0 };
-        remote.put(&path, mode, mtime_ns, &mut source).map_err(|e| {
+        let put = remote.put(&path, mode, mtime_ns, &mut source).map_err(|e| {
             tracing::warn!("committing {path}: {e:#}");
             errno(&e)
         })?;
-        let mut made = None;
         if pending {
             // Its first commit made the entry: the inode the kernel has stands for it now.
-            match remote.call::<StatAnswer>(&ApiRequest::Stat { path: path.clone() }) {
-                Ok(stat) => {
-                    let mut inodes = lock(inodes);
-                    inodes.bind(ino, &stat.id);
-                    let name = path.rsplit_once('/').map(|(_, name)| name.to_owned());
-                    made = inodes.get(ino).map(|n| n.parent).zip(name);
-                }
+            let id = match put.id {
+                Some(id) => Ok(id),
+                None => remote.call::<StatAnswer>(&ApiRequest::Stat { path: path.clone() }).map(|s| s.id),
+            };
+            match id {
+                Ok(id) => lock(inodes).bind(ino, &id),
                 Err(e) => tracing::warn!("{path}: committed, then not found: {e:#}"),
             }
         }
         let mut s = lock(scratch);
         s.committed = s.committed.max(changes);
         s.pending = false;
-        Ok(made)
+        Ok(())
     }
 
     /// Commits the scratch file of `fh` on a blocking task and replies when it is durable.
@@ -532,17 +508,8 @@ impl MeridianFs {
         }
         let Some(scratch) = self.h.scratch_of(fh) else { return reply.ok() };
         let (remote, inodes) = (self.remote.clone(), self.inodes.clone());
-        let notifier = self.notifier.get().cloned();
         self.runtime.spawn_blocking(move || match Self::commit(&remote, &inodes, &scratch) {
-            Ok(made) => {
-                // Told holding nothing of the mount's (the kernel may hold the directory for a
-                // request waiting for a commit lock) and before `close` returns; `flush` and
-                // `fsync` hold no lock of the directory.
-                if let (Some(notifier), Some((parent, name))) = (notifier, made) {
-                    let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
-                }
-                reply.ok()
-            }
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         });
     }
@@ -555,7 +522,7 @@ impl MeridianFs {
             s.touched();
             s.file.set_len(size).map_err(|_| Errno::EIO)
         };
-        let result = resized.and_then(|()| Self::commit(&self.remote, &self.inodes, &scratch).map(drop));
+        let result = resized.and_then(|()| Self::commit(&self.remote, &self.inodes, &scratch));
         self.h.stop_writing(ino);
         result
     }
@@ -661,6 +628,7 @@ impl Handles {
             tracing::error!("making a scratch file in {}: {e}", self.scratch_dir.display());
             Errno::EIO
         })?;
+        let moves = self.moves.load(Ordering::SeqCst);
         if !truncate {
             runtime.block_on(remote.copy_into(path, &file)).map_err(|e| {
                 tracing::warn!("opening {path} for writing: {e:#}");
@@ -675,9 +643,16 @@ impl Handles {
             // Another open made one meanwhile, of the same content: that one it is.
             return Handles::one_more_handle(scratch, truncate);
         }
+        // Renamed or removed through the mount meanwhile (their changes to the scratch files
+        // come after the table's, under `writing`): where it is now, or nowhere ("").
+        let path = if self.moves.load(Ordering::SeqCst) == moves {
+            path.to_owned()
+        } else {
+            lock(&self.inodes).get(ino).map(|n| n.path.clone()).unwrap_or_default()
+        };
         let scratch = Arc::new(Mutex::new(Scratch {
             ino,
-            path: path.to_owned(),
+            path,
             pending: false,
             file: Arc::new(file),
             mode,
@@ -927,7 +902,7 @@ impl Filesystem for MeridianFs {
                         // `truncate` by path (or through a read-only handle): done now, as
                         // no close of a writer may come to commit it.
                         if !through_writer {
-                            Self::commit(&self.remote, &self.inodes, &scratch).map(drop)?;
+                            Self::commit(&self.remote, &self.inodes, &scratch)?;
                             sent = true;
                         }
                     }
@@ -1003,7 +978,7 @@ impl Filesystem for MeridianFs {
         let _ = req;
         match self.child(parent, name).and_then(|path| self.vacant(path)) {
             Ok(path) => match self.remote.put(&path, mode & !umask & 0o7777, None, &mut std::io::empty()) {
-                Ok(()) => self.reply_entry(parent, &path, reply),
+                Ok(_) => self.reply_entry(parent, &path, reply),
                 Err(e) => reply.error(errno(&e)),
             },
             Err(e) => reply.error(e),
@@ -1039,6 +1014,8 @@ impl Filesystem for MeridianFs {
                 return Err(Errno::EISDIR);
             }
             self.call(ApiRequest::Rm { path: path.clone(), recursive: false })?;
+            lock(&self.inodes).removed(&path);
+            self.h.moves.fetch_add(1, Ordering::SeqCst);
             self.h.detach(&path);
             Ok(())
         });
@@ -1106,7 +1083,14 @@ impl Filesystem for MeridianFs {
             let _held: Vec<_> = locks.iter().map(|l| lock(l)).collect();
             // Over an existing entry: replaced in the same change (POSIX's checks in the node).
             self.call(ApiRequest::Mv { from: from.clone(), to: to.clone(), replace: true })?;
-            lock(&self.inodes).moved(&from, &to, newparent.0);
+            {
+                let mut inodes = lock(&self.inodes);
+                if to != from {
+                    inodes.removed(&to);
+                }
+                inodes.moved(&from, &to, newparent.0);
+            }
+            self.h.moves.fetch_add(1, Ordering::SeqCst);
             for scratch in lock(&self.h.writing).values() {
                 let mut s = lock(scratch);
                 if s.path == to && to != from {

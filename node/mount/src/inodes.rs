@@ -36,7 +36,15 @@ pub struct Inodes {
     by_id: HashMap<String, u64>,
     /// Files created through the mount and not yet committed, numbered.
     pending: u64,
+    /// The numbers files created through the mount were given, by entry id once committed:
+    /// such a file keeps its number in this mount, also after the kernel forgot it (up to
+    /// [`NUMBERS_KEPT`] files; other sites, and this one after a remount, give the entry its
+    /// own).
+    created: HashMap<String, u64>,
 }
+
+/// Files created through the mount whose numbers are kept (about 100 bytes each).
+pub const NUMBERS_KEPT: usize = 1_000_000;
 
 /// The prefix of the stand-in id of a file created through the mount and not yet committed:
 /// never an entry id (those are hexadecimal).
@@ -61,7 +69,12 @@ impl Inodes {
     /// A table holding the root, whose entry id is `root_id`.
     pub fn new(root_id: String) -> Inodes {
         let root = Node { id: root_id.clone(), path: "/".to_owned(), parent: ROOT, lookups: 1 };
-        Inodes { by_ino: HashMap::from([(ROOT, root)]), by_id: HashMap::from([(root_id, ROOT)]), pending: 0 }
+        Inodes {
+            by_ino: HashMap::from([(ROOT, root)]),
+            by_id: HashMap::from([(root_id, ROOT)]),
+            pending: 0,
+            created: HashMap::new(),
+        }
     }
 
     /// The entry behind `ino`.
@@ -80,7 +93,7 @@ impl Inodes {
             return ino;
         }
         // Two ids whose first 64 bits agree: the later one takes the next free number.
-        let mut ino = ino_for(id);
+        let mut ino = self.number_for(id);
         while self.by_ino.contains_key(&ino) {
             ino = ino.checked_add(1).unwrap_or(ROOT + 1);
         }
@@ -105,15 +118,24 @@ impl Inodes {
         }
     }
 
-    /// The file created as `ino` is committed as entry `id`: the inode stands for it for as
-    /// long as the kernel holds it (its open handles), but a lookup gives the entry its own
-    /// number, the one it has at every site.
+    /// The file created as `ino` is committed as entry `id`: the inode stands for it from now
+    /// on, in this mount (if a listing already gave the entry an inode of its own, both stand
+    /// for it).
     pub fn bind(&mut self, ino: u64, id: &str) {
         let Some(node) = self.by_ino.get_mut(&ino) else { return };
         let old = std::mem::replace(&mut node.id, id.to_owned());
         if self.by_id.get(&old) == Some(&ino) {
             self.by_id.remove(&old);
         }
+        self.by_id.entry(id.to_owned()).or_insert(ino);
+        if self.created.len() < NUMBERS_KEPT {
+            self.created.insert(id.to_owned(), ino);
+        }
+    }
+
+    /// The number entry `id` is given when the kernel does not know it.
+    fn number_for(&self, id: &str) -> u64 {
+        self.created.get(id).copied().unwrap_or_else(|| ino_for(id))
     }
 
     /// Every inode the kernel knows.
@@ -129,7 +151,7 @@ impl Inodes {
     /// The inode number a listing gives entry `id`: the one it has, or the one its lookup
     /// will give.
     pub fn listed_ino(&self, id: &str) -> u64 {
-        self.ino_of(id).unwrap_or_else(|| ino_for(id))
+        self.ino_of(id).unwrap_or_else(|| self.number_for(id))
     }
 
     /// The kernel forgot `n` lookups of `ino`.
@@ -144,6 +166,16 @@ impl Inodes {
             self.by_ino.remove(&ino);
             if self.by_id.get(&id) == Some(&ino) {
                 self.by_id.remove(&id);
+            }
+        }
+    }
+
+    /// The entry at `path` was removed (or replaced) through the mount: its inodes, and those
+    /// below it, are nowhere (an empty path) until the kernel forgets them.
+    pub fn removed(&mut self, path: &str) {
+        for node in self.by_ino.values_mut() {
+            if node.path != "/" && within(&node.path, path) {
+                node.path.clear();
             }
         }
     }
@@ -222,28 +254,29 @@ mod tests {
     }
 
     #[test]
-    fn a_file_created_through_the_mount_is_its_entry_once_committed() {
+    fn a_file_created_through_the_mount_keeps_its_number_once_committed() {
         let mut inodes = Inodes::new("root".into());
         let ino = inodes.pending(ROOT, "/new");
         let id = inodes.get(ino).unwrap().id.clone();
         assert!(is_pending(&id) && !is_pending("00ab"));
         assert_ne!(inodes.pending(ROOT, "/other"), ino, "each creation its own number");
-        inodes.bind(ino, "00000000000000ab0000000000000000");
-        assert_eq!(
-            inodes.get(ino).unwrap().id,
-            "00000000000000ab0000000000000000",
-            "it stands for the entry"
-        );
+        let entry = "00000000000000ab0000000000000000";
+        inodes.bind(ino, entry);
+        assert_eq!(inodes.ino_of(entry), Some(ino));
         assert_eq!(inodes.ino_of(&id), None);
-        // Looked up, the entry has its own number; both stand for it until one is forgotten.
-        let own = inodes.learn("00000000000000ab0000000000000000", ROOT, "/new");
-        assert_eq!(own, 0xab);
-        inodes.forget(ino, 1);
+        assert_eq!(inodes.learn(entry, ROOT, "/new"), ino);
+        // Forgotten by the kernel (both lookups), then listed and looked up again: the same.
+        inodes.forget(ino, 2);
         assert!(inodes.get(ino).is_none());
-        assert_eq!(
-            inodes.ino_of("00000000000000ab0000000000000000"),
-            Some(own),
-            "forgetting one leaves the other"
-        );
+        assert_eq!(inodes.listed_ino(entry), ino);
+        assert_eq!(inodes.learn(entry, ROOT, "/new"), ino);
+        // Given by a listing meanwhile: both stand for the entry, the first keeps the id.
+        let late_entry = "00000000000000cd0000000000000000";
+        let listed = inodes.learn(late_entry, ROOT, "/late");
+        let late = inodes.pending(ROOT, "/late");
+        inodes.bind(late, late_entry);
+        assert_eq!(inodes.ino_of(late_entry), Some(listed));
+        inodes.forget(late, 1);
+        assert_eq!(inodes.ino_of(late_entry), Some(listed), "forgetting one leaves the other");
     }
 }

@@ -69,7 +69,6 @@ pub fn mount(socket: &Path, dir: &Path, options: &MountOptions) -> anyhow::Resul
         fs::MeridianFs::new(remote, runtime.handle().clone(), options.scratch_dir.clone(), options.attr_ttl)
             .with_context(|| format!("asking the node at {} for its namespace", socket.display()))?;
     let follower = fs.follower();
-    let notifier_slot = fs.notifier_slot();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("meridian".into()),
@@ -100,7 +99,6 @@ pub fn mount(socket: &Path, dir: &Path, options: &MountOptions) -> anyhow::Resul
     raise_readahead(dir);
     let stop = Arc::new(AtomicBool::new(false));
     let notifier = session.notifier();
-    let _ = notifier_slot.set(session.notifier());
     let following = std::thread::Builder::new()
         .name("meridian-follow".into())
         .spawn({

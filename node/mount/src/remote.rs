@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fuser::Errno;
-use node::api::{self, ApiError, ApiRequest, ErrorKind, ReadVersion};
+use node::api::{self, ApiError, ApiRequest, ErrorKind, PutAnswer, ReadVersion};
 use node::client::Client;
 use tokio::net::UnixStream;
 
@@ -62,8 +62,8 @@ impl Remote {
         mode: u32,
         mtime_ns: Option<i64>,
         source: &mut dyn Read,
-    ) -> anyhow::Result<()> {
-        self.client.put_with(path, mode, mtime_ns, source).map(|_| ())
+    ) -> anyhow::Result<PutAnswer> {
+        self.client.put_with(path, mode, mtime_ns, source)
     }
 
     /// Reads bytes `start..end` of `version` of the file at `path` (the current one if

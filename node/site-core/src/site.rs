@@ -452,6 +452,19 @@ pub enum SiteError {
         /// Why.
         reason: String,
     },
+    /// A read of a version by its content id asked for bytes past its end (the size given
+    /// with it was not the version's).
+    #[error("bytes up to {end} asked of version {content} of {path}, which has {size}")]
+    BeyondEnd {
+        /// The path.
+        path: String,
+        /// The version.
+        content: ContentId,
+        /// The end asked for.
+        end: u64,
+        /// The version's size.
+        size: u64,
+    },
     /// A chunk could not be read here.
     #[error("chunk {chunk} of {path} is unreadable here: {reason}")]
     Chunk {
@@ -1106,6 +1119,13 @@ impl Site {
 
     fn set_manifest(&mut self, id: RequestId, manifest: Manifest) {
         let Some(read) = self.reads.get_mut(&id) else { return };
+        if read.range.end > manifest.size {
+            // Only a read of a version by content id, given a wrong size, gets here.
+            let (path, content, end) = (read.path.clone(), read.content, read.range.end);
+            self.reads.remove(&id);
+            let error = SiteError::BeyondEnd { path, content, end, size: manifest.size };
+            return self.emit(Output::ReadDone { id, result: Err(error) });
+        }
         let chunks = manifest.chunks_covering(read.range.clone());
         read.next = chunks.start;
         read.taken = chunks.start;
