@@ -479,7 +479,7 @@ impl MeridianFs {
             (s.path.clone(), s.mode, mtime_ns, s.file.clone(), s.changes, s.pending, s.ino)
         };
         let mut source = PositionedReader { file: &file, at: 0 };
-        let put = remote.put(&path, mode, mtime_ns, &mut source).map_err(|e| {
+        let put = remote.client.put_with(&path, mode, mtime_ns, &mut source).map_err(|e| {
             tracing::warn!("committing {path}: {e:#}");
             errno(&e)
         })?;
@@ -718,21 +718,6 @@ impl Handles {
             .collect()
     }
 
-    /// Unlinks the file created through the mount at `path` and not committed yet, if there
-    /// is one: like writes to any unlinked file, its bytes go nowhere.
-    fn unlink_pending(&self, path: &str) -> bool {
-        let writing = lock(&self.writing);
-        for s in writing.values() {
-            let mut s = lock(s);
-            if s.pending && s.path == path {
-                s.pending = false;
-                s.path.clear();
-                return true;
-            }
-        }
-        false
-    }
-
     /// The commit locks of the files open for writing at or below any of `paths`, in inode
     /// order: while they are held, no commit of those files is in flight or starts.
     fn commit_locks(&self, paths: &[&str]) -> Vec<Arc<Mutex<()>>> {
@@ -748,13 +733,14 @@ impl Handles {
         found.into_iter().map(|(_, l)| l).collect()
     }
 
-    /// The file at `path` was removed: what this mount has open for writing there goes
-    /// nowhere at its close.
+    /// The file at `path` was removed (or, created here, never committed): what this mount has
+    /// open for writing there goes nowhere at its close.
     fn detach(&self, path: &str) {
         for s in lock(&self.writing).values() {
             let mut s = lock(s);
             if s.path == path {
                 s.path.clear();
+                s.pending = false;
             }
         }
     }
@@ -977,10 +963,13 @@ impl Filesystem for MeridianFs {
         }
         let _ = req;
         match self.child(parent, name).and_then(|path| self.vacant(path)) {
-            Ok(path) => match self.remote.put(&path, mode & !umask & 0o7777, None, &mut std::io::empty()) {
-                Ok(_) => self.reply_entry(parent, &path, reply),
-                Err(e) => reply.error(errno(&e)),
-            },
+            Ok(path) => {
+                match self.remote.client.put_with(&path, mode & !umask & 0o7777, None, &mut std::io::empty())
+                {
+                    Ok(_) => self.reply_entry(parent, &path, reply),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1007,13 +996,13 @@ impl Filesystem for MeridianFs {
             // A commit of it in flight finishes first; none starts until it is detached.
             let locks = self.h.commit_locks(&[&path]);
             let _held: Vec<_> = locks.iter().map(|l| lock(l)).collect();
-            if self.h.unlink_pending(&path) {
-                return Ok(());
+            // One created here and not committed yet: the node has nothing to remove.
+            if self.h.pending_at(&path).is_none() {
+                if self.stat(&path)?.kind == Kind::Dir {
+                    return Err(Errno::EISDIR);
+                }
+                self.call(ApiRequest::Rm { path: path.clone(), recursive: false })?;
             }
-            if self.stat(&path)?.kind == Kind::Dir {
-                return Err(Errno::EISDIR);
-            }
-            self.call(ApiRequest::Rm { path: path.clone(), recursive: false })?;
             lock(&self.inodes).removed(&path);
             self.h.moves.fetch_add(1, Ordering::SeqCst);
             self.h.detach(&path);

@@ -1,13 +1,12 @@
 //! The node's control API as the mount uses it: metadata calls answered at once by the local
 //! replica (blocking, on the FUSE thread that asked), reads and commits as tasks.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fuser::Errno;
-use node::api::{self, ApiError, ApiRequest, ErrorKind, PutAnswer, ReadVersion};
+use node::api::{self, ApiError, ApiRequest, ErrorKind, ReadVersion};
 use node::client::Client;
 use tokio::net::UnixStream;
 
@@ -33,7 +32,8 @@ pub fn errno(error: &anyhow::Error) -> Errno {
 /// A client of the node's control socket.
 #[derive(Clone, Debug)]
 pub struct Remote {
-    client: Client,
+    /// The client (puts go through it as they are).
+    pub(crate) client: Client,
     /// How long a read may wait for its bytes before it fails with EIO.
     pub read_timeout: Duration,
 }
@@ -52,18 +52,6 @@ impl Remote {
     /// A call answered by the local replica.
     pub fn call<T: serde::de::DeserializeOwned>(&self, request: &ApiRequest) -> anyhow::Result<T> {
         self.client.call(request)
-    }
-
-    /// Stores what `source` yields as the new version of the file at `path`, with `mode` and
-    /// modification time `mtime_ns` (now if `None`).
-    pub fn put(
-        &self,
-        path: &str,
-        mode: u32,
-        mtime_ns: Option<i64>,
-        source: &mut dyn Read,
-    ) -> anyhow::Result<PutAnswer> {
-        self.client.put_with(path, mode, mtime_ns, source)
     }
 
     /// Reads bytes `start..end` of `version` of the file at `path` (the current one if
